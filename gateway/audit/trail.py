@@ -1,0 +1,298 @@
+"""The audit trail: an append-only, hash-chained record of every decision.
+
+Each record's ``hash`` is SHA-256 over its canonical JSON (every field but the
+hash) including ``prev_hash``; editing, inserting or deleting a record breaks
+the chain at that point, which ``verify`` reports. Retention removes a prefix of
+the chain and appends a ``retention`` record naming the last removed sequence
+number and hash, so a verified chain may start after 1 only with that proof.
+
+Records hold envelopes, identities, rules and outcomes, never bodies, subjects
+or attachment names. Appends are serialised: SQLite's write lock (BEGIN
+IMMEDIATE), PostgreSQL's transaction-level advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.audit.models import AuditRecord
+
+log = logging.getLogger("mssgw.audit")
+
+GENESIS = "0" * 64
+_PG_LOCK_KEY = 0x6D7373677741  # "mssgwA"
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    event: str
+    outcome: str  # accept, refuse, fail, info
+    actor: str | None = None
+    client: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    queue_id: str | None = None
+    rule: str | None = None
+    reply: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    ts: datetime | None = None
+
+
+def _ts_text(ts: datetime) -> str:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def record_hash(seq: int, ts: datetime, fields: dict[str, Any], prev_hash: str) -> str:
+    canonical = json.dumps(
+        {"seq": seq, "ts": _ts_text(ts), **fields, "prev_hash": prev_hash},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _fields(row: AuditRecord) -> dict[str, Any]:
+    return {
+        "event": row.event,
+        "outcome": row.outcome,
+        "actor": row.actor,
+        "client": row.client,
+        "sender": row.sender,
+        "recipient": row.recipient,
+        "queue_id": row.queue_id,
+        "rule": row.rule,
+        "reply": row.reply,
+        "detail": row.detail,
+    }
+
+
+def _lock_chain(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+
+
+def append(session: Session, events: Sequence[AuditEvent]) -> list[int]:
+    """Append ``events`` in the caller's transaction (committed with it); returns their seq numbers."""
+    if not events:
+        return []
+    _lock_chain(session)
+    last = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).first()
+    seq, prev = (last[0], last[1]) if last else (0, GENESIS)
+    out: list[int] = []
+    for ev in events:
+        seq += 1
+        ts = ev.ts or datetime.now(UTC)
+        row = AuditRecord(
+            seq=seq,
+            ts=ts,
+            event=ev.event,
+            outcome=ev.outcome,
+            actor=ev.actor,
+            client=ev.client,
+            sender=ev.sender,
+            recipient=ev.recipient,
+            queue_id=ev.queue_id,
+            rule=ev.rule,
+            reply=ev.reply,
+            detail=json.dumps(ev.detail, sort_keys=True, ensure_ascii=False, default=str) if ev.detail else None,
+            prev_hash=prev,
+            hash="",
+        )
+        row.hash = record_hash(seq, ts, _fields(row), prev)
+        session.add(row)
+        prev = row.hash
+        out.append(seq)
+    session.flush()
+    return out
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    first_seq: int | None
+    last_seq: int | None
+    broken_at: int | None = None
+    problem: str | None = None
+
+    def summary(self) -> str:
+        if self.ok:
+            if not self.records:
+                return "audit trail is empty"
+            return f"audit trail intact: {self.records} records, seq {self.first_seq}..{self.last_seq}"
+        return f"audit trail BROKEN at seq {self.broken_at}: {self.problem}"
+
+
+def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
+    """Walk the chain in order and report the first record that does not fit."""
+    count = 0
+    first: int | None = None
+    expected_seq: int | None = None
+    prev = GENESIS
+    after = 0
+    while True:
+        rows = list(
+            session.scalars(select(AuditRecord).where(AuditRecord.seq > after).order_by(AuditRecord.seq).limit(batch))
+        )
+        if not rows:
+            break
+        for row in rows:
+            if first is None:
+                first = row.seq
+                expected_seq = row.seq
+                if row.seq != 1:
+                    proof = _retention_proof(session, row.seq - 1, row.prev_hash)
+                    if not proof:
+                        return VerifyResult(False, count, first, row.seq, row.seq,
+                                            f"chain starts at seq {row.seq} with no retention record for the records before it")
+                prev = row.prev_hash
+            if row.seq != expected_seq:
+                return VerifyResult(False, count, first, row.seq, expected_seq,
+                                    f"record {expected_seq} is missing (next is {row.seq})")
+            if row.prev_hash != prev:
+                return VerifyResult(False, count, first, row.seq, row.seq,
+                                    "its link to the previous record does not match (a record before it was changed or removed)")
+            if record_hash(row.seq, row.ts, _fields(row), row.prev_hash) != row.hash:
+                return VerifyResult(False, count, first, row.seq, row.seq, "its content does not match its hash (edited)")
+            prev = row.hash
+            expected_seq = row.seq + 1
+            count += 1
+            after = row.seq
+    return VerifyResult(True, count, first, after or None)
+
+
+def _retention_proof(session: Session, last_removed: int, last_hash: str) -> bool:
+    rows = session.scalars(select(AuditRecord).where(AuditRecord.event == "retention").order_by(AuditRecord.seq.desc()))
+    for row in rows:
+        detail = json.loads(row.detail or "{}")
+        if detail.get("removed_through") == last_removed and detail.get("last_removed_hash") == last_hash:
+            return True
+    return False
+
+
+def purge(session: Session, *, older_than: timedelta, now: datetime | None = None) -> int:
+    """Remove records older than the retention period, keeping the chain verifiable."""
+    cutoff = (now or datetime.now(UTC)) - older_than
+    _lock_chain(session)
+    last_old = session.execute(
+        select(AuditRecord.seq, AuditRecord.hash)
+        .where(AuditRecord.ts < cutoff, AuditRecord.event != "retention")
+        .order_by(AuditRecord.seq.desc())
+        .limit(1)
+    ).first()
+    if last_old is None:
+        return 0
+    removed = session.execute(delete(AuditRecord).where(AuditRecord.seq <= last_old[0])).rowcount or 0
+    append(session, [AuditEvent("retention", "info", detail={
+        "removed_through": last_old[0], "last_removed_hash": last_old[1], "cutoff": cutoff.isoformat()})])
+    return int(removed)
+
+
+def query(
+    session: Session,
+    *,
+    since: datetime | None = None,
+    address: str | None = None,
+    event: str | None = None,
+    limit: int = 200,
+) -> list[dict[str, Any]]:
+    stmt = select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(limit)
+    if since is not None:
+        stmt = stmt.where(AuditRecord.ts >= since)
+    if address:
+        a = address.lower()
+        stmt = stmt.where(or_(AuditRecord.sender == a, AuditRecord.recipient == a, AuditRecord.actor == a))
+    if event:
+        stmt = stmt.where(AuditRecord.event == event)
+    rows = list(session.scalars(stmt))
+    rows.reverse()
+    return [
+        {"seq": r.seq, "ts": _ts_text(r.ts), **_fields(r), "detail": json.loads(r.detail) if r.detail else None}
+        for r in rows
+    ]
+
+
+def count(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(AuditRecord)) or 0)
+
+
+class AuditWriter:
+    """Batches audit events from the event loop and writes them from a thread.
+
+    ``submit`` never blocks the SMTP conversation; ``flush`` waits until all
+    submitted events are committed (used at shutdown and by tests). When the
+    database cannot be written, the events are logged (without content) and kept
+    for the next attempt.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], *, max_batch: int = 500) -> None:
+        self._factory = factory
+        self._max_batch = max_batch
+        self._pending: list[AuditEvent] = []
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+
+    def submit(self, *events: AuditEvent) -> None:
+        self._pending.extend(events)
+        self._idle.clear()
+        self._wakeup.set()
+
+    def write_now(self, events: Iterable[AuditEvent]) -> None:
+        """Synchronous append in its own transaction (for callers outside the event loop)."""
+        with self._factory() as session, session.begin():
+            append(session, list(events))
+
+    async def flush(self) -> None:
+        if self._task is None:
+            if self._pending:
+                batch, self._pending = self._pending, []
+                await asyncio.to_thread(self.write_now, batch)
+                self._idle.set()
+            return
+        self._wakeup.set()
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        self._closing = True
+        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                try:
+                    await asyncio.to_thread(self.write_now, batch)
+                except Exception as exc:  # database hiccup: keep the events, retry shortly
+                    log.error("audit write failed (%s); %d events kept for retry", type(exc).__name__, len(batch))
+                    await asyncio.sleep(1.0)
+                    continue
+                del self._pending[: len(batch)]
+            self._idle.set()

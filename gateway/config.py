@@ -1,0 +1,269 @@
+"""Settings of one operator, read from ``DIR/mssgw.toml`` and validated at start.
+
+Every key has a default (see ``DEFAULTS``); an unknown key or a value of the wrong
+kind is an error that names the key, so a typo never silently falls back to a
+default. Environment variables ``MSSGW_<SECTION>_<KEY>`` override the file (for
+containers), e.g. ``MSSGW_DATABASE_URL``.
+
+The operator's home folder is ``--data-dir`` on any command, else ``$MSSGW_HOME``,
+else ``./mssgw-data``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOME = "mssgw-data"
+CONFIG_NAME = "mssgw.toml"
+
+#: Every section, key and default value. The type of the default is the type of the key.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "operator": {
+        "domains": ["a.mssante.test"],  # mail domains this operator serves (local mailboxes)
+        "hostname": "localhost",  # our host name: TLS certificate, HELO, Received headers
+        "organisation": "",  # the operator's name, shown in receipts
+    },
+    "listen": {
+        "submission": "127.0.0.1:1587",  # STARTTLS submission for mail clients and software
+        "submissions": "127.0.0.1:1465",  # implicit TLS submission
+        "inbound": "127.0.0.1:1025",  # peer operators (mutual TLS)
+        "imap": "127.0.0.1:1143",  # IMAP with STARTTLS
+        "imaps": "127.0.0.1:1993",  # IMAP over implicit TLS
+        "metrics": "",  # "127.0.0.1:9125" serves Prometheus text at /metrics; empty: off
+    },
+    "database": {
+        "url": "",  # empty: sqlite under the data folder; or postgresql+psycopg://user:pw@host/db
+        "echo": False,
+    },
+    "tls": {
+        "cert": "",  # server certificate chain (PEM); empty: the development PKI's
+        "key": "",
+        "client_ca": "",  # CA(s) that issue client certificates of software and peer operators
+        "operator_cert": "",  # our client certificate towards peer operators (mutual TLS)
+        "operator_key": "",
+        "min_version": "TLSv1.2",
+    },
+    "limits": {
+        "max_message_size": 50 * 1024 * 1024,  # bytes, advertised with SIZE (RFC 1870)
+        "max_recipients": 100,  # per message; more answer 452 4.5.3
+        "max_line_length": 998,  # RFC 5322 2.1.1, without CRLF
+        "session_timeout": 300,  # seconds of client silence before the session is closed
+    },
+    "auth": {
+        "max_failures": 5,  # failures before a temporary lockout
+        "lockout_seconds": 900,
+        "base_delay": 0.5,  # seconds; doubles with each failure (exponential delay)
+        "max_delay": 8.0,
+    },
+    "queue": {
+        "lifetime_hours": 120.0,  # 5 days, then the message bounces with a DSN
+        "delay_warning_hours": 4.0,  # a delay DSN is sent once after this
+        "retry_base_seconds": 60.0,
+        "retry_max_seconds": 3600.0,
+        "lease_seconds": 300.0,  # a claim held longer than this by a dead worker is taken back
+        "workers": 4,
+    },
+    "crypto": {
+        "sign_with_organisation": True,  # sign with the domain's operator certificate when the sender has none
+        "encrypt_for_sender": True,
+        "outer_subject": "Message securise",
+        "banner": True,  # add a short human-readable verification banner on inbound messages
+        "require_signature_inbound": True,
+        "crl_soft_fail": True,  # a stale CRL is accepted with a warning in the verification header
+    },
+    "audit": {
+        "retention_days": 183,  # about 6 months
+    },
+    "receipts": {
+        "mdn_processed": True,
+        "dsn_on_quarantine": True,
+    },
+}
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or of the wrong kind; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one operator."""
+
+    home: Path
+    values: dict[str, dict[str, Any]] = field(repr=False)
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    # Frequently used settings, named.
+    @property
+    def domains(self) -> list[str]:
+        return [d.lower() for d in self.values["operator"]["domains"]]
+
+    @property
+    def hostname(self) -> str:
+        return str(self.values["operator"]["hostname"])
+
+    @property
+    def database_url(self) -> str:
+        url = str(self.values["database"]["url"])
+        return url or f"sqlite:///{self.home / 'mssgw.db'}"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.home / "pki"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.home / "mail"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def gnupg_dir(self) -> Path:
+        return self.home / "gnupg"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    def path(self, section: str, key: str, default: Path) -> Path:
+        """A path setting, relative to the home folder, or ``default`` when empty."""
+        raw = str(self.values[section][key])
+        if not raw:
+            return default
+        p = Path(raw)
+        return p if p.is_absolute() else self.home / p
+
+    def listen(self, name: str) -> tuple[str, int] | None:
+        raw = str(self.values["listen"][name])
+        if not raw:
+            return None
+        return parse_hostport(raw, f"listen.{name}")
+
+
+def parse_hostport(raw: str, key: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to a tuple; the error names the key."""
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {raw!r}")
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: port out of range in {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def resolve_home(data_dir: str | os.PathLike[str] | None) -> Path:
+    """The operator's home folder: the option, else ``$MSSGW_HOME``, else ``./mssgw-data``."""
+    chosen = data_dir or os.environ.get("MSSGW_HOME") or DEFAULT_HOME
+    return Path(chosen).expanduser().resolve()
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.lower() in {"1", "true", "yes", "on"}
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{where}: must not be negative, got {number}")
+        return number
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number_f = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if number_f < 0:
+            raise ConfigError(f"{where}: must not be negative, got {number_f}")
+        return number_f
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = None) -> Settings:
+    """Merge ``raw`` (parsed TOML) and the environment over the defaults, checking every key."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, dict[str, Any]] = {s: dict(keys) for s, keys in DEFAULTS.items()}
+    for section, table in raw.items():
+        if section not in DEFAULTS:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(DEFAULTS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table")
+        for key, value in table.items():
+            if key not in DEFAULTS[section]:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            values[section][key] = _coerce(section, key, value, DEFAULTS[section][key])
+    for section, keys in DEFAULTS.items():
+        for key in keys:
+            env_name = f"MSSGW_{section.upper()}_{key.upper()}"
+            if env_name in environ:
+                values[section][key] = _coerce(section, key, environ[env_name], DEFAULTS[section][key])
+    settings = Settings(home=home, values=values)
+    if not settings.domains:
+        raise ConfigError("operator.domains: at least one mail domain is needed")
+    for name in DEFAULTS["listen"]:
+        settings.listen(name)
+    if values["tls"]["min_version"] not in {"TLSv1.2", "TLSv1.3"}:
+        raise ConfigError("tls.min_version: must be TLSv1.2 or TLSv1.3")
+    return settings
+
+
+def load_settings(data_dir: str | os.PathLike[str] | None = None, *, must_exist: bool = True) -> Settings:
+    """Read and validate ``HOME/mssgw.toml``."""
+    home = resolve_home(data_dir)
+    path = home / CONFIG_NAME
+    if not path.exists():
+        if must_exist:
+            raise ConfigError(f"no {CONFIG_NAME} in {home}: run 'mssgw init --data-dir {home}' first")
+        return validate({}, home)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return validate(raw, home)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def render_toml(overrides: dict[str, dict[str, Any]]) -> str:
+    """A complete ``mssgw.toml`` with every key written out (defaults, then overrides)."""
+    lines = ["# mssgw settings. Every key is shown with its value; see README.md for their meaning.", ""]
+    for section, keys in DEFAULTS.items():
+        lines.append(f"[{section}]")
+        for key, default in keys.items():
+            value = overrides.get(section, {}).get(key, default)
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

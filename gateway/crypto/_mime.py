@@ -1,0 +1,193 @@
+"""Minimal, byte-exact MIME helpers for the S/MIME and PGP/MIME wrappers.
+
+The job: split headers from bodies, read a few header fields and cut multipart bodies on their
+boundaries without re-serialising anything, because a signature covers bytes (RFC 8551 §3.1,
+RFC 1847 §2.1, RFC 3156 §5).  Python's `email` package is deliberately not used on the hot
+path: it re-folds headers, rewrites line endings, and costs several times the crypto.
+
+Errors: `MimeError` (a subclass of ValueError) for anything that is not well-formed enough to
+locate the parts we need; limits on header size and part count bound the work on hostile input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+from email.utils import getaddresses
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MimeError",
+    "b64_lines",
+    "b64decode_body",
+    "content_type",
+    "first_address",
+    "header_value",
+    "new_boundary",
+    "parse_headers",
+    "split_entity",
+    "split_multipart",
+    "to_crlf",
+]
+
+MAX_HEADER_BYTES = 256 * 1024
+MAX_HEADER_FIELDS = 2000
+MAX_PARTS = 1000
+
+_LF = re.compile(rb"(?<!\r)\n")
+
+
+class MimeError(ValueError):
+    """The bytes are not a MIME entity we can take apart."""
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Canonical line endings (RFC 8551 §3.1.1): every bare LF becomes CRLF; CRLF is left alone."""
+    if b"\n" not in data:
+        return data
+    return _LF.sub(b"\r\n", data)
+
+
+def split_entity(data: bytes) -> tuple[bytes, bytes]:
+    """Return (header block without the blank line, body) of a MIME entity; LF or CRLF accepted."""
+    if data.startswith((b"\r\n", b"\n")):
+        return b"", data[2:] if data.startswith(b"\r\n") else data[1:]
+    limit = min(len(data), MAX_HEADER_BYTES)
+    candidates = [(i, n) for i, n in ((data.find(b"\r\n\r\n", 0, limit), 4), (data.find(b"\n\n", 0, limit), 2))
+                  if i >= 0]  # fmt: skip
+    if not candidates:
+        if len(data) >= MAX_HEADER_BYTES:
+            raise MimeError("header block too large or not terminated")
+        return data, b""
+    i, n = min(candidates)
+    return data[:i], data[i + n :]
+
+
+def parse_headers(block: bytes) -> list[tuple[str, str, bytes]]:
+    """[(lower-case name, unfolded value, raw field bytes with its line ending)] in order."""
+    out: list[tuple[str, str, bytes]] = []
+    lines = block.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):
+        lines[-1] += b"\r\n"
+    current: list[bytes] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and current:
+            current.append(line)
+            continue
+        if current:
+            out.append(_field(current))
+        current = [line]
+        if len(out) > MAX_HEADER_FIELDS:
+            raise MimeError("too many header fields")
+    if current:
+        out.append(_field(current))
+    return out
+
+
+def _field(lines: list[bytes]) -> tuple[str, str, bytes]:
+    raw = b"".join(lines)
+    name, sep, value = raw.partition(b":")
+    if not sep or not name.strip() or b" " in name.strip():
+        raise MimeError("malformed header field")
+    text = re.sub(r"\r?\n[ \t]", " ", value.decode("utf-8", "replace")).strip()
+    return name.strip().decode("ascii", "replace").lower(), text, raw
+
+
+def header_value(fields: list[tuple[str, str, bytes]], name: str) -> str | None:
+    name = name.lower()
+    for n, v, _ in fields:
+        if n == name:
+            return v
+    return None
+
+
+def content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    """(lower-case type/subtype, {lower-case param: value}); default text/plain (RFC 2045 §5.2)."""
+    if not value:
+        return "text/plain", {}
+    parts = _split_params(value)
+    mtype = parts[0].strip().lower() or "text/plain"
+    params: dict[str, str] = {}
+    for p in parts[1:]:
+        k, sep, v = p.partition("=")
+        if not sep:
+            continue
+        v = v.strip()
+        if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        params[k.strip().lower()] = v
+    return mtype, params
+
+
+def _split_params(value: str) -> list[str]:
+    out, buf, quoted, escape = [], [], False, False
+    for ch in value:
+        if escape:
+            buf.append(ch)
+            escape = False
+        elif ch == "\\" and quoted:
+            buf.append(ch)
+            escape = True
+        elif ch == '"':
+            buf.append(ch)
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    out.append("".join(buf))
+    return out
+
+
+def split_multipart(body: bytes, boundary: str) -> list[bytes]:
+    """Body parts of a multipart body, byte-exact (RFC 2046 §5.1.1: the CRLF before a delimiter
+    belongs to the delimiter).  Raises MimeError when the closing delimiter is missing."""
+    if not boundary or len(boundary) > 70:
+        raise MimeError("missing or invalid multipart boundary")
+    dash = b"--" + boundary.encode("ascii", "strict")
+    # Delimiter lines: at the very start, or after a line break; then optional "--", transport padding, EOL.
+    pattern = re.compile(rb"(?:\A|\r?\n)" + re.escape(dash) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
+    parts: list[bytes] = []
+    start: int | None = None
+    for m in pattern.finditer(body):
+        if start is not None:
+            parts.append(body[start : m.start()])
+            if len(parts) > MAX_PARTS:
+                raise MimeError("too many body parts")
+        if m.group(1):
+            return parts
+        start = m.end()
+    raise MimeError("multipart body has no closing delimiter")
+
+
+def new_boundary(*contents: bytes) -> str:
+    """A random boundary that does not occur in any of `contents`."""
+    while True:
+        b = "=_mssgw_" + secrets.token_hex(16)
+        if all(b.encode() not in c for c in contents):
+            return b
+
+
+def b64_lines(data: bytes) -> bytes:
+    """Base64 in 76-character CRLF-terminated lines (RFC 2045 §6.8)."""
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def b64decode_body(body: bytes) -> bytes:
+    try:
+        return base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MimeError("invalid base64 body") from exc
+
+
+def first_address(value: str | None) -> str | None:
+    """The single address of a From field, lower-cased; None if absent or not exactly one."""
+    if not value:
+        return None
+    addrs = [a for _, a in getaddresses([value]) if a]
+    if len(addrs) != 1 or "@" not in addrs[0]:
+        return None
+    return addrs[0].strip().lower()

@@ -1,0 +1,306 @@
+"""CMS (RFC 5652) EnvelopedData decryption and SignedData verification, in process.
+
+The job: the two inbound operations `cryptography` does not offer.  Structures are parsed with
+`asn1crypto.cms`; every cryptographic operation (RSA key transport, AES, hashing, signature
+verification) is done by `cryptography`.
+
+- Decryption (RFC 5652 §6, RFC 8551 §2.7): KeyTransRecipientInfo matched to our certificate by
+  issuer+serial or subjectKeyIdentifier; RSA PKCS#1 v1.5 (RFC 8017 §7.2) and RSAES-OAEP
+  (RFC 3560, RFC 8017 §7.1) key transport; AES-128/192/256-CBC content encryption (RFC 3565).
+- Verification (RFC 5652 §5.4/§5.6, RFC 8551 §2.5): messageDigest and contentType signed
+  attributes, signature over the DER SET OF signed attributes, RSA PKCS#1 v1.5, RSASSA-PSS
+  (RFC 4056) and ECDSA (RFC 5753); SHA-1 and MD5 digests are refused.
+
+Errors: `CmsError(code, detail)`, `code` being a `SecurityResult.failure` value:
+malformed-cms, wrong-recipient, decrypt-failed, weak-cipher, not-signed, weak-digest,
+tampered-content, bad-signed-attributes, no-signer-certificate.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from asn1crypto import cms as acms
+from asn1crypto import x509 as ax509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import padding as sympadding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from gateway.crypto._mime import to_crlf
+
+__all__ = ["CmsError", "Decrypted", "SignatureInfo", "decrypt_enveloped", "verify_signed"]
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+    "sha1": hashes.SHA1,  # only for OAEP/MGF1 parameters, never accepted as a signature digest
+}
+WEAK_DIGESTS = frozenset({"sha1", "md5", "md2", "md4"})
+_AES = {"aes128_cbc": 16, "aes192_cbc": 24, "aes256_cbc": 32}
+
+
+class CmsError(ValueError):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Decrypted:
+    content: bytes
+    content_algorithm: str
+    key_transport: str
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    signer: x509.Certificate
+    certificates: tuple[x509.Certificate, ...]
+    digest_algorithm: str
+    signature_algorithm: str
+    content: bytes
+
+
+def _load_content_info(der: bytes) -> acms.ContentInfo:
+    try:
+        ci = acms.ContentInfo.load(der, strict=True)
+        _ = ci["content_type"].native
+        _ = ci["content"]  # parses the outer layer now, so garbage fails here
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise CmsError("malformed-cms", f"not a CMS ContentInfo ({exc.__class__.__name__})") from exc
+    return ci
+
+
+def _rid_matches(rid: acms.RecipientIdentifier, cert: x509.Certificate, cert_ski: bytes | None) -> bool:
+    if rid.name == "issuer_and_serial_number":
+        ias = rid.chosen
+        return bool(
+            ias["serial_number"].native == cert.serial_number
+            and ias["issuer"] == ax509.Name.load(cert.issuer.public_bytes())
+        )
+    if rid.name == "subject_key_identifier":
+        return cert_ski is not None and rid.chosen.native == cert_ski
+    return False
+
+
+def _ski(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _oaep(params: acms.RSAESOAEPParams | None) -> padding.OAEP:
+    if params is None or params.native is None:
+        return padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
+    h = params["hash_algorithm"]["algorithm"].native
+    mgf_h = params["mask_gen_algorithm"]["parameters"]["algorithm"].native
+    label = params["p_source_algorithm"]["parameters"].native or None
+    if h not in _HASHES or mgf_h not in _HASHES:
+        raise CmsError("decrypt-failed", f"unsupported OAEP hash {h}/{mgf_h}")
+    return padding.OAEP(mgf=padding.MGF1(_HASHES[mgf_h]()), algorithm=_HASHES[h](), label=label)
+
+
+def decrypt_enveloped(der: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> Decrypted:
+    """Decrypt an EnvelopedData addressed to `cert`.  All padding and key failures are reported
+    as one code, decrypt-failed, so that no padding oracle is exposed."""
+    ci = _load_content_info(der)
+    ctype = ci["content_type"].native
+    if ctype != "enveloped_data":
+        raise CmsError("malformed-cms" if ctype != "signed_data" else "not-encrypted",
+                       f"expected enveloped-data, got {ctype}")  # fmt: skip
+    try:
+        env = ci["content"]
+        eci = env["encrypted_content_info"]
+        alg = eci["content_encryption_algorithm"]
+        alg_name = alg["algorithm"].native
+        recipients = list(env["recipient_infos"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CmsError("malformed-cms", f"unparsable enveloped-data ({exc.__class__.__name__})") from exc
+    if alg_name not in _AES:
+        raise CmsError("weak-cipher", f"content encryption {alg_name} is not accepted (AES-CBC required)")
+    cert_ski = _ski(cert)
+    mine = None
+    for ri in recipients:
+        if ri.name == "ktri" and _rid_matches(ri.chosen["rid"], cert, cert_ski):
+            mine = ri.chosen
+            break
+    if mine is None:
+        raise CmsError("wrong-recipient", f"no recipient info for {cert.subject.rfc4514_string()}")
+    kt_alg = mine["key_encryption_algorithm"]["algorithm"].native
+    pad: padding.AsymmetricPadding
+    if kt_alg in ("rsa", "rsaes_pkcs1v15"):
+        pad, kt = padding.PKCS1v15(), "rsa-pkcs1v15"
+    elif kt_alg == "rsaes_oaep":
+        pad, kt = _oaep(mine["key_encryption_algorithm"]["parameters"]), "rsa-oaep"
+    else:
+        raise CmsError("decrypt-failed", f"unsupported key transport {kt_alg}")
+    try:
+        cek = key.decrypt(mine["encrypted_key"].native, pad)
+        iv = alg["parameters"].native
+        ciphertext = eci["encrypted_content"].native
+        if len(cek) != _AES[alg_name] or not isinstance(iv, bytes) or len(iv) != 16 or not ciphertext:
+            raise ValueError("bad key, IV or content length")
+        dec = Cipher(algorithms.AES(cek), modes.CBC(iv)).decryptor()
+        padded = dec.update(ciphertext) + dec.finalize()
+        unpadder = sympadding.PKCS7(128).unpadder()
+        content = unpadder.update(padded) + unpadder.finalize()
+    except (ValueError, TypeError) as exc:
+        raise CmsError("decrypt-failed", "content could not be decrypted with our key") from exc
+    return Decrypted(content, alg_name.replace("_", "-"), kt)
+
+
+def _certs(sd: acms.SignedData) -> list[tuple[acms.CertificateChoices, x509.Certificate]]:
+    out = []
+    for choice in sd["certificates"] or []:
+        if choice.name == "certificate":
+            out.append((choice.chosen, x509.load_der_x509_certificate(choice.chosen.dump())))
+    return out
+
+
+def _find_signer(sid: acms.SignerIdentifier,
+                 certs: list[tuple[acms.CertificateChoices, x509.Certificate]]) -> x509.Certificate | None:  # fmt: skip
+    for acert, cert in certs:
+        if sid.name == "issuer_and_serial_number":
+            ias = sid.chosen
+            if ias["serial_number"].native == acert.serial_number and ias["issuer"] == acert.issuer:
+                return cert
+        elif sid.name == "subject_key_identifier" and acert.key_identifier == sid.chosen.native:
+            return cert
+    return None
+
+
+def _digest(name: str, data: bytes) -> bytes:
+    h = hashes.Hash(_HASHES[name]())
+    h.update(data)
+    return h.finalize()
+
+
+def _verify_raw(cert: x509.Certificate, si: acms.SignerInfo, signature: bytes, data: bytes,
+                hash_name: str) -> str:  # fmt: skip
+    """Verify `signature` over `data`; return the signature algorithm name; raise InvalidSignature."""
+    pub = cert.public_key()
+    sig_alg = si["signature_algorithm"]
+    algo = sig_alg.signature_algo
+    if isinstance(pub, rsa.RSAPublicKey) and algo == "rsassa_pkcs1v15":
+        pub.verify(signature, data, padding.PKCS1v15(), _HASHES[hash_name]())
+        return "rsa-pkcs1v15"
+    if isinstance(pub, rsa.RSAPublicKey) and algo == "rsassa_pss":
+        params = sig_alg["parameters"]
+        h = params["hash_algorithm"]["algorithm"].native
+        mgf_h = params["mask_gen_algorithm"]["parameters"]["algorithm"].native
+        if h in WEAK_DIGESTS:
+            raise CmsError("weak-digest", f"PSS with {h}")
+        pub.verify(signature, data, padding.PSS(mgf=padding.MGF1(_HASHES[mgf_h]()),
+                                                salt_length=params["salt_length"].native),
+                   _HASHES[h]())  # fmt: skip
+        return "rsa-pss"
+    if isinstance(pub, ec.EllipticCurvePublicKey) and algo == "ecdsa":
+        pub.verify(signature, data, ec.ECDSA(_HASHES[hash_name]()))
+        return "ecdsa"
+    raise CmsError("bad-signed-attributes", f"unsupported signature algorithm {algo} for this key")
+
+
+def verify_signed(der: bytes, detached_content: bytes | None = None) -> SignatureInfo:
+    """Verify the first acceptable SignerInfo of a SignedData over `detached_content` (detached
+    signature) or over its encapsulated content.  The content is hashed exactly as received; if
+    that fails and the content has bare LFs, the canonical CRLF form is tried (RFC 8551 §3.1.1).
+    Returns the signer certificate, the other certificates carried, and the content verified.
+    Chain trust is not decided here (see trust.py)."""
+    ci = _load_content_info(der)
+    if ci["content_type"].native != "signed_data":
+        raise CmsError("not-signed", f"expected signed-data, got {ci['content_type'].native}")
+    try:
+        sd = ci["content"]
+        encap = sd["encap_content_info"]
+        econtent_type = encap["content_type"].native
+        content = detached_content if detached_content is not None else encap["content"].native
+        signer_infos: Sequence[acms.SignerInfo] = list(sd["signer_infos"])
+        certs = _certs(sd)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CmsError("malformed-cms", f"unparsable signed-data ({exc.__class__.__name__})") from exc
+    if content is None:
+        raise CmsError("malformed-cms", "signed-data without content and no detached content given")
+    if not isinstance(content, bytes):
+        raise CmsError("malformed-cms", "encapsulated content is not an octet string")
+    if not signer_infos:
+        raise CmsError("not-signed", "signed-data without any signer")
+
+    weak = [si for si in signer_infos if si["digest_algorithm"]["algorithm"].native in WEAK_DIGESTS]
+    usable = [si for si in signer_infos if si not in weak]
+    if not usable:
+        names = ", ".join(sorted({si["digest_algorithm"]["algorithm"].native for si in weak}))
+        raise CmsError("weak-digest", f"only weak digest algorithms used ({names})")
+
+    last_error: CmsError | None = None
+    for si in usable:
+        hash_name = si["digest_algorithm"]["algorithm"].native
+        if hash_name not in _HASHES:
+            last_error = CmsError("malformed-cms", f"unknown digest algorithm {hash_name}")
+            continue
+        signer = _find_signer(si["sid"], certs)
+        if signer is None:
+            last_error = CmsError("no-signer-certificate", "the signer's certificate is not in the message")
+            continue
+        try:
+            return _verify_one(si, signer, [c for _, c in certs], content, hash_name, econtent_type)
+        except CmsError as exc:
+            last_error = exc
+    assert last_error is not None
+    raise last_error
+
+
+def _verify_one(si: acms.SignerInfo, signer: x509.Certificate, certs: list[x509.Certificate], content: bytes,
+                hash_name: str, econtent_type: str) -> SignatureInfo:  # fmt: skip
+    signature = si["signature"].native
+    attrs = si["signed_attrs"]
+    candidates = [content]
+    crlf = to_crlf(content)
+    if crlf != content:
+        candidates.append(crlf)
+    try:
+        if attrs.native is None or len(attrs) == 0:
+            # No signed attributes: the signature is directly over the content (RFC 5652 §5.4).
+            for data in candidates:
+                try:
+                    alg = _verify_raw(signer, si, signature, data, hash_name)
+                except InvalidSignature:
+                    continue
+                return SignatureInfo(signer, tuple(certs), hash_name, alg, data)
+            raise CmsError("tampered-content", "signature does not match the content")
+        md = None
+        ct = None
+        for attr in attrs:
+            t = attr["type"].native
+            if t == "message_digest":
+                md = attr["values"][0].native
+            elif t == "content_type":
+                ct = attr["values"][0].native
+        if md is None or ct is None:
+            raise CmsError("bad-signed-attributes", "messageDigest or contentType signed attribute missing")
+        if ct != econtent_type:
+            raise CmsError("bad-signed-attributes", "contentType attribute does not match the content")
+        # The signature covers the DER of the attributes as an explicit SET OF (tag 0x31), not [0].
+        signed_bytes = b"\x31" + attrs.dump()[1:]
+        try:
+            alg = _verify_raw(signer, si, signature, signed_bytes, hash_name)
+        except InvalidSignature:
+            raise CmsError(
+                "bad-signed-attributes", "signature over the signed attributes is invalid"
+            ) from None
+        for data in candidates:
+            if hmac.compare_digest(_digest(hash_name, data), md):
+                return SignatureInfo(signer, tuple(certs), hash_name, alg, data)
+        raise CmsError("tampered-content", "content digest differs from the signed messageDigest")
+    except (ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:
+        if isinstance(exc, CmsError):
+            raise
+        raise CmsError("malformed-cms", f"unparsable signer info ({exc.__class__.__name__})") from exc

@@ -1,0 +1,353 @@
+"""S/MIME protection of whole messages between operators, and opening of what peers send us.
+
+The job: `protect` wraps the complete original message (its headers included) as a
+message/rfc822 entity (RFC 8551 §3.1 "protecting headers" by wrapping, RFC 2046 §5.2.1), signs
+it as multipart/signed (RFC 1847, RFC 8551 §3.5.3: detached, SHA-256, RSA PKCS#1 v1.5) and
+encrypts that as application/pkcs7-mime enveloped-data (RFC 8551 §3.3; AES-256-CBC, RSA
+key transport) for every recipient certificate and the sender.  The outer message only carries
+From, To, Cc, Date, Message-ID, MIME-Version and a neutral Subject: nothing of the content leaks.
+`open_message` reverses it: size bound, decrypt, verify (detached or opaque signed-data),
+path-validate the signer for emailProtection, check revocation, and match the signer's
+certificate address to the inner From (RFC 8550 §3).
+
+Signatures and MIME wrappers are built on the bytes (ARCHITECTURE rule 8): `cryptography`'s PKCS7
+builders produce DER, and the MIME around it is written here, 3-6x faster than Encoding.SMIME.
+Line endings are canonicalised to CRLF before signing (RFC 8551 §3.1.1); a CRLF message comes
+back byte-identical, an LF-only message comes back with CRLF line endings.
+
+Errors: `protect`/`sign_only` raise `SmimeError` for unusable inputs (no recipients, header
+injection in outer headers, message too large).  `open_message` never raises for bad input: it
+returns a `SecurityResult` whose `failure` code says what went wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Mapping, Sequence
+from email.utils import format_datetime, make_msgid
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from gateway.crypto import _mime
+from gateway.crypto.cms import CmsError, decrypt_enveloped, verify_signed
+from gateway.crypto.result import SecurityResult
+from gateway.crypto.trust import TrustStore, fingerprint
+
+__all__ = [
+    "MAX_MESSAGE_SIZE",
+    "OUTER_COPIED_HEADERS",
+    "SmimeError",
+    "encrypt_only",
+    "open_message",
+    "protect",
+    "sign_only",
+]
+
+#: Largest message accepted by protect/open (bytes).  The SMTP listeners enforce their own SIZE.
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+OUTER_COPIED_HEADERS = ("from", "sender", "to", "cc", "date", "message-id", "in-reply-to", "references")
+DEFAULT_OUTER_SUBJECT = "Message securise"
+
+_SIGN_OPTIONS = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
+_ENCRYPT_OPTIONS = [pkcs7.PKCS7Options.Binary]
+_PKCS7_MIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+_PKCS7_SIG_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
+_BAD_HEADER = re.compile(r"[\r\n\x00]")
+
+
+class SmimeError(ValueError):
+    """The message or the keys given to protect/sign cannot produce a valid S/MIME message."""
+
+
+# ---------------------------------------------------------------- building
+
+
+def _wrap_rfc822(message: bytes) -> bytes:
+    cte = b"7bit" if message.isascii() else b"8bit"
+    return b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: " + cte + b"\r\n\r\n" + message
+
+
+def _signed_entity(entity: bytes, signer_cert: x509.Certificate, signer_key: rsa.RSAPrivateKey,
+                   extra_certs: Sequence[x509.Certificate]) -> bytes:  # fmt: skip
+    builder = (
+        pkcs7.PKCS7SignatureBuilder().set_data(entity).add_signer(signer_cert, signer_key, hashes.SHA256())
+    )
+    for c in extra_certs:
+        builder = builder.add_certificate(c)
+    sig = builder.sign(serialization.Encoding.DER, _SIGN_OPTIONS)
+    boundary = _mime.new_boundary(entity)
+    b = boundary.encode()
+    return b"".join(
+        [
+            b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; micalg=sha-256;\r\n'
+            b' boundary="', b, b'"\r\n\r\n',
+            b"This is a cryptographically signed message in MIME format.\r\n\r\n",
+            b"--", b, b"\r\n", entity, b"\r\n--", b, b"\r\n",
+            b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n"
+            b'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n',
+            _mime.b64_lines(sig),
+            b"\r\n--", b, b"--\r\n",
+        ]
+    )  # fmt: skip
+
+
+def _enveloped_entity(content: bytes, recipients: Sequence[x509.Certificate]) -> bytes:
+    builder = (
+        pkcs7.PKCS7EnvelopeBuilder().set_data(content).set_content_encryption_algorithm(algorithms.AES256)
+    )
+    seen: set[bytes] = set()
+    for cert in recipients:
+        fp = cert.fingerprint(hashes.SHA256())
+        if fp not in seen:
+            seen.add(fp)
+            builder = builder.add_recipient(cert)
+    der = builder.encrypt(serialization.Encoding.DER, _ENCRYPT_OPTIONS)
+    return (
+        b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n' + _mime.b64_lines(der)
+    )
+
+
+def _outer_headers(message: bytes, outer_subject: str, outer_headers: Mapping[str, str] | None) -> bytes:
+    block, _ = _mime.split_entity(message)
+    fields = _mime.parse_headers(block)
+    out: list[bytes] = []
+    present: set[str] = set()
+    extra = {k.lower(): (k, v) for k, v in (outer_headers or {}).items()}
+    for name, _value, raw in fields:
+        if name in OUTER_COPIED_HEADERS and name not in extra:
+            out.append(_mime.to_crlf(raw))
+            present.add(name)
+    if "date" not in present and "date" not in extra:
+        out.append(f"Date: {format_datetime(_dt.datetime.now(_dt.UTC))}\r\n".encode())
+    if "message-id" not in present and "message-id" not in extra:
+        domain = (_mime.first_address(_mime.header_value(fields, "from")) or "@mssgw.invalid").rpartition(
+            "@"
+        )[2]
+        out.append(f"Message-ID: {make_msgid(domain=domain)}\r\n".encode())
+    for lname, (name, value) in extra.items():
+        if lname in ("subject", "mime-version", "content-type", "content-transfer-encoding"):
+            raise SmimeError(f"outer header {name} is set by the S/MIME wrapper")
+        if _BAD_HEADER.search(name + value) or not re.fullmatch(r"[!-9;-~]+", name):
+            raise SmimeError(f"outer header {name!r} contains forbidden characters")
+        out.append(f"{name}: {value}\r\n".encode())
+    if _BAD_HEADER.search(outer_subject):
+        raise SmimeError("outer subject contains a line break")
+    out.append(f"Subject: {outer_subject}\r\n".encode())
+    out.append(b"MIME-Version: 1.0\r\n")
+    return b"".join(out)
+
+
+def _check_size(message: bytes, max_size: int) -> bytes:
+    if len(message) > max_size:
+        raise SmimeError(f"message of {len(message)} bytes exceeds the {max_size}-byte limit")
+    return _mime.to_crlf(message)
+
+
+def protect(
+    message_bytes: bytes,
+    *,
+    signer_cert: x509.Certificate,
+    signer_key: rsa.RSAPrivateKey,
+    recipient_certs: Sequence[x509.Certificate],
+    extra_certs: Sequence[x509.Certificate] = (),
+    encrypt_for_sender: bool = True,
+    outer_subject: str = DEFAULT_OUTER_SUBJECT,
+    outer_headers: Mapping[str, str] | None = None,
+    max_size: int = MAX_MESSAGE_SIZE,
+) -> bytes:
+    """Sign then encrypt the whole message; return the outer message bytes (CRLF)."""
+    if not recipient_certs:
+        raise SmimeError("no recipient certificate to encrypt for")
+    message = _check_size(message_bytes, max_size)
+    headers = _outer_headers(message, outer_subject, outer_headers)
+    signed = _signed_entity(_wrap_rfc822(message), signer_cert, signer_key, extra_certs)
+    recipients = [*recipient_certs, signer_cert] if encrypt_for_sender else list(recipient_certs)
+    return headers + _enveloped_entity(signed, recipients)
+
+
+def sign_only(
+    message_bytes: bytes,
+    *,
+    signer_cert: x509.Certificate,
+    signer_key: rsa.RSAPrivateKey,
+    extra_certs: Sequence[x509.Certificate] = (),
+    outer_subject: str | None = None,
+    outer_headers: Mapping[str, str] | None = None,
+    max_size: int = MAX_MESSAGE_SIZE,
+) -> bytes:
+    """Wrap and sign without encryption (multipart/signed), e.g. between two mailboxes of one
+    operator.  The outer Subject is the inner one unless `outer_subject` is given."""
+    message = _check_size(message_bytes, max_size)
+    if outer_subject is None:
+        fields = _mime.parse_headers(_mime.split_entity(message)[0])
+        outer_subject = _mime.header_value(fields, "subject") or ""
+    headers = _outer_headers(message, outer_subject, outer_headers)
+    return headers + _signed_entity(_wrap_rfc822(message), signer_cert, signer_key, extra_certs)
+
+
+def encrypt_only(
+    message_bytes: bytes,
+    *,
+    recipient_certs: Sequence[x509.Certificate],
+    outer_subject: str = DEFAULT_OUTER_SUBJECT,
+    outer_headers: Mapping[str, str] | None = None,
+    max_size: int = MAX_MESSAGE_SIZE,
+) -> bytes:
+    """Wrap and encrypt without a signature (opened with failure not-signed)."""
+    if not recipient_certs:
+        raise SmimeError("no recipient certificate to encrypt for")
+    message = _check_size(message_bytes, max_size)
+    headers = _outer_headers(message, outer_subject, outer_headers)
+    return headers + _enveloped_entity(_wrap_rfc822(message), recipient_certs)
+
+
+# ---------------------------------------------------------------- opening
+
+
+def _pkcs7_der(body: bytes, fields: list[tuple[str, str, bytes]]) -> bytes:
+    cte = (_mime.header_value(fields, "content-transfer-encoding") or "7bit").strip().lower()
+    if cte == "base64":
+        return _mime.b64decode_body(body)
+    if cte == "binary":
+        return body
+    raise _mime.MimeError(f"unexpected transfer encoding {cte} for a CMS body")
+
+
+def _unwrap(entity: bytes, outer_fields: list[tuple[str, str, bytes]]) -> bytes:
+    """The protected message: the body of a message/rfc822 entity, or (for senders that do not
+    wrap) the entity itself under the outer non-MIME headers."""
+    block, body = _mime.split_entity(entity)
+    fields = _mime.parse_headers(block)
+    mtype, _ = _mime.content_type(_mime.header_value(fields, "content-type"))
+    if mtype == "message/rfc822":
+        return body
+    outer = b"".join(
+        _mime.to_crlf(raw)
+        for n, _, raw in outer_fields
+        if n != "mime-version" and not n.startswith("content-")
+    )
+    return outer + b"MIME-Version: 1.0\r\n" + entity
+
+
+def open_message(
+    data: bytes,
+    *,
+    recipient_cert: x509.Certificate,
+    recipient_key: rsa.RSAPrivateKey,
+    trust: TrustStore,
+    now: _dt.datetime | None = None,
+    max_size: int = MAX_MESSAGE_SIZE,
+    require_encryption: bool = True,
+) -> tuple[bytes | None, SecurityResult]:
+    """Decrypt and verify `data` exactly as received.  Returns (inner message or None, result).
+
+    The inner message is returned whenever it could be extracted, even when a later check
+    failed; deliver it as authentic only if `result.ok`."""
+    result = SecurityResult(method="smime", encryption_required=require_encryption)
+    if len(data) > max_size:
+        return None, result.with_failure("too-large", f"{len(data)} bytes exceeds the {max_size}-byte limit")
+    try:
+        return _open(data, recipient_cert, recipient_key, trust, now, result, require_encryption)
+    except CmsError as exc:
+        return None, result.with_failure(exc.code, exc.detail)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError) as exc:
+        # Hostile or broken input: asn1crypto and our MIME splitter raise these; never a traceback.
+        return None, result.with_failure("malformed-cms", f"unparsable message ({exc.__class__.__name__})")
+
+
+def _open(data: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey, trust: TrustStore,
+          now: _dt.datetime | None, result: SecurityResult, require_encryption: bool,
+          ) -> tuple[bytes | None, SecurityResult]:  # fmt: skip
+    outer_block, body = _mime.split_entity(data)
+    outer_fields = _mime.parse_headers(outer_block)
+    fields, entity_body = outer_fields, body
+    mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
+
+    if mtype in _PKCS7_MIME_TYPES and params.get("smime-type", "enveloped-data").lower() == "enveloped-data":
+        dec = decrypt_enveloped(_pkcs7_der(entity_body, fields), cert, key)
+        result = result.evolve(encrypted=True, decrypted_ok=True, content_algorithm=dec.content_algorithm,
+                               key_transport=dec.key_transport)  # fmt: skip
+        inner_block, entity_body = _mime.split_entity(dec.content)
+        fields = _mime.parse_headers(inner_block)
+        mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
+        entity_for_unwrap = dec.content
+    else:
+        entity_for_unwrap = data
+        if require_encryption:
+            result = result.with_failure("not-encrypted", "message is not S/MIME enveloped-data")
+
+    if mtype == "multipart/signed":
+        protocol = params.get("protocol", "").lower()
+        if protocol not in _PKCS7_SIG_TYPES:
+            raise CmsError("malformed-cms", f"multipart/signed with protocol {protocol or 'missing'}")
+        parts = _mime.split_multipart(entity_body, params.get("boundary", ""))
+        if len(parts) != 2:
+            raise CmsError("malformed-cms", f"multipart/signed with {len(parts)} parts")
+        sig_block, sig_body = _mime.split_entity(parts[1])
+        sig_fields = _mime.parse_headers(sig_block)
+        sig_der = _pkcs7_der(sig_body, sig_fields)
+        info = verify_signed(sig_der, parts[0])
+        signed_entity = info.content
+    elif mtype in _PKCS7_MIME_TYPES and params.get("smime-type", "").lower() == "signed-data":
+        info = verify_signed(_pkcs7_der(entity_body, fields))
+        signed_entity = info.content
+    else:
+        inner = _unwrap(entity_for_unwrap, outer_fields)
+        return inner, result.with_failure("not-signed", "message carries no S/MIME signature")
+
+    inner = _unwrap(signed_entity, outer_fields)
+    signer = info.signer
+    result = result.evolve(
+        signed=True,
+        signature_valid=True,
+        digest_algorithm=info.digest_algorithm,
+        signature_algorithm=info.signature_algorithm,
+        signer_subject=signer.subject.rfc4514_string(),
+        signer_fingerprint=fingerprint(signer),
+    )
+    emails = _cert_emails(signer)
+    intermediates = [c for c in info.certificates if c != signer]
+    chain = trust.validate(signer, intermediates, purpose="emailProtection", at=now)
+    result = result.evolve(
+        signer_email=emails[0] if emails else None,
+        signer_emails=emails,
+        chain_valid=chain.valid,
+        trust_anchor=chain.trust_anchor,
+        revoked=chain.revoked,
+        crl_status=chain.crl_status,
+    )
+    if chain.failure:
+        result = result.with_failure(chain.failure, chain.detail)
+    from_addr = _mime.first_address(
+        _mime.header_value(_mime.parse_headers(_mime.split_entity(inner)[0]), "from")
+    )
+    matches = from_addr is not None and from_addr in emails
+    result = result.evolve(from_address=from_addr, from_matches_signer=matches)
+    if not matches:
+        result = result.with_failure(
+            "from-mismatch", f"From {from_addr or '(none)'} is not an address of the signer's certificate"
+        )
+    return inner, result
+
+
+def _cert_emails(cert: x509.Certificate) -> tuple[str, ...]:
+    """rfc822Name SAN entries, then the legacy emailAddress subject attribute (RFC 8550 §3)."""
+    out: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        out.extend(a.lower() for a in san.get_values_for_type(x509.RFC822Name))
+    except x509.ExtensionNotFound:
+        pass
+    for attr in cert.subject.get_attributes_for_oid(x509.NameOID.EMAIL_ADDRESS):
+        v = str(attr.value).lower()
+        if v not in out:
+            out.append(v)
+    return tuple(out)

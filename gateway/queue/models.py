@@ -1,0 +1,78 @@
+"""Tables of the durable queue: one row per accepted message, one per recipient.
+
+The message bytes live in a spool file (written tmp -> fsync -> rename) named by
+the queue id; the row is committed after the file, so a row never points at a
+missing file. A message's state is derived from its recipients'.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from directory.models import Base, utcnow
+
+
+class RecipientState(enum.StrEnum):
+    QUEUED = "queued"  # waiting for its first attempt
+    DEFERRED = "deferred"  # a temporary failure; retried at next_attempt_at
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"  # failed for good; a DSN went to the sender
+    QUARANTINED = "quarantined"  # inbound message that failed verification; kept aside
+    DELETED = "deleted"  # removed by an admin (reason recorded)
+
+    @property
+    def final(self) -> bool:
+        return self in {RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.DELETED}
+
+
+class QueuedMessage(Base):
+    __tablename__ = "queue_messages"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # random hex, also the spool file name
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    origin: Mapped[str] = mapped_column(String(16))  # submission, inbound, receipt
+    kind: Mapped[str] = mapped_column(String(8), default="message")  # message, dsn, mdn
+    sender: Mapped[str] = mapped_column(String(320))  # "" for the null reverse-path
+    auth_identity: Mapped[str | None] = mapped_column(String(320))
+    client_address: Mapped[str | None] = mapped_column(String(64))
+    peer_operator: Mapped[str | None] = mapped_column(String(253))  # inbound: the sending domain
+    message_id: Mapped[str | None] = mapped_column(String(998))  # the Message-ID header
+    dedupe_key: Mapped[str | None] = mapped_column(String(400), unique=True)
+    related_id: Mapped[str | None] = mapped_column(String(32), index=True)  # receipts: the original
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_name: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    warned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done: Mapped[bool] = mapped_column(default=False)  # every recipient final
+    security: Mapped[str | None] = mapped_column(Text)  # inbound: verification result (JSON)
+
+    recipients: Mapped[list[QueuedRecipient]] = relationship(
+        back_populates="message", cascade="all, delete-orphan", order_by="QueuedRecipient.id"
+    )
+
+    __table_args__ = (Index("ix_queue_ready", "done", "next_attempt_at"),)
+
+
+class QueuedRecipient(Base):
+    __tablename__ = "queue_recipients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("queue_messages.id", ondelete="CASCADE"), index=True)
+    address: Mapped[str] = mapped_column(String(320))
+    state: Mapped[RecipientState] = mapped_column(
+        Enum(RecipientState, native_enum=False, length=16), default=RecipientState.QUEUED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    protection: Mapped[str | None] = mapped_column(String(32))  # smime, openpgp, mtls-signed, local
+    last_reply: Mapped[str | None] = mapped_column(Text)  # last SMTP reply or error, never content
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    message: Mapped[QueuedMessage] = relationship(back_populates="recipients")

@@ -1,0 +1,379 @@
+"""The durable queue: message bytes in a spool folder, envelope and state in the database.
+
+``enqueue`` is the only writer of new messages. It writes the bytes to a
+temporary file, fsyncs it, renames it into place and fsyncs the folder, then
+commits the envelope rows (and the acceptance's audit records) in one
+transaction. Only after that commit may the SMTP layer answer 250, so an
+acknowledged message survives kill -9. A crash between the file and the commit
+leaves an orphan file, never a row without bytes; ``sweep_orphans`` removes them.
+
+Claims (``claim``) take ready messages with a lease: ``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL so several nodes share one queue; on SQLite the write lock serialises
+claimers. A lease held by a dead worker expires and the message is claimed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from gateway.audit.trail import AuditEvent, append
+from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
+
+
+class QueueError(Exception):
+    """The queue cannot store or find a message; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    queue_id: str
+    duplicate: bool = False  # the dedupe key was already queued: nothing new was stored
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes: they are UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class QueueStore:
+    def __init__(self, factory: sessionmaker[Session], spool_dir: Path, *, lifetime: timedelta = timedelta(days=5),
+                 lease: timedelta = timedelta(minutes=5)) -> None:
+        self._factory = factory
+        self.spool_dir = spool_dir
+        self.lifetime = lifetime
+        self.lease = lease
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- writing ---------------------------------------------------------------------
+
+    def spool_path(self, spool_name: str) -> Path:
+        return self.spool_dir / spool_name[:2] / spool_name
+
+    def _write_spool(self, queue_id: str, data: bytes) -> Path:
+        final = self.spool_path(queue_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{queue_id}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def enqueue(
+        self,
+        data: bytes,
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        origin: str,
+        auth_identity: str | None = None,
+        client_address: str | None = None,
+        peer_operator: str | None = None,
+        message_id: str | None = None,
+        dedupe_key: str | None = None,
+        related_id: str | None = None,
+        kind: str = "message",
+        security: dict[str, Any] | None = None,
+        protections: dict[str, str] | None = None,
+        audit_events: Sequence[AuditEvent] = (),
+    ) -> Enqueued:
+        """Store the message durably; returns only once bytes and rows are committed."""
+        if not recipients:
+            raise QueueError("a message needs at least one recipient")
+        queue_id = secrets.token_hex(16)
+        try:
+            path = self._write_spool(queue_id, data)
+        except OSError as exc:
+            raise QueueError(f"cannot write the spool file ({exc.strerror or exc})") from exc
+        now = now_utc()
+        events = [
+            AuditEvent(**{**ev.__dict__, "queue_id": ev.queue_id or queue_id}) for ev in audit_events
+        ]
+        try:
+            with self._factory() as session, session.begin():
+                msg = QueuedMessage(
+                    id=queue_id,
+                    created_at=now,
+                    origin=origin,
+                    kind=kind,
+                    sender=sender,
+                    auth_identity=auth_identity,
+                    client_address=client_address,
+                    peer_operator=peer_operator,
+                    message_id=(message_id or "")[:998] or None,
+                    dedupe_key=dedupe_key,
+                    related_id=related_id,
+                    size=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    spool_name=queue_id,
+                    expires_at=now + self.lifetime,
+                    next_attempt_at=now,
+                    security=json.dumps(security, sort_keys=True) if security else None,
+                )
+                msg.recipients = [
+                    QueuedRecipient(address=r, protection=(protections or {}).get(r)) for r in dict.fromkeys(recipients)
+                ]
+                session.add(msg)
+                session.flush()
+                append(session, events)
+        except IntegrityError:
+            path.unlink(missing_ok=True)
+            if dedupe_key is not None:
+                with self._factory() as session:
+                    existing = session.scalar(select(QueuedMessage.id).where(QueuedMessage.dedupe_key == dedupe_key))
+                if existing is not None:
+                    return Enqueued(existing, duplicate=True)
+            raise QueueError("the queue refused the message (conflict); try again") from None
+        except Exception as exc:
+            path.unlink(missing_ok=True)
+            raise QueueError(f"the queue database cannot store the message ({type(exc).__name__})") from exc
+        return Enqueued(queue_id)
+
+    def read(self, queue_id: str) -> bytes:
+        with self._factory() as session:
+            msg = session.get(QueuedMessage, queue_id)
+            if msg is None:
+                raise QueueError(f"no message {queue_id} in the queue")
+            name = msg.spool_name
+        try:
+            return self.spool_path(name).read_bytes()
+        except OSError as exc:
+            raise QueueError(f"spool file of {queue_id} cannot be read ({exc.strerror})") from exc
+
+    def sweep_orphans(self, older_than: float = 3600.0) -> int:
+        """Remove spool files with no queue row (a crash before commit); they were never acknowledged."""
+        removed = 0
+        cutoff = time.time() - older_than
+        with self._factory() as session:
+            for path in self.spool_dir.glob("*/*"):
+                if path.stat().st_mtime > cutoff:
+                    continue
+                name = path.name.lstrip(".").removesuffix(".tmp")
+                if path.name.endswith(".tmp") or session.get(QueuedMessage, name) is None:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    # --- claiming and outcomes --------------------------------------------------------------
+
+    def claim(self, worker: str, *, limit: int = 10, now: datetime | None = None) -> list[str]:
+        """Lease up to ``limit`` ready messages to ``worker``; returns their queue ids."""
+        now = now or now_utc()
+        with self._factory() as session, session.begin():
+            stmt = (
+                select(QueuedMessage.id)
+                .where(
+                    QueuedMessage.done.is_(False),
+                    QueuedMessage.next_attempt_at <= now,
+                    (QueuedMessage.lease_until.is_(None)) | (QueuedMessage.lease_until < now),
+                )
+                .order_by(QueuedMessage.next_attempt_at)
+                .limit(limit)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True)
+            ids = list(session.scalars(stmt))
+            if ids:
+                session.execute(
+                    update(QueuedMessage)
+                    .where(QueuedMessage.id.in_(ids))
+                    .values(claimed_by=worker, lease_until=now + self.lease)
+                )
+        return ids
+
+    def release(self, queue_id: str, worker: str, *, next_attempt_at: datetime | None = None) -> None:
+        """Give a claim back, done or to be retried at ``next_attempt_at``."""
+        with self._factory() as session, session.begin():
+            msg = session.get(QueuedMessage, queue_id)
+            if msg is None or msg.claimed_by != worker:
+                return
+            msg.claimed_by = None
+            msg.lease_until = None
+            msg.done = all(r.state.final for r in msg.recipients)
+            if next_attempt_at is not None:
+                msg.next_attempt_at = next_attempt_at
+
+    def set_recipient_state(
+        self,
+        queue_id: str,
+        address: str,
+        state: RecipientState,
+        *,
+        reply: str | None = None,
+        protection: str | None = None,
+        audit_events: Sequence[AuditEvent] = (),
+        count_attempt: bool = True,
+    ) -> None:
+        with self._factory() as session, session.begin():
+            row = session.scalar(
+                select(QueuedRecipient).where(QueuedRecipient.message_id == queue_id, QueuedRecipient.address == address)
+            )
+            if row is None:
+                raise QueueError(f"no recipient {address} on message {queue_id}")
+            row.state = state
+            if count_attempt:
+                row.attempts += 1
+            if reply is not None:
+                row.last_reply = reply[:2000]
+            if protection is not None:
+                row.protection = protection
+            append(session, list(audit_events))
+            session.flush()
+            msg = row.message
+            msg.done = all(r.state.final for r in msg.recipients)
+
+    # --- admin -------------------------------------------------------------------------------
+
+    def get(self, queue_id: str) -> dict[str, Any]:
+        with self._factory() as session:
+            msg = session.scalar(
+                select(QueuedMessage).options(selectinload(QueuedMessage.recipients)).where(QueuedMessage.id == queue_id)
+            )
+            if msg is None:
+                raise QueueError(f"no message {queue_id} in the queue")
+            receipts = list(
+                session.scalars(select(QueuedMessage).where(QueuedMessage.related_id == queue_id))
+            )
+            return message_dict(msg, detail=True, receipts=receipts)
+
+    def list(self, *, state: str | None = None, limit: int = 200, include_done: bool = False) -> list[dict[str, Any]]:
+        with self._factory() as session:
+            stmt = (
+                select(QueuedMessage)
+                .options(selectinload(QueuedMessage.recipients))
+                .order_by(QueuedMessage.created_at)
+                .limit(limit)
+            )
+            if not include_done and state is None:
+                stmt = stmt.where(QueuedMessage.done.is_(False))
+            if state is not None:
+                stmt = stmt.where(
+                    QueuedMessage.recipients.any(QueuedRecipient.state == RecipientState(state))
+                )
+            return [message_dict(m) for m in session.scalars(stmt)]
+
+    def retry(self, queue_id: str) -> int:
+        """Make deferred (or quarantined-then-released) recipients due now; returns how many."""
+        with self._factory() as session, session.begin():
+            msg = session.get(QueuedMessage, queue_id)
+            if msg is None:
+                raise QueueError(f"no message {queue_id} in the queue")
+            due = [r for r in msg.recipients if r.state in (RecipientState.DEFERRED, RecipientState.QUEUED)]
+            if not due:
+                raise QueueError(f"message {queue_id} has no recipient waiting for delivery")
+            msg.next_attempt_at = now_utc()
+            msg.lease_until = None
+            msg.claimed_by = None
+            append(session, [AuditEvent("queue-retry", "info", queue_id=queue_id, actor="admin")])
+            return len(due)
+
+    def delete(self, queue_id: str, *, reason: str, actor: str = "admin") -> int:
+        if not reason.strip():
+            raise QueueError("deleting a message needs a reason (--reason)")
+        with self._factory() as session, session.begin():
+            msg = session.get(QueuedMessage, queue_id)
+            if msg is None:
+                raise QueueError(f"no message {queue_id} in the queue")
+            touched = 0
+            for r in msg.recipients:
+                if not r.state.final:
+                    r.state = RecipientState.DELETED
+                    r.last_reply = f"deleted by {actor}: {reason}"[:2000]
+                    touched += 1
+            msg.done = True
+            append(session, [AuditEvent("queue-delete", "info", queue_id=queue_id, actor=actor,
+                                        detail={"reason": reason, "recipients": touched})])
+            name = msg.spool_name
+        self.spool_path(name).unlink(missing_ok=True)
+        return touched
+
+    def quarantined(self, limit: int = 200) -> list[dict[str, Any]]:
+        return self.list(state=RecipientState.QUARANTINED.value, limit=limit)
+
+    def release_quarantine(self, queue_id: str, *, actor: str = "admin") -> int:
+        """An admin vouches for a quarantined message: its recipients are delivered as is."""
+        with self._factory() as session, session.begin():
+            msg = session.get(QueuedMessage, queue_id)
+            if msg is None:
+                raise QueueError(f"no message {queue_id} in the queue")
+            released = 0
+            for r in msg.recipients:
+                if r.state == RecipientState.QUARANTINED:
+                    r.state = RecipientState.QUEUED
+                    r.protection = "released-by-admin"
+                    released += 1
+            if not released:
+                raise QueueError(f"message {queue_id} is not in quarantine")
+            msg.done = False
+            msg.next_attempt_at = now_utc()
+            append(session, [AuditEvent("quarantine-release", "info", queue_id=queue_id, actor=actor)])
+            return released
+
+
+def message_dict(msg: QueuedMessage, *, detail: bool = False, receipts: Sequence[QueuedMessage] = ()) -> dict[str, Any]:
+    states = sorted({r.state.value for r in msg.recipients})
+    data: dict[str, Any] = {
+        "id": msg.id,
+        "created_at": as_utc(msg.created_at).isoformat(timespec="seconds"),
+        "origin": msg.origin,
+        "kind": msg.kind,
+        "sender": msg.sender or "<>",
+        "recipients": len(msg.recipients),
+        "size": msg.size,
+        "state": "done" if msg.done else ",".join(states),
+    }
+    if detail:
+        data.update(
+            {
+                "message_id": msg.message_id,
+                "auth_identity": msg.auth_identity,
+                "client_address": msg.client_address,
+                "peer_operator": msg.peer_operator,
+                "sha256": msg.sha256,
+                "expires_at": as_utc(msg.expires_at).isoformat(timespec="seconds"),
+                "next_attempt_at": as_utc(msg.next_attempt_at).isoformat(timespec="seconds"),
+                "claimed_by": msg.claimed_by,
+                "related_id": msg.related_id,
+                "security": json.loads(msg.security) if msg.security else None,
+                "recipient_states": [
+                    {"address": r.address, "state": r.state.value, "attempts": r.attempts,
+                     "protection": r.protection, "last_reply": r.last_reply}
+                    for r in msg.recipients
+                ],
+                "receipts": [{"id": r.id, "kind": r.kind, "created_at": as_utc(r.created_at).isoformat(timespec="seconds")}
+                             for r in receipts],
+            }
+        )
+    return data

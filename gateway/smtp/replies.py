@@ -1,0 +1,79 @@
+"""Every SMTP reply the gateway sends, as named constants (RFC 5321 codes, RFC 3463 enhanced codes).
+
+Handlers never write reply strings by hand: they send one of these, or the reply
+carried by a policy ``Decision``. A reply's text is for a person: it says what
+happened and what to do, never the content of a message or an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    def with_text(self, text: str) -> Reply:
+        """The same codes with a more specific human reason."""
+        return Reply(self.code, self.enhanced, text)
+
+    @property
+    def short(self) -> str:
+        """``"550 5.7.1"``: what the audit trail and logs record."""
+        return f"{self.code} {self.enhanced}"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+# 2xx
+S250_2_0_0_OK = Reply(250, "2.0.0", "OK")
+S250_2_1_0_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+S250_2_1_5_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+S250_2_6_0_QUEUED = Reply(250, "2.6.0", "Message accepted for delivery")
+S235_2_7_0_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+
+# 4xx: try again later
+S421_4_3_2_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+S421_4_4_2_TIMEOUT = Reply(421, "4.4.2", "Idle too long, closing connection")
+S451_4_3_0_LOCAL_ERROR = Reply(451, "4.3.0", "Temporary local problem, try again later")
+S451_4_3_5_POLICY_UNAVAILABLE = Reply(451, "4.3.5", "Directory or policy temporarily unavailable, try again later")
+S452_4_3_1_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+S452_4_5_3_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients for one message")
+S454_4_7_0_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+S454_4_7_0_AUTH_LOCKED = Reply(454, "4.7.0", "Too many failed logins, try again later")
+
+# 5xx: refused for good
+S500_5_5_2_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognised")
+S501_5_5_4_SYNTAX_ARGS = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+S501_5_1_3_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+S503_5_5_1_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+S530_5_7_0_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+S530_5_7_0_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+S535_5_7_8_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+S550_5_1_1_UNKNOWN_RECIPIENT = Reply(550, "5.1.1", "Mailbox unknown in the health directory")
+S550_5_1_1_INACTIVE_RECIPIENT = Reply(550, "5.1.1", "Mailbox deactivated in the health directory")
+S550_5_7_1_UNTRUSTED_DOMAIN = Reply(550, "5.7.1", "Domain outside the health trust space")
+S550_5_7_1_CONSUMER_DOMAIN = Reply(550, "5.7.1", "Consumer mailbox: health data may not be sent there")
+S550_5_7_1_BLOCKED_DOMAIN = Reply(550, "5.7.1", "Domain blocked by the operator")
+S550_5_7_1_SENDER_NOT_OWNED = Reply(550, "5.7.1", "You may not send as this address")
+S550_5_7_1_NOT_LOCAL = Reply(550, "5.7.1", "Relaying denied: recipient is not served by this operator")
+S550_5_7_1_PEER_NOT_TRUSTED = Reply(550, "5.7.1", "Sending operator is not in the trust list")
+S550_5_7_1_NO_PROTECTION = Reply(550, "5.7.1", "No way to protect mail for this recipient")
+S550_5_7_1_FROM_MISMATCH = Reply(550, "5.7.1", "From: header does not match an address you may send as")
+S552_5_3_4_TOO_BIG = Reply(552, "5.3.4", "Message too big for system")
+S550_5_6_0_BAD_CONTENT = Reply(550, "5.6.0", "Malformed message content")
+S554_5_6_0_BAD_CONTENT = Reply(554, "5.6.0", "Malformed message content")
+S553_5_1_7_BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
+S555_5_5_4_BAD_PARAMS = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognised")

@@ -1,0 +1,286 @@
+"""Certificate operations behind ``mssgw certs``: issue, import, list, revoke, trust anchors, CRLs, export.
+
+Certificates are recorded in the directory (``Certificate`` rows); private keys
+are files under ``DATA/keys`` (mode 0600) named by fingerprint, referenced by
+``key_path`` and never printed. A mailbox certificate has purpose ``smime``
+(signature and encryption; for ORG and APP mailboxes it is also their TLS
+client identity). Revoking a certificate issued by the development CA also
+rewrites the CA's CRL.
+
+Errors: ``CertError`` (a sentence for the admin).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from certs import pki
+from directory import service
+from directory.models import Certificate, MailboxType
+from gateway.config import Settings
+from gateway.operator import register_certificate
+
+
+class CertError(Exception):
+    """A certificate operation cannot be done; the message says why."""
+
+
+_KIND_FOR_TYPE = {MailboxType.PER: "user", MailboxType.ORG: "org", MailboxType.APP: "app"}
+
+
+@dataclass(frozen=True)
+class LoadedMaterial:
+    certificate: x509.Certificate
+    chain: list[x509.Certificate]
+    private_key: Any | None
+
+
+def fingerprint_of(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _write_key(settings: Settings, fingerprint: str, key: Any) -> Path:
+    settings.keys_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.keys_dir, 0o700)
+    path = settings.keys_dir / f"{fingerprint}.key"
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def issue_for_mailbox(session: Session, settings: Settings, address: str, *, days: int | None = None) -> dict[str, Any]:
+    """Issue a certificate from the development CA for one of our mailboxes and record it."""
+    box = service.get_mailbox(session, address)
+    if not box.local:
+        raise CertError(f"{box.address} is not one of our mailboxes: import its certificate instead")
+    dev = pki.load_dev_pki(settings.pki_dir)
+    not_after = datetime.now(UTC) + timedelta(days=days) if days is not None else None
+    cert, key = pki.issue_certificate(
+        dev,
+        kind=_KIND_FOR_TYPE[box.type],  # type: ignore[arg-type]
+        email=box.address,
+        common_name=box.display_name or box.address,
+        not_after=not_after,
+    )
+    fpr = fingerprint_of(cert)
+    key_path = _write_key(settings, fpr, key)
+    register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=box.address,
+                         purpose="smime", key_path=str(key_path))
+    return certificate_dict(_row(session, fpr, box.address))
+
+
+def load_material(data: bytes, password: bytes | None = None) -> LoadedMaterial:
+    """A certificate (and optionally its key and chain) from PEM, DER or PKCS#12 bytes."""
+    if b"-----BEGIN" in data:
+        certs = x509.load_pem_x509_certificates(data) if b"CERTIFICATE" in data else []
+        key = None
+        if b"PRIVATE KEY" in data:
+            try:
+                key = serialization.load_pem_private_key(data, password=password)
+            except (ValueError, TypeError) as exc:
+                raise CertError(f"the private key cannot be read ({exc})") from None
+        if not certs:
+            raise CertError("no certificate found in the PEM data")
+        return LoadedMaterial(certs[0], certs[1:], key)
+    try:
+        return LoadedMaterial(x509.load_der_x509_certificate(data), [], None)
+    except ValueError:
+        pass
+    try:
+        key, cert, extra = pkcs12.load_key_and_certificates(data, password)
+    except ValueError as exc:
+        raise CertError(f"not a PEM, DER or PKCS#12 certificate (or wrong passphrase): {exc}") from None
+    if cert is None:
+        raise CertError("the PKCS#12 file holds no certificate")
+    return LoadedMaterial(cert, list(extra or []), key)
+
+
+def _emails(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [e.lower() for e in san.get_values_for_type(x509.RFC822Name)]
+    except x509.ExtensionNotFound:
+        return []
+
+
+def import_certificate(
+    session: Session,
+    settings: Settings,
+    address: str,
+    data: bytes,
+    *,
+    password: bytes | None = None,
+    purpose: str = "smime",
+) -> dict[str, Any]:
+    """Record a mailbox's (or a domain's) certificate, with its private key when given (ours only)."""
+    material = load_material(data, password)
+    cert = material.certificate
+    target = address.strip().lower()
+    is_domain = "@" not in target
+    if not is_domain:
+        box = service.get_mailbox(session, target)
+        target = box.address
+        emails = _emails(cert)
+        if emails and target not in emails and purpose == "smime":
+            raise CertError(f"the certificate is for {', '.join(emails)}, not {target}")
+        if material.private_key is not None and not box.local:
+            raise CertError(f"{target} is a remote mailbox: never import its private key here")
+    if cert.not_valid_after_utc < datetime.now(UTC):
+        raise CertError(f"the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    if material.private_key is not None:
+        if not isinstance(material.private_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise CertError("only RSA and EC private keys are supported")
+        if material.private_key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+            raise CertError("the private key does not match the certificate")
+    fpr = fingerprint_of(cert)
+    key_path = str(_write_key(settings, fpr, material.private_key)) if material.private_key is not None else None
+    register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=target, purpose=purpose,
+                         key_path=key_path)
+    return certificate_dict(_row(session, fpr, target, purpose))
+
+
+def _row(session: Session, fingerprint: str, address: str | None, purpose: str | None = None) -> Certificate:
+    stmt = select(Certificate).where(Certificate.fingerprint == fingerprint, Certificate.address == address)
+    if purpose:
+        stmt = stmt.where(Certificate.purpose == purpose)
+    row = session.scalars(stmt).first()
+    if row is None:
+        raise CertError(f"no certificate {fingerprint[:16]}... for {address}")
+    return row
+
+
+def certificate_dict(row: Certificate, *, pem: bool = False) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    not_after = row.not_after if row.not_after.tzinfo else row.not_after.replace(tzinfo=UTC)
+    data: dict[str, Any] = {
+        "address": row.address,
+        "purpose": row.purpose,
+        "fingerprint": row.fingerprint,
+        "subject": row.subject,
+        "issuer": row.issuer,
+        "serial": row.serial,
+        "not_before": row.not_before.isoformat(),
+        "not_after": row.not_after.isoformat(),
+        "status": "revoked" if row.revoked_at else ("expired" if not_after < now else "valid"),
+        "has_private_key": bool(row.key_path),
+    }
+    if pem:
+        data["pem"] = row.pem
+    return data
+
+
+def list_certificates(session: Session, *, address: str | None = None, purpose: str | None = None) -> list[dict[str, Any]]:
+    stmt = select(Certificate).order_by(Certificate.address, Certificate.purpose, Certificate.not_after)
+    if address:
+        stmt = stmt.where(Certificate.address == address.lower())
+    if purpose:
+        stmt = stmt.where(Certificate.purpose == purpose)
+    return [certificate_dict(row) for row in session.scalars(stmt)]
+
+
+def find(session: Session, selector: str) -> list[Certificate]:
+    """Certificates named by an address, a domain or a fingerprint (prefix of 8+ hex digits)."""
+    sel = selector.strip().lower().replace(":", "")
+    if len(sel) >= 8 and all(c in "0123456789abcdef" for c in sel):
+        rows = list(session.scalars(select(Certificate).where(Certificate.fingerprint.startswith(sel))))
+        if rows:
+            return rows
+    rows = list(session.scalars(select(Certificate).where(Certificate.address == sel).order_by(Certificate.not_after)))
+    if not rows:
+        raise CertError(f"no certificate for {selector}")
+    return rows
+
+
+def revoke(session: Session, settings: Settings, selector: str, *, reason: str = "unspecified") -> list[str]:
+    """Mark certificates revoked; those issued by our development CA also go into its CRL."""
+    rows = [r for r in find(session, selector) if r.purpose != "anchor"]
+    if not rows:
+        raise CertError(f"no revocable certificate for {selector}")
+    try:
+        flag = x509.ReasonFlags[reason.replace("-", "_")]
+    except KeyError:
+        flag = x509.ReasonFlags.unspecified
+    dev = None
+    try:
+        dev = pki.load_dev_pki(settings.pki_dir)
+        ca_subject = pki.load_certificate(dev.ca_cert).subject.rfc4514_string()
+    except pki.PkiError:
+        ca_subject = None
+    done = []
+    for row in rows:
+        if row.revoked_at is None:
+            row.revoked_at = datetime.now(UTC)
+            row.revocation_reason = flag.name
+        if dev is not None and row.issuer == ca_subject:
+            pki.revoke_certificate(dev, int(row.serial, 16), flag)
+        done.append(row.fingerprint)
+    return done
+
+
+def add_trust_anchor(session: Session, data: bytes) -> dict[str, Any]:
+    cert = load_material(data).certificate
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise CertError("a trust anchor must be a CA certificate (basicConstraints CA:TRUE)")
+    fpr = register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=None, purpose="anchor")
+    return certificate_dict(_row(session, fpr, None, "anchor"))
+
+
+def remove_trust_anchor(session: Session, selector: str) -> None:
+    rows = [r for r in find(session, selector) if r.purpose == "anchor"]
+    if not rows:
+        raise CertError(f"no trust anchor {selector}")
+    for row in rows:
+        session.delete(row)
+
+
+def refresh_dev_crl(settings: Settings) -> Path:
+    """Re-sign the development CA's CRL (new thisUpdate/nextUpdate)."""
+    dev = pki.load_dev_pki(settings.pki_dir)
+    revoked = pki._read_revoked(dev)  # the CA's own list
+    pki._write_crl(dev, revoked)
+    return dev.crl
+
+
+def export_pkcs12(session: Session, address: str, passphrase: bytes) -> bytes:
+    """The mailbox's newest valid certificate and key as PKCS#12, for its owner's mail client."""
+    if len(passphrase) < 8:
+        raise CertError("the export passphrase must have at least 8 characters")
+    rows = [r for r in find(session, address) if r.key_path and r.revoked_at is None and r.purpose == "smime"]
+    if not rows:
+        raise CertError(f"no certificate with a private key for {address}")
+    row = rows[-1]
+    cert = x509.load_pem_x509_certificate(row.pem.encode())
+    key = serialization.load_pem_private_key(Path(row.key_path or "").read_bytes(), password=None)
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(50000)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .hmac_hash(hashes.SHA256())
+        .build(passphrase)
+    )
+    return pkcs12.serialize_key_and_certificates(
+        (row.address or "").encode(), key, cert, None, encryption  # type: ignore[arg-type]
+    )

@@ -1,0 +1,175 @@
+"""``mssgw certs``: certificates of mailboxes and domains, trust anchors, CRLs, OpenPGP keys.
+
+Private keys are never printed: ``show --pem`` prints the public certificate,
+``export --pkcs12`` writes the key and certificate to a file protected by a
+passphrase read from standard input.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from certs import service as certs
+from certs.pki import load_dev_pki
+from cli.context import AppContext, pass_app
+from cli.output import emit, emit_json, emit_record
+
+COLUMNS = ("address", "purpose", "status", "not_after", "fingerprint")
+
+
+@click.group("certs")
+def certs_group() -> None:
+    """X.509 certificates, trust anchors, CRLs and OpenPGP keys."""
+
+
+@certs_group.command("issue")
+@click.argument("address")
+@click.option("--days", type=click.IntRange(min=1, max=3650), help="Validity in days (default: 2 years).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def issue(app: AppContext, address: str, days: int | None, as_json: bool) -> None:
+    """Issue a certificate from the development CA for one of our mailboxes (user, organisation or application)."""
+    with app.transaction() as session:
+        data = certs.issue_for_mailbox(session, app.settings, address, days=days)
+    emit_record(data, as_json) if as_json else click.echo(f"issued {data['fingerprint']} for {data['address']}")
+
+
+@certs_group.command("import")
+@click.argument("address")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--purpose", type=click.Choice(["smime", "tls-client"]), default="smime", show_default=True)
+@click.option("--passphrase-stdin", is_flag=True, help="Read the PKCS#12 or key passphrase from standard input.")
+@pass_app
+def import_(app: AppContext, address: str, file: Path, purpose: str, passphrase_stdin: bool) -> None:
+    """Import a certificate (PEM, DER or PKCS#12) for a mailbox or a domain."""
+    password = sys.stdin.readline().rstrip("\r\n").encode() if passphrase_stdin else None
+    with app.transaction() as session:
+        data = certs.import_certificate(session, app.settings, address, file.read_bytes(), password=password,
+                                        purpose=purpose)
+    key = " with its private key" if data["has_private_key"] else ""
+    click.echo(f"imported {data['fingerprint']} for {data['address']}{key}")
+
+
+@certs_group.command("list")
+@click.option("--address")
+@click.option("--purpose")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def list_(app: AppContext, address: str | None, purpose: str | None, as_json: bool) -> None:
+    """List certificates."""
+    with app.transaction() as session:
+        rows = certs.list_certificates(session, address=address, purpose=purpose)
+    emit(rows, COLUMNS, as_json)
+
+
+@certs_group.command("show")
+@click.argument("selector")
+@click.option("--pem", "as_pem", is_flag=True, help="Print the public certificate(s) in PEM.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def show(app: AppContext, selector: str, as_pem: bool, as_json: bool) -> None:
+    """Show the certificates of an address, a domain or a fingerprint."""
+    with app.transaction() as session:
+        rows = certs.find(session, selector)
+        data = [certs.certificate_dict(r, pem=as_pem) for r in rows]
+    if as_pem and not as_json:
+        for item in data:
+            click.echo(item["pem"].rstrip())
+        return
+    if as_json:
+        emit_json(data)
+        return
+    for item in data:
+        emit_record(item, False)
+        click.echo("")
+
+
+@certs_group.command("revoke")
+@click.argument("selector")
+@click.option("--reason", default="unspecified", show_default=True,
+              help="key_compromise, affiliation_changed, superseded, cessation_of_operation...")
+@pass_app
+def revoke(app: AppContext, selector: str, reason: str) -> None:
+    """Revoke a certificate (address or fingerprint); the development CA's CRL is updated."""
+    with app.transaction() as session:
+        done = certs.revoke(session, app.settings, selector, reason=reason)
+    for fpr in done:
+        click.echo(f"revoked {fpr}")
+
+
+@certs_group.command("ca")
+@pass_app
+def ca(app: AppContext) -> None:
+    """Print the operator's CA certificate (public PEM), for peers to add as a trust anchor."""
+    click.echo(load_dev_pki(app.settings.pki_dir).ca_cert.read_text().rstrip())
+
+
+@certs_group.command("export")
+@click.argument("address")
+@click.option("--pkcs12", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write (mode 0600).")
+@pass_app
+def export(app: AppContext, address: str, out: Path) -> None:
+    """Write a mailbox's key and certificate as PKCS#12; the passphrase is read from standard input."""
+    passphrase = sys.stdin.readline().rstrip("\r\n").encode()
+    with app.transaction() as session:
+        blob = certs.export_pkcs12(session, address, passphrase)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(blob)
+    click.echo(f"written {out}")
+
+
+@certs_group.group("trust-anchor")
+def trust_anchor() -> None:
+    """CA certificates we trust for signatures and operator TLS (e.g. IGC-Santé, peers' CAs)."""
+
+
+@trust_anchor.command("add")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_app
+def anchor_add(app: AppContext, file: Path) -> None:
+    """Trust a CA certificate (PEM or DER)."""
+    with app.transaction() as session:
+        data = certs.add_trust_anchor(session, file.read_bytes())
+    click.echo(f"trust anchor added: {data['subject']} ({data['fingerprint']})")
+
+
+@trust_anchor.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def anchor_list(app: AppContext, as_json: bool) -> None:
+    """List trust anchors."""
+    with app.transaction() as session:
+        rows = certs.list_certificates(session, purpose="anchor")
+    emit(rows, ("subject", "status", "not_after", "fingerprint"), as_json)
+
+
+@trust_anchor.command("remove")
+@click.argument("fingerprint")
+@pass_app
+def anchor_remove(app: AppContext, fingerprint: str) -> None:
+    """Stop trusting a CA (by fingerprint)."""
+    with app.transaction() as session:
+        certs.remove_trust_anchor(session, fingerprint)
+    click.echo(f"trust anchor {fingerprint} removed")
+
+
+@certs_group.group("crl")
+def crl() -> None:
+    """Certificate revocation lists."""
+
+
+@crl.command("update")
+@pass_app
+def crl_update(app: AppContext) -> None:
+    """Re-sign the development CA's CRL and refresh the cached CRLs of trust anchors."""
+    path = certs.refresh_dev_crl(app.settings)
+    click.echo(f"CRL re-signed: {path}")
+
+
+commands = certs_group

@@ -1,0 +1,67 @@
+"""``mssgw init``: the home folder, its modes, idempotence, and the CLI's error contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from cli.main import cli, hoist_data_dir
+
+
+def test_init_creates_home_with_private_modes(tmp_path: Path) -> None:
+    home = tmp_path / "op"
+    result = CliRunner().invoke(cli, ["init", "--data-dir", str(home), "--domain", "x.mssante.test"])
+    assert result.exit_code == 0, result.output
+    assert (home / "mssgw.toml").stat().st_mode & 0o777 == 0o600
+    for key in ("ca.key", "server.key", "operator.key"):
+        assert (home / "pki" / key).stat().st_mode & 0o777 == 0o600
+    for folder in ("mail", "spool", "keys", "gnupg"):
+        assert (home / folder).stat().st_mode & 0o777 == 0o700
+    assert 'domains = ["x.mssante.test"]' in (home / "mssgw.toml").read_text()
+    listing = CliRunner().invoke(cli, ["--data-dir", str(home), "domains", "list", "--kind", "local", "--json"])
+    assert '"x.mssante.test"' in listing.stdout
+
+
+def test_init_is_idempotent_and_keeps_keys(tmp_path: Path) -> None:
+    home = tmp_path / "op"
+    CliRunner().invoke(cli, ["--data-dir", str(home), "init"])
+    key = (home / "pki" / "ca.key").read_bytes()
+    second = CliRunner().invoke(cli, ["--data-dir", str(home), "init"])
+    assert second.exit_code == 0 and "kept" in second.stdout
+    assert (home / "pki" / "ca.key").read_bytes() == key
+    forced = CliRunner().invoke(cli, ["--data-dir", str(home), "init", "--force"])
+    assert forced.exit_code == 0
+    assert (home / "pki" / "ca.key").read_bytes() != key
+
+
+def test_data_dir_anywhere_and_env(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    assert hoist_data_dir(["domains", "list", "--data-dir", "X"]) == ["--data-dir", "X", "domains", "list"]
+    assert hoist_data_dir(["a", "--data-dir=Y"]) == ["--data-dir=Y", "a"]
+    home = tmp_path / "op"
+    monkeypatch.setenv("MSSGW_HOME", str(home))
+    assert CliRunner().invoke(cli, ["init"]).exit_code == 0
+    assert (home / "mssgw.toml").exists()
+
+
+def test_uninitialised_home_is_a_one_line_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path / "none"), "directory", "list"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no mssgw.toml") and "mssgw init" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_installed_console_script_runs(tmp_path: Path) -> None:
+    """The ``mssgw`` console script of the package, as an admin runs it."""
+    script = Path(sys.executable).parent / "mssgw"
+    home = tmp_path / "op"
+    done = subprocess.run([str(script), "init", "--data-dir", str(home)], capture_output=True, text=True,
+                          env={**os.environ, "MSSGW_DATABASE_URL": ""})
+    assert done.returncode == 0, done.stderr
+    check = subprocess.run([str(script), "domains", "check", "dr@gmail.com", "--data-dir", str(home)],
+                           capture_output=True, text=True, env={**os.environ, "MSSGW_DATABASE_URL": ""})
+    assert check.returncode == 1
+    assert "consumer mailbox: health data may not be sent to gmail.com" in check.stdout

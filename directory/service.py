@@ -9,6 +9,7 @@ function here, and the gateway's policy reads the directory only through
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,8 +43,12 @@ class DirectoryError(Exception):
 
 
 _HASHER = PasswordHasher()  # Argon2id, the library's current recommended parameters
-# Verified against when the account does not exist, so unknown users cost the same time.
-_DUMMY_HASH = _HASHER.hash("mssgw-no-such-account")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the account does not exist, so unknown users cost the same time."""
+    return _HASHER.hash("mssgw-no-such-account")
 
 
 # --- practitioners and organisations -------------------------------------------------
@@ -315,7 +320,7 @@ def verify_password(session: Session, address: str, password: str) -> Mailbox | 
     except InvalidIdentifier:
         addr = ""
     row = session.scalar(select(Mailbox).where(Mailbox.address == addr)) if addr else None
-    stored = row.password_hash if row is not None and row.password_hash else _DUMMY_HASH
+    stored = row.password_hash if row is not None and row.password_hash else _dummy_hash()
     try:
         ok = _HASHER.verify(stored, password)
     except (VerificationError, InvalidHashError):

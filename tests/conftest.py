@@ -9,6 +9,7 @@ than skip, unless ``MSSGW_TEST_NO_PG=1`` is set for a quick local run.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -67,26 +68,37 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture(scope="session")
+def pki_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A development PKI for a.mssante.test made once per run (RSA key generation is slow)."""
+    from certs.pki import create_dev_pki
+
+    directory = tmp_path_factory.mktemp("pki-template") / "pki"
+    create_dev_pki(directory, "a.mssante.test", "localhost")
+    return directory
+
+
+def _init_from_template(home: Path, template: Path) -> Path:
+    from gateway.operator import init_operator
+
+    home.mkdir(parents=True)
+    shutil.copytree(template, home / "pki")
+    init_operator(home, domain="a.mssante.test", hostname="localhost")
+    return home
+
+
 @pytest.fixture
-def operator_home(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+def operator_home(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, pki_template: Path) -> Path:
     """An initialised operator (domain a.mssante.test) on each database."""
-    from gateway.operator import init_operator
-
-    home = tmp_path / "op-a"
     monkeypatch.setenv("MSSGW_DATABASE_URL", database_url)
-    init_operator(home, domain="a.mssante.test", hostname="localhost")
-    return home
+    return _init_from_template(tmp_path / "op-a", pki_template)
 
 
 @pytest.fixture
-def sqlite_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def sqlite_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki_template: Path) -> Path:
     """An initialised operator on SQLite only (for tests where the store does not matter)."""
-    from gateway.operator import init_operator
-
-    home = tmp_path / "op-a"
     monkeypatch.delenv("MSSGW_DATABASE_URL", raising=False)
-    init_operator(home, domain="a.mssante.test", hostname="localhost")
-    return home
+    return _init_from_template(tmp_path / "op-a", pki_template)
 
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from certs import pki
 from directory import service
-from directory.models import Certificate, MailboxType
+from directory.models import Certificate, MailboxType, PgpKey
 from gateway.config import Settings
 from gateway.operator import register_certificate
 
@@ -284,3 +284,86 @@ def export_pkcs12(session: Session, address: str, passphrase: bytes) -> bytes:
     return pkcs12.serialize_key_and_certificates(
         (row.address or "").encode(), key, cert, None, encryption  # type: ignore[arg-type]
     )
+
+
+# --- OpenPGP keys --------------------------------------------------------------------------
+
+
+def _keyring(settings: Settings) -> Any:
+    from gateway.crypto.openpgp import OpenPgp
+
+    return OpenPgp(settings.gnupg_dir)
+
+
+def pgp_import(session: Session, settings: Settings, address: str, armored: bytes) -> list[str]:
+    """Import a recipient's public key (or our own key pair) for ``address``; its user id must name it."""
+    from email.utils import getaddresses
+
+    box = service.get_mailbox(session, address)
+    if b"PRIVATE KEY BLOCK" in armored and not box.local:
+        raise CertError(f"{box.address} is a remote mailbox: never import its secret key here")
+    ring = _keyring(settings)
+    try:
+        fingerprints = ring.import_key(armored)
+        if not fingerprints:
+            raise CertError("no OpenPGP key found in the file")
+        secret = {k["fingerprint"] for k in ring.list_keys(secret=True)}
+        for fpr in dict.fromkeys(fingerprints):
+            info = next((k for k in ring.list_keys() if k["fingerprint"] == fpr), None)
+            uids = [a.lower() for uid in (info or {}).get("uids", []) for _, a in getaddresses([uid])]
+            if box.address not in uids:
+                ring.delete(fpr)
+                raise CertError(f"key {fpr} has no user id for {box.address} (it names {', '.join(uids) or 'nobody'})")
+            row = session.scalar(select(PgpKey).where(PgpKey.address == box.address, PgpKey.fingerprint == fpr))
+            if row is None:
+                row = PgpKey(address=box.address, fingerprint=fpr, armored="")
+                session.add(row)
+            row.armored = ring.export_public(fpr)
+            row.has_secret = fpr in secret
+            row.revoked = False
+        session.flush()
+        return list(dict.fromkeys(fingerprints))
+    finally:
+        ring.close()
+
+
+def pgp_generate(session: Session, settings: Settings, address: str) -> str:
+    """Create an OpenPGP key pair for one of our mailboxes (the secret part stays in the keyring)."""
+    box = service.get_mailbox(session, address)
+    if not box.local:
+        raise CertError(f"{box.address} is not one of our mailboxes")
+    ring = _keyring(settings)
+    try:
+        fpr = str(ring.generate_key(box.address, box.display_name or box.address))
+        session.add(PgpKey(address=box.address, fingerprint=fpr, armored=ring.export_public(fpr), has_secret=True))
+        session.flush()
+        return fpr
+    finally:
+        ring.close()
+
+
+def pgp_list(session: Session, address: str | None = None) -> list[dict[str, Any]]:
+    stmt = select(PgpKey).order_by(PgpKey.address, PgpKey.created_at)
+    if address:
+        stmt = stmt.where(PgpKey.address == address.lower())
+    return [
+        {"address": r.address, "fingerprint": r.fingerprint, "has_secret": r.has_secret,
+         "status": "revoked" if r.revoked else "valid"}
+        for r in session.scalars(stmt)
+    ]
+
+
+def pgp_revoke(session: Session, settings: Settings, fingerprint: str) -> None:
+    """Stop using a key: revoked in the directory; our own keys are revoked in the keyring too."""
+    fpr = fingerprint.replace(" ", "").upper()
+    rows = list(session.scalars(select(PgpKey).where(PgpKey.fingerprint == fpr)))
+    if not rows:
+        raise CertError(f"no OpenPGP key {fingerprint}")
+    ring = _keyring(settings)
+    try:
+        for row in rows:
+            row.revoked = True
+            if row.has_secret:
+                ring.revoke(fpr)
+    finally:
+        ring.close()

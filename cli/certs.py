@@ -172,4 +172,52 @@ def crl_update(app: AppContext) -> None:
     click.echo(f"CRL re-signed: {path}")
 
 
+@certs_group.group("pgp")
+def pgp() -> None:
+    """OpenPGP keys of mailboxes (PGP/MIME where a recipient publishes a key)."""
+
+
+@pgp.command("import")
+@click.argument("address")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_app
+def pgp_import(app: AppContext, address: str, file: Path) -> None:
+    """Import an armored OpenPGP key for a mailbox (its user id must name the address)."""
+    with app.transaction() as session:
+        fingerprints = certs.pgp_import(session, app.settings, address, file.read_bytes())
+    for fpr in fingerprints:
+        click.echo(f"imported OpenPGP key {fpr} for {address.lower()}")
+
+
+@pgp.command("generate")
+@click.argument("address")
+@pass_app
+def pgp_generate(app: AppContext, address: str) -> None:
+    """Create an OpenPGP key pair for one of our mailboxes."""
+    with app.transaction() as session:
+        fpr = certs.pgp_generate(session, app.settings, address)
+    click.echo(f"generated OpenPGP key {fpr} for {address.lower()}")
+
+
+@pgp.command("list")
+@click.option("--address")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def pgp_list(app: AppContext, address: str | None, as_json: bool) -> None:
+    """List OpenPGP keys."""
+    with app.transaction() as session:
+        rows = certs.pgp_list(session, address)
+    emit(rows, ("address", "fingerprint", "has_secret", "status"), as_json)
+
+
+@pgp.command("revoke")
+@click.argument("fingerprint")
+@pass_app
+def pgp_revoke(app: AppContext, fingerprint: str) -> None:
+    """Revoke an OpenPGP key."""
+    with app.transaction() as session:
+        certs.pgp_revoke(session, app.settings, fingerprint)
+    click.echo(f"OpenPGP key {fingerprint} revoked")
+
+
 commands = certs_group

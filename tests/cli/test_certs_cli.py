@@ -127,3 +127,45 @@ def test_trust_anchor_add_list_remove(sqlite_home: Path, tmp_path: Path) -> None
     # a leaf is not an anchor
     code, _, err = run(sqlite_home, "certs", "trust-anchor", "add", str(other / "pki" / "server.pem"))
     assert code == 2 and "CA certificate" in err
+
+
+def _gpg_key(tmp_path: Path, email: str) -> tuple[Path, str]:
+    """A key made by an independent gpg keyring; returns its armored public key file and fingerprint."""
+    gh = tmp_path / "other-gnupg"
+    gh.mkdir(mode=0o700)
+    base = ["gpg", "--homedir", str(gh), "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
+    subprocess.run([*base, "--quick-gen-key", f"Dr Other <{email}>", "rsa2048", "sign,encrypt", "1y"],
+                   check=True, capture_output=True)
+    listing = subprocess.run([*base, "--with-colons", "--list-keys", email], check=True, capture_output=True,
+                             text=True).stdout
+    fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr"))
+    out = tmp_path / "pub.asc"
+    out.write_bytes(subprocess.run([*base, "--armor", "--export", fpr], check=True, capture_output=True).stdout)
+    subprocess.run(["gpgconf", "--homedir", str(gh), "--kill", "gpg-agent"], check=False)
+    return out, fpr
+
+
+def test_pgp_import_list_revoke(sqlite_home: Path, tmp_path: Path) -> None:
+    run(sqlite_home, "domains", "trust", "b.mssante.test", "--relay", "127.0.0.1:2525")
+    run(sqlite_home, "directory", "add-mailbox", "bob@b.mssante.test", "--type", "ORG", "--name", "B")
+    key, fpr = _gpg_key(tmp_path, "bob@b.mssante.test")
+    code, out, err = run(sqlite_home, "certs", "pgp", "import", "bob@b.mssante.test", str(key))
+    assert code == 0, err
+    assert fpr in out
+    listed = json.loads(run(sqlite_home, "certs", "pgp", "list", "--json")[1])
+    assert listed == [{"address": "bob@b.mssante.test", "fingerprint": fpr, "has_secret": False, "status": "valid"}]
+    # the recipient can now be reached: OpenPGP is a way to protect mail for it
+    code, out, _ = run(sqlite_home, "domains", "check", "bob@b.mssante.test", "--json")
+    assert code == 0 and json.loads(out)["protection"] == "openpgp"
+    assert run(sqlite_home, "certs", "pgp", "revoke", fpr)[0] == 0
+    assert json.loads(run(sqlite_home, "certs", "pgp", "list", "--json")[1])[0]["status"] == "revoked"
+    code, out, _ = run(sqlite_home, "domains", "check", "bob@b.mssante.test", "--json")
+    assert code == 1 and json.loads(out)["rule"] == "no-protection"
+
+
+def test_pgp_key_must_name_the_address(sqlite_home: Path, tmp_path: Path) -> None:
+    run(sqlite_home, "domains", "trust", "b.mssante.test", "--relay", "127.0.0.1:2525")
+    run(sqlite_home, "directory", "add-mailbox", "bob@b.mssante.test", "--type", "ORG", "--name", "B")
+    key, _ = _gpg_key(tmp_path, "mallory@b.mssante.test")
+    code, _, err = run(sqlite_home, "certs", "pgp", "import", "bob@b.mssante.test", str(key))
+    assert code == 2 and "no user id for bob@b.mssante.test" in err

@@ -36,8 +36,6 @@ MAX_HEADER_BYTES = 256 * 1024
 MAX_HEADER_FIELDS = 2000
 MAX_PARTS = 1000
 
-_LF = re.compile(rb"(?<!\r)\n")
-
 
 class MimeError(ValueError):
     """The bytes are not a MIME entity we can take apart."""
@@ -45,9 +43,10 @@ class MimeError(ValueError):
 
 def to_crlf(data: bytes) -> bytes:
     """Canonical line endings (RFC 8551 §3.1.1): every bare LF becomes CRLF; CRLF is left alone."""
-    if b"\n" not in data:
+    lf = data.count(b"\n")
+    if lf == 0 or lf == data.count(b"\r\n"):
         return data
-    return _LF.sub(b"\r\n", data)
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def split_entity(data: bytes) -> tuple[bytes, bytes]:
@@ -148,19 +147,35 @@ def split_multipart(body: bytes, boundary: str) -> list[bytes]:
     if not boundary or len(boundary) > 70:
         raise MimeError("missing or invalid multipart boundary")
     dash = b"--" + boundary.encode("ascii", "strict")
-    # Delimiter lines: at the very start, or after a line break; then optional "--", transport padding, EOL.
-    pattern = re.compile(rb"(?:\A|\r?\n)" + re.escape(dash) + rb"(--)?[ \t]*(?:\r?\n|\Z)")
     parts: list[bytes] = []
     start: int | None = None
-    for m in pattern.finditer(body):
+    pos = 0
+    while True:
+        i = body.find(dash, pos)
+        if i < 0:
+            raise MimeError("multipart body has no closing delimiter")
+        pos = i + len(dash)
+        # A delimiter starts a line; the line break before it belongs to the delimiter.
+        if i == 0:
+            begin = 0
+        elif body[i - 1 : i] == b"\n":
+            begin = i - 2 if body[i - 2 : i] == b"\r\n" else i - 1
+        else:
+            continue
+        closing = body[pos : pos + 2] == b"--"
+        j = pos + 2 if closing else pos
+        eol = body.find(b"\n", j)
+        rest = body[j:] if eol < 0 else body[j:eol].rstrip(b"\r")
+        if rest.strip(b" \t"):
+            continue  # the boundary text is only the prefix of a longer line
         if start is not None:
-            parts.append(body[start : m.start()])
+            parts.append(body[start:begin])
             if len(parts) > MAX_PARTS:
                 raise MimeError("too many body parts")
-        if m.group(1):
+        if closing:
             return parts
-        start = m.end()
-    raise MimeError("multipart body has no closing delimiter")
+        start = len(body) if eol < 0 else eol + 1
+        pos = start
 
 
 def new_boundary(*contents: bytes) -> str:
@@ -173,12 +188,14 @@ def new_boundary(*contents: bytes) -> str:
 
 def b64_lines(data: bytes) -> bytes:
     """Base64 in 76-character CRLF-terminated lines (RFC 2045 §6.8)."""
-    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+    enc = base64.b64encode(data)
+    return b"".join([enc[i : i + 76] + b"\r\n" for i in range(0, len(enc), 76)])
 
 
 def b64decode_body(body: bytes) -> bytes:
     try:
-        return base64.b64decode(re.sub(rb"\s+", b"", body), validate=True)
+        # Non-alphabet characters (line breaks, spaces) are discarded, as RFC 2045 §6.8 requires.
+        return binascii.a2b_base64(body)
     except (binascii.Error, ValueError) as exc:
         raise MimeError("invalid base64 body") from exc
 

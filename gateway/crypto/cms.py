@@ -82,10 +82,11 @@ def _load_content_info(der: bytes) -> acms.ContentInfo:
 def _rid_matches(rid: acms.RecipientIdentifier, cert: x509.Certificate, cert_ski: bytes | None) -> bool:
     if rid.name == "issuer_and_serial_number":
         ias = rid.chosen
-        return bool(
-            ias["serial_number"].native == cert.serial_number
-            and ias["issuer"] == ax509.Name.load(cert.issuer.public_bytes())
-        )
+        if ias["serial_number"].native != cert.serial_number:
+            return False
+        issuer_der = cert.issuer.public_bytes()
+        # Byte comparison first; the RFC 5280 §7.1 normalised comparison (slow stringprep) only if needed.
+        return bool(ias["issuer"].dump() == issuer_der or ias["issuer"] == ax509.Name.load(issuer_der))
     if rid.name == "subject_key_identifier":
         return cert_ski is not None and rid.chosen.native == cert_ski
     return False
@@ -155,7 +156,7 @@ def decrypt_enveloped(der: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey
         content = unpadder.update(padded) + unpadder.finalize()
     except (ValueError, TypeError) as exc:
         raise CmsError("decrypt-failed", "content could not be decrypted with our key") from exc
-    return Decrypted(content, alg_name.replace("_", "-"), kt)
+    return Decrypted(content, f"aes-{_AES[alg_name] * 8}-cbc", kt)
 
 
 def _certs(sd: acms.SignedData) -> list[tuple[acms.CertificateChoices, x509.Certificate]]:
@@ -171,7 +172,9 @@ def _find_signer(sid: acms.SignerIdentifier,
     for acert, cert in certs:
         if sid.name == "issuer_and_serial_number":
             ias = sid.chosen
-            if ias["serial_number"].native == acert.serial_number and ias["issuer"] == acert.issuer:
+            if ias["serial_number"].native == acert.serial_number and (
+                ias["issuer"].dump() == acert.issuer.dump() or ias["issuer"] == acert.issuer
+            ):
                 return cert
         elif sid.name == "subject_key_identifier" and acert.key_identifier == sid.chosen.native:
             return cert

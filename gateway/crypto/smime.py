@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from gateway.crypto import _mime
-from gateway.crypto.cms import CmsError, decrypt_enveloped, verify_signed
+from gateway.crypto.cms import CmsError, SignatureInfo, decrypt_enveloped, verify_signed
 from gateway.crypto.result import SecurityResult
 from gateway.crypto.trust import TrustStore, fingerprint
 
@@ -284,26 +284,21 @@ def _open(data: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey, trust: Tr
         if require_encryption:
             result = result.with_failure("not-encrypted", "message is not S/MIME enveloped-data")
 
-    if mtype == "multipart/signed":
-        protocol = params.get("protocol", "").lower()
-        if protocol not in _PKCS7_SIG_TYPES:
-            raise CmsError("malformed-cms", f"multipart/signed with protocol {protocol or 'missing'}")
-        parts = _mime.split_multipart(entity_body, params.get("boundary", ""))
-        if len(parts) != 2:
-            raise CmsError("malformed-cms", f"multipart/signed with {len(parts)} parts")
-        sig_block, sig_body = _mime.split_entity(parts[1])
-        sig_fields = _mime.parse_headers(sig_block)
-        sig_der = _pkcs7_der(sig_body, sig_fields)
-        info = verify_signed(sig_der, parts[0])
-        signed_entity = info.content
-    elif mtype in _PKCS7_MIME_TYPES and params.get("smime-type", "").lower() == "signed-data":
-        info = verify_signed(_pkcs7_der(entity_body, fields))
-        signed_entity = info.content
-    else:
+    try:
+        info = _verify(mtype, params, fields, entity_body)
+    except CmsError as exc:
+        return None, result.with_failure(
+            exc.code, exc.detail, signed=exc.code not in ("not-signed", "malformed-cms")
+        )
+    except ValueError as exc:  # MimeError and asn1crypto parse errors after a successful decryption
+        return None, result.with_failure(
+            "malformed-cms", f"unparsable signed entity ({exc.__class__.__name__})"
+        )
+    if info is None:
         inner = _unwrap(entity_for_unwrap, outer_fields)
         return inner, result.with_failure("not-signed", "message carries no S/MIME signature")
 
-    inner = _unwrap(signed_entity, outer_fields)
+    inner = _unwrap(info.content, outer_fields)
     signer = info.signer
     result = result.evolve(
         signed=True,
@@ -336,6 +331,25 @@ def _open(data: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey, trust: Tr
             "from-mismatch", f"From {from_addr or '(none)'} is not an address of the signer's certificate"
         )
     return inner, result
+
+
+def _verify(mtype: str, params: dict[str, str], fields: list[tuple[str, str, bytes]],
+            entity_body: bytes) -> SignatureInfo | None:  # fmt: skip
+    """Verify a multipart/signed or opaque signed-data entity; None if it is neither."""
+    if mtype == "multipart/signed":
+        protocol = params.get("protocol", "").lower()
+        if protocol not in _PKCS7_SIG_TYPES:
+            raise CmsError("malformed-cms", f"multipart/signed with protocol {protocol or 'missing'}")
+        parts = _mime.split_multipart(entity_body, params.get("boundary", ""))
+        if len(parts) != 2:
+            raise CmsError("malformed-cms", f"multipart/signed with {len(parts)} parts")
+        sig_block, sig_body = _mime.split_entity(parts[1])
+        sig_fields = _mime.parse_headers(sig_block)
+        sig_der = _pkcs7_der(sig_body, sig_fields)
+        return verify_signed(sig_der, parts[0])
+    if mtype in _PKCS7_MIME_TYPES and params.get("smime-type", "").lower() == "signed-data":
+        return verify_signed(_pkcs7_der(entity_body, fields))
+    return None
 
 
 def _cert_emails(cert: x509.Certificate) -> tuple[str, ...]:

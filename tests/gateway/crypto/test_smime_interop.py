@@ -18,7 +18,9 @@ def _protect(world: Any, msg: bytes, **kw: Any) -> bytes:
                    recipient_certs=[world.bob.cert], **kw)  # fmt: skip
 
 
-def test_openssl_decrypts_and_verifies_ours(world: Any, openssl: Openssl, make_message: Callable[..., bytes]) -> None:
+def test_openssl_decrypts_and_verifies_ours(
+    world: Any, openssl: Openssl, make_message: Callable[..., bytes]
+) -> None:
     msg = make_message()
     out = _protect(world, msg)
     # Nothing of the original subject or body is visible outside the envelope.
@@ -33,7 +35,7 @@ def test_openssl_decrypts_and_verifies_ours(world: Any, openssl: Openssl, make_m
                             stdin=out)  # fmt: skip
         assert decrypted.startswith(b"Content-Type: multipart/signed")
         verified = openssl("cms", "-verify", "-CAfile", str(world.pki.ca_cert), "-purpose", "smimesign",
-                           "-binary", stdin=decrypted)  # fmt: skip
+                           stdin=decrypted)  # fmt: skip
         assert verified == b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + msg
     info = openssl("cms", "-cmsout", "-print", "-inform", "DER",
                    stdin=_mime.b64decode_body(_mime.split_entity(out)[1]))  # fmt: skip
@@ -45,12 +47,14 @@ def test_openssl_verifies_sign_only(world: Any, openssl: Openssl, make_message: 
     msg = make_message()
     out = sign_only(msg, signer_cert=world.alice.cert, signer_key=world.alice.key)
     assert b"Subject: Resultats patient DUPONT\r\n" in out
-    verified = openssl("cms", "-verify", "-CAfile", str(world.pki.ca_cert), "-binary", stdin=out)
+    verified = openssl("cms", "-verify", "-CAfile", str(world.pki.ca_cert), stdin=out)
     assert verified.endswith(msg)
     inner, res = open_message(out, recipient_cert=world.bob.cert, recipient_key=world.bob.key,
                               trust=world.trust, require_encryption=False)  # fmt: skip
     assert inner == msg and res.ok and not res.encrypted
-    _, strict = open_message(out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust)
+    _, strict = open_message(
+        out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust
+    )
     assert strict.failure == "not-encrypted" and strict.signature_valid and not strict.ok
 
 
@@ -60,7 +64,9 @@ def test_encrypt_only_is_not_signed(world: Any, openssl: Openssl, make_message: 
     dec = openssl("cms", "-decrypt", "-recip", str(world.bob.cert_path), "-inkey", str(world.bob.key_path),
                   stdin=out)  # fmt: skip
     assert dec.endswith(msg)
-    inner, res = open_message(out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust)
+    inner, res = open_message(
+        out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust
+    )
     assert inner == msg and res.failure == "not-signed" and res.decrypted_ok and not res.ok
 
 
@@ -68,7 +74,17 @@ def _openssl_protect(world: Any, openssl: Openssl, msg: bytes, *, md: str = "sha
                      detached: bool = True, signer: Any = None, cipher: str = "-aes256") -> bytes:  # fmt: skip
     signer = signer or world.alice
     wrapped = b"Content-Type: message/rfc822\r\n\r\n" + msg
-    sign = ["cms", "-sign", "-signer", str(signer.cert_path), "-inkey", str(signer.key_path), "-md", md, "-binary"]
+    sign = [
+        "cms",
+        "-sign",
+        "-signer",
+        str(signer.cert_path),
+        "-inkey",
+        str(signer.key_path),
+        "-md",
+        md,
+        "-binary",
+    ]
     if not detached:
         sign.append("-nodetach")
     signed = openssl(*sign, stdin=wrapped)
@@ -86,7 +102,9 @@ def test_we_open_openssl_output(world: Any, openssl: Openssl, make_message: Call
                                 detached: bool, cipher: str) -> None:  # fmt: skip
     msg = make_message()
     out = _openssl_protect(world, openssl, msg, oaep=oaep, detached=detached, cipher=cipher)
-    inner, res = open_message(out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust)
+    inner, res = open_message(
+        out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust
+    )
     assert res.ok, res
     assert inner == msg
     assert res.key_transport == ("rsa-oaep" if oaep else "rsa-pkcs1v15")
@@ -95,9 +113,13 @@ def test_we_open_openssl_output(world: Any, openssl: Openssl, make_message: Call
     assert res.crl_status == "good" and res.revoked is False
 
 
-def test_openssl_sha1_signature_is_weak(world: Any, openssl: Openssl, make_message: Callable[..., bytes]) -> None:
+def test_openssl_sha1_signature_is_weak(
+    world: Any, openssl: Openssl, make_message: Callable[..., bytes]
+) -> None:
     out = _openssl_protect(world, openssl, make_message(), md="sha1")
-    inner, res = open_message(out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust)
+    _inner, res = open_message(
+        out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust
+    )
     assert res.failure == "weak-digest" and not res.ok and not res.signature_valid
 
 
@@ -107,6 +129,8 @@ def test_openssl_text_mode_lf_message(world: Any, openssl: Openssl) -> None:
     signed = openssl("cms", "-sign", "-signer", str(world.alice.cert_path), "-inkey", str(world.alice.key_path),
                      stdin=b"Content-Type: message/rfc822\n\n" + msg)  # fmt: skip
     out = openssl("cms", "-encrypt", "-aes256", "-recip", str(world.bob.cert_path), stdin=signed)
-    inner, res = open_message(out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust)
+    inner, res = open_message(
+        out, recipient_cert=world.bob.cert, recipient_key=world.bob.key, trust=world.trust
+    )
     assert res.ok, res
     assert inner == _mime.to_crlf(msg)

@@ -367,3 +367,57 @@ def pgp_revoke(session: Session, settings: Settings, fingerprint: str) -> None:
                 ring.revoke(fpr)
     finally:
         ring.close()
+
+
+# --- CRLs from distribution points ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrlFetch:
+    url: str
+    ok: bool
+    detail: str
+
+
+def distribution_points(session: Session) -> list[str]:
+    """HTTP(S) CRL distribution points named by the certificates in the directory."""
+    urls: dict[str, None] = {}
+    for row in session.scalars(select(Certificate).where(Certificate.revoked_at.is_(None))):
+        cert = x509.load_pem_x509_certificate(row.pem.encode("ascii"))
+        try:
+            points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        except x509.ExtensionNotFound:
+            continue
+        for point in points:
+            for name in point.full_name or []:
+                if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith(("http://", "https://")):
+                    urls[name.value] = None
+    return list(urls)
+
+
+def fetch_crls(settings: Settings, urls: list[str], *, timeout: float = 15.0,
+               max_bytes: int = 20 * 1024 * 1024) -> list[CrlFetch]:
+    """Download each CRL into ``DATA/pki/crls`` (where the trust store reads them), keeping the old copy on failure."""
+    import hashlib
+    import urllib.request
+
+    target = settings.pki_dir / "crls"
+    target.mkdir(parents=True, exist_ok=True)
+    results = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http/https only, above)
+                data = response.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise CertError(f"larger than {max_bytes} bytes")
+            crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        except (OSError, ValueError, CertError) as exc:
+            results.append(CrlFetch(url, False, f"kept the cached copy: {exc}"))
+            continue
+        path = target / f"{hashlib.sha256(url.encode()).hexdigest()[:24]}.pem"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        os.replace(tmp, path)
+        next_update = crl.next_update_utc.isoformat() if crl.next_update_utc else "unknown"
+        results.append(CrlFetch(url, True, f"{len(list(crl))} revoked, next update {next_update}"))
+    return results

@@ -170,6 +170,14 @@ def crl_update(app: AppContext) -> None:
     """Re-sign the development CA's CRL and refresh the cached CRLs of trust anchors."""
     path = certs.refresh_dev_crl(app.settings)
     click.echo(f"CRL re-signed: {path}")
+    with app.transaction() as session:
+        urls = certs.distribution_points(session)
+    failed = 0
+    for fetched in certs.fetch_crls(app.settings, urls):
+        click.echo(f"{'fetched' if fetched.ok else 'FAILED '} {fetched.url}: {fetched.detail}")
+        failed += not fetched.ok
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 @certs_group.group("pgp")

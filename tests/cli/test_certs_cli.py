@@ -117,7 +117,7 @@ def test_trust_anchor_add_list_remove(sqlite_home: Path, tmp_path: Path) -> None
     from gateway.operator import init_operator
 
     init_operator(other, domain="b.mssante.test")
-    code, out, err = run(sqlite_home, "certs", "trust-anchor", "add", str(other / "pki" / "ca.pem"))
+    code, _, err = run(sqlite_home, "certs", "trust-anchor", "add", str(other / "pki" / "ca.pem"))
     assert code == 0, err
     anchors = json.loads(run(sqlite_home, "certs", "trust-anchor", "list", "--json")[1])
     assert len(anchors) == 2
@@ -169,3 +169,47 @@ def test_pgp_key_must_name_the_address(sqlite_home: Path, tmp_path: Path) -> Non
     key, _ = _gpg_key(tmp_path, "mallory@b.mssante.test")
     code, _, err = run(sqlite_home, "certs", "pgp", "import", "bob@b.mssante.test", str(key))
     assert code == 2 and "no user id for bob@b.mssante.test" in err
+
+
+def test_crl_update_fetches_distribution_points(sqlite_home: Path, tmp_path: Path) -> None:
+    """A peer CA's CRL is fetched from the distribution point named in its certificates (loopback HTTP)."""
+    import functools
+    import http.server
+    import threading
+
+    from certs import pki
+    from gateway.operator import init_operator
+
+    peer = tmp_path / "peer"
+    init_operator(peer, domain="b.mssante.test")
+    peer_pki = pki.load_dev_pki(peer / "pki")
+    served = tmp_path / "www"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/peer.crl"
+        cert, _ = pki.issue_certificate(peer_pki, kind="user", email="bob@b.mssante.test", crl_url=url)
+        pki.revoke_certificate(peer_pki, cert.serial_number)
+        (served / "peer.crl").write_bytes((peer / "pki" / "crl.pem").read_bytes())
+        cert_file = tmp_path / "bob.pem"
+        from cryptography.hazmat.primitives import serialization
+
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        run(sqlite_home, "domains", "trust", "b.mssante.test", "--relay", "127.0.0.1:2525")
+        run(sqlite_home, "directory", "add-mailbox", "bob@b.mssante.test", "--type", "ORG", "--name", "B")
+        code, _, err = run(sqlite_home, "certs", "import", "bob@b.mssante.test", str(cert_file))
+        assert code == 0, err
+        code, out, err = run(sqlite_home, "certs", "crl", "update")
+        assert code == 0, out + err
+        assert f"fetched {url}: 1 revoked" in out
+        fetched = list((sqlite_home / "pki" / "crls").glob("*.pem"))
+        assert len(fetched) == 1 and fetched[0].read_bytes() == (peer / "pki" / "crl.pem").read_bytes()
+        (served / "peer.crl").unlink()  # the point goes away: the cached copy stays, the command says so
+        code, out, _ = run(sqlite_home, "certs", "crl", "update")
+        assert code == 1 and "FAILED" in out and "kept the cached copy" in out
+        assert fetched[0].exists()
+    finally:
+        server.shutdown()
+        server.server_close()

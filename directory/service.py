@@ -321,6 +321,7 @@ def verify_password(session: Session, address: str, password: str) -> Mailbox | 
         addr = ""
     row = session.scalar(select(Mailbox).where(Mailbox.address == addr)) if addr else None
     stored = row.password_hash if row is not None and row.password_hash else _dummy_hash()
+    ok: bool
     try:
         ok = _HASHER.verify(stored, password)
     except (VerificationError, InvalidHashError):
@@ -543,9 +544,9 @@ def recipient_facts(session: Session, address: str) -> RecipientFacts:
             )
         )
         has_cert, domain_cert = addr in cert_owners, domain in cert_owners
-        has_key = session.scalar(
+        has_key = (session.scalar(
             select(func.count()).select_from(PgpKey).where(PgpKey.address == addr, PgpKey.revoked.is_(False))
-        ) > 0
+        ) or 0) > 0
     return RecipientFacts(
         address=addr,
         valid_syntax=True,

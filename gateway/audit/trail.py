@@ -196,7 +196,7 @@ def purge(session: Session, *, older_than: timedelta, now: datetime | None = Non
     ).first()
     if last_old is None:
         return 0
-    removed = session.execute(delete(AuditRecord).where(AuditRecord.seq <= last_old[0])).rowcount or 0
+    removed = session.execute(delete(AuditRecord).where(AuditRecord.seq <= last_old[0])).rowcount or 0  # type: ignore[attr-defined]
     append(session, [AuditEvent("retention", "info", detail={
         "removed_through": last_old[0], "last_removed_hash": last_old[1], "cutoff": cutoff.isoformat()})])
     return int(removed)

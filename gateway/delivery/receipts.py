@@ -1,0 +1,274 @@
+"""Delivery receipts: DSNs (RFC 3464) for failed or delayed delivery, MDNs (RFC 8098) for processing.
+
+The job: build the bytes of a receipt, and tell whether a message asks for one or must never
+get one.  Receipts are plain messages; the pipeline enqueues them (origin ``receipt``, kind
+``dsn``/``mdn``, ``related_id`` the original) so they travel the same road, signed and
+encrypted like any other message.
+
+- DSN: ``multipart/report; report-type=delivery-status`` (RFC 3462/6522) with a short human part,
+  a ``message/delivery-status`` part (per-message fields, then per recipient
+  ``Final-Recipient``/``Action``/``Status``/``Diagnostic-Code``/``Remote-MTA``) and the original
+  *headers only* as ``text/rfc822-headers``: a DSN never carries the body.
+- MDN: ``multipart/report; report-type=disposition-notification`` with
+  ``Disposition: automatic-action/MDN-sent-automatically; processed`` (or ``dispatched`` with the
+  Direct Project's ``X-DIRECT-FINAL-DESTINATION-DELIVERY`` extension field, or ``failed``/
+  ``error`` modifier per the Direct delivery-notification guide).
+- Loops (RFC 3834 §2, RFC 8098 §2.1, RFC 3464 §2): a report, an ``Auto-Submitted`` message or one
+  from the null reverse-path never triggers a receipt.
+
+Errors: none of its own; bad input headers are read leniently (a receipt must not fail because
+the original was odd).  Values written into headers are stripped of CR/LF.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import format_datetime, make_msgid
+
+from gateway.crypto import _mime
+
+__all__ = [
+    "DsnRecipient",
+    "build_dsn",
+    "build_mdn",
+    "is_report",
+    "mdn_request",
+    "original_headers",
+]
+
+MAX_ORIGINAL_HEADERS = 64 * 1024
+DIRECT_FINAL_DELIVERY = "X-DIRECT-FINAL-DESTINATION-DELIVERY"
+_CTL = re.compile(r"[\r\n\x00]")
+
+
+def _clean(value: str) -> str:
+    return _CTL.sub(" ", value).strip()
+
+
+@dataclass(frozen=True)
+class DsnRecipient:
+    """One recipient's line in a DSN (RFC 3464 §2.3)."""
+
+    address: str
+    action: str  # failed, delayed, delivered, relayed, expanded
+    status: str  # enhanced status code, e.g. 5.7.1 (RFC 3463)
+    diagnostic: str = ""  # the remote reply or our reason, e.g. "550 5.1.1 unknown"
+    remote_mta: str | None = None
+    last_attempt: _dt.datetime | None = None
+    will_retry_until: _dt.datetime | None = None
+
+
+def original_headers(message: bytes) -> bytes:
+    """The header block of ``message`` (CRLF, bounded), for ``text/rfc822-headers``."""
+    try:
+        block, _ = _mime.split_entity(message[: MAX_ORIGINAL_HEADERS + 4096])
+    except ValueError:
+        return b""
+    block = _mime.to_crlf(block[:MAX_ORIGINAL_HEADERS])
+    return block if block.endswith(b"\r\n") else block + b"\r\n"
+
+
+def _fields(message: bytes) -> list[tuple[str, str, bytes]]:
+    try:
+        return _mime.parse_headers(original_headers(message))
+    except ValueError:
+        return []
+
+
+def is_report(message: bytes, *, envelope_sender: str | None = None) -> bool:
+    """True for messages that must never get a receipt: reports, auto-submitted, null sender."""
+    if envelope_sender == "":
+        return True
+    fields = _fields(message)
+    mtype, _ = _mime.content_type(_mime.header_value(fields, "content-type"))
+    if mtype == "multipart/report":
+        return True
+    auto = (_mime.header_value(fields, "auto-submitted") or "no").strip().lower()
+    return auto != "no"
+
+
+@dataclass(frozen=True)
+class MdnRequest:
+    address: str  # where to send the MDN (Disposition-Notification-To)
+    dispatched: bool  # the Direct "final destination delivery" option was asked
+    message_id: str | None
+    subject: str
+
+
+def mdn_request(message: bytes) -> MdnRequest | None:
+    """What the message asks for (RFC 8098 §2.1, Direct guide §3), or None when no MDN is asked."""
+    fields = _fields(message)
+    dnt = _mime.header_value(fields, "disposition-notification-to")
+    addr = _mime.first_address(dnt) if dnt else None
+    if not addr:
+        return None
+    options = (_mime.header_value(fields, "disposition-notification-options") or "").upper()
+    dispatched = DIRECT_FINAL_DELIVERY in options and "TRUE" in options.split(DIRECT_FINAL_DELIVERY, 1)[1][:40]
+    return MdnRequest(
+        address=addr,
+        dispatched=dispatched,
+        message_id=_mime.header_value(fields, "message-id"),
+        subject=_mime.header_value(fields, "subject") or "",
+    )
+
+
+def _envelope(*, from_addr: str, to: str, subject: str, boundary: str, report_type: str,
+              domain: str, in_reply_to: str | None, now: _dt.datetime) -> bytes:  # fmt: skip
+    lines = [
+        f"From: {_clean(from_addr)}",
+        f"To: <{_clean(to)}>",
+        f"Subject: {_clean(subject)}",
+        f"Date: {format_datetime(now)}",
+        f"Message-ID: {make_msgid(domain=domain)}",
+        "Auto-Submitted: auto-replied",
+    ]
+    if in_reply_to:
+        lines += [f"In-Reply-To: {_clean(in_reply_to)}", f"References: {_clean(in_reply_to)}"]
+    lines += [
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type={report_type};\r\n boundary="{boundary}"',
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+def _part(content_type: str, body: bytes, extra: str = "") -> bytes:
+    head = f"Content-Type: {content_type}\r\n{extra}\r\n".encode()
+    return head + _mime.to_crlf(body)
+
+
+def _assemble(head: bytes, boundary: str, parts: Sequence[bytes]) -> bytes:
+    b = boundary.encode()
+    out = [head, b"This is a MIME-encapsulated report.\r\n"]
+    for p in parts:
+        out += [b"\r\n--", b, b"\r\n", p if not p.endswith(b"\r\n") else p[:-2]]
+    out += [b"\r\n--", b, b"--\r\n"]
+    return b"".join(out)
+
+
+def build_dsn(
+    *,
+    reporting_mta: str,
+    postmaster: str,
+    to: str,
+    recipients: Sequence[DsnRecipient],
+    original: bytes,
+    arrival: _dt.datetime,
+    envelope_id: str | None = None,
+    now: _dt.datetime | None = None,
+) -> bytes:
+    """A delivery status notification to ``to`` about ``recipients`` of ``original`` (headers only)."""
+    now = now or _dt.datetime.now(_dt.UTC)
+    headers = original_headers(original)
+    delayed = all(r.action == "delayed" for r in recipients)
+    subject = "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
+    human = [
+        f"This is the mail system at {reporting_mta}.",
+        "",
+        "Your message is delayed; delivery is still being attempted."
+        if delayed
+        else "Your message could not be delivered to one or more recipients.",
+        "",
+    ]
+    for r in recipients:
+        human.append(f"<{_clean(r.address)}>: {r.action}, {_clean(r.diagnostic) or r.status}")
+    human.append("")
+    per_message = [f"Reporting-MTA: dns; {_clean(reporting_mta)}"]
+    if envelope_id:
+        per_message.append(f"Original-Envelope-Id: {_clean(envelope_id)}")
+    per_message.append(f"Arrival-Date: {format_datetime(arrival)}")
+    blocks = ["\r\n".join(per_message)]
+    for r in recipients:
+        f = [
+            f"Final-Recipient: rfc822; {_clean(r.address)}",
+            f"Action: {r.action}",
+            f"Status: {r.status}",
+        ]
+        if r.remote_mta:
+            f.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
+        if r.diagnostic:
+            kind = "smtp" if re.match(r"^[245]\d\d[ -]", r.diagnostic) else "x-mssgw"
+            f.append(f"Diagnostic-Code: {kind}; {_clean(r.diagnostic)[:900]}")
+        f.append(f"Last-Attempt-Date: {format_datetime(r.last_attempt or now)}")
+        if r.will_retry_until:
+            f.append(f"Will-Retry-Until: {format_datetime(r.will_retry_until)}")
+        blocks.append("\r\n".join(f))
+    status = ("\r\n\r\n".join(blocks) + "\r\n").encode("utf-8")
+    boundary = _mime.new_boundary(headers, status)
+    domain = postmaster.rpartition("@")[2] or reporting_mta
+    head = _envelope(
+        from_addr=f"Mail Delivery System <{postmaster}>", to=to, subject=subject, boundary=boundary,
+        report_type="delivery-status", domain=domain,
+        in_reply_to=_mime.header_value(_fields(original), "message-id"), now=now,
+    )  # fmt: skip
+    return _assemble(
+        head,
+        boundary,
+        [
+            _part("text/plain; charset=utf-8", "\r\n".join(human).encode("utf-8"),
+                  "Content-Description: Notification\r\nContent-Transfer-Encoding: 8bit\r\n"),
+            _part("message/delivery-status", status, "Content-Description: Delivery report\r\n"),
+            _part("text/rfc822-headers", headers, "Content-Description: Undelivered message headers\r\n"),
+        ],
+    )  # fmt: skip
+
+
+def build_mdn(
+    *,
+    reporting_ua: str,
+    from_addr: str,
+    to: str,
+    final_recipient: str,
+    original: bytes,
+    disposition: str = "processed",
+    error: str | None = None,
+    now: _dt.datetime | None = None,
+) -> bytes:
+    """A message disposition notification (RFC 8098 §3) about ``original`` for ``final_recipient``.
+
+    ``disposition``: processed, dispatched (Direct final delivery) or failed (Direct guide; sent
+    with the ``error`` modifier's text in an ``Error:`` field)."""
+    if disposition not in {"processed", "dispatched", "failed", "displayed", "deleted"}:
+        raise ValueError(f"unknown disposition {disposition}")
+    now = now or _dt.datetime.now(_dt.UTC)
+    fields = _fields(original)
+    message_id = _mime.header_value(fields, "message-id")
+    subject = _mime.header_value(fields, "subject") or ""
+    original_rcpt = final_recipient
+    report = [
+        f"Reporting-UA: {_clean(reporting_ua)}; mssgw",
+        f"Original-Recipient: rfc822; {_clean(original_rcpt)}",
+        f"Final-Recipient: rfc822; {_clean(final_recipient)}",
+    ]
+    if message_id:
+        report.append(f"Original-Message-ID: {_clean(message_id)}")
+    report.append(f"Disposition: automatic-action/MDN-sent-automatically; {disposition}")
+    if disposition == "dispatched":
+        report.append(f"{DIRECT_FINAL_DELIVERY}: ")
+    if error:
+        report.append(f"Error: {_clean(error)[:900]}")
+    body = ("\r\n".join(report) + "\r\n").encode("utf-8")
+    verb = {"processed": "has been received and processed", "dispatched": "has been delivered to the mailbox",
+            "failed": "could not be processed"}.get(disposition, f"was {disposition}")  # fmt: skip
+    human = (
+        f"The message sent to {final_recipient} ({_clean(subject) or 'no subject'}) {verb}.\r\n"
+        "This is an automatic notification; it does not mean the message was read.\r\n"
+    )
+    headers = original_headers(original)
+    boundary = _mime.new_boundary(body, headers)
+    head = _envelope(
+        from_addr=from_addr, to=to, subject=f"{disposition.capitalize()}: {_clean(subject)}"[:200],
+        boundary=boundary, report_type="disposition-notification",
+        domain=from_addr.rpartition("@")[2].strip(">") or reporting_ua, in_reply_to=message_id, now=now,
+    )  # fmt: skip
+    return _assemble(
+        head,
+        boundary,
+        [
+            _part("text/plain; charset=utf-8", human.encode("utf-8"), "Content-Transfer-Encoding: 8bit\r\n"),
+            _part("message/disposition-notification", body),
+            _part("text/rfc822-headers", headers),
+        ],
+    )

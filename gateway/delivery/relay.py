@@ -1,0 +1,227 @@
+"""Relay to a peer operator: SMTP with STARTTLS required, verified server, our client certificate.
+
+The job: hand one protected message to the peer's inbound server and say, per recipient,
+whether it was accepted, refused for now or refused for good.  Nothing is ever sent in clear
+or over an unauthenticated channel:
+
+- STARTTLS (RFC 3207) is required; a peer that does not offer it gets nothing (4.7.5 deferral).
+- The server certificate must chain to our trust anchors (directory ``anchor`` rows, the
+  development CA, ``tls.client_ca``) and must not be revoked (CRLs, RFC 5280).
+- When the trust list has the peer's ``operator_dn`` (MSSanté whitelist ``DNCertificatOperateur``),
+  the certificate's subject must equal it; RFC 4514 strings are compared as sets of
+  (attribute, value) so the order of the RDNs and the case of the values do not matter.  Without
+  an ``operator_dn`` the host name is checked instead (RFC 6125).
+- We present our operator certificate (``tls.operator_cert``/``tls.operator_key``): mutual TLS.
+
+Replies follow RFC 5321 §4.2 and RFC 3463: 4xx (and connection, TLS and timeout problems) are
+temporary, 5xx permanent.  ``Attempt`` carries the reply text for the queue and the DSN.
+
+Errors: ``send`` never raises for a network or protocol problem; it returns one ``Attempt``
+per recipient.  ``RelayConfigError`` (from building the TLS context) is raised when our own
+certificate or anchors are unusable, which the worker turns into a deferral.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+from cryptography import x509
+
+from gateway.config import Settings
+from gateway.crypto.trust import TrustStore
+
+__all__ = ["Attempt", "Relay", "RelayConfigError", "Route", "dn_equal"]
+
+CONNECT_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 120.0  # RFC 5321 §4.5.3.2 suggests minutes; a peer doing crypto may be slow
+
+
+class RelayConfigError(Exception):
+    """Our side of TLS cannot be set up (certificate, key or anchors unusable)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    domain: str
+    host: str
+    port: int
+    operator_dn: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome for one recipient."""
+
+    address: str
+    code: int
+    enhanced: str
+    text: str
+    remote: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".strip()
+
+
+def _dn_set(dn: str) -> frozenset[tuple[str, str]]:
+    text = dn.strip()
+    if text.startswith("/"):  # OpenSSL's one-line form: /C=FR/O=.../CN=...
+        text = ",".join(p for p in re.split(r"(?<!\\)/", text) if p)
+    # Whitelists write "CN=x, O=y": spaces after the separators are not part of RFC 4514.
+    text = re.sub(r"(?<!\\)([,+])\s+", r"\1", text)
+    text = re.sub(r"\s*=\s*", "=", text)
+    name = x509.Name.from_rfc4514_string(text)
+    return frozenset(
+        (attr.oid.dotted_string, " ".join(str(attr.value).split()).casefold()) for attr in name
+    )
+
+
+def dn_equal(a: str, b: str) -> bool:
+    """RFC 4514 distinguished names equal as sets of (type, value), case- and order-insensitive."""
+    try:
+        return _dn_set(a) == _dn_set(b)
+    except ValueError:
+        return False
+
+
+def _split_reply(message: str, code: int) -> tuple[str, str]:
+    first = message.strip().split(" ", 1)
+    if first and len(first[0].split(".")) == 3 and first[0][0] in "245":
+        return first[0], first[1] if len(first) > 1 else ""
+    default = "2.0.0" if code < 400 else "4.0.0" if code < 500 else "5.0.0"
+    return default, message.strip()
+
+
+class Relay:
+    """Sends protected messages to peer operators over verified mutual TLS."""
+
+    def __init__(self, settings: Settings, *, anchors_pem: Sequence[bytes] = (),
+                 trust: TrustStore | None = None, timeout: float = COMMAND_TIMEOUT) -> None:  # fmt: skip
+        self.settings = settings
+        self.anchors_pem = b"\n".join(p.strip() for p in anchors_pem).decode("ascii")
+        self.trust = trust
+        self.timeout = timeout
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def _context(self, check_hostname: bool) -> ssl.SSLContext:
+        ctx = self._contexts.get(check_hostname)
+        if ctx is None:
+            from gateway.smtp.tls import TlsConfigError, client_context
+
+            try:
+                ctx = client_context(self.settings)
+                if self.anchors_pem:
+                    ctx.load_verify_locations(cadata=self.anchors_pem)
+            except (TlsConfigError, ssl.SSLError, ValueError) as exc:
+                raise RelayConfigError(str(exc)) from None
+            ctx.check_hostname = check_hostname
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            self._contexts[check_hostname] = ctx
+        return ctx
+
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+        """Deliver ``data`` to ``recipients`` via ``route``; one ``Attempt`` per recipient."""
+        remote = f"{route.host}:{route.port}"
+
+        def all_(code: int, enhanced: str, text: str) -> list[Attempt]:
+            return [Attempt(r, code, enhanced, text, remote) for r in recipients]
+
+        ctx = self._context(check_hostname=route.operator_dn is None)
+        client = aiosmtplib.SMTP(
+            hostname=route.host, port=route.port, local_hostname=self.settings.hostname,
+            start_tls=False, timeout=self.timeout,
+        )  # fmt: skip
+        try:
+            try:
+                await asyncio.wait_for(client.connect(), CONNECT_TIMEOUT)
+            except (OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
+                return all_(451, "4.4.1", f"cannot connect to {remote}: {_reason(exc)}")
+            try:
+                await client.ehlo()
+                if not client.supports_extension("starttls"):
+                    return all_(454, "4.7.5", f"{remote} does not offer STARTTLS; nothing sent in clear")
+                await client.starttls(tls_context=ctx, server_hostname=route.host)
+            except ssl.SSLCertVerificationError as exc:
+                return all_(454, "4.7.5", f"certificate of {remote} not trusted: {exc.verify_message}")
+            except (ssl.SSLError, OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
+                return all_(454, "4.7.5", f"TLS with {remote} failed: {_reason(exc)}")
+            problem = self._check_peer(client, route)
+            if problem:
+                return all_(454, "4.7.5", problem)
+            return await self._transaction(client, sender, recipients, data, remote)
+        finally:
+            if client.is_connected:
+                try:
+                    await asyncio.wait_for(client.quit(), 5)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    client.close()
+
+    def _check_peer(self, client: aiosmtplib.SMTP, route: Route) -> str | None:
+        ssl_object = client.get_transport_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return f"{route.host}:{route.port} presented no certificate"
+        cert = x509.load_der_x509_certificate(der)
+        subject = cert.subject.rfc4514_string()
+        if route.operator_dn and not dn_equal(subject, route.operator_dn):
+            return f"certificate subject {subject!r} of {route.domain}'s server does not match the operator DN {route.operator_dn!r}"
+        if self.trust is not None:
+            result = self.trust.validate(cert, purpose="serverAuth")
+            if result.revoked:
+                return f"certificate of {route.domain}'s server is revoked ({result.detail})"
+        return None
+
+    async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
+                           data: bytes, remote: str) -> list[Attempt]:  # fmt: skip
+        await client.ehlo()  # RFC 3207 §4.2: forget what was learnt before TLS
+        options = ["BODY=8BITMIME"] if client.supports_extension("8bitmime") and not data.isascii() else []
+        try:
+            await client.mail(sender, options=options)
+        except aiosmtplib.SMTPResponseException as exc:
+            enh, text = _split_reply(exc.message, exc.code)
+            return [Attempt(r, exc.code, enh, f"MAIL FROM refused: {text}", remote) for r in recipients]
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            return [Attempt(r, 451, "4.4.2", f"connection lost: {_reason(exc)}", remote) for r in recipients]
+        results: dict[str, Attempt] = {}
+        accepted: list[str] = []
+        for rcpt in recipients:
+            try:
+                await client.rcpt(rcpt)
+                accepted.append(rcpt)
+            except aiosmtplib.SMTPResponseException as exc:
+                enh, text = _split_reply(exc.message, exc.code)
+                results[rcpt] = Attempt(rcpt, exc.code, enh, text, remote)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                results[rcpt] = Attempt(rcpt, 451, "4.4.2", f"connection lost: {_reason(exc)}", remote)
+        if accepted:
+            try:
+                response = await client.data(data)
+                enh, text = _split_reply(response.message, response.code)
+                for rcpt in accepted:
+                    results[rcpt] = Attempt(rcpt, response.code, enh, text, remote)
+            except aiosmtplib.SMTPResponseException as exc:
+                enh, text = _split_reply(exc.message, exc.code)
+                for rcpt in accepted:
+                    results[rcpt] = Attempt(rcpt, exc.code, enh, text, remote)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                for rcpt in accepted:
+                    results[rcpt] = Attempt(rcpt, 451, "4.4.2", f"connection lost during DATA: {_reason(exc)}", remote)
+        return [results[r] for r in recipients]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text[:300]

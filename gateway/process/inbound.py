@@ -1,0 +1,253 @@
+"""Inbound pipeline: open what a peer operator sent, and deliver the authentic original or keep it aside.
+
+The job, for a claimed message of origin ``inbound``:
+
+1. Decrypt and verify with our keys (S/MIME RFC 8551 via ``smime.open_message``, trying each
+   local recipient's key then the domain's; PGP/MIME RFC 3156 via ``OpenPgp.open``).
+   A signature by the sending domain's organisation certificate is accepted for a From of
+   that domain when the certificate is the one registered for the domain or its subject is
+   the trust list's operator DN (Direct Project domain-bound certificates).
+2. Verified: the recovered original goes to each local recipient's INBOX with an
+   ``Authentication-Results`` header (RFC 8601; forged ones claiming our host are removed
+   first) and, if ``crypto.banner`` is set and the structure is simple, a short banner
+   (text/plain body prefix, or a first text part of a multipart/mixed: attachments untouched).
+   An MDN ``processed`` (RFC 8098) answers a ``Disposition-Notification-To``, plus
+   ``dispatched`` when the Direct final-delivery option asks for it.
+3. Not verified: every recipient is QUARANTINED (never delivered), audited with the verdict,
+   and the sender gets an MDN ``failed`` (when it asked for MDNs) or a DSN (per
+   ``receipts.dsn_on_quarantine``).  Receipts never answer receipts.
+
+Errors: nothing raised for bad input (the verdict says why); local delivery problems defer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+
+from gateway.crypto import _mime
+from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypair, load_trust
+from gateway.crypto.result import SecurityResult
+from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_request
+from gateway.delivery.relay import Attempt, dn_equal
+from gateway.process.common import Context, Job
+from gateway.process.outbound import defer_or_bounce
+from gateway.queue.models import RecipientState
+
+__all__ = ["annotate", "open_job", "process_inbound"]
+
+log = logging.getLogger("mssgw.inbound")
+
+_RETRY_WITH_NEXT_KEY = {"wrong-recipient", "decrypt-failed"}
+
+
+def open_job(data: bytes, candidates: tuple[KeyRef, ...], trust: TrustRef,
+             now: _dt.datetime | None) -> tuple[bytes | None, SecurityResult]:  # fmt: skip
+    """Decrypt + verify S/MIME with the first candidate key that opens it (runs in a worker process)."""
+    from gateway.crypto.smime import open_message
+
+    store = load_trust(trust)
+    inner: bytes | None = None
+    result = SecurityResult(method="smime").with_failure("wrong-recipient", "no key of ours for this message")
+    for ref in candidates:
+        try:
+            cert, key = load_keypair(ref)
+        except KeyStoreError:
+            continue
+        inner, result = open_message(data, recipient_cert=cert, recipient_key=key, trust=store, now=now)
+        if result.failure not in _RETRY_WITH_NEXT_KEY:
+            break
+    return inner, result
+
+
+def _is_pgp(data: bytes) -> bool:
+    try:
+        fields = _mime.parse_headers(_mime.split_entity(data[:65536])[0])
+    except ValueError:
+        return False
+    mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
+    return mtype == "multipart/encrypted" and params.get("protocol", "").lower() == "application/pgp-encrypted"
+
+
+# --- annotation --------------------------------------------------------------------------------
+
+
+def _fold(name: str, value: str, width: int = 76) -> str:
+    """Fold a structured header at spaces outside quoted strings (RFC 5322 §2.2.3)."""
+    tokens, buf, quoted = [], "", False
+    for ch in value:
+        if ch == '"':
+            quoted = not quoted
+        if ch == " " and not quoted:
+            tokens.append(buf)
+            buf = ""
+        else:
+            buf += ch
+    tokens.append(buf)
+    lines, line = [], f"{name}:"
+    for tok in filter(None, tokens):
+        if len(line) + 1 + len(tok) > width and line.strip() != f"{name}:":
+            lines.append(line)
+            line = "\t" + tok
+        else:
+            line += " " + tok
+    lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _banner_text(result: SecurityResult) -> str:
+    who = result.signer_email or result.signer_subject or "unknown signer"
+    return f"[Message chiffre et signe - signature verifiee : {who}]"
+
+
+def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: bool) -> bytes:
+    """Prepend Authentication-Results (removing forged ones for ``authserv_id``) and maybe a banner."""
+    inner = _mime.to_crlf(inner)
+    block, body = _mime.split_entity(inner)
+    fields = _mime.parse_headers(block)
+    kept = []
+    for name, value, raw in fields:
+        if name == "authentication-results" and value.split(";", 1)[0].strip().lower() == authserv_id.lower():
+            continue
+        kept.append(raw)
+    header = _fold("Authentication-Results", result.auth_results_header(authserv_id)).encode("utf-8")
+    if banner and result.ok:
+        body, kept = _with_banner(fields, kept, body, _banner_text(result))
+    return header + b"".join(kept) + b"\r\n" + body
+
+
+def _with_banner(fields: list[tuple[str, str, bytes]], kept: list[bytes], body: bytes,
+                 text: str) -> tuple[bytes, list[bytes]]:  # fmt: skip
+    """A banner only where it cannot break anything: plain 7/8-bit text, or multipart/mixed."""
+    mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
+    cte = (_mime.header_value(fields, "content-transfer-encoding") or "7bit").strip().lower()
+    charset = params.get("charset", "us-ascii").lower()
+    if mtype == "text/plain" and cte in ("7bit", "8bit") and charset in ("us-ascii", "utf-8"):
+        return text.encode("ascii", "replace") + b"\r\n\r\n" + body, kept
+    boundary = params.get("boundary", "")
+    if mtype == "multipart/mixed" and boundary:
+        delim = b"--" + boundary.encode("ascii", "replace")
+        m = re.search(rb"(?:\A|\r\n)" + re.escape(delim) + rb"[ \t]*\r\n", body)
+        if m:
+            at = m.start() + (2 if body[m.start():m.start() + 2] == b"\r\n" else 0)
+            part = (delim + b"\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+                    b"Content-Disposition: inline\r\n\r\n" + text.encode("ascii", "replace") + b"\r\n")  # fmt: skip
+            return body[:at] + part + body[at:], kept
+    return body, kept
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+
+def _domain_bound(ctx: Context, result: SecurityResult) -> SecurityResult:
+    """Accept a From-domain signature by that domain's organisation certificate (Direct Project)."""
+    if result.failure != "from-mismatch" or not (result.signature_valid and result.chain_valid):
+        return result
+    if result.revoked is True or not result.from_address or "@" not in result.from_address:
+        return result
+    domain = result.from_address.rpartition("@")[2]
+    ok = bool(result.signer_fingerprint and result.signer_fingerprint in ctx.keys.known_fingerprints(domain))
+    if not ok and result.signer_subject:
+        from directory.service import get_domain
+
+        with ctx.factory() as session:
+            row = get_domain(session, domain)
+            ok = bool(row and row.operator_dn and dn_equal(row.operator_dn, result.signer_subject))
+    if not ok:
+        return result
+    return result.evolve(failure=None, detail="", from_matches_signer=True)
+
+
+async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
+    pending = [r.address for r in job.pending]
+    if not pending:
+        return
+    now = ctx.now()
+    inner, result = await _open(ctx, data, pending, now)
+    if result.failure == "from-mismatch":
+        result = await ctx.io(_domain_bound, ctx, result)
+    accept = result.ok or (
+        not ctx.settings.get("crypto", "require_signature_inbound")
+        and result.failure == "not-signed" and result.decrypted_ok and inner is not None
+    )  # fmt: skip
+    await ctx.set_security(job, result.audit_fields())
+    if not accept or inner is None:
+        await _quarantine(ctx, job, data, inner, result, pending)
+        return
+    delivered_bytes = annotate(inner, result, authserv_id=ctx.settings.hostname,
+                               banner=bool(ctx.settings.get("crypto", "banner")))  # fmt: skip
+    delivered: list[str] = []
+    for addr in pending:
+        try:
+            await ctx.io(ctx.local.deliver, addr, delivered_bytes, folder="INBOX")
+        except Exception as exc:
+            reason = f"local delivery failed: {type(exc).__name__}"
+            await defer_or_bounce(ctx, job, data, [Attempt(addr, 451, "4.3.0", reason)], result.method)
+            continue
+        await ctx.record(job, addr, RecipientState.DELIVERED, reply="250 2.0.0 verified and delivered to INBOX",
+                         event="delivered-inbound", outcome="accept", protection=result.method,
+                         detail={"verdict": result.verdict, "signer": result.signer_email})  # fmt: skip
+        delivered.append(addr)
+    await _processed_mdns(ctx, job, inner, delivered)
+
+
+async def _open(ctx: Context, data: bytes, pending: list[str], now: _dt.datetime) -> tuple[bytes | None, SecurityResult]:
+    if _is_pgp(data):
+        def pgp_open() -> tuple[bytes | None, SecurityResult]:
+            from gateway.crypto.openpgp import OpenPgp
+
+            if ctx.openpgp is None:
+                ctx.openpgp = OpenPgp(ctx.settings.gnupg_dir)
+            return ctx.openpgp.open(data)  # type: ignore[no-any-return]
+
+        return await ctx.io(pgp_open)
+    try:
+        candidates: list[KeyRef] = []
+        for addr in pending:
+            candidates.extend(await ctx.io(ctx.keys.decryption_keys, addr))
+        trust = await ctx.io(ctx.keys.trust)
+    except KeyStoreError as exc:
+        return None, SecurityResult().with_failure("wrong-recipient", str(exc))
+    unique = tuple(dict.fromkeys(candidates))
+    return await ctx.crypto(open_job, data, unique, trust, now)
+
+
+async def _quarantine(ctx: Context, job: Job, data: bytes, inner: bytes | None, result: SecurityResult,
+                      pending: list[str]) -> None:  # fmt: skip
+    reply = f"550 5.7.0 quarantined: {result.failure or 'not verified'}: {result.detail}"[:500]
+    for addr in pending:
+        await ctx.record(job, addr, RecipientState.QUARANTINED, reply=reply, event="quarantined",
+                         outcome="refuse", detail={"security": result.audit_fields()})  # fmt: skip
+    if not job.sender or is_report(data, envelope_sender=job.sender) or (inner and is_report(inner)):
+        return
+    req = mdn_request(inner) if inner else None
+    if req is not None:
+        for addr in pending:
+            mdn = build_mdn(reporting_ua=ctx.settings.hostname, from_addr=f"<{ctx.postmaster}>", to=job.sender,
+                            final_recipient=addr, original=inner or data, disposition="failed",
+                            error=f"security verification failed: {result.failure}", now=ctx.now())  # fmt: skip
+            await ctx.enqueue_receipt(job, mdn, kind="mdn", to=job.sender, event="mdn-failed")
+        return
+    if ctx.settings.get("receipts", "dsn_on_quarantine"):
+        await ctx.send_dsn(job, data, [
+            DsnRecipient(addr, "failed", "5.7.0", f"message failed security verification ({result.failure})",
+                         last_attempt=ctx.now())
+            for addr in pending
+        ])  # fmt: skip
+
+
+async def _processed_mdns(ctx: Context, job: Job, inner: bytes, delivered: list[str]) -> None:
+    if not delivered or not ctx.settings.get("receipts", "mdn_processed"):
+        return
+    if not job.sender or job.is_receipt or is_report(inner, envelope_sender=job.sender):
+        return
+    req = mdn_request(inner)
+    if req is None:
+        return
+    for addr in delivered:
+        dispositions = ["processed", "dispatched"] if req.dispatched else ["processed"]
+        for disposition in dispositions:
+            mdn = build_mdn(reporting_ua=ctx.settings.hostname, from_addr=f"<{ctx.postmaster}>", to=req.address,
+                            final_recipient=addr, original=inner, disposition=disposition, now=ctx.now())  # fmt: skip
+            await ctx.enqueue_receipt(job, mdn, kind="mdn", to=req.address, event=f"mdn-{disposition}")

@@ -1,0 +1,301 @@
+"""Outbound pipeline: protect each recipient's copy and hand it to its operator or to a local mailbox.
+
+The job, for a claimed message of origin ``submission`` or ``receipt``:
+
+1. Local recipients (our domains) get the message signed (``multipart/signed``, RFC 8551 §3.5)
+   in their INBOX; nothing goes on the wire.
+2. Remote recipients are grouped by domain, then by protection (``protection_for``):
+   ``smime`` (the recipient's certificate), ``smime-domain`` (the domain-bound certificate,
+   Direct Project), ``openpgp`` (PGP/MIME RFC 3156, when the recipient has a key and no
+   certificate or the domain prefers it) and ``mtls-signed`` (signed only, for a whitelisted
+   operator: the relay then pins the operator's certificate DN).  Each group is protected once
+   (sign then encrypt for all its certificates and the sender) and relayed in one transaction.
+   Mail that cannot be protected is never sent: the recipient bounces (5.7.1).
+3. Outcomes: 2xx delivered; 4xx, network and TLS problems deferred (retried with backoff by the
+   worker) until ``queue.lifetime_hours``, then bounced with a DSN (RFC 3464, 4.4.7); 5xx
+   bounced with a DSN; a delay DSN once after ``queue.delay_warning_hours``.
+4. A local sender of an original message gets a copy in its ``Sent`` folder (flag ``\\Seen``).
+
+The crypto runs through ``Context.crypto`` (worker processes); keys travel as ``KeyRef`` paths.
+
+Errors: nothing is raised for a recipient problem (it is recorded); ``PipelineError`` only for
+a message with no usable sender identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+from directory.service import recipient_facts
+from gateway.crypto.keystore import KeyRef, KeyStoreError, load_keypair
+from gateway.delivery.receipts import DsnRecipient
+from gateway.delivery.relay import Attempt, Route
+from gateway.policy.recipients import protection_for
+from gateway.process.common import Context, Job, route_for
+from gateway.queue.models import RecipientState
+
+__all__ = ["process_outbound", "protect_job", "sign_job"]
+
+log = logging.getLogger("mssgw.outbound")
+
+# --- crypto jobs (module level: they run in worker processes) ------------------------------
+
+
+def protect_job(data: bytes, signer: KeyRef, recipient_pems: tuple[bytes, ...], encrypt_for_sender: bool,
+                outer_subject: str) -> bytes:  # fmt: skip
+    """Sign then encrypt ``data`` (S/MIME) for the given certificates."""
+    from gateway.crypto.keystore import _load_cert
+    from gateway.crypto.smime import protect
+
+    cert, key = load_keypair(signer)
+    return protect(
+        data, signer_cert=cert, signer_key=key, recipient_certs=[_load_cert(p) for p in recipient_pems],
+        encrypt_for_sender=encrypt_for_sender, outer_subject=outer_subject,
+    )  # fmt: skip
+
+
+def sign_job(data: bytes, signer: KeyRef) -> bytes:
+    """Sign ``data`` without encryption (local delivery, mtls-signed relay)."""
+    from gateway.crypto.smime import sign_only
+
+    cert, key = load_keypair(signer)
+    return sign_only(data, signer_cert=cert, signer_key=key)
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+async def process_outbound(ctx: Context, job: Job, data: bytes) -> None:
+    now = ctx.now()
+    pending = job.pending
+    if not pending:
+        return
+    try:
+        # Receipts (null reverse-path) are signed by the operator, everything else by its sender.
+        if job.sender:
+            signer = await ctx.io(ctx.keys.signer_for, job.sender)
+        else:
+            signer = await ctx.io(ctx.keys.organisation_signer)
+    except KeyStoreError as exc:
+        await defer_or_bounce(ctx, job, data, [Attempt(r.address, 451, "4.7.0", str(exc)) for r in pending], None)
+        return
+
+    first_attempt = all(r.attempts == 0 for r in job.recipients)
+    local = [r.address for r in pending if ctx.is_local(r.address)]
+    remote: dict[str, list[str]] = defaultdict(list)
+    for r in pending:
+        if not ctx.is_local(r.address):
+            remote[r.address.rpartition("@")[2].lower()].append(r.address)
+
+    tasks = [_relay_domain(ctx, job, data, signer, domain, rcpts) for domain, rcpts in remote.items()]
+    if local:
+        tasks.append(_deliver_local(ctx, job, data, signer, local))
+    await asyncio.gather(*tasks)
+
+    if first_attempt and job.kind == "message" and job.origin == "submission" and ctx.is_local(job.sender):
+        try:
+            await ctx.io(ctx.local.deliver, job.sender, data, folder="Sent", flags="S")
+        except Exception as exc:  # a missing Sent copy never fails the delivery itself
+            log.warning("no Sent copy for %s: %s", job.id, type(exc).__name__)
+
+    await _maybe_warn(ctx, job, data, now)
+
+
+async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rcpts: Sequence[str]) -> None:
+    signed = await ctx.crypto(sign_job, data, signer)
+    for addr in rcpts:
+        try:
+            await ctx.io(ctx.local.deliver, addr, signed, folder="INBOX")
+        except Exception as exc:
+            reason = f"local delivery failed: {type(exc).__name__}: {exc}"[:300]
+            await defer_or_bounce(ctx, job, data, [Attempt(addr, 451, "4.3.0", reason)], "local")
+            continue
+        await ctx.record(job, addr, RecipientState.DELIVERED, reply="250 2.0.0 delivered to INBOX",
+                         event="delivered-local", outcome="accept", protection="local")  # fmt: skip
+
+
+def _plan(ctx: Context, domain: str, rcpts: Sequence[str]) -> tuple[Route | None, dict[str, list[str]]]:
+    """The route, and the recipients grouped by protection (None: cannot be protected)."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    with ctx.factory() as session:
+        route = route_for(session, domain)
+        from directory.service import get_domain
+
+        row = get_domain(session, domain)
+        prefers_pgp = bool(row and row.prefers_openpgp)
+        for addr in rcpts:
+            facts = recipient_facts(session, addr)
+            kind = protection_for(facts)
+            if facts.has_openpgp_key and prefers_pgp:
+                kind = "openpgp"
+            groups[kind or "none"].append(addr)
+    return route, groups
+
+
+async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, domain: str,
+                        rcpts: list[str]) -> None:  # fmt: skip
+    try:
+        route, groups = await ctx.io(_plan, ctx, domain, rcpts)
+    except Exception as exc:  # directory outage: try again later (ARCHITECTURE rule 7)
+        reason = f"directory unavailable: {type(exc).__name__}"
+        await defer_or_bounce(ctx, job, data, [Attempt(a, 451, "4.3.5", reason) for a in rcpts], None)
+        return
+    if route is None:
+        for addr in rcpts:
+            await _bounce(ctx, job, data, [Attempt(addr, 550, "5.7.1", f"{domain} is not in the trust list")], None)
+        return
+    for kind, addrs in groups.items():
+        if kind == "none":
+            att = [Attempt(a, 550, "5.7.1", f"no certificate, OpenPGP key or operator identity for {a}: "
+                           "mail cannot be protected") for a in addrs]  # fmt: skip
+            await _bounce(ctx, job, data, att, None)
+            continue
+        try:
+            wire = await _protect(ctx, job, data, signer, kind, addrs)
+        except KeyStoreError as exc:
+            await defer_or_bounce(ctx, job, data, [Attempt(a, 451, "4.7.0", str(exc)) for a in addrs], kind)
+            continue
+        except Exception as exc:
+            log.exception("protecting %s failed", job.id)
+            reason = f"protection failed: {type(exc).__name__}"
+            await defer_or_bounce(ctx, job, data, [Attempt(a, 451, "4.7.0", reason) for a in addrs], kind)
+            continue
+        if kind == "mtls-signed" and not route.operator_dn:
+            for a in addrs:
+                await _bounce(ctx, job, data, [Attempt(a, 550, "5.7.1", "signed-only mail needs a pinned operator DN")], kind)
+            continue
+        attempts = await ctx.relay.send(route, job.sender, addrs, wire)
+        for att in attempts:
+            if att.ok:
+                await ctx.record(job, att.address, RecipientState.DELIVERED, reply=att.reply, event="relayed",
+                                 outcome="accept", protection=kind, detail={"remote": att.remote})  # fmt: skip
+        refused = [att for att in attempts if att.permanent]
+        if refused:
+            await _bounce(ctx, job, data, refused, kind)
+        temporary = [att for att in attempts if not att.ok and not att.permanent]
+        if temporary:
+            await defer_or_bounce(ctx, job, data, temporary, kind)
+
+
+async def _protect(ctx: Context, job: Job, data: bytes, signer: KeyRef, kind: str, addrs: list[str]) -> bytes:
+    settings = ctx.settings
+    if kind in ("smime", "smime-domain"):
+        pems: list[bytes] = []
+        for a in addrs:
+            pems.extend(await ctx.io(ctx.keys.recipient_certs, a))
+        return await ctx.crypto(
+            protect_job, data, signer, tuple(dict.fromkeys(pems)),
+            bool(settings.get("crypto", "encrypt_for_sender")), str(settings.get("crypto", "outer_subject")),
+        )  # fmt: skip
+    if kind == "mtls-signed":
+        return await ctx.crypto(sign_job, data, signer)
+    if kind == "openpgp":
+        return await ctx.io(_pgp_protect, ctx, job, data, addrs)
+    raise KeyStoreError(f"unknown protection {kind}")
+
+
+def _pgp_protect(ctx: Context, job: Job, data: bytes, addrs: list[str]) -> bytes:
+    from sqlalchemy import select
+
+    from directory.models import PgpKey
+    from gateway.crypto.openpgp import OpenPgp
+
+    if ctx.openpgp is None:
+        ctx.openpgp = OpenPgp(ctx.settings.gnupg_dir)
+    pgp = ctx.openpgp
+    owner = job.sender or ctx.postmaster
+    with ctx.factory() as session:
+        signer = session.scalars(select(PgpKey).where(PgpKey.address.in_([owner, owner.rpartition("@")[2]]),
+                                                     PgpKey.has_secret.is_(True), PgpKey.revoked.is_(False))).first()  # fmt: skip
+        keys = list(session.scalars(select(PgpKey).where(PgpKey.address.in_(addrs), PgpKey.revoked.is_(False))))
+        if signer is None:
+            raise KeyStoreError(f"no OpenPGP signing key with a secret part for {owner}")
+        if not keys:
+            raise KeyStoreError(f"no OpenPGP key for {', '.join(addrs)}")
+        for k in keys:
+            pgp.import_key(k.armored)
+        return bytes(pgp.protect(
+            data, signer.fingerprint, [k.fingerprint for k in keys],
+            encrypt_for_sender=bool(ctx.settings.get("crypto", "encrypt_for_sender")),
+            outer_subject=str(ctx.settings.get("crypto", "outer_subject")),
+        ))  # fmt: skip
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+async def _bounce(ctx: Context, job: Job, data: bytes, attempts: Sequence[Attempt], protection: str | None) -> None:
+    for att in attempts:
+        await ctx.record(job, att.address, RecipientState.BOUNCED, reply=att.reply, event="bounced",
+                         outcome="refuse", protection=protection, detail={"remote": att.remote})  # fmt: skip
+    await ctx.send_dsn(job, data, [
+        DsnRecipient(att.address, "failed", att.enhanced if att.enhanced.startswith("5") else "5.0.0",
+                     att.reply, remote_mta=att.remote.rpartition(":")[0] or None, last_attempt=ctx.now())
+        for att in attempts
+    ])  # fmt: skip
+
+
+async def defer_or_bounce(ctx: Context, job: Job, data: bytes, attempts: Sequence[Attempt],
+                          protection: str | None) -> None:  # fmt: skip
+    """Temporary failures: deferred (the worker schedules the retry), or, once the message has
+    outlived ``queue.lifetime_hours``, bounced with one DSN (4.4.7, RFC 3463) naming the last error."""
+    if ctx.now() < job.expires_at:
+        for att in attempts:
+            await ctx.record(job, att.address, RecipientState.DEFERRED, reply=att.reply, event="deferred",
+                             outcome="fail", protection=protection, detail={"remote": att.remote})  # fmt: skip
+        return
+    hours = float(ctx.settings.get("queue", "lifetime_hours"))
+    expired = [Attempt(a.address, 554, "4.4.7", f"message expired after {hours:g} hours in the queue; "
+                       f"last error: {a.reply}", a.remote) for a in attempts]  # fmt: skip
+    for att in expired:
+        await ctx.record(job, att.address, RecipientState.BOUNCED, reply=att.reply, event="expired",
+                         outcome="refuse", protection=protection, detail={"remote": att.remote})  # fmt: skip
+    await ctx.send_dsn(job, data, [
+        DsnRecipient(a.address, "failed", "4.4.7", a.text, remote_mta=a.remote.rpartition(":")[0] or None,
+                     last_attempt=ctx.now())
+        for a in expired
+    ])  # fmt: skip
+
+
+
+
+def _temporary_status(reply: str) -> str:
+    """The enhanced status code of a recorded reply such as ``451 4.4.1 ...`` (4.0.0 if none)."""
+    words = reply.split(" ")
+    if len(words) > 1 and re.fullmatch(r"4\.\d{1,3}\.\d{1,3}", words[1]):
+        return words[1]
+    return "4.0.0"
+
+
+async def _maybe_warn(ctx: Context, job: Job, data: bytes, now: _dt.datetime) -> None:
+    """One delay DSN (action delayed) once the message has waited ``queue.delay_warning_hours``."""
+    if job.warned_at is not None or job.is_receipt or not job.sender:
+        return
+    threshold = _dt.timedelta(hours=float(ctx.settings.get("queue", "delay_warning_hours")))
+    if now - job.created_at < threshold:
+        return
+
+    def deferred() -> list[tuple[str, str]]:
+        from sqlalchemy import select
+
+        from gateway.queue.models import QueuedRecipient
+
+        with ctx.factory() as session:
+            return [(r.address, r.last_reply or "") for r in session.scalars(
+                select(QueuedRecipient).where(QueuedRecipient.message_id == job.id,
+                                              QueuedRecipient.state == RecipientState.DEFERRED))]  # fmt: skip
+
+    waiting = await ctx.io(deferred)
+    if not waiting:
+        return
+    await ctx.mark_warned(job, now)
+    await ctx.send_dsn(job, data, [
+        DsnRecipient(addr, "delayed", _temporary_status(reply), reply, last_attempt=now,
+                     will_retry_until=job.expires_at)
+        for addr, reply in waiting
+    ])  # fmt: skip

@@ -1,0 +1,280 @@
+"""Queue workers: claim ready messages, run their pipeline, schedule retries, give the claim back.
+
+The job: the after-queue half of "accept means durable".  A loop claims ready messages with a
+lease (``QueueStore.claim``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several nodes share one
+queue), runs the outbound or inbound pipeline for each (up to ``concurrency`` at once), then
+releases the claim with the next attempt time of whatever is still deferred:
+exponential backoff from ``queue.retry_base_seconds`` doubling per attempt up to
+``queue.retry_max_seconds``, with +/-25 % jitter so retries of many messages spread out, never
+later than the message's expiry (when it bounces with a DSN, RFC 3464).
+
+Delivery is at least once: a worker that dies holding a lease loses it after
+``queue.lease_seconds`` and another worker redoes the message; the peer's inbound listener
+drops the duplicate by its dedupe key.  CPU-bound crypto runs in a process pool
+(``crypto_executor="process"``, ARCHITECTURE rule 6), or in threads or inline for tests.
+
+``run_once(now=...)`` does one claim-and-process round at an injected time: tests drive
+retries and expiry with it instead of sleeping.
+
+Errors: a pipeline that raises is logged and audited (``worker-error``) and its pending
+recipients deferred: nothing is dropped.  ``stop`` waits for in-flight messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import logging
+import os
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from gateway.audit.trail import AuditEvent, append
+from gateway.config import Settings
+from gateway.crypto.keystore import KeyStore
+from gateway.process.common import Context, Job, LocalDelivery, RelayTransport
+from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
+from gateway.queue.store import QueueStore
+
+__all__ = ["Workers", "backoff_delay"]
+
+log = logging.getLogger("mssgw.worker")
+
+JITTER = 0.25
+
+
+def backoff_delay(attempts: int, base: float, maximum: float, rng: random.Random | None = None) -> float:
+    """Seconds before the next try after ``attempts`` failed tries: base * 2**(attempts-1), capped, jittered."""
+    attempts = max(1, attempts)
+    delay = min(maximum, base * (2 ** min(attempts - 1, 30)))
+    factor = 1.0 + (rng or random).uniform(-JITTER, JITTER)
+    return max(1.0, min(maximum, delay * factor))
+
+
+def _make_executor(kind: str | Executor | None, size: int) -> tuple[Executor | None, bool]:
+    """(executor, owned): ``process`` (forkserver workers), ``thread``, ``inline`` or a given one."""
+    if kind is None or kind == "inline":
+        return None, False
+    if isinstance(kind, Executor):
+        return kind, False
+    if kind == "thread":
+        return ThreadPoolExecutor(max_workers=size, thread_name_prefix="mssgw-crypto"), True
+    if kind == "process":
+        # forkserver: never fork a process that runs an event loop and database threads.
+        return ProcessPoolExecutor(max_workers=size, mp_context=get_context("forkserver")), True
+    raise ValueError(f"unknown crypto executor {kind!r} (process, thread or inline)")
+
+
+class Workers:
+    """Claims and processes queued messages until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        store: QueueStore,
+        audit: Any = None,  # gateway.audit AuditWriter (unused: outcomes are audited in the queue transaction)
+        *,
+        keys: KeyStore | None = None,
+        relay: RelayTransport | None = None,
+        local: LocalDelivery | None = None,
+        crypto_executor: str | Executor | None = "process",
+        crypto_workers: int | None = None,
+        concurrency: int | None = None,
+        worker_id: str | None = None,
+        clock: Callable[[], _dt.datetime] | None = None,
+        poll_interval: float = 0.5,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.store = store
+        self.keys = keys or KeyStore(settings, factory)
+        if relay is None:
+            from gateway.delivery.relay import Relay
+
+            relay = Relay(settings, anchors_pem=self.keys.trust().anchors, trust=self.keys.trust_store())
+        if local is None:
+            from gateway.delivery.maildir import MaildirDelivery
+
+            local = MaildirDelivery(settings.mail_dir)
+        workers = int(settings.get("queue", "workers"))
+        self._executor_kind = crypto_executor
+        self._crypto_workers = crypto_workers or max(1, min(workers, os.cpu_count() or 1))
+        self.concurrency = concurrency or max(8, 4 * workers)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.clock = clock or (lambda: _dt.datetime.now(_dt.UTC))
+        self.poll_interval = poll_interval
+        self.rng = rng or random.Random()
+        self._now_override: _dt.datetime | None = None
+        self.ctx = Context(settings=settings, factory=factory, store=store, keys=self.keys, relay=relay,
+                           local=local, actor=self.worker_id, now=self.now)  # fmt: skip
+        self._executor_owned = False
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._kick = asyncio.Event()
+        self._stopping = False
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
+
+    def now(self) -> _dt.datetime:
+        return self._now_override or self.clock()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def _ensure_executor(self) -> None:
+        if self.ctx.executor is None and self._executor_kind not in (None, "inline"):
+            self.ctx.executor, self._executor_owned = _make_executor(self._executor_kind, self._crypto_workers)
+
+    async def start(self) -> None:
+        self._ensure_executor()
+        self._stopping = False
+        self._loop_ref = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._loop(), name=f"mssgw-workers-{self.worker_id}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._kick.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._executor_owned and self.ctx.executor is not None:
+            self.ctx.executor.shutdown(wait=True, cancel_futures=True)
+            self.ctx.executor = None
+            self._executor_owned = False
+
+    def wake(self) -> None:
+        """Something was enqueued: look for work now rather than at the next poll (thread-safe)."""
+        loop = self._loop_ref
+        if loop is None:
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                self._kick.set()
+                return
+        except RuntimeError:
+            pass
+        loop.call_soon_threadsafe(self._kick.set)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            free = self.concurrency - len(self._inflight)
+            claimed: list[str] = []
+            if free > 0:
+                try:
+                    claimed = await asyncio.to_thread(self.store.claim, self.worker_id, limit=free, now=self.now())
+                except Exception:  # database outage: keep the loop alive, try again at the next poll
+                    log.exception("claiming from the queue failed")
+            for queue_id in claimed:
+                task = asyncio.create_task(self._handle(queue_id))
+                self._inflight.add(task)
+                task.add_done_callback(self._done)
+            # Fewer than asked: nothing else is ready. As many as asked: wait for a free slot.
+            # Either way the next event (enqueue, completion) or the poll interval wakes us.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.poll_interval)
+            self._kick.clear()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker task failed: %r", task.exception())
+        self._kick.set()
+
+    # --- one round (tests, CLI "queue flush") -------------------------------------------------
+
+    async def run_once(self, *, now: _dt.datetime | None = None, limit: int | None = None) -> int:
+        """Claim what is ready at ``now`` and process it; returns how many messages were handled."""
+        self._ensure_executor()
+        self._now_override = now
+        try:
+            ids = await asyncio.to_thread(self.store.claim, self.worker_id, limit=limit or self.concurrency,
+                                          now=self.now())  # fmt: skip
+            if ids:
+                await asyncio.gather(*(self._handle(i) for i in ids))
+            return len(ids)
+        finally:
+            self._now_override = None
+
+    async def drain(self, *, now: _dt.datetime | None = None, rounds: int = 20) -> int:
+        """``run_once`` until nothing is ready (receipts created by a round are handled too)."""
+        total = 0
+        for _ in range(rounds):
+            n = await self.run_once(now=now)
+            if n == 0:
+                break
+            total += n
+        return total
+
+    # --- one message ------------------------------------------------------------------------------
+
+    def _load(self, queue_id: str) -> Job | None:
+        with self.factory() as session:
+            msg = session.scalar(
+                select(QueuedMessage).options(selectinload(QueuedMessage.recipients))
+                .where(QueuedMessage.id == queue_id)
+            )  # fmt: skip
+            if msg is None or msg.claimed_by != self.worker_id:
+                return None
+            return Job.from_row(msg)
+
+    async def _handle(self, queue_id: str) -> None:
+        job = await asyncio.to_thread(self._load, queue_id)
+        if job is None:
+            return
+        try:
+            data = await asyncio.to_thread(self.store.read, queue_id)
+            if job.origin == "inbound":
+                from gateway.process.inbound import process_inbound
+
+                await process_inbound(self.ctx, job, data)
+            else:
+                from gateway.process.outbound import process_outbound
+
+                await process_outbound(self.ctx, job, data)
+        except Exception as exc:
+            log.exception("processing %s failed", queue_id)
+            await asyncio.to_thread(self._fail, job, exc)
+        await asyncio.to_thread(self._release, job)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """Defer what is still pending after an unexpected error (never drop, never bounce for it)."""
+        reason = f"451 4.3.0 internal error ({type(exc).__name__}); will retry"
+        with self.factory() as session, session.begin():
+            rows = session.scalars(select(QueuedRecipient).where(QueuedRecipient.message_id == job.id)).all()
+            for row in rows:
+                if row.state in (RecipientState.QUEUED, RecipientState.DEFERRED):
+                    row.state = RecipientState.DEFERRED
+                    row.attempts += 1
+                    row.last_reply = reason
+            append(session, [AuditEvent("worker-error", "fail", actor=self.worker_id, queue_id=job.id,
+                                        detail={"error": type(exc).__name__})])  # fmt: skip
+
+    def _release(self, job: Job) -> None:
+        with self.factory() as session:
+            rows = session.scalars(
+                select(QueuedRecipient).where(
+                    QueuedRecipient.message_id == job.id,
+                    QueuedRecipient.state.in_([RecipientState.DEFERRED, RecipientState.QUEUED]),
+                )
+            ).all()
+            attempts = max((r.attempts for r in rows), default=0)
+        next_at: _dt.datetime | None = None
+        if rows:
+            delay = backoff_delay(attempts, float(self.settings.get("queue", "retry_base_seconds")),
+                                  float(self.settings.get("queue", "retry_max_seconds")), self.rng)  # fmt: skip
+            next_at = min(self.now() + _dt.timedelta(seconds=delay), job.expires_at)
+        self.store.release(job.id, self.worker_id, next_attempt_at=next_at)
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Workers({self.worker_id!r}, concurrency={self.concurrency})"

@@ -1,0 +1,137 @@
+"""The relay against plain aiosmtpd servers on loopback: STARTTLS required, verified peer, per-recipient replies."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import SMTP as AioSMTP
+from cryptography import x509
+
+from gateway.config import load_settings
+from gateway.delivery.relay import Relay, Route, dn_equal
+
+MESSAGE = b"From: a@a.mssante.test\r\nTo: b@b.test\r\nSubject: x\r\n\r\nciphertext stands here\r\n"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sink:
+    def __init__(self, replies: dict[str, str] | None = None) -> None:
+        self.replies = replies or {}
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.client_certs: list[bytes | None] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+        reply = self.replies.get(address, "250 2.1.5 OK")
+        if reply.startswith("250"):
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        ssl_object = session.ssl.get("ssl_object") if session.ssl else None
+        self.client_certs.append(ssl_object.getpeercert(binary_form=True) if ssl_object else None)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 queued"
+
+
+async def _serve(sink: Sink, tls: ssl.SSLContext | None) -> tuple[asyncio.Server, int]:
+    port = _port()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: AioSMTP(sink, tls_context=tls, require_starttls=tls is not None, hostname="peer.test"),
+        "127.0.0.1", port,
+    )  # fmt: skip
+    return server, port
+
+
+def _server_tls(home: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(home / "pki" / "server.pem", home / "pki" / "server.key")
+    ctx.load_verify_locations(home / "pki" / "ca.pem")
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _relay(home: Path) -> Relay:
+    settings = load_settings(home)
+    return Relay(settings, anchors_pem=[(home / "pki" / "ca.pem").read_bytes()])
+
+
+def _server_dn(home: Path) -> str:
+    return x509.load_pem_x509_certificate((home / "pki" / "server.pem").read_bytes()).subject.rfc4514_string()
+
+
+async def test_per_recipient_replies_and_mutual_tls(sqlite_home: Path) -> None:
+    sink = Sink({"bad@b.test": "550 5.1.1 no such mailbox", "later@b.test": "451 4.2.0 try later"})
+    server, port = await _serve(sink, _server_tls(sqlite_home))
+    try:
+        route = Route("b.test", "127.0.0.1", port, _server_dn(sqlite_home))
+        attempts = await _relay(sqlite_home).send(route, "a@a.mssante.test", ["ok@b.test", "bad@b.test", "later@b.test"],
+                                                  MESSAGE)  # fmt: skip
+    finally:
+        server.close()
+        await server.wait_closed()
+    by = {a.address: a for a in attempts}
+    assert by["ok@b.test"].ok and by["ok@b.test"].enhanced == "2.0.0"
+    assert by["bad@b.test"].permanent and by["bad@b.test"].enhanced == "5.1.1"
+    assert not by["later@b.test"].ok and not by["later@b.test"].permanent
+    assert len(sink.messages) == 1 and sink.messages[0][1] == ["ok@b.test"]
+    assert sink.messages[0][2] == MESSAGE
+    operator = x509.load_pem_x509_certificate((sqlite_home / "pki" / "operator.pem").read_bytes())
+    assert sink.client_certs[0] is not None
+    assert x509.load_der_x509_certificate(sink.client_certs[0]) == operator  # our client certificate
+
+
+async def test_no_starttls_means_nothing_is_sent(sqlite_home: Path) -> None:
+    sink = Sink()
+    server, port = await _serve(sink, None)
+    try:
+        attempts = await _relay(sqlite_home).send(Route("b.test", "127.0.0.1", port), "a@a.mssante.test",
+                                                  ["x@b.test"], MESSAGE)  # fmt: skip
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert attempts[0].code == 454 and attempts[0].enhanced == "4.7.5" and "STARTTLS" in attempts[0].text
+    assert sink.messages == []
+
+
+async def test_operator_dn_is_pinned(sqlite_home: Path) -> None:
+    sink = Sink()
+    server, port = await _serve(sink, _server_tls(sqlite_home))
+    try:
+        route = Route("b.test", "127.0.0.1", port, "CN=mx.other.test,O=Other,C=FR")
+        attempts = await _relay(sqlite_home).send(route, "a@a.mssante.test", ["x@b.test"], MESSAGE)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert attempts[0].enhanced == "4.7.5" and "does not match the operator DN" in attempts[0].text
+    assert sink.messages == []
+
+
+async def test_connection_refused_is_temporary(sqlite_home: Path) -> None:
+    attempts = await _relay(sqlite_home).send(Route("b.test", "127.0.0.1", _port()), "a@a.mssante.test",
+                                              ["x@b.test"], MESSAGE)  # fmt: skip
+    assert attempts[0].code == 451 and attempts[0].enhanced == "4.4.1" and not attempts[0].permanent
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "equal"),
+    [
+        ("CN=mx.b.test,O=Operateur B,C=FR", "C=FR, O=Operateur B, CN=mx.b.test", True),
+        ("CN=MX.B.TEST,O=operateur b,C=fr", "CN=mx.b.test,O=Operateur B,C=FR", True),
+        ("CN=mx.b.test,O=Operateur B,C=FR", "CN=mx.b.test,O=Operateur C,C=FR", False),
+        ("CN=mx.b.test,O=Operateur B,C=FR", "CN=mx.b.test,O=Operateur B", False),
+        ("/C=FR/O=Operateur B/CN=mx.b.test", "CN=mx.b.test, O=Operateur B, C=FR", True),
+        ("not a dn", "CN=x", False),
+    ],
+)
+def test_dn_equal(a: str, b: str, equal: bool) -> None:
+    assert dn_equal(a, b) is equal

@@ -1,0 +1,141 @@
+"""Queue workers: backoff schedule, the running loop, crypto in worker processes, errors never drop mail."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
+from directory import service
+from directory.db import make_engine, session_factory, transaction
+from gateway.config import load_settings
+from gateway.delivery.relay import Attempt, Route
+from gateway.operator import register_certificate
+from gateway.queue.store import QueueStore
+from gateway.queue.worker import Workers, backoff_delay
+
+SENDER = "dr.martin@a.mssante.test"
+LOCAL = "secretariat@a.mssante.test"
+REMOTE = "ph@b.mssante.test"
+MESSAGE = (f"From: {SENDER}\r\nTo: {LOCAL}\r\nSubject: test\r\nMessage-ID: <w1@a.mssante.test>\r\n\r\nbody\r\n").encode()
+
+
+def test_backoff_doubles_is_jittered_and_capped() -> None:
+    rng = random.Random(7)
+    for attempts in range(1, 12):
+        nominal = min(3600.0, 60.0 * 2 ** (attempts - 1))
+        delays = [backoff_delay(attempts, 60.0, 3600.0, rng) for _ in range(50)]
+        assert all(0.75 * nominal <= d <= min(3600.0, 1.25 * nominal) for d in delays)
+        assert len(set(delays)) > 1  # jitter spreads retries
+    assert backoff_delay(1, 60, 3600, random.Random(1)) < backoff_delay(4, 60, 3600, random.Random(1))
+    assert backoff_delay(50, 60, 3600) <= 3600
+
+
+class Recorder:
+    """In-memory Maildir double; ``arrived`` is set (thread-safely) on each delivery."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expect: int = 1) -> None:
+        self.loop = loop
+        self.expect = expect
+        self.delivered: list[tuple[str, str, bytes]] = []
+        self.arrived = asyncio.Event()
+        self.lock = threading.Lock()
+
+    def deliver(self, address: str, data: bytes, *, folder: str = "INBOX", flags: str = "") -> str:
+        with self.lock:
+            self.delivered.append((address, folder, data))
+            if len(self.delivered) >= self.expect:
+                self.loop.call_soon_threadsafe(self.arrived.set)
+        return "x"
+
+
+class FailingRelay:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def operator(sqlite_home: Path):  # type: ignore[no-untyped-def]
+    settings = load_settings(sqlite_home)
+    engine = make_engine(settings.database_url)
+    factory = session_factory(engine)
+    cert, key = issue_certificate(load_dev_pki(settings.pki_dir), kind="user", email=SENDER)
+    save_certificate_and_key(cert, key, settings.keys_dir / "s.pem", settings.keys_dir / "s.key")
+    with transaction(factory) as s:
+        service.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
+        service.add_mailbox(s, SENDER, type="ORG")
+        service.add_mailbox(s, LOCAL, type="ORG")
+        service.add_mailbox(s, REMOTE, type="ORG")
+        register_certificate(s, cert.public_bytes(serialization.Encoding.PEM), address=SENDER, purpose="smime",
+                             key_path=str(settings.keys_dir / "s.key"))  # fmt: skip
+    store = QueueStore(factory, settings.spool_dir, lease=timedelta(seconds=300))
+    yield settings, factory, store
+    engine.dispose()
+
+
+async def test_running_loop_delivers_after_wake(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    local = Recorder(asyncio.get_running_loop(), expect=2)  # INBOX, then the sender's Sent copy
+    workers = Workers(settings, factory, store, local=local, crypto_executor="thread", poll_interval=30)
+    await workers.start()
+    try:
+        qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
+        workers.wake()  # without it the 30 s poll would make the wait below time out
+        await asyncio.wait_for(local.arrived.wait(), 20)
+    finally:
+        await workers.stop()  # waits for the in-flight message to record its outcome
+    info = store.get(qid)
+    assert info["recipient_states"][0]["state"] == "delivered"
+    assert [(a, f) for a, f, _ in local.delivered] == [(LOCAL, "INBOX"), (SENDER, "Sent")]
+    assert b"multipart/signed" in local.delivered[0][2]
+
+
+async def test_crypto_in_worker_processes(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    local = Recorder(asyncio.get_running_loop())
+    workers = Workers(settings, factory, store, local=local, crypto_executor="process", crypto_workers=1)
+    try:
+        qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
+        assert await workers.run_once() == 1
+    finally:
+        await workers.stop()
+    assert store.get(qid)["recipient_states"][0]["state"] == "delivered"
+    assert b"application/pkcs7-signature" in local.delivered[0][2]
+
+
+async def test_unexpected_error_defers_and_is_audited(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    from sqlalchemy import select
+
+    from gateway.audit.models import AuditRecord
+
+    workers = Workers(settings, factory, store, local=Recorder(asyncio.get_running_loop()), relay=FailingRelay(),
+                      crypto_executor="inline")  # fmt: skip
+    qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE], origin="submission").queue_id
+    now = dt.datetime.now(dt.UTC) + timedelta(seconds=1)
+    assert await workers.run_once(now=now) == 1
+    info = store.get(qid)
+    rcpt = info["recipient_states"][0]
+    assert rcpt["state"] == "deferred" and "internal error" in rcpt["last_reply"]
+    assert dt.datetime.fromisoformat(info["next_attempt_at"]) > now
+    assert info["claimed_by"] is None
+    with factory() as s:
+        assert s.scalar(select(AuditRecord).where(AuditRecord.event == "worker-error")) is not None
+
+
+async def test_next_attempt_never_after_expiry(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    workers = Workers(settings, factory, store, local=Recorder(asyncio.get_running_loop()), relay=FailingRelay(),
+                      crypto_executor="inline")  # fmt: skip
+    qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE], origin="submission").queue_id
+    expires = dt.datetime.fromisoformat(store.get(qid)["expires_at"])
+    await workers.run_once(now=expires - timedelta(seconds=10))
+    assert dt.datetime.fromisoformat(store.get(qid)["next_attempt_at"]) <= expires

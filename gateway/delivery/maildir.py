@@ -1,0 +1,210 @@
+"""Local delivery: write a message into a local mailbox's Maildir, atomically and durably.
+
+The on-disk layout is exactly the one pymap's Maildir backend reads with its
+default ``'++'`` (Maildir++) layout, so the IMAP service (``gateway/imap/``)
+sees every delivery, including while a client is IDLE::
+
+    MAIL_ROOT/<domain>/<localpart>/          the INBOX: cur/ new/ tmp/
+        .Sent/ .Drafts/ .Trash/ .Junk/       sub-folders: cur/ new/ tmp/ + an empty ``maildirfolder``
+        subscriptions                        folder names, one per CRLF line (pymap's Subscriptions)
+        dovecot-uidlist, dovecot-keywords    written by pymap, never by this module
+
+A nested IMAP folder ``A/B`` (pymap's delimiter is ``/``) lives in ``.A.B``.
+UIDs are assigned by pymap when it next reads the folder; this module only adds
+files. File names follow the Maildir convention (``time.M<usec>P<pid>Q<n>R<random>.<host>``,
+plus ``:2,<flags>`` in ``cur/``) so Dovecot could read the same tree.
+
+Standards: the Maildir format (D. J. Bernstein, "Using maildir format"), the
+Maildir++ folder convention, RFC 3501 system flags mapped to Maildir info letters
+(D draft, F flagged, P passed, R replied/answered, S seen, T trashed/deleted).
+
+Delivery is tmp/ -> write -> fsync -> rename into new/ (or cur/ when flags are given) -> fsync
+of the directory: after ``deliver`` returns, the message survives a crash.
+
+Errors: ``DeliveryError`` (a sentence naming the mailbox and the cause) for an
+address or folder name that cannot map to a safe path, and for any disk problem
+(full disk, permissions, missing folder). Nothing is left in ``tmp/`` on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from directory.identifiers import InvalidIdentifier, normalise_address
+
+__all__ = ["DEFAULT_FOLDERS", "DeliveryError", "MaildirDelivery", "folder_subdir"]
+
+#: Folders every mailbox has besides INBOX (created on first login or first delivery).
+DEFAULT_FOLDERS: tuple[str, ...] = ("Sent", "Drafts", "Trash", "Junk")
+
+#: Maildir "info" letters for the standard flags, in the ASCII order the format requires.
+MAILDIR_FLAGS = "DFPRST"
+
+_SUBSCRIPTIONS = "subscriptions"  # pymap.backend.maildir.subscriptions.Subscriptions
+_FOLDER_MARKER = "maildirfolder"
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_FORBIDDEN_IN_NAME = frozenset("/\\\x00.")  # '.' is the Maildir++ hierarchy separator
+
+_counter = itertools.count(1)
+
+
+class DeliveryError(Exception):
+    """A message could not be written to a local mailbox; the message says which and why."""
+
+
+def _check_component(part: str, what: str) -> str:
+    if not part or part in {".", ".."} or any(c in "/\\\x00" for c in part):
+        raise DeliveryError(f"unsafe {what} {part!r}: it cannot name a mailbox directory")
+    return part
+
+
+def folder_subdir(folder: str) -> str:
+    """The Maildir++ directory name of an IMAP folder: ``""`` for INBOX, ``.A.B`` for ``A/B``.
+
+    Raises ``DeliveryError`` for an empty component or one containing ``.``, ``/``, ``\\``
+    or NUL: such a name could alias another folder or leave the mailbox directory.
+    """
+    if folder.upper() == "INBOX":
+        return ""
+    parts = folder.split("/")
+    for part in parts:
+        if not part or any(c in _FORBIDDEN_IN_NAME for c in part) or not part.isprintable():
+            raise DeliveryError(f"invalid folder name {folder!r} (no empty parts, '.', '\\' or control characters)")
+    return "." + ".".join(parts)
+
+
+def _hostname() -> str:
+    # The Maildir specification's escapes for '/' and ':' in the host part.
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
+
+
+def _unique_name() -> str:
+    now = time.time()
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}.{_hostname()}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_maildir(path: Path) -> None:
+    for sub in ("", "cur", "new", "tmp"):
+        d = path / sub if sub else path
+        d.mkdir(mode=_DIR_MODE, parents=not sub, exist_ok=True)
+
+
+class MaildirDelivery:
+    """Writes messages into ``mail_root/<domain>/<localpart>/`` Maildirs (see the module docstring)."""
+
+    def __init__(self, mail_root: Path) -> None:
+        self.mail_root = Path(mail_root).resolve()
+
+    def mailbox_path(self, address: str) -> Path:
+        """The INBOX directory of ``address`` (normalised, lower-case); never outside ``mail_root``."""
+        if "\x00" in address:
+            raise DeliveryError(f"unsafe address {address!r}: contains NUL")
+        try:
+            normalised = normalise_address(address)
+        except InvalidIdentifier as exc:
+            raise DeliveryError(f"cannot deliver to {address!r}: {exc}") from None
+        local, _, domain = normalised.rpartition("@")
+        _check_component(domain, "domain")
+        _check_component(local, "local part")
+        path = self.mail_root / domain / local  # lexical: an admin may symlink a domain elsewhere
+        if Path(os.path.normpath(path)).parent.parent != self.mail_root:
+            raise DeliveryError(f"unsafe address {address!r}: its mailbox would leave {self.mail_root}")
+        return path
+
+    def folder_path(self, address: str, folder: str = "INBOX") -> Path:
+        """The Maildir directory of ``folder`` in ``address``'s mailbox."""
+        subdir = folder_subdir(folder)
+        base = self.mailbox_path(address)
+        return base / subdir if subdir else base
+
+    def ensure_folders(self, address: str) -> None:
+        """Create INBOX, Sent, Drafts, Trash and Junk (and subscribe them) if missing. Idempotent."""
+        base = self.mailbox_path(address)
+        try:
+            _make_maildir(base)
+            for name in DEFAULT_FOLDERS:
+                folder = base / folder_subdir(name)
+                _make_maildir(folder)
+                marker = folder / _FOLDER_MARKER
+                if not marker.exists():
+                    marker.touch(mode=_FILE_MODE)
+            self._subscribe_defaults(base)
+        except OSError as exc:
+            raise DeliveryError(f"cannot create the folders of {address}: {exc.strerror} ({exc.filename})") from exc
+
+    @staticmethod
+    def _subscribe_defaults(base: Path) -> None:
+        """Write the subscriptions file once; a file that exists is the user's and is left alone."""
+        target = base / _SUBSCRIPTIONS
+        if target.exists():
+            return
+        tmp = base / "tmp" / f"{_SUBSCRIPTIONS}.{_unique_name()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        try:
+            os.write(fd, "".join(f"{name}\r\n" for name in DEFAULT_FOLDERS).encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, target)  # never replaces a file written meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def deliver(self, address: str, data: bytes, *, folder: str = "INBOX", flags: str = "") -> str:
+        """Write one copy of ``data`` into ``folder``; returns the file name placed in new/ or cur/.
+
+        Without ``flags`` the message lands in ``new/`` (IMAP \\Recent); with flags (letters
+        of ``DFPRST``, e.g. ``"S"`` for a Sent copy) in ``cur/`` as ``<name>:2,<flags>``.
+        """
+        bad = set(flags) - set(MAILDIR_FLAGS)
+        if bad:
+            raise DeliveryError(f"unknown Maildir flag(s) {''.join(sorted(bad))!r} (allowed: {MAILDIR_FLAGS})")
+        info = "".join(sorted(set(flags)))
+        target_dir = self.folder_path(address, folder)
+        if not (target_dir / "new").is_dir():
+            if folder.upper() == "INBOX" or folder in DEFAULT_FOLDERS:
+                self.ensure_folders(address)
+            else:
+                raise DeliveryError(f"mailbox {address} has no folder {folder!r}")
+        name = _unique_name()
+        tmp_path = target_dir / "tmp" / name
+        final_name = f"{name}:2,{info}" if info else name
+        final_dir = target_dir / ("cur" if info else "new")
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, final_dir / final_name)
+            _fsync_dir(final_dir)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink(missing_ok=True)
+            raise DeliveryError(
+                f"cannot deliver to {address} ({folder}): {exc.strerror or exc} ({exc.filename or final_dir})"
+            ) from exc
+        return final_name

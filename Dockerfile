@@ -1,0 +1,26 @@
+# mssgw gateway image: the `mssgw` command, run as an unprivileged user on the /data home folder.
+# Build: docker build -t mssgw .   Run: see docker-compose.yml (mssgw init, then mssgw serve).
+FROM python:3.11-slim
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gnupg openssl \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+COPY directory ./directory
+COPY cli ./cli
+COPY certs ./certs
+RUN pip install --no-cache-dir . && rm -rf /src
+
+RUN useradd --system --create-home --home-dir /home/mssgw mssgw \
+ && mkdir /data && chown mssgw:mssgw /data && chmod 0700 /data
+USER mssgw
+WORKDIR /data
+VOLUME ["/data"]
+ENV MSSGW_HOME=/data
+
+# submission (STARTTLS), submissions (implicit TLS), inbound from peer operators, IMAP, IMAPS
+EXPOSE 1587 1465 1025 1143 1993
+CMD ["mssgw", "serve", "--data-dir", "/data"]

@@ -1,0 +1,619 @@
+"""Streaming import of the national directory's extracts: MSSanté mailboxes and RPPS practitioners.
+
+Formats (both UTF-8, ``|``-separated, one header line, read line by line):
+
+- ``mss``, ``Extraction_Correspondance_MSSante_*.txt``, 31 columns: Type de BAL
+  (PER, ORG, APP), Adresse BAL, Type Identifiant PP (``8`` RPPS, ``0`` ADELI),
+  Identifiant PP, Identification nationale PP, structure id type (``1`` FINESS,
+  ``2`` SIREN, ``3`` SIRET, ``4`` RPPS-RANG) and id, Service de rattachement,
+  civility, names, profession and savoir-faire codes and labels, Raison Sociale and
+  address of the structure. A PER line upserts the practitioner (RPPS Luhn-checked)
+  and the mailbox; every line with a structure id upserts that organisation and
+  attaches the mailbox to it.
+- ``rpps``, ``PS_LibreAcces_Personne_activite_*.txt``, 52 columns and a trailing
+  ``|``, one line per activity: upserts practitioners (one row per identifier).
+
+Rules:
+
+- Mailboxes of a domain in ``local_domains`` (or already LOCAL) are ours
+  (``local=True``); the others are known remote addresses. A remote domain not in
+  the domains table yet is added as TRUSTED with source ``annuaire`` and no relay
+  nor operator identity: the national directory only lists operators of the trust
+  space, and until the whitelist import fills the operator DN (or an admin adds a
+  relay or a certificate) the recipient rules refuse mail for it as unprotectable.
+- Never a mailbox in a blocked domain (consumer providers, admin blocks): the line
+  is skipped with the reason. The import never deletes nor deactivates anything:
+  an admin's deactivation, password and delegations survive re-imports.
+- Idempotent upserts keyed on the address (mailboxes), the identifier
+  (practitioners) and (type, identifier) (organisations). Lines are parsed and
+  checked first, then applied per batch of ``batch_size`` lines in one transaction:
+  a batch is all or nothing, and re-running after a crash completes the rest with
+  no duplicates. Per batch there is one SELECT per table for the batch's keys, then
+  bulk INSERT (``ON CONFLICT DO NOTHING``, so a concurrent writer cannot make the
+  batch fail) and executemany UPDATEs of the rows that changed.
+
+Errors: a bad line (wrong column count, invalid address, RPPS failing its check
+digit, undecodable bytes, a field too long for its column, a blocked domain) is
+reported as ``(line number, reason)`` and skipped. An unknown header raises
+``DirectoryError``; so does a database failure, naming the lines of the batch that
+was rolled back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import Engine, Table, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from directory.consumer import matches
+from directory.identifiers import InvalidIdentifier, check_practitioner_id, normalise_address
+from directory.importers import ImportReport
+from directory.models import Domain, DomainKind, Mailbox, MailboxType, Organisation, Practitioner
+from directory.service import DirectoryError
+
+MSS_COLUMNS = 31
+RPPS_COLUMNS = 52
+MSS_HEADER_START = ("Type de BAL", "Adresse BAL")
+RPPS_HEADER_START = ("Type d'identifiant PP", "Identifiant PP")
+#: A line longer than this is refused without being read into memory whole.
+MAX_LINE_BYTES = 64 * 1024
+#: "Type identifiant structure" codes of the extract.
+STRUCTURE_ID_TYPES = {"1": "FINESS", "2": "SIREN", "3": "SIRET", "4": "RPPS-RANG"}
+STRUCTURE_ID_CODES = {v: k for k, v in STRUCTURE_ID_TYPES.items()}
+
+_MAILBOXES: Table = Mailbox.__table__  # type: ignore[assignment]
+_PRACTITIONERS: Table = Practitioner.__table__  # type: ignore[assignment]
+_ORGANISATIONS: Table = Organisation.__table__  # type: ignore[assignment]
+_DOMAINS: Table = Domain.__table__  # type: ignore[assignment]
+
+
+def _limit(table: Table, column: str) -> int:
+    return int(getattr(table.c[column].type, "length", None) or 10_000)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def _header(path: Path) -> str:
+    with path.open("rb") as f:
+        raw = f.readline(MAX_LINE_BYTES)
+    return raw.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
+
+
+def detect_kind(path: Path) -> str:
+    """``mss``, ``rpps`` or ``whitelist`` from the file's first line, else ``DirectoryError``."""
+    try:
+        header = _header(path)
+    except OSError as exc:
+        raise DirectoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+    cols = header.split("|")
+    if tuple(cols[:2]) == MSS_HEADER_START:
+        if len(cols) != MSS_COLUMNS:
+            raise DirectoryError(f"{path.name}: MSSanté extract header has {len(cols)} columns, expected {MSS_COLUMNS}")
+        return "mss"
+    if tuple(cols[:2]) == RPPS_HEADER_START:
+        if len(cols) not in (RPPS_COLUMNS, RPPS_COLUMNS + 1):
+            raise DirectoryError(f"{path.name}: RPPS extract header has {len(cols)} columns, expected {RPPS_COLUMNS}")
+        return "rpps"
+    if header.startswith("<?xml") or header.startswith("<ListeBlanche"):
+        return "whitelist"
+    shown = header[:60] + ("..." if len(header) > 60 else "")
+    raise DirectoryError(
+        f"{path.name}: unknown file kind (first line {shown!r}); expected the MSSanté mailbox extract "
+        "('Type de BAL|Adresse BAL|...'), the RPPS extract (\"Type d'identifiant PP|Identifiant PP|...\") "
+        "or the MSSanté whitelist XML"
+    )
+
+
+def _lines(f: IO[bytes], bar: Any) -> Iterator[tuple[int, str | None, str]]:
+    """``(line number, text, "")`` per data line, or ``(line number, None, reason)`` when unreadable."""
+    number = 1
+    f.readline(MAX_LINE_BYTES)  # the header, checked by detect_kind
+    while True:
+        raw = f.readline(MAX_LINE_BYTES)
+        if not raw:
+            return
+        number += 1
+        size = len(raw)
+        if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # drop the rest of the oversized line
+                raw = f.readline(MAX_LINE_BYTES)
+                size += len(raw)
+            bar.update(size)
+            yield number, None, f"line longer than {MAX_LINE_BYTES} bytes"
+            continue
+        bar.update(size)
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            yield number, None, f"not UTF-8 (byte {exc.start + 1})"
+            continue
+        if text.strip():
+            yield number, text, ""
+
+
+class _NoBar:
+    def update(self, _n: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _progress_bar(path: Path, progress: bool) -> Any:
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr,
+                leave=False)
+
+
+# --- parsed lines ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Person:
+    """A practitioner as a line gives it."""
+
+    id_type: str
+    identifier: str
+    civility: str | None
+    last_name: str
+    first_name: str
+    profession_code: str | None
+    profession_label: str | None
+    specialty_code: str | None
+    specialty_label: str | None
+
+
+@dataclass(slots=True)
+class Box:
+    """A mailbox line of the MSSanté extract."""
+
+    line: int
+    address: str
+    domain: str
+    type: MailboxType
+    person: Person | None
+    org: tuple[str, str, str] | None  # (id type, identifier, name)
+    service: str | None
+    display_name: str | None
+
+
+_PERSON_LIMITS = {
+    name: _limit(_PRACTITIONERS, name)
+    for name in ("civility", "last_name", "first_name", "profession_code", "profession_label", "specialty_code",
+                 "specialty_label")
+}
+
+
+def _check_person(person: Person) -> Person:
+    if not person.last_name:
+        raise InvalidIdentifier(f"practitioner {person.identifier} has no last name")
+    for name, limit in _PERSON_LIMITS.items():
+        value = getattr(person, name)
+        if value and len(value) > limit:
+            raise InvalidIdentifier(f"{name.replace('_', ' ')} longer than {limit} characters")
+    return person
+
+
+def _opt(value: str) -> str | None:
+    value = value.strip()
+    return value or None
+
+
+def _person(id_type: str, identifier: str, national: str, civility: str, last: str, first: str,
+            prof_code: str, prof_label: str, sf_code: str, sf_label: str) -> Person:
+    if not identifier.strip():
+        raise InvalidIdentifier("no practitioner identifier")
+    kind, ident = check_practitioner_id(id_type.strip() or "8", identifier)
+    expected = ("8" if kind == "RPPS" else "0") + ident
+    if national.strip() and national.strip() != expected:
+        raise InvalidIdentifier(f"national identifier {national.strip()} does not match {kind} {ident}")
+    return _check_person(Person(kind, ident, _opt(civility), last.strip(), first.strip(), _opt(prof_code),
+                                _opt(prof_label), _opt(sf_code), _opt(sf_label)))
+
+
+_BOX_LIMITS = {name: _limit(_MAILBOXES, name) for name in ("display_name", "service")}
+_ORG_LIMITS = {name: _limit(_ORGANISATIONS, name) for name in ("id_type", "identifier", "name")}
+
+
+def parse_mss_line(number: int, text: str) -> Box:
+    """One line of the MSSanté extract, checked; ``InvalidIdentifier`` says what is wrong."""
+    cols = text.split("|")
+    if len(cols) != MSS_COLUMNS:
+        raise InvalidIdentifier(f"expected {MSS_COLUMNS} columns, found {len(cols)}")
+    raw_type = cols[0].strip().upper()
+    try:
+        mtype = MailboxType(raw_type)
+    except ValueError:
+        raise InvalidIdentifier(f"unknown mailbox type {cols[0]!r} (PER, ORG or APP)") from None
+    address = normalise_address(cols[1])
+    person = None
+    if mtype is MailboxType.PER:
+        person = _person(cols[2], cols[3], cols[4], cols[8], cols[9], cols[10], cols[13], cols[14], cols[15],
+                         cols[16])
+    org = None
+    raison = cols[18].strip()
+    if cols[6].strip():
+        org_type = STRUCTURE_ID_TYPES.get(cols[5].strip(), cols[5].strip() or "FINESS")
+        org = (org_type, cols[6].strip(), raison)
+        for (name, limit), value in zip(_ORG_LIMITS.items(), org, strict=True):
+            if len(value) > limit:
+                raise InvalidIdentifier(f"structure {name.replace('_', ' ')} longer than {limit} characters")
+    service = _opt(cols[7])
+    if person is not None:
+        display = f"{person.first_name} {person.last_name}".strip()
+    else:
+        display = f"{raison} ({service})" if raison and service else (raison or service or "")
+    for name, value in (("display_name", display), ("service", service)):
+        if value and len(value) > _BOX_LIMITS[name]:
+            raise InvalidIdentifier(f"{name.replace('_', ' ')} longer than {_BOX_LIMITS[name]} characters")
+    return Box(number, address, address.rpartition("@")[2], mtype, person, org, service, display or None)
+
+
+def parse_rpps_line(text: str) -> Person:
+    """One activity line of the RPPS extract (52 columns and a trailing ``|``)."""
+    cols = text.split("|")
+    if len(cols) == RPPS_COLUMNS + 1 and cols[-1] == "":
+        cols.pop()
+    if len(cols) != RPPS_COLUMNS:
+        raise InvalidIdentifier(f"expected {RPPS_COLUMNS} columns, found {len(cols)}")
+    civility = cols[3] or cols[5]  # civilité d'exercice (DR, PR), else civilité (M, MME)
+    return _person(cols[0], cols[1], cols[2], civility, cols[7], cols[8], cols[9], cols[10], cols[15], cols[16])
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+class Bulk:
+    """Batched statements straight on the batch's connection: the import's hot path.
+
+    The SQL is plain and portable (``INSERT ... ON CONFLICT DO NOTHING`` exists in
+    SQLite >= 3.24 and PostgreSQL), built from the models' table and column names,
+    and run with ``executemany``; this skips SQLAlchemy's per-row parameter
+    processing, which costs more than the database itself at this volume. Values
+    are given in database form: enums by name (as SQLAlchemy's ``Enum`` stores
+    them), the one timestamp of the import pre-processed once by the column type.
+    """
+
+    #: Keys per ``IN (...)`` list, well under SQLite's and PostgreSQL's parameter limits.
+    IN_CHUNK = 1000
+
+    def __init__(self, session: Session, now: datetime) -> None:
+        self.conn = session.connection()
+        dialect = self.conn.dialect
+        self.ph = "?" if dialect.paramstyle in ("qmark", "numeric") else "%s"
+        column_type = _MAILBOXES.c.updated_at.type
+        processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+        self.now = processor(now) if processor else now
+
+    def select_in(self, table: Table, columns: Sequence[str], key: str, keys: Iterable[Any],
+                  also: tuple[str, Iterable[Any]] | None = None) -> list[Any]:
+        """Rows of ``columns`` whose ``key`` is one of ``keys`` (and ``also[0]`` one of ``also[1]``)."""
+        keys = list(keys)
+        fixed: list[Any] = list(also[1]) if also else []
+        extra = f" AND {also[0]} IN ({', '.join([self.ph] * len(fixed))})" if also else ""
+        rows: list[Any] = []
+        for i in range(0, len(keys), self.IN_CHUNK):
+            chunk = keys[i:i + self.IN_CHUNK]
+            sql = (f"SELECT {', '.join(columns)} FROM {table.name} "
+                   f"WHERE {key} IN ({', '.join([self.ph] * len(chunk))}){extra}")
+            rows.extend(self.conn.exec_driver_sql(sql, (*chunk, *fixed)).fetchall())
+        return rows
+
+    def insert(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (same keys each), leaving any row a concurrent writer added first."""
+        if not rows:
+            return
+        names = list(rows[0])
+        sql = (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join([self.ph] * len(names))}) "
+               "ON CONFLICT DO NOTHING")
+        self.conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows])
+
+    def update(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        """``UPDATE ... WHERE id = ...`` for each row (same keys each, ``id`` among them)."""
+        if not rows:
+            return
+        names = [n for n in rows[0] if n != "id"]
+        sql = f"UPDATE {table.name} SET {', '.join(f'{n} = {self.ph}' for n in names)} WHERE id = {self.ph}"
+        self.conn.exec_driver_sql(sql, [(*(row[n] for n in names), row["id"]) for row in rows])
+
+
+_PERSON_FIELDS = ("civility", "profession_code", "profession_label", "specialty_code", "specialty_label")
+_PERSON_COLUMNS = ("id", "identifier", "id_type", "last_name", "first_name", "active", *_PERSON_FIELDS)
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.created = self.updated = self.unchanged = 0
+
+
+def upsert_practitioners(bulk: Bulk, people: Iterable[Person], counter: _Counter) -> dict[str, int]:
+    """Upsert the practitioners (in order; a later line for the same identifier wins). Returns identifier -> id.
+
+    An empty optional field (civility, profession, specialty) keeps what the row had.
+    """
+    people = list(people)
+    t = _PRACTITIONERS
+    existing: dict[str, dict[str, Any]] = {
+        row[1]: dict(zip(_PERSON_COLUMNS, row, strict=True))
+        for row in bulk.select_in(t, _PERSON_COLUMNS, "identifier", {p.identifier for p in people})
+    }
+    pending: dict[str, dict[str, Any]] = {}  # identifier -> the values to write
+    for p in people:
+        base = pending.get(p.identifier) or existing.get(p.identifier)
+        values: dict[str, Any] = {"identifier": p.identifier, "id_type": p.id_type, "last_name": p.last_name,
+                                  "first_name": p.first_name, "active": True}
+        for name in _PERSON_FIELDS:
+            values[name] = getattr(p, name) or (base or {}).get(name)
+        if base is None:
+            counter.created += 1
+        elif all(base.get(k) == v for k, v in values.items()):
+            counter.unchanged += 1
+            continue
+        else:
+            counter.updated += 1
+        if base is not None and "id" in base:
+            values["id"] = base["id"]
+        pending[p.identifier] = values
+    new = [dict(v, updated_at=bulk.now) for v in pending.values() if "id" not in v]
+    bulk.insert(t, new)
+    bulk.update(t, [dict(v, updated_at=bulk.now) for v in pending.values() if "id" in v])
+    ids = {k: v["id"] for k, v in existing.items()}
+    if new:
+        ids.update((ident, pid) for ident, pid in
+                   bulk.select_in(t, ("identifier", "id"), "identifier", [v["identifier"] for v in new]))
+    return ids
+
+
+def upsert_organisations(bulk: Bulk, orgs: Iterable[tuple[str, str, str]],
+                         counter: _Counter) -> dict[tuple[str, str], int]:
+    """Upsert organisations keyed on (id type, identifier); a non-empty name replaces the stored one."""
+    names: dict[tuple[str, str], str] = {}
+    for id_type, ident, name in orgs:
+        if name or (id_type, ident) not in names:
+            names[(id_type, ident)] = name
+    if not names:
+        return {}
+    t = _ORGANISATIONS
+    types = {id_type for id_type, _ in names}
+    ids: dict[tuple[str, str], int] = {}
+    changed = []
+    # Both columns constrained, so the (id_type, identifier) unique index serves the lookup.
+    for oid, id_type, ident, name in bulk.select_in(t, ("id", "id_type", "identifier", "name"), "identifier",
+                                                    {i for _, i in names}, also=("id_type", types)):
+        key = (id_type, ident)
+        if key in names:
+            ids[key] = oid
+            if names[key] and names[key] != name:
+                changed.append({"id": oid, "name": names[key], "updated_at": bulk.now})
+    new = [{"id_type": k[0], "identifier": k[1], "name": n, "active": True, "updated_at": bulk.now}
+           for k, n in names.items() if k not in ids]
+    bulk.insert(t, new)
+    bulk.update(t, changed)
+    if new:
+        for oid, id_type, ident in bulk.select_in(t, ("id", "id_type", "identifier"), "identifier",
+                                                  {r["identifier"] for r in new},
+                                                  also=("id_type", {r["id_type"] for r in new})):
+            ids.setdefault((id_type, ident), oid)
+    counter.created += len(new)
+    counter.updated += len(changed)
+    return ids
+
+
+class _Domains:
+    """What the import knows about mail domains: loaded once, extended as batches commit."""
+
+    def __init__(self, session: Session, local_domains: Sequence[str]) -> None:
+        self.kinds: dict[str, tuple[DomainKind, str | None]] = {}
+        for name in local_domains:
+            row = session.get(Domain, name.lower())
+            if row is None or row.kind != DomainKind.LOCAL:
+                from directory.service import add_local_domain
+
+                add_local_domain(session, name)
+        for name, kind, reason in session.execute(select(Domain.name, Domain.kind, Domain.reason)):
+            self.kinds[name] = (kind, reason)
+        self.blocked = [(n, r or "blocked") for n, (k, r) in self.kinds.items() if k == DomainKind.BLOCKED]
+
+    def refusal(self, domain: str) -> str | None:
+        """Why no mailbox may be created in ``domain``, or ``None`` when it may."""
+        known = self.kinds.get(domain)
+        if known is not None:
+            kind, reason = known
+            return f"domain {domain} is blocked: {reason}" if kind == DomainKind.BLOCKED else None
+        for pattern, reason in self.blocked:
+            if matches(pattern, domain):
+                return f"domain {domain} is blocked ({pattern}): {reason}"
+        return None
+
+    def is_local(self, domain: str) -> bool:
+        return self.kinds.get(domain, (DomainKind.TRUSTED, None))[0] == DomainKind.LOCAL
+
+
+_BOX_FIELDS = ("type", "domain", "local", "display_name", "practitioner_id", "organisation_id", "service")
+
+
+_BOX_FIELDS = ("type", "domain", "local", "display_name", "practitioner_id", "organisation_id", "service")
+_BOX_COLUMNS = ("id", "address", *_BOX_FIELDS)
+
+
+def apply_mss_batch(session: Session, boxes: list[Box], domains: _Domains, report: ImportReport,
+                    now: datetime) -> list[str]:
+    """Write one batch of checked mailbox lines; returns the domains it added to the trust list."""
+    bulk = Bulk(session, now)
+    usable: list[Box] = []
+    new_domains: list[str] = []
+    for box in boxes:
+        refusal = domains.refusal(box.domain)
+        if refusal is not None:
+            report.skipped.append((box.line, refusal))
+            continue
+        if box.domain not in domains.kinds and box.domain not in new_domains:
+            new_domains.append(box.domain)
+        usable.append(box)
+    bulk.insert(_DOMAINS, [{"name": d, "kind": DomainKind.TRUSTED.name, "source": "annuaire", "use_mx": False,
+                            "prefers_openpgp": False, "updated_at": bulk.now} for d in new_domains])
+    people, orgs = _Counter(), _Counter()
+    person_ids = upsert_practitioners(bulk, (b.person for b in usable if b.person), people)
+    org_ids = upsert_organisations(bulk, (b.org for b in usable if b.org), orgs)
+    for key, value in (("practitioners created", people.created), ("practitioners updated", people.updated),
+                       ("organisations created", orgs.created), ("organisations updated", orgs.updated),
+                       ("domains added", len(new_domains))):
+        report.details[key] = report.details.get(key, 0) + value
+
+    existing = {
+        row[1]: dict(zip(_BOX_COLUMNS, row, strict=True))
+        for row in bulk.select_in(_MAILBOXES, _BOX_COLUMNS, "address", {b.address for b in usable})
+    }
+    pending: dict[str, dict[str, Any]] = {}
+    for box in usable:
+        base = pending.get(box.address) or existing.get(box.address)
+        prior = base or {}
+        values = {
+            "address": box.address,
+            "type": box.type.name,
+            "domain": box.domain,
+            "local": domains.is_local(box.domain),
+            "display_name": box.display_name or prior.get("display_name"),
+            "practitioner_id": person_ids[box.person.identifier] if box.person else prior.get("practitioner_id"),
+            "organisation_id": org_ids[box.org[:2]] if box.org else prior.get("organisation_id"),
+            "service": box.service or prior.get("service"),
+        }
+        if base is None:
+            report.created += 1
+        elif all(base.get(k) == v for k, v in values.items()):
+            report.unchanged += 1
+            continue
+        else:
+            report.updated += 1
+        if "id" in prior:
+            values["id"] = prior["id"]
+        pending[box.address] = values
+    bulk.insert(_MAILBOXES, [dict(v, active=True, source="annuaire", updated_at=bulk.now)
+                             for v in pending.values() if "id" not in v])
+    bulk.update(_MAILBOXES, [{k: v for k, v in row.items() if k != "address"} | {"updated_at": bulk.now}
+                             for row in pending.values() if "id" in row])
+    return new_domains
+
+
+# --- the import ------------------------------------------------------------------------
+
+
+#: SQLite page cache of the import's connection (KiB): the indexes of a national
+#: directory do not fit SQLite's default 2 MB, and misses cost more than the inserts.
+SQLITE_IMPORT_CACHE_KIB = 64 * 1024
+
+
+@contextmanager
+def _import_sessions(factory: sessionmaker[Session]) -> Iterator[sessionmaker[Session]]:
+    """Sessions for the import's batches: on SQLite, all on one connection with a larger page cache."""
+    engine = factory.kw.get("bind")
+    if not isinstance(engine, Engine) or engine.dialect.name != "sqlite":
+        yield factory
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
+        conn.commit()
+        try:
+            yield sessionmaker(bind=conn, expire_on_commit=False)
+        finally:
+            conn.rollback()
+            conn.exec_driver_sql("PRAGMA cache_size = -2000")  # SQLite's default, for the pooled connection
+            conn.commit()
+
+
+def _commit_batch(factory: sessionmaker[Session], first_line: int, last_line: int, work: Any) -> Any:
+    try:
+        with factory() as session, session.begin():
+            return work(session)
+    except SQLAlchemyError as exc:
+        raise DirectoryError(
+            f"database error in the batch of lines {first_line}-{last_line} ({type(exc).__name__}); "
+            "that batch was rolled back, the batches before it are saved: fix the cause and run the import again"
+        ) from exc
+
+
+def import_annuaire(
+    factory: sessionmaker[Session],
+    path: Path,
+    kind: str,
+    *,
+    local_domains: Sequence[str],
+    progress: bool = False,
+    batch_size: int = 5000,
+) -> ImportReport:
+    """Stream an ``mss`` or ``rpps`` extract into the directory (see the module docstring)."""
+    if kind not in ("mss", "rpps"):
+        raise DirectoryError(f"unknown extract kind {kind!r}")
+    if batch_size < 1:
+        raise DirectoryError("the batch size must be at least 1")
+    started = time.perf_counter()
+    report = ImportReport(kind=kind)
+    now = datetime.now(UTC)
+    domains: _Domains | None = None
+    if kind == "mss":
+        domains = _commit_batch(factory, 1, 1, lambda s: _Domains(s, [d.lower() for d in local_domains]))
+
+    batch: list[Any] = []
+    first = 0
+    sessions = factory  # replaced by the import's own sessions below
+
+    def flush(last: int) -> None:
+        if not batch:
+            return
+        if kind == "mss":
+            assert domains is not None
+            added = _commit_batch(sessions, first, last,
+                                  lambda s: apply_mss_batch(s, batch, domains, report, now))
+            for name in added:
+                domains.kinds[name] = (DomainKind.TRUSTED, None)
+        else:
+            counter = _Counter()
+            _commit_batch(sessions, first, last, lambda s: upsert_practitioners(Bulk(s, now), batch, counter))
+            report.created += counter.created
+            report.updated += counter.updated
+            report.unchanged += counter.unchanged
+        batch.clear()
+
+    bar = _progress_bar(path, progress)
+    number = 1
+    try:
+        with _import_sessions(factory) as sessions, path.open("rb") as f:
+            for number, text, problem in _lines(f, bar):
+                report.lines += 1
+                if text is None:
+                    report.skipped.append((number, problem))
+                    continue
+                try:
+                    item = parse_mss_line(number, text) if kind == "mss" else parse_rpps_line(text)
+                except InvalidIdentifier as exc:
+                    report.skipped.append((number, str(exc)))
+                    continue
+                if not batch:
+                    first = number
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    flush(number)
+            flush(number)
+    except OSError as exc:
+        raise DirectoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        bar.close()
+    report.skipped.sort()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+__all__ = ["detect_kind", "import_annuaire", "parse_mss_line", "parse_rpps_line"]

@@ -22,6 +22,7 @@ import gateway.queue.models  # noqa: F401
 from directory.models import Base
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+READ_ONLY_OPTION = "mssgw_read_only"
 
 
 class DatabaseError(Exception):
@@ -54,11 +55,13 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        # Let SQLite's own BEGIN handling be replaced by ours: BEGIN IMMEDIATE avoids
-        # upgrade deadlocks when two connections read then write.
+        # SQLite's own BEGIN handling is replaced by ours. Writers use BEGIN IMMEDIATE, which
+        # avoids the upgrade deadlock of a transaction that reads then writes; sessions from
+        # ``read_session_factory`` use a deferred BEGIN, so lookups never wait for a writer (WAL).
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         @event.listens_for(engine, "connect")
         def _no_autobegin(dbapi_connection: Any, _record: Any) -> None:
@@ -95,6 +98,11 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for lookups only: on SQLite they do not take the write lock."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
+
+
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work is committed on success and rolled back on any error."""
@@ -102,4 +110,12 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-__all__ = ["Base", "DatabaseError", "make_engine", "migrate", "session_factory", "transaction"]
+__all__ = [
+    "Base",
+    "DatabaseError",
+    "make_engine",
+    "migrate",
+    "read_session_factory",
+    "session_factory",
+    "transaction",
+]

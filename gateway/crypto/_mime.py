@@ -11,10 +11,11 @@ locate the parts we need; limits on header size and part count bound the work on
 
 from __future__ import annotations
 
-import base64
 import binascii
+import functools
 import re
 import secrets
+import struct
 from email.utils import getaddresses
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "b64decode_body",
     "content_type",
     "first_address",
+    "header_block",
     "header_value",
     "new_boundary",
     "parse_headers",
@@ -35,6 +37,10 @@ __all__ = [
 MAX_HEADER_BYTES = 256 * 1024
 MAX_HEADER_FIELDS = 2000
 MAX_PARTS = 1000
+
+
+_FOLD = re.compile(r"\r?\n[ \t]")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 class MimeError(ValueError):
@@ -49,19 +55,35 @@ def to_crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def _entity_bounds(data: bytes) -> tuple[int, int]:
+    """(end of the header block, start of the body) of a MIME entity; LF or CRLF accepted."""
+    if data.startswith(b"\r\n"):
+        return 0, 2
+    if data.startswith(b"\n"):
+        return 0, 1
+    limit = min(len(data), MAX_HEADER_BYTES)
+    # The first blank line ends the header block.  Look for CRLF CRLF first, then for LF LF only
+    # before it: a CRLF message is never scanned up to the limit for a bare LF LF it lacks.
+    i = data.find(b"\r\n\r\n", 0, limit)
+    j = data.find(b"\n\n", 0, limit if i < 0 else i + 1)
+    if j >= 0 and (i < 0 or j < i):
+        return j, j + 2
+    if i >= 0:
+        return i, i + 4
+    if len(data) >= MAX_HEADER_BYTES:
+        raise MimeError("header block too large or not terminated")
+    return len(data), len(data)
+
+
 def split_entity(data: bytes) -> tuple[bytes, bytes]:
     """Return (header block without the blank line, body) of a MIME entity; LF or CRLF accepted."""
-    if data.startswith((b"\r\n", b"\n")):
-        return b"", data[2:] if data.startswith(b"\r\n") else data[1:]
-    limit = min(len(data), MAX_HEADER_BYTES)
-    candidates = [(i, n) for i, n in ((data.find(b"\r\n\r\n", 0, limit), 4), (data.find(b"\n\n", 0, limit), 2))
-                  if i >= 0]  # fmt: skip
-    if not candidates:
-        if len(data) >= MAX_HEADER_BYTES:
-            raise MimeError("header block too large or not terminated")
-        return data, b""
-    i, n = min(candidates)
-    return data[:i], data[i + n :]
+    end, body = _entity_bounds(data)
+    return data[:end], data[body:]
+
+
+def header_block(data: bytes) -> bytes:
+    """The header block of `split_entity(data)`, without copying the body."""
+    return data[: _entity_bounds(data)[0]]
 
 
 def parse_headers(block: bytes) -> list[tuple[str, str, bytes]]:
@@ -90,7 +112,10 @@ def _field(lines: list[bytes]) -> tuple[str, str, bytes]:
     name, sep, value = raw.partition(b":")
     if not sep or not name.strip() or b" " in name.strip():
         raise MimeError("malformed header field")
-    text = re.sub(r"\r?\n[ \t]", " ", value.decode("utf-8", "replace")).strip()
+    text = value.decode("utf-8", "replace")
+    if "\n" in text[:-1]:  # folded: unfold (RFC 5322 §2.2.3); a single field line needs no regex
+        text = _FOLD.sub(" ", text)
+    text = text.strip()
     return name.strip().decode("ascii", "replace").lower(), text, raw
 
 
@@ -115,12 +140,26 @@ def content_type(value: str | None) -> tuple[str, dict[str, str]]:
             continue
         v = v.strip()
         if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
-            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+            v = _QUOTED_PAIR.sub(r"\1", v[1:-1])
         params[k.strip().lower()] = v
     return mtype, params
 
 
 def _split_params(value: str) -> list[str]:
+    if "\\" not in value:
+        # Without quoted-pairs, the text between quotes alternates outside/inside a quoted-string
+        # (an unterminated quote runs to the end); only an outside ';' separates parameters.
+        out = [""]
+        for i, seg in enumerate(value.split('"')):
+            if i:
+                out[-1] += '"'
+            if i % 2:
+                out[-1] += seg
+            else:
+                first, *rest = seg.split(";")
+                out[-1] += first
+                out.extend(rest)
+        return out
     out, buf, quoted, escape = [], [], False, False
     for ch in value:
         if escape:
@@ -186,10 +225,31 @@ def new_boundary(*contents: bytes) -> str:
             return b
 
 
+_B64_LINE = 76
+_B64_BLOCK = 512
+_B64_BLOCK_STRUCT = struct.Struct(f"{_B64_LINE}s" * _B64_BLOCK)
+
+
 def b64_lines(data: bytes) -> bytes:
-    """Base64 in 76-character CRLF-terminated lines (RFC 2045 §6.8)."""
-    enc = base64.b64encode(data)
-    return b"".join([enc[i : i + 76] + b"\r\n" for i in range(0, len(enc), 76)])
+    """Base64 in 76-character CRLF-terminated lines (RFC 2045 §6.8).
+
+    Encoded in one call; the lines are cut by `struct` in blocks of 512, so a megabyte costs a
+    few dozen Python iterations rather than one per line."""
+    enc = binascii.b2a_base64(data, newline=False)
+    whole = len(enc) // _B64_LINE
+    lines: list[bytes] = []
+    pos = 0
+    stop = (whole - whole % _B64_BLOCK) * _B64_LINE
+    while pos < stop:
+        lines.extend(_B64_BLOCK_STRUCT.unpack_from(enc, pos))
+        pos += _B64_BLOCK * _B64_LINE
+    if whole % _B64_BLOCK:
+        lines.extend(struct.unpack_from(f"{_B64_LINE}s" * (whole % _B64_BLOCK), enc, pos))
+        pos = whole * _B64_LINE
+    if pos < len(enc):
+        lines.append(enc[pos:])
+    lines.append(b"")
+    return b"\r\n".join(lines)
 
 
 def b64decode_body(body: bytes) -> bytes:
@@ -204,6 +264,13 @@ def first_address(value: str | None) -> str | None:
     """The single address of a From field, lower-cased; None if absent or not exactly one."""
     if not value:
         return None
+    return _first_address(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _first_address(value: str) -> str | None:
+    # email.utils' address parser costs more than the rest of opening a small message's MIME;
+    # a gateway sees the same few From values again and again.
     addrs = [a for _, a in getaddresses([value]) if a]
     if len(addrs) != 1 or "@" not in addrs[0]:
         return None

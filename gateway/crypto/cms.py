@@ -18,8 +18,9 @@ tampered-content, bad-signed-attributes, no-signer-certificate.
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from asn1crypto import cms as acms
@@ -79,24 +80,55 @@ def _load_content_info(der: bytes) -> acms.ContentInfo:
     return ci
 
 
-def _rid_matches(rid: acms.RecipientIdentifier, cert: x509.Certificate, cert_ski: bytes | None) -> bool:
-    if rid.name == "issuer_and_serial_number":
-        ias = rid.chosen
-        if ias["serial_number"].native != cert.serial_number:
-            return False
-        issuer_der = cert.issuer.public_bytes()
-        # Byte comparison first; the RFC 5280 §7.1 normalised comparison (slow stringprep) only if needed.
-        return bool(ias["issuer"].dump() == issuer_der or ias["issuer"] == ax509.Name.load(issuer_der))
-    if rid.name == "subject_key_identifier":
-        return cert_ski is not None and rid.chosen.native == cert_ski
-    return False
+class _CertIds:
+    """What identifies a certificate in a RecipientIdentifier or SignerIdentifier, kept per
+    certificate so that a message costs no certificate parsing for it."""
+
+    __slots__ = ("_acert", "_issuer_name", "_ski", "issuer_der", "serial")
+
+    def __init__(self, serial: int, issuer_der: bytes, ski: bytes | None = None,
+                 acert: ax509.Certificate | None = None) -> None:  # fmt: skip
+        self.serial = serial
+        self.issuer_der = issuer_der
+        self._ski = ski
+        self._acert = acert  # read the key identifier from it only when a SignerIdentifier asks
+        self._issuer_name: ax509.Name | None = None
+
+    def matches(self, choice: acms.RecipientIdentifier | acms.SignerIdentifier) -> bool:
+        if choice.name == "issuer_and_serial_number":
+            ias = choice.chosen
+            if ias["serial_number"].native != self.serial:
+                return False
+            # Byte comparison first; the RFC 5280 §7.1 normalised comparison (slow stringprep) only if needed.
+            if ias["issuer"].dump() == self.issuer_der:
+                return True
+            if self._issuer_name is None:
+                self._issuer_name = ax509.Name.load(self.issuer_der)
+            return bool(ias["issuer"] == self._issuer_name)
+        if choice.name == "subject_key_identifier":
+            ski = self._acert.key_identifier if self._acert is not None else self._ski
+            return ski is not None and choice.chosen.native == ski
+        return False
 
 
-def _ski(cert: x509.Certificate) -> bytes | None:
+@functools.lru_cache(maxsize=256)
+def _recipient_ids(cert: x509.Certificate) -> _CertIds:
+    """Our own certificate's identifiers, computed once per certificate rather than per message."""
     try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        ski: bytes | None = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
-        return None
+        ski = None
+    return _CertIds(cert.serial_number, cert.issuer.public_bytes(), ski)
+
+
+@functools.lru_cache(maxsize=512)
+def _carried_cert(der: bytes) -> tuple[_CertIds, x509.Certificate]:
+    """A certificate carried in a SignedData, parsed once per distinct DER: its identifiers as
+    asn1crypto reads them (the issuer bytes exactly as encoded) and the `cryptography` object.
+    Raises ValueError for a certificate that cannot be parsed."""
+    acert = ax509.Certificate.load(der, strict=True)
+    ids = _CertIds(acert.serial_number, acert.issuer.dump(), acert=acert)
+    return ids, x509.load_der_x509_certificate(der)
 
 
 def _oaep(params: acms.RSAESOAEPParams | None) -> padding.OAEP:
@@ -128,10 +160,10 @@ def decrypt_enveloped(der: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey
         raise CmsError("malformed-cms", f"unparsable enveloped-data ({exc.__class__.__name__})") from exc
     if alg_name not in _AES:
         raise CmsError("weak-cipher", f"content encryption {alg_name} is not accepted (AES-CBC required)")
-    cert_ski = _ski(cert)
+    ids = _recipient_ids(cert)
     mine = None
     for ri in recipients:
-        if ri.name == "ktri" and _rid_matches(ri.chosen["rid"], cert, cert_ski):
+        if ri.name == "ktri" and ids.matches(ri.chosen["rid"]):
             mine = ri.chosen
             break
     if mine is None:
@@ -152,31 +184,30 @@ def decrypt_enveloped(der: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey
             raise ValueError("bad key, IV or content length")
         dec = Cipher(algorithms.AES(cek), modes.CBC(iv)).decryptor()
         padded = dec.update(ciphertext) + dec.finalize()
+        if len(padded) < 16:
+            raise ValueError("content shorter than one block")
+        # Only the last block carries padding: let the PKCS#7 unpadder check that block, then cut
+        # the content once, instead of streaming the whole plaintext through it.
         unpadder = sympadding.PKCS7(128).unpadder()
-        content = unpadder.update(padded) + unpadder.finalize()
+        last = unpadder.update(padded[-16:]) + unpadder.finalize()
+        content = padded[: len(padded) - 16 + len(last)]
     except (ValueError, TypeError) as exc:
         raise CmsError("decrypt-failed", "content could not be decrypted with our key") from exc
     return Decrypted(content, f"aes-{_AES[alg_name] * 8}-cbc", kt)
 
 
-def _certs(sd: acms.SignedData) -> list[tuple[acms.CertificateChoices, x509.Certificate]]:
+def _certs(sd: acms.SignedData) -> list[tuple[_CertIds, x509.Certificate]]:
     out = []
     for choice in sd["certificates"] or []:
         if choice.name == "certificate":
-            out.append((choice.chosen, x509.load_der_x509_certificate(choice.chosen.dump())))
+            out.append(_carried_cert(choice.chosen.dump()))
     return out
 
 
 def _find_signer(sid: acms.SignerIdentifier,
-                 certs: list[tuple[acms.CertificateChoices, x509.Certificate]]) -> x509.Certificate | None:  # fmt: skip
-    for acert, cert in certs:
-        if sid.name == "issuer_and_serial_number":
-            ias = sid.chosen
-            if ias["serial_number"].native == acert.serial_number and (
-                ias["issuer"].dump() == acert.issuer.dump() or ias["issuer"] == acert.issuer
-            ):
-                return cert
-        elif sid.name == "subject_key_identifier" and acert.key_identifier == sid.chosen.native:
+                 certs: list[tuple[_CertIds, x509.Certificate]]) -> x509.Certificate | None:  # fmt: skip
+    for ids, cert in certs:
+        if sid.name in ("issuer_and_serial_number", "subject_key_identifier") and ids.matches(sid):
             return cert
     return None
 
@@ -265,14 +296,21 @@ def _verify_one(si: acms.SignerInfo, signer: x509.Certificate, certs: list[x509.
                 hash_name: str, econtent_type: str) -> SignatureInfo:  # fmt: skip
     signature = si["signature"].native
     attrs = si["signed_attrs"]
-    candidates = [content]
-    crlf = to_crlf(content)
-    if crlf != content:
-        candidates.append(crlf)
+
+    def candidates() -> Iterator[bytes]:
+        # The content as received, then (only if that failed) its canonical CRLF form.
+        yield content
+        crlf = to_crlf(content)
+        if crlf is not content and crlf != content:
+            yield crlf
+
     try:
-        if attrs.native is None or len(attrs) == 0:
+        # Absent signed attributes parse as Void (length 0).  The attributes are read one by one
+        # below rather than converted wholesale to Python values: only messageDigest and
+        # contentType matter, and the signature check covers the exact bytes of all of them.
+        if len(attrs) == 0:
             # No signed attributes: the signature is directly over the content (RFC 5652 §5.4).
-            for data in candidates:
+            for data in candidates():
                 try:
                     alg = _verify_raw(signer, si, signature, data, hash_name)
                 except InvalidSignature:
@@ -299,7 +337,7 @@ def _verify_one(si: acms.SignerInfo, signer: x509.Certificate, certs: list[x509.
             raise CmsError(
                 "bad-signed-attributes", "signature over the signed attributes is invalid"
             ) from None
-        for data in candidates:
+        for data in candidates():
             if hmac.compare_digest(_digest(hash_name, data), md):
                 return SignatureInfo(signer, tuple(certs), hash_name, alg, data)
         raise CmsError("tampered-content", "content digest differs from the signed messageDigest")

@@ -17,6 +17,9 @@ crl-unavailable, crl-stale (the last two only when `require_crl` is set).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -49,6 +52,10 @@ _PURPOSE_OID = {
 }
 DEFAULT_CRL_MAX_AGE = _dt.timedelta(days=8)
 MAX_CHAIN_DEPTH = 6
+#: How long a successfully built path is reused for the same leaf and intermediates (seconds of
+#: monotonic time).  Validity at the requested time and revocation are still checked every call.
+PATH_CACHE_SECONDS = 300.0
+PATH_CACHE_SIZE = 1024
 
 
 class TrustStoreError(Exception):
@@ -118,9 +125,20 @@ class TrustStore:
         self.require_crl = require_crl
         self._store = Store(self.anchors)
         self._policies: dict[Purpose, tuple[ExtensionPolicy, ExtensionPolicy]] = {}
+        self._lock = threading.Lock()
+        # (purpose, leaf, intermediates) -> (monotonic expiry, _Path); successes only.
+        self._paths: dict[tuple[object, ...], tuple[float, _Path]] = {}
+        # id(crl) -> (crl, {issuer: signature valid}); the CRL is kept so that its id stays unique.
+        self._crl_sigs: dict[int, tuple[x509.CertificateRevocationList, dict[x509.Certificate, bool]]] = {}
 
     def add_crl(self, crl: x509.CertificateRevocationList) -> None:
         self.crls.append(crl)
+
+    def clear_cache(self) -> None:
+        """Forget built paths and CRL signature checks (they are also bounded in time and size)."""
+        with self._lock:
+            self._paths.clear()
+            self._crl_sigs.clear()
 
     def _extension_policies(self, purpose: Purpose) -> tuple[ExtensionPolicy, ExtensionPolicy]:
         if purpose not in self._policies:
@@ -151,28 +169,34 @@ class TrustStore:
         if at > cert.not_valid_after_utc:
             return ChainResult(False, failure="expired",
                                detail=f"certificate expired {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z")  # fmt: skip
-        ca_policy, ee_policy = self._extension_policies(purpose)
-        builder = (
-            PolicyBuilder()
-            .store(self._store)
-            .time(at)
-            .max_chain_depth(MAX_CHAIN_DEPTH)
-            .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-        )
-        try:
-            verified = builder.build_client_verifier().verify(cert, list(intermediates))
-        except VerificationError as exc:
-            text = str(exc)
-            if "not valid at validation time" in text:
-                code = "expired"
-            elif "extended key usage" in text or "key usage" in text:
-                code = "bad-key-usage"
-            else:
-                code = "untrusted-ca"
-            return ChainResult(False, failure=code, detail=_short(text))
-        chain = tuple(verified.chain)
-        emails = tuple(str(n.value) for n in (verified.subjects or []) if isinstance(n, x509.RFC822Name))
-        anchor = chain[-1].subject.rfc4514_string()
+        # The anchors (self._store) are fixed for the life of this store and CRLs are consulted
+        # below on every call, so the leaf, the intermediates offered and the purpose are the key.
+        key = (purpose, cert, *intermediates)
+        path = self._cached_path(key, at)
+        if path is None:
+            ca_policy, ee_policy = self._extension_policies(purpose)
+            builder = (
+                PolicyBuilder()
+                .store(self._store)
+                .time(at)
+                .max_chain_depth(MAX_CHAIN_DEPTH)
+                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+            )
+            try:
+                verified = builder.build_client_verifier().verify(cert, list(intermediates))
+            except VerificationError as exc:
+                text = str(exc)
+                if "not valid at validation time" in text:
+                    code = "expired"
+                elif "extended key usage" in text or "key usage" in text:
+                    code = "bad-key-usage"
+                else:
+                    code = "untrusted-ca"
+                return ChainResult(False, failure=code, detail=_short(text))
+            path = _Path(tuple(verified.chain),
+                         tuple(str(n.value) for n in (verified.subjects or []) if isinstance(n, x509.RFC822Name)))  # fmt: skip
+            self._remember_path(key, path)
+        chain, emails, anchor = path.chain, path.emails, path.anchor
         status, revoked_detail = self._revocation(chain, at)
         if status == "revoked":
             return ChainResult(False, chain, anchor, True, status, "revoked", revoked_detail, emails)
@@ -181,6 +205,45 @@ class TrustStore:
             failure = "crl-stale" if status == "stale" else "crl-unavailable"
         return ChainResult(failure is None, chain, anchor, False if status == "good" else None, status,
                            failure, revoked_detail, emails)  # fmt: skip
+
+    def _cached_path(self, key: tuple[object, ...], at: _dt.datetime) -> _Path | None:
+        """A path built earlier for exactly this leaf and these intermediates, if still fresh and
+        if every certificate on it is within its validity period at `at`: the verifier would
+        accept the same path at `at` (signatures, constraints and usages do not depend on time)."""
+        with self._lock:
+            hit = self._paths.get(key)
+        if hit is None:
+            return None
+        expiry, path = hit
+        if time.monotonic() >= expiry or not path.not_before <= at <= path.not_after:
+            return None
+        return path
+
+    def _remember_path(self, key: tuple[object, ...], path: _Path) -> None:
+        with self._lock:
+            if len(self._paths) >= PATH_CACHE_SIZE:
+                now = time.monotonic()
+                for k in [k for k, (exp, _) in self._paths.items() if exp <= now]:
+                    del self._paths[k]
+                while len(self._paths) >= PATH_CACHE_SIZE:
+                    del self._paths[next(iter(self._paths))]  # oldest first (insertion order)
+            self._paths[key] = (time.monotonic() + PATH_CACHE_SECONDS, path)
+
+    def _crl_signature_valid(self, crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+        with self._lock:
+            entry = self._crl_sigs.get(id(crl))
+            if entry is None or entry[0] is not crl:
+                entry = self._crl_sigs[id(crl)] = (crl, {})
+            known = entry[1].get(issuer)
+        if known is not None:
+            return known
+        try:
+            valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+        except (TypeError, ValueError, InvalidSignature):
+            valid = False
+        with self._lock:
+            entry[1][issuer] = valid
+        return valid
 
     def _revocation(self, chain: Sequence[x509.Certificate], at: _dt.datetime) -> tuple[CrlStatus, str]:
         """Worst status over the non-anchor certificates of the chain: revoked > stale > unavailable > good."""
@@ -197,15 +260,12 @@ class TrustStore:
         self, cert: x509.Certificate, issuer: x509.Certificate, at: _dt.datetime
     ) -> tuple[CrlStatus, str]:
         best: CrlStatus = "unavailable"
-        why = f"no CRL from {issuer.subject.rfc4514_string()}"
+        why = ""
+        found = False
         for crl in self.crls:
-            if crl.issuer != issuer.subject:
+            if crl.issuer != issuer.subject or not self._crl_signature_valid(crl, issuer):
                 continue
-            try:
-                if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
-                    continue
-            except (TypeError, ValueError, InvalidSignature):
-                continue
+            found = True
             if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
                 return (
                     "revoked",
@@ -218,7 +278,30 @@ class TrustStore:
                 why = ""
             elif best != "good":
                 best, why = "stale", f"CRL of {issuer.subject.rfc4514_string()} is past its nextUpdate"
+        if not found:
+            why = f"no CRL from {_subject_text(issuer)}"
         return best, why
+
+
+@dataclass(frozen=True)
+class _Path:
+    """A path the verifier accepted: leaf first, anchor last, and the leaf's rfc822Name SANs."""
+
+    chain: tuple[x509.Certificate, ...]
+    emails: tuple[str, ...]
+    anchor: str = field(init=False)
+    not_before: _dt.datetime = field(init=False)
+    not_after: _dt.datetime = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "anchor", _subject_text(self.chain[-1]))
+        object.__setattr__(self, "not_before", max(c.not_valid_before_utc for c in self.chain))
+        object.__setattr__(self, "not_after", min(c.not_valid_after_utc for c in self.chain))
+
+
+@functools.lru_cache(maxsize=256)
+def _subject_text(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string()
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -239,9 +240,13 @@ class AuditWriter:
     for the next attempt.
     """
 
-    def __init__(self, factory: sessionmaker[Session], *, max_batch: int = 500) -> None:
+    def __init__(self, factory: sessionmaker[Session], *, max_batch: int = 500,
+                 executor: Executor | None = None) -> None:
         self._factory = factory
         self._max_batch = max_batch
+        # On SQLite the gateway passes its single writer thread, so audit batches and queue
+        # commits take turns instead of meeting in SQLite's sleeping busy handler.
+        self._executor = executor
         self._pending: list[AuditEvent] = []
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -267,7 +272,7 @@ class AuditWriter:
         if self._task is None:
             if self._pending:
                 batch, self._pending = self._pending, []
-                await asyncio.to_thread(self.write_now, batch)
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)
                 self._idle.set()
             return
         self._wakeup.set()
@@ -289,7 +294,7 @@ class AuditWriter:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 try:
-                    await asyncio.to_thread(self.write_now, batch)
+                    await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)
                 except Exception as exc:  # database hiccup: keep the events, retry shortly
                     log.error("audit write failed (%s); %d events kept for retry", type(exc).__name__, len(batch))
                     await asyncio.sleep(1.0)

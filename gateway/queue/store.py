@@ -51,6 +51,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def new_queue_id() -> str:
+    """A fresh queue id: 32 random hex digits (also the spool file name)."""
+    return secrets.token_hex(16)
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 
@@ -77,6 +82,8 @@ class QueueStore:
     def _write_spool(self, queue_id: str, data: bytes) -> Path:
         final = self.spool_path(queue_id)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a caller-chosen id already in use: never overwrite stored bytes
+            raise FileExistsError(17, "queue id already in use", str(final))
         tmp = final.with_name(f".{queue_id}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -108,11 +115,16 @@ class QueueStore:
         security: dict[str, Any] | None = None,
         protections: dict[str, str] | None = None,
         audit_events: Sequence[AuditEvent] = (),
+        queue_id: str | None = None,
     ) -> Enqueued:
-        """Store the message durably; returns only once bytes and rows are committed."""
+        """Store the message durably; returns only once bytes and rows are committed.
+
+        ``queue_id`` may be chosen by the caller (``new_queue_id()``) so that a trace
+        header written into the bytes can name it; by default a new one is drawn.
+        """
         if not recipients:
             raise QueueError("a message needs at least one recipient")
-        queue_id = secrets.token_hex(16)
+        queue_id = queue_id or new_queue_id()
         try:
             path = self._write_spool(queue_id, data)
         except OSError as exc:

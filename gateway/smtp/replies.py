@@ -43,6 +43,8 @@ S250_2_1_0_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 S250_2_1_5_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 S250_2_6_0_QUEUED = Reply(250, "2.6.0", "Message accepted for delivery")
 S235_2_7_0_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+S221_2_0_0_BYE = Reply(221, "2.0.0", "Bye")
+S220_2_0_0_TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
 
 # 4xx: try again later
 S421_4_3_2_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
@@ -53,6 +55,7 @@ S452_4_3_1_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again
 S452_4_5_3_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients for one message")
 S454_4_7_0_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 S454_4_7_0_AUTH_LOCKED = Reply(454, "4.7.0", "Too many failed logins, try again later")
+S454_4_7_0_AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
 
 # 5xx: refused for good
 S500_5_5_2_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognised")
@@ -61,6 +64,15 @@ S501_5_1_3_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
 S503_5_5_1_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 S530_5_7_0_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 S530_5_7_0_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+S530_5_7_0_CLIENT_CERT_REQUIRED = Reply(530, "5.7.0", "A TLS client certificate of a trusted operator is required")
+S500_5_5_2_LINE_TOO_LONG = Reply(500, "5.5.2", "Command line too long")
+S503_5_5_1_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+S503_5_5_1_NEED_RCPT = Reply(503, "5.5.1", "Need a valid RCPT command first")
+S502_5_5_1_TOO_MANY_BAD = Reply(502, "5.5.1", "Too many unrecognised commands, closing connection")
+S554_5_7_0_TLS_FAILED = Reply(554, "5.7.0", "Command refused: TLS negotiation failed")
+S550_5_7_1_PEER_CERT_MISMATCH = Reply(
+    550, "5.7.1", "Client certificate does not match the sending operator's domain"
+)
 S535_5_7_8_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 S550_5_1_1_UNKNOWN_RECIPIENT = Reply(550, "5.1.1", "Mailbox unknown in the health directory")
 S550_5_1_1_INACTIVE_RECIPIENT = Reply(550, "5.1.1", "Mailbox deactivated in the health directory")
@@ -73,6 +85,7 @@ S550_5_7_1_PEER_NOT_TRUSTED = Reply(550, "5.7.1", "Sending operator is not in th
 S550_5_7_1_NO_PROTECTION = Reply(550, "5.7.1", "No way to protect mail for this recipient")
 S550_5_7_1_FROM_MISMATCH = Reply(550, "5.7.1", "From: header does not match an address you may send as")
 S552_5_3_4_TOO_BIG = Reply(552, "5.3.4", "Message too big for system")
+S550_5_6_0_LINE_TOO_LONG = Reply(550, "5.6.0", "Message has a line longer than 998 octets (RFC 5322 2.1.1)")
 S550_5_6_0_BAD_CONTENT = Reply(550, "5.6.0", "Malformed message content")
 S554_5_6_0_BAD_CONTENT = Reply(554, "5.6.0", "Malformed message content")
 S553_5_1_7_BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")

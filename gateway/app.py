@@ -1,0 +1,276 @@
+"""The running gateway: database, TLS, SMTP listeners, queue workers, IMAP and metrics, started and stopped as one.
+
+``Gateway(settings).run_forever()`` is ``mssgw serve``. ``start()`` checks the
+certificates (missing or expired: ``GatewayStartError``), migrates the database,
+binds every listener of ``[listen]`` (a taken port: ``GatewayStartError`` naming the
+setting and address), logs one line per listener, then starts the queue workers and
+the IMAP service when their modules are present. ``stop()`` (SIGTERM, SIGINT) stops
+accepting connections, lets transactions already in DATA finish committing, says
+421 4.3.2 to the other sessions, stops workers and IMAP, and flushes the audit writer.
+The audit retention purge runs at start and then daily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from directory.db import DatabaseError, make_engine, migrate, session_factory
+from gateway.audit.trail import AuditEvent, AuditWriter, purge
+from gateway.auth import Authenticator
+from gateway.config import Settings
+from gateway.metrics import Metrics, serve_metrics
+from gateway.queue.store import QueueStore
+from gateway.smtp.inbound import InboundHandler
+from gateway.smtp.server import EdgeDeps, EdgeHandler, GatewaySMTP, start_listener
+from gateway.smtp.submission import SubmissionHandler
+from gateway.smtp.tls import TlsConfigError, server_context
+
+log = logging.getLogger("mssgw.app")
+
+PURGE_INTERVAL = 24 * 3600.0
+SHUTDOWN_GRACE = 30.0  # seconds given to transactions in DATA to commit
+
+
+class GatewayStartError(Exception):
+    """The gateway cannot start; the message is one line naming the setting or file."""
+
+
+def purge_audit(factory: sessionmaker[Session], settings: Settings) -> int:
+    """Apply ``audit.retention_days``; returns the number of records removed."""
+    days = int(settings.get("audit", "retention_days"))
+    with factory() as session, session.begin():
+        return purge(session, older_than=timedelta(days=days))
+
+
+class Gateway:
+    """``workers=False`` makes an edge-only node: it accepts and queues, another node delivers."""
+
+    def __init__(self, settings: Settings, *, workers: bool = True, imap: bool = True) -> None:
+        self.settings = settings
+        self.with_workers = workers
+        self.with_imap = imap
+        self.workers: Any = None
+        self.metrics = Metrics()
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.engine: Engine | None = None
+        self.sessions: sessionmaker[Session] | None = None
+        self.readers: sessionmaker[Session] | None = None
+        self._read_engine: Engine | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self.store: QueueStore | None = None
+        self.audit: AuditWriter | None = None
+        self.authenticator: Authenticator | None = None
+        self.handlers: list[EdgeHandler] = []
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[GatewaySMTP] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._services: list[tuple[str, Callable[[], Awaitable[Any]]]] = []  # (name, async close)
+
+    # --- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            tls = server_context(self.settings)
+        except TlsConfigError as exc:
+            raise GatewayStartError(str(exc)) from None
+        self.engine = make_engine(self.settings.database_url, echo=bool(self.settings.get("database", "echo")))
+        try:
+            await asyncio.to_thread(migrate, self.engine)
+        except DatabaseError as exc:
+            raise GatewayStartError(str(exc)) from None
+        self.sessions = session_factory(self.engine)
+        self.readers = self._reader_factory()
+        sqlite = self.engine.dialect.name == "sqlite"
+        self._writer = ThreadPoolExecutor(max_workers=1 if sqlite else 16, thread_name_prefix="queue-writer")
+        self.audit = AuditWriter(self.sessions, executor=self._writer)
+        self.audit.start()
+        q = self.settings.values["queue"]
+        self.store = QueueStore(self.sessions, self.settings.spool_dir,
+                                lifetime=timedelta(hours=float(q["lifetime_hours"])),
+                                lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
+        self.authenticator = Authenticator(self.sessions, self.settings, self.audit)
+        deps = EdgeDeps(self.settings, self.sessions, self.store, self.audit, self.metrics, on_queued=self._wake,
+                        readers=self.readers, writer=self._writer)
+        submission = SubmissionHandler(deps, self.authenticator)
+        inbound = InboundHandler(deps)
+        self.handlers = [submission, inbound]
+        try:
+            await self._listen("submission", submission, tls, implicit_tls=False)
+            await self._listen("submissions", submission, tls, implicit_tls=True)
+            await self._listen("inbound", inbound, tls, implicit_tls=False, auth=False)
+            where = self.settings.listen("metrics")
+            if where is not None:
+                server = await self._bind("metrics", where, serve_metrics(self.metrics, *where))
+                self._servers.append(server)
+        except GatewayStartError:
+            await self.stop()
+            raise
+        if self.with_workers:
+            await self._start_workers()
+        if self.with_imap:
+            await self._start_imap()
+        self._tasks.append(asyncio.create_task(self._purge_daily(), name="audit-purge"))
+        self.audit.submit(AuditEvent("start", "info", actor=self.settings.hostname,
+                                     detail={k: f"{h}:{p}" for k, (h, p) in self.addresses.items()}))
+
+    def _reader_factory(self) -> sessionmaker[Session]:
+        """SQLite: a second engine for directory reads without ``BEGIN IMMEDIATE``.
+
+        WAL readers never wait for the writer, so RCPT lookups do not queue behind
+        queue commits (and SQLite's busy handler, which sleeps up to 100 ms, is not
+        involved). PostgreSQL: the same engine.
+        """
+        assert self.engine is not None
+        if self.engine.dialect.name != "sqlite":
+            return session_factory(self.engine)
+        self._read_engine = create_engine(self.engine.url, connect_args={"timeout": 30})
+
+        @event.listens_for(self._read_engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.execute("PRAGMA busy_timeout=30000")
+            dbapi_connection.execute("PRAGMA query_only=ON")
+
+        return session_factory(self._read_engine)
+
+    async def _bind(self, name: str, where: tuple[str, int], coro: Awaitable[asyncio.Server]) -> asyncio.Server:
+        try:
+            server = await coro
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise GatewayStartError(f"listen.{name}: cannot listen on {where[0]}:{where[1]}: {reason}") from None
+        host, port = server.sockets[0].getsockname()[:2]
+        self.addresses[name] = (str(host), int(port))
+        log.info("listening name=%s address=%s:%d", name, host, port)
+        return server
+
+    async def _listen(self, name: str, handler: EdgeHandler, tls: ssl.SSLContext, *, implicit_tls: bool,
+                      auth: bool = True) -> None:
+        where = self.settings.listen(name)
+        if where is None:
+            return
+        coro = start_listener(handler, where[0], where[1], tls_context=tls, implicit_tls=implicit_tls,
+                              registry=self._connections, auth=auth)  # fmt: skip
+        self._servers.append(await self._bind(name, where, coro))
+
+    # --- hook points for the other services ----------------------------------------------------
+
+    async def _start_workers(self) -> None:
+        """Queue workers (``gateway.queue.worker.Workers``), when that module is present."""
+        try:
+            from gateway.queue.worker import Workers
+        except ImportError:
+            log.info("queue workers not available in this build: messages stay queued")
+            return
+        assert self.sessions is not None and self.store is not None
+        self.workers = Workers(self.settings, self.sessions, self.store)
+        await self.workers.start()
+        self._services.append(("workers", self.workers.stop))
+        log.info("queue workers started count=%s", self.settings.get("queue", "workers"))
+
+    def _wake(self, queue_id: str) -> None:
+        if self.workers is not None:
+            self.workers.wake()
+
+    async def _start_imap(self) -> None:
+        """IMAP (``gateway.imap.server.start_imap``) when listen.imap/imaps are set."""
+        if self.settings.listen("imap") is None and self.settings.listen("imaps") is None:
+            return
+        try:
+            from gateway.imap.server import start_imap
+        except ImportError:
+            log.info("IMAP service not available in this build")
+            return
+        assert self.sessions is not None and self.authenticator is not None
+        try:
+            service = await start_imap(self.settings, self.sessions, self.authenticator)
+        except OSError as exc:
+            await self.stop()
+            raise GatewayStartError(f"listen.imap/imaps: cannot listen: {exc.strerror or exc}") from None
+        for name, (host, port) in service.addresses.items():
+            self.addresses[name] = (host, port)
+            log.info("listening name=%s address=%s:%d", name, host, port)
+        self._services.append(("imap", service.close))
+
+    async def _purge_daily(self) -> None:
+        assert self.sessions is not None
+        while True:
+            try:
+                removed = await asyncio.to_thread(purge_audit, self.sessions, self.settings)
+                if removed:
+                    log.info("audit purge removed=%d", removed)
+            except Exception as exc:  # a busy database: try again tomorrow
+                log.warning("audit purge failed error=%s", type(exc).__name__)
+            await asyncio.sleep(PURGE_INTERVAL)
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        for server in self._servers:
+            server.close()
+        busy = [h.wait_idle() for h in self.handlers]
+        if busy:
+            try:
+                await asyncio.wait_for(asyncio.gather(*busy), timeout=grace)
+            except TimeoutError:
+                log.warning("shutdown: transactions still committing after %.0fs", grace)
+        for conn in list(self._connections):
+            await conn.close_for_shutdown()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), timeout=5)
+        self._servers.clear()
+        for name, close in reversed(self._services):
+            try:
+                await close()
+            except Exception as exc:
+                log.warning("shutdown: %s did not stop cleanly error=%s", name, type(exc).__name__)
+        self._services.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.audit is not None:
+            self.audit.submit(AuditEvent("stop", "info", actor=self.settings.hostname))
+            await self.audit.close()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self._read_engine is not None:
+            self._read_engine.dispose()
+            self._read_engine = None
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+
+    # --- mssgw serve ---------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Directory lookups and logins run in threads: enough of them for many sessions.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="mssgw-io"))
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        log.info("gateway started hostname=%s domains=%s", self.settings.hostname, ",".join(self.settings.domains))
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()
+        log.info("stopped")
+
+    def run_forever(self) -> None:
+        asyncio.run(self.serve())

@@ -1,0 +1,86 @@
+"""Counters of the running gateway and a tiny HTTP endpoint serving them as Prometheus text.
+
+``Metrics`` keeps monotonic counters keyed by name and labels (sessions, logins,
+recipient decisions by rule, messages and bytes queued, outages). ``serve_metrics``
+answers ``GET /metrics`` with the Prometheus text exposition format 0.0.4 on the
+address of ``listen.metrics``; any other path is 404, any other method 405. It reads
+at most one request head of 8 KiB per connection and closes it after the answer.
+Labels never hold message content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+
+HELP = {
+    "mssgw_sessions_total": "SMTP connections accepted, by listener",
+    "mssgw_auth_total": "Logins, by result and method",
+    "mssgw_mail_total": "MAIL FROM decisions, by listener, decision and rule",
+    "mssgw_rcpt_total": "RCPT TO decisions, by listener, decision and rule",
+    "mssgw_content_refused_total": "Messages refused at DATA, by rule",
+    "mssgw_messages_queued_total": "Messages committed to the queue, by origin",
+    "mssgw_bytes_queued_total": "Bytes committed to the queue, by origin",
+    "mssgw_duplicates_total": "Inbound messages acknowledged but already queued",
+    "mssgw_outages_total": "Temporary failures answered 4xx, by kind",
+    "mssgw_tls_failures_total": "Failed TLS handshakes, by listener",
+    "mssgw_errors_total": "Unexpected errors answered 451, by listener",
+}
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._values: dict[str, dict[Labels, float]] = defaultdict(dict)
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        series = self._values[name]
+        series[key] = series.get(key, 0.0) + value
+
+    def value(self, name: str, **labels: str) -> float:
+        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> str:
+        out: list[str] = []
+        for name in sorted(self._values):
+            out.append(f"# HELP {name} {HELP.get(name, name)}")
+            out.append(f"# TYPE {name} counter")
+            for labels, value in sorted(self._values[name].items()):
+                text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+        return "\n".join(out) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            method, _, rest = head.partition(b" ")
+            path = rest.split(b" ", 1)[0]
+            if method != b"GET":
+                status, body, ctype = "405 Method Not Allowed", b"method not allowed\n", "text/plain"
+            elif path.split(b"?", 1)[0] != b"/metrics":
+                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+            else:
+                status, body = "200 OK", metrics.render().encode()
+                ctype = "text/plain; version=0.0.4; charset=utf-8"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    return await asyncio.start_server(answer, host, port, limit=8192)

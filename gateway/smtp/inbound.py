@@ -1,0 +1,145 @@
+"""Inbound SMTP from peer operators: mutual TLS, trust list, our mailboxes only, deduplicated.
+
+A peer must say STARTTLS before MAIL (RFC 3207; else 530 5.7.0) and present a client
+certificate that chains to our trust anchors (checked by the TLS layer,
+``gateway.smtp.tls``). At MAIL FROM the certificate must belong to the operator of
+the sender's domain: that domain must be in the trust list, and the certificate must
+name it (a SAN dNSName, RFC 5280 4.2.1.6) or carry the subject recorded for it as
+``operator_dn`` (the MSSanté whitelist's DNCertificatOperateur). Otherwise:
+530 5.7.0 (no certificate), 550 5.7.1 (not in the trust list, or mismatch).
+
+RCPT TO accepts only our own active mailboxes (``decide_recipient(..., inbound=True)``).
+An accepted message is queued with ``origin="inbound"``, the peer's domain, and the
+dedupe key ``"{peer domain}|{Message-ID}"``: a message resent after a lost 250 is
+acknowledged again with its first queue id and not queued twice. There is no AUTH.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import Envelope, Session
+
+from directory.service import recipient_facts
+from gateway.audit.trail import AuditEvent
+from gateway.policy.chain import Rule, evaluate
+from gateway.policy.decision import Decision
+from gateway.queue.store import new_queue_id
+from gateway.smtp import replies as R
+from gateway.smtp.server import EdgeHandler, GatewayEnvelope, GatewaySMTP, Outage, verdict
+from gateway.smtp.tls import certificate_names
+
+
+@dataclass(frozen=True)
+class PeerFacts:
+    """The sending operator as the trust list and its certificate describe it."""
+
+    domain: str
+    domain_kind: str | None  # local, trusted, blocked, or None
+    operator_dn: str | None
+    cert_names: tuple[str, ...]  # SAN dNSNames
+    cert_subject: str
+
+
+def normalise_dn(dn: str) -> frozenset[tuple[str, str]]:
+    """``CN=x, O=y`` and ``/O=y/CN=x`` (OpenSSL style) compare equal; case of types and values ignored."""
+    parts = [p for p in re.split(r"[,/]", dn) if "=" in p]
+    return frozenset((k.strip().upper(), v.strip().lower()) for k, v in (p.split("=", 1) for p in parts))
+
+
+def _name_matches(pattern: str, domain: str) -> bool:
+    if pattern == domain:
+        return True
+    return pattern.startswith("*.") and domain.count(".") >= 2 and domain.split(".", 1)[1] == pattern[2:]
+
+
+def _not_trusted(f: PeerFacts) -> Decision | None:
+    if f.domain_kind == "trusted":
+        return None
+    return Decision.refuse(R.S550_5_7_1_PEER_NOT_TRUSTED, "peer-not-trusted",
+                           f"sending operator is not in the trust list: {f.domain or '(no domain)'}")
+
+
+def _mismatch(f: PeerFacts) -> Decision | None:
+    if any(_name_matches(n, f.domain) for n in f.cert_names):
+        return None
+    if f.operator_dn and normalise_dn(f.operator_dn) == normalise_dn(f.cert_subject):
+        return None
+    return Decision.refuse(R.S550_5_7_1_PEER_CERT_MISMATCH, "peer-cert-mismatch",
+                           f"client certificate {f.cert_subject} does not belong to the operator of {f.domain}")
+
+
+def _accept(f: PeerFacts) -> Decision:
+    return Decision.accept(R.S250_2_1_0_SENDER_OK, "peer-trusted", f"trusted operator of {f.domain}")
+
+
+PEER_CHAIN: tuple[Rule[PeerFacts], ...] = (
+    Rule("peer-not-trusted", "the sender's domain is in the trust list", _not_trusted),
+    Rule("peer-cert-mismatch", "the client certificate names that domain or its operator DN", _mismatch),
+)
+
+
+def decide_peer(facts: PeerFacts) -> Decision:
+    return evaluate(PEER_CHAIN, facts, _accept)
+
+
+class InboundHandler(EdgeHandler):
+    listener = "inbound"
+    origin = "inbound"
+
+    async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        sess = server.gw_session()
+        der = self.peer_der(server)
+        if der is None:
+            decision = Decision.refuse(R.S530_5_7_0_CLIENT_CERT_REQUIRED, "client-cert-required",
+                                       "a TLS client certificate of a trusted operator is required")
+        else:
+            names, subject = certificate_names(der)
+            try:
+                facts = await self.lookup(lambda db: recipient_facts(db, address))
+            except Outage as exc:
+                return str(exc.reply)
+            decision = decide_peer(PeerFacts(facts.domain, facts.domain_kind, facts.operator_dn,
+                                             tuple(names), subject))  # fmt: skip
+        if decision.accepted:
+            assert isinstance(envelope, GatewayEnvelope)
+            sess.peer_domain = address.rpartition("@")[2].lower()
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+            envelope.started = time.monotonic()
+        self.metrics.inc("mssgw_mail_total", listener=self.listener, decision=verdict(decision), rule=decision.rule)
+        self.audit(AuditEvent("mail", verdict(decision), actor=sess.peer_domain, client=sess.client_ip,
+                              sender=address, rule=decision.rule, reply=decision.reply.short))  # fmt: skip
+        return str(decision.reply)
+
+    async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope, GatewayEnvelope) and envelope.original_content is not None
+        data = envelope.original_content
+        sess = server.gw_session()
+        peer = sess.peer_domain or ""
+        try:
+            facts, decision = await self.check_content(data)
+            if not decision.accepted:
+                return self.refuse_content(sess, envelope, decision, len(data))
+            queue_id = new_queue_id()
+            stored = self.received_header(server, envelope, queue_id) + data
+            events = self.accept_events(sess, envelope, queue_id, len(stored))
+            dedupe = f"{peer}|{facts.message_id}"[:400] if facts.message_id else None
+            result = await self.store(server, envelope, stored, queue_id=queue_id, events=events,
+                                      peer_operator=peer, message_id=facts.message_id, dedupe_key=dedupe)
+        except Outage as exc:
+            self.log_outcome("deferred", envelope, size=len(data), reply=exc.reply.short)
+            return str(exc.reply)
+        if result.duplicate:
+            self.metrics.inc("mssgw_duplicates_total")
+            self.audit(AuditEvent("duplicate", "info", actor=peer, client=sess.client_ip, sender=envelope.mail_from,
+                                  queue_id=result.queue_id, rule="dedupe", reply=R.S250_2_6_0_QUEUED.short))
+            self.log_outcome("duplicate", envelope, queue_id=result.queue_id, size=len(data))
+        else:
+            self.metrics.inc("mssgw_messages_queued_total", origin=self.origin)
+            self.metrics.inc("mssgw_bytes_queued_total", float(len(stored)), origin=self.origin)
+            self.log_outcome("queued", envelope, queue_id=result.queue_id, size=len(stored))
+        return str(R.S250_2_6_0_QUEUED.with_text(f"Message accepted for delivery, queued as {result.queue_id}"))

@@ -1,0 +1,419 @@
+"""The SMTP protocol engine of every listener: aiosmtpd's ``SMTP`` with the gateway's replies and state.
+
+aiosmtpd parses commands and DATA (RFC 5321; RFC 3207 STARTTLS; RFC 4954 AUTH;
+RFC 1870 SIZE; RFC 6152 8BITMIME; RFC 6531 SMTPUTF8) and, since 1.4.5, ends DATA
+only on ``CRLF.CRLF``. This subclass adds what the gateway needs around it:
+
+* every reply aiosmtpd writes by itself is translated to our named reply (with an
+  enhanced status code, RFC 3463) through one table, ``BUILTIN_REPLIES``;
+* implicit TLS (RFC 8314, port 465) counts as TLS for ``auth_require_tls``;
+* ``handle_exception`` never leaks the exception text and never answers 5xx: an
+  unexpected error is a temporary local problem (451 4.3.0);
+* live connections are tracked so that shutdown can finish transactions in flight
+  and then say 421 4.3.2 to the rest.
+
+``EdgeHandler`` holds what the submission and inbound handlers share: connect and
+exception auditing, directory lookups off the event loop (an outage answers
+451 4.3.5), the ``Received:`` trace header and the durable enqueue step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, TypeVar
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import sessionmaker
+
+from directory.service import recipient_facts
+from gateway.audit.trail import AuditEvent, AuditWriter
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.policy.content import ContentFacts, decide_content, inspect_content
+from gateway.policy.decision import Decision
+from gateway.policy.recipients import decide_recipient
+from gateway.queue.store import Enqueued, QueueError, QueueStore
+from gateway.smtp import replies as R
+from gateway.smtp.tls import peer_certificate, tls_summary
+
+log = logging.getLogger("mssgw.smtp")
+T = TypeVar("T")
+
+#: aiosmtpd's own reply texts (1.4.6) and the reply the gateway sends instead.
+BUILTIN_REPLIES: dict[str, R.Reply] = {
+    "500 Error: bad syntax": R.S500_5_5_2_SYNTAX,
+    "500 Command line too long": R.S500_5_5_2_LINE_TOO_LONG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": R.S550_5_6_0_LINE_TOO_LONG,
+    "500 Error: strict ASCII mode": R.S500_5_5_2_SYNTAX,
+    "530 Must issue a STARTTLS command first": R.S530_5_7_0_TLS_REQUIRED,
+    "552 Error: Too much mail data": R.S552_5_3_4_TOO_BIG,
+    "552 Error: message size exceeds fixed maximum message size": R.S552_5_3_4_TOO_BIG,
+    "503 Error: need MAIL command": R.S503_5_5_1_NEED_MAIL,
+    "503 Error: need RCPT command": R.S503_5_5_1_NEED_RCPT,
+    "503 Error: nested MAIL command": R.S503_5_5_1_BAD_SEQUENCE,
+    "554 Command refused due to lack of security": R.S554_5_7_0_TLS_FAILED,
+    "454 TLS not available": R.S454_4_7_0_TLS_UNAVAILABLE,
+    "220 Ready to start TLS": R.S220_2_0_0_TLS_READY,
+    "221 Bye": R.S221_2_0_0_BYE,
+    "250 OK": R.S250_2_0_0_OK,
+    "555 MAIL FROM parameters not recognized or not implemented": R.S555_5_5_4_BAD_PARAMS,
+    "555 RCPT TO parameters not recognized or not implemented": R.S555_5_5_4_BAD_PARAMS,
+}
+_BUILTIN_PREFIXES: tuple[tuple[str, R.Reply], ...] = (
+    ("501 Syntax:", R.S501_5_5_4_SYNTAX_ARGS),
+    ("501 Error:", R.S501_5_5_4_SYNTAX_ARGS),
+    ("500 Error: command", R.S500_5_5_2_SYNTAX),
+    ("503 Error: send", R.S503_5_5_1_BAD_SEQUENCE),
+)
+_HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
+#: Command budgets per connection (aiosmtpd ``command_call_limit``); going over closes it with 421.
+CALL_LIMITS = {"AUTH": 8, "STARTTLS": 3, "EHLO": 16, "HELO": 16, "NOOP": 50, "VRFY": 5, "HELP": 10,
+               "*": 1_000_000}  # fmt: skip
+
+
+def translate(status: str) -> str:
+    """Our reply for one of aiosmtpd's built-in texts; other replies pass unchanged."""
+    reply = BUILTIN_REPLIES.get(status)
+    if reply is None:
+        for prefix, candidate in _BUILTIN_PREFIXES:
+            if status.startswith(prefix):
+                reply = candidate
+                break
+    return str(reply) if reply is not None else status
+
+
+class GatewaySession(Session):
+    """aiosmtpd's session plus who the client is (reset after STARTTLS, RFC 3207 4.2)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.identity: str | None = None  # the mailbox this client acts as
+        self.auth_method: str | None = None  # password, certificate
+        self.cert_checked = False
+        self.client_ip: str | None = None
+        self.ssl_object: ssl.SSLObject | ssl.SSLSocket | None = None
+        self.peer_domain: str | None = None  # inbound: the verified sending operator's domain
+
+
+class GatewayEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.protections: dict[str, str] = {}
+        self.started = time.monotonic()
+
+
+class GatewaySMTP(SMTP):
+    """One SMTP connection. ``registry`` holds live connections for shutdown."""
+
+    def __init__(self, handler: EdgeHandler, *, implicit_tls: bool, registry: set[GatewaySMTP],
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._implicit_tls = implicit_tls
+        self._registry = registry
+        self.busy = False  # inside a transaction's DATA processing
+
+    def _create_session(self) -> Session:
+        return GatewaySession(self.loop)
+
+    def _create_envelope(self) -> Envelope:
+        return GatewayEnvelope()
+
+    def gw_session(self) -> GatewaySession:
+        assert isinstance(self.session, GatewaySession)
+        return self.session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        session = self.gw_session()
+        peer = session.peer
+        session.client_ip = str(peer[0]) if isinstance(peer, tuple) else None
+        if self._implicit_tls and first:
+            # Implicit TLS (RFC 8314): the connection is encrypted from its first byte.
+            # aiosmtpd only knows STARTTLS; mark TLS as done so AUTH is offered.
+            self._tls_protocol = transport  # type: ignore[assignment]
+            session.ssl_object = transport.get_extra_info("ssl_object")
+        elif self._tls_protocol is not None and session.ssl is not None:
+            session.ssl_object = session.ssl.get("ssl_object")
+        if first:
+            self._registry.add(self)
+            handler = self.event_handler
+            assert isinstance(handler, EdgeHandler)
+            handler.on_connect(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._registry.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, status: str | bytes) -> None:  # type: ignore[override]
+        if isinstance(status, str):
+            status = translate(status)
+        await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        handler = self.event_handler
+        assert isinstance(handler, EdgeHandler)
+        return handler.on_exception(self, error)
+
+    async def close_for_shutdown(self) -> None:
+        if self.transport is None:
+            return
+        with contextlib.suppress(RuntimeError, OSError):  # already closing
+            self._writer.write(f"{R.S421_4_3_2_SHUTTING_DOWN}\r\n".encode())
+        self.transport.close()
+
+
+@dataclass
+class EdgeDeps:
+    """What a handler needs; built once by ``gateway.app.Gateway``."""
+
+    settings: Settings
+    sessions: sessionmaker[DbSession]
+    store: QueueStore
+    audit: AuditWriter
+    metrics: Metrics
+    on_queued: Callable[[str], None] | None = None  # e.g. wake the queue workers
+    readers: sessionmaker[DbSession] | None = None  # directory lookups (SQLite: never take the write lock)
+    writer: Executor | None = None  # enqueue threads (SQLite: one, so writers queue here, not in busy-waits)
+
+
+class Outage(Exception):
+    """The directory, database or spool cannot answer now: a temporary failure."""
+
+    def __init__(self, reply: R.Reply) -> None:
+        super().__init__(reply.short)
+        self.reply = reply
+
+
+class EdgeHandler:
+    """Shared behaviour of the submission and inbound handlers (aiosmtpd hooks)."""
+
+    listener = "smtp"
+    origin = "submission"
+
+    def __init__(self, deps: EdgeDeps) -> None:
+        self.deps = deps
+        self.settings = deps.settings
+        self.metrics = deps.metrics
+        self.max_recipients = int(deps.settings.get("limits", "max_recipients"))
+        self.max_line = int(deps.settings.get("limits", "max_line_length"))
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- hooks every listener shares ------------------------------------------------------
+
+    def on_connect(self, server: GatewaySMTP) -> None:
+        self.metrics.inc("mssgw_sessions_total", listener=self.listener)
+        self.audit(AuditEvent("connect", "info", client=server.gw_session().client_ip,
+                              detail={"listener": self.listener}))  # fmt: skip
+
+    def on_exception(self, server: GatewaySMTP, error: Exception) -> str:
+        session = server.gw_session()
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__
+            log.info("listener=%s client=%s outcome=tls-failed error=%s", self.listener, session.client_ip,
+                     type(cause).__name__ if cause else "unknown")
+            self.metrics.inc("mssgw_tls_failures_total", listener=self.listener)
+            self.audit(AuditEvent("tls", "refuse", client=session.client_ip, rule="tls-handshake",
+                                  detail={"listener": self.listener,
+                                          "error": getattr(cause, "reason", None) or type(cause).__name__}))
+            return str(R.S554_5_7_0_TLS_FAILED)
+        log.error("listener=%s client=%s outcome=error error=%s", self.listener, session.client_ip,
+                  type(error).__name__, exc_info=error)
+        self.metrics.inc("mssgw_errors_total", listener=self.listener)
+        return str(R.S451_4_3_0_LOCAL_ERROR)
+
+    async def handle_EHLO(self, server: GatewaySMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # Never advertise an empty AUTH line (inbound has no mechanisms); our replies carry
+        # enhanced status codes (RFC 2034).
+        kept = [r for r in responses if r.rstrip() != "250-AUTH"]
+        return [*kept[:-1], "250-ENHANCEDSTATUSCODES", kept[-1]]
+
+    async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        """The recipient rules, exactly as ``mssgw domains check`` (``--inbound`` on the inbound listener)."""
+        inbound = self.origin == "inbound"
+        assert isinstance(envelope, GatewayEnvelope)
+        sess = server.gw_session()
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            decision = Decision.refuse(R.S452_4_5_3_TOO_MANY_RECIPIENTS, "too-many-recipients",
+                                       f"at most {self.max_recipients} recipients per message")
+            normalised = address
+        else:
+            try:
+                normalised, decision = await self.lookup(lambda db: _rcpt_decision(db, address, inbound))
+            except Outage as exc:
+                return str(exc.reply)
+        outcome = verdict(decision)
+        self.metrics.inc("mssgw_rcpt_total", listener=self.listener, decision=outcome, rule=decision.rule)
+        self.audit(AuditEvent("rcpt", outcome, actor=sess.identity or sess.peer_domain, client=sess.client_ip,
+                              sender=envelope.mail_from, recipient=normalised, rule=decision.rule,
+                              reply=decision.reply.short, detail=dict(decision.facts)))  # fmt: skip
+        if decision.accepted:
+            envelope.rcpt_tos.append(normalised)
+            envelope.protections[normalised] = dict(decision.facts).get("protection", "")
+        return str(decision.reply)
+
+    async def check_content(self, data: bytes) -> tuple[ContentFacts, Decision]:
+        def run() -> tuple[ContentFacts, Decision]:
+            facts = inspect_content(data, max_line_length=self.max_line)
+            return facts, decide_content(facts)
+
+        return await asyncio.to_thread(run)
+
+    def refuse_content(self, sess: GatewaySession, envelope: Envelope, decision: Decision, size: int) -> str:
+        assert isinstance(envelope, GatewayEnvelope)
+        self.metrics.inc("mssgw_content_refused_total", rule=decision.rule)
+        self.audit(AuditEvent("data", "refuse", actor=sess.identity or sess.peer_domain, client=sess.client_ip,
+                              sender=envelope.mail_from, rule=decision.rule, reply=decision.reply.short,
+                              detail={"size": size, "recipients": len(envelope.rcpt_tos)}))  # fmt: skip
+        self.log_outcome("refused", envelope, size=size, reply=decision.reply.short)
+        return str(decision.reply)
+
+    def accept_events(self, sess: GatewaySession, envelope: Envelope, queue_id: str, size: int) -> list[AuditEvent]:
+        return [
+            AuditEvent("accept", "accept", actor=sess.identity or sess.peer_domain, client=sess.client_ip,
+                       sender=envelope.mail_from, recipient=rcpt, queue_id=queue_id, rule="queued",
+                       reply=R.S250_2_6_0_QUEUED.short, detail={"size": size, "origin": self.origin})
+            for rcpt in envelope.rcpt_tos
+        ]  # fmt: skip
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def audit(self, *events: AuditEvent) -> None:
+        self.deps.audit.submit(*events)
+
+    async def lookup(self, fn: Callable[[DbSession], T]) -> T:
+        """Run a read of the directory in a thread; any failure is an ``Outage`` (451 4.3.5)."""
+
+        factory = self.deps.readers or self.deps.sessions
+
+        def run() -> T:
+            with factory() as db, db.begin():
+                return fn(db)
+
+        try:
+            return await asyncio.to_thread(run)
+        except Exception as exc:
+            log.warning("listener=%s outcome=directory-unavailable error=%s", self.listener, type(exc).__name__)
+            self.metrics.inc("mssgw_outages_total", listener=self.listener, kind="directory")
+            raise Outage(R.S451_4_3_5_POLICY_UNAVAILABLE) from exc
+
+    def received_header(self, server: GatewaySMTP, envelope: Envelope, queue_id: str) -> bytes:
+        """RFC 5321 4.4 trace field; RFC 3848 / RFC 6531 protocol names. No content."""
+        session = server.gw_session()
+        helo = _HELO_SAFE.sub("", session.host_name or "unknown")[:255] or "unknown"
+        tls = tls_summary(session.ssl_object)
+        proto = ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") + ("S" if tls else "") + (
+            "A" if session.identity else "")
+        lines = [
+            f"Received: from {helo} ([{session.client_ip or 'unknown'}])",
+            f"\tby {self.settings.hostname} (mssgw) with {proto} id {queue_id}" + (f" ({tls})" if tls else "") + ";",
+            f"\t{format_datetime(datetime.now(UTC))}",
+        ]
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    def peer_der(self, server: GatewaySMTP) -> bytes | None:
+        return peer_certificate(server.gw_session().ssl_object)
+
+    # --- the end of a transaction ---------------------------------------------------------
+
+    async def store(self, server: GatewaySMTP, envelope: GatewayEnvelope, data: bytes, *, queue_id: str,
+                    events: list[AuditEvent], **kwargs: Any) -> Enqueued:
+        """Enqueue in a thread; returns only when the bytes and rows are committed."""
+        self._inflight += 1
+        self._idle.clear()
+        server.busy = True
+        try:
+            job = functools.partial(
+                self.deps.store.enqueue, data, sender=envelope.mail_from or "", recipients=list(envelope.rcpt_tos),
+                origin=self.origin, client_address=server.gw_session().client_ip, queue_id=queue_id,
+                protections=envelope.protections, audit_events=events, **kwargs,
+            )  # fmt: skip
+            result = await asyncio.get_running_loop().run_in_executor(self.deps.writer, job)
+        except QueueError as exc:
+            no_space = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == 28
+            log.error("listener=%s outcome=queue-unavailable error=%s", self.listener, exc)
+            self.metrics.inc("mssgw_outages_total", listener=self.listener, kind="queue")
+            raise Outage(R.S452_4_3_1_STORAGE if no_space else R.S451_4_3_0_LOCAL_ERROR) from exc
+        finally:
+            server.busy = False
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+        if self.deps.on_queued is not None and not result.duplicate:
+            self.deps.on_queued(result.queue_id)
+        return result
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def log_outcome(self, outcome: str, envelope: GatewayEnvelope, *, queue_id: str = "-", size: int = 0,
+                    reply: str = "") -> None:
+        elapsed = (time.monotonic() - envelope.started) * 1000
+        log.info("listener=%s outcome=%s queue_id=%s sender=%s rcpts=%d size=%d ms=%.1f%s", self.listener, outcome,
+                 queue_id, envelope.mail_from or "<>", len(envelope.rcpt_tos), size, elapsed,
+                 f" reply={reply!r}" if reply else "")  # fmt: skip
+
+
+def verdict(decision: Decision) -> str:
+    return "accept" if decision.accepted else "refuse"
+
+
+def _rcpt_decision(db: DbSession, address: str, inbound: bool) -> tuple[str, Decision]:
+    facts = recipient_facts(db, address)
+    return facts.address, decide_recipient(facts, inbound=inbound)
+
+
+async def start_listener(
+    handler: EdgeHandler,
+    host: str,
+    port: int,
+    *,
+    tls_context: ssl.SSLContext,
+    implicit_tls: bool,
+    registry: set[GatewaySMTP],
+    require_starttls: bool = True,
+    auth: bool = True,
+) -> asyncio.Server:
+    """Listen on ``host:port``; raises ``OSError`` when the address is taken."""
+    settings = handler.settings
+    loop = asyncio.get_running_loop()
+
+    def factory() -> GatewaySMTP:
+        return GatewaySMTP(
+            handler,
+            implicit_tls=implicit_tls,
+            registry=registry,
+            hostname=settings.hostname,
+            ident="mssgw ESMTP",
+            data_size_limit=int(settings.get("limits", "max_message_size")),
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if implicit_tls else tls_context,
+            require_starttls=require_starttls and not implicit_tls,
+            timeout=float(settings.get("limits", "session_timeout")),
+            auth_require_tls=True,
+            auth_exclude_mechanism=None if auth else ["PLAIN", "LOGIN"],
+            command_call_limit=CALL_LIMITS,
+            loop=loop,
+        )
+
+    return await loop.create_server(factory, host, port, ssl=tls_context if implicit_tls else None,
+                                    reuse_address=True)

@@ -1,0 +1,199 @@
+"""Message submission (RFC 6409) for mail clients and software: who sends, to whom, what.
+
+Listeners: STARTTLS on ``listen.submission`` (RFC 3207; nothing but EHLO, STARTTLS,
+NOOP and QUIT before it) and implicit TLS on ``listen.submissions`` (RFC 8314).
+AUTH PLAIN and LOGIN (RFC 4954, RFC 4616) are offered only under TLS and checked by
+``gateway.auth.Authenticator`` (throttled, locked after repeated failures: 454 4.7.0).
+Software may instead present a TLS client certificate registered for an APP or ORG
+mailbox: it is mapped to that mailbox at MAIL FROM when no AUTH happened.
+
+Each step asks policy and sends the ``Decision``'s reply: MAIL FROM the sender rules
+(550 5.7.1), each RCPT TO the recipient rules exactly as ``mssgw domains check``,
+DATA the content rules (550 5.6.0) and the ``From:`` rule (550 5.7.1). An accepted
+message gets a ``Received:`` field (and Message-ID/Date when missing, RFC 6409 8),
+is committed to the queue with its audit records, and only then answered
+250 2.6.0 with its queue id. A directory, database or disk failure answers 4xx.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import time
+from base64 import b64decode
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from aiosmtpd.smtp import MISSING, Envelope, Session
+
+from directory.service import sender_facts
+from gateway.audit.trail import AuditEvent
+from gateway.auth import Authenticator
+from gateway.policy.content import ContentFacts
+from gateway.policy.decision import Decision
+from gateway.policy.senders import auth_required, decide_sender
+from gateway.queue.store import new_queue_id
+from gateway.smtp import replies as R
+from gateway.smtp.server import (
+    EdgeDeps,
+    EdgeHandler,
+    GatewayEnvelope,
+    GatewaySession,
+    GatewaySMTP,
+    Outage,
+    verdict,
+)
+
+log = logging.getLogger("mssgw.smtp")
+
+#: RFC 4954 4: the server's challenges for AUTH LOGIN (base64-encoded by aiosmtpd).
+LOGIN_USER_CHALLENGE = "Username:"
+LOGIN_PASSWORD_CHALLENGE = "Password:"  # noqa: S105 (a prompt, not a secret)
+
+
+class SubmissionHandler(EdgeHandler):
+    listener = "submission"
+    origin = "submission"
+
+    def __init__(self, deps: EdgeDeps, authenticator: Authenticator) -> None:
+        super().__init__(deps)
+        self.auth = authenticator
+
+    # --- AUTH ------------------------------------------------------------------------------
+
+    async def handle_AUTH(self, server: GatewaySMTP, session: Session, envelope: Envelope,
+                          args: list[str]) -> str | None:
+        credentials = await self._read_credentials(server, args)
+        if credentials is None:
+            return None  # the reply was sent while reading (bad base64, '*')
+        login, password = credentials
+        sess = server.gw_session()
+        outcome = await self.auth.check_password(login, password, client=sess.client_ip, protocol="smtp")
+        self.metrics.inc("mssgw_auth_total", result=outcome.reason, method="password")
+        if outcome.ok:
+            sess.authenticated = True
+            sess.identity = outcome.identity
+            sess.auth_method = "password"
+            return str(R.S235_2_7_0_AUTH_OK)
+        if outcome.reason == "locked":
+            return str(R.S454_4_7_0_AUTH_LOCKED)
+        if outcome.reason == "unavailable":
+            return str(R.S454_4_7_0_AUTH_UNAVAILABLE)
+        return str(R.S535_5_7_8_AUTH_FAILED)
+
+    async def _read_credentials(self, server: GatewaySMTP, args: list[str]) -> tuple[str, str] | None:
+        mechanism = args[0].upper()
+        initial = args[1] if len(args) > 1 else None
+        if mechanism == "PLAIN":
+            blob = await self._decode(server, initial) if initial is not None else await server.challenge_auth("")
+            if blob is MISSING or blob is None:
+                return None
+            assert isinstance(blob, bytes)
+            parts = blob.split(b"\x00")
+            if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+                await server.push(str(R.S501_5_5_4_SYNTAX_ARGS.with_text("Malformed AUTH PLAIN response")))
+                return None
+            return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
+        user = await self._decode(server, initial) if initial is not None else await server.challenge_auth(
+            LOGIN_USER_CHALLENGE)
+        if user is MISSING or user is None:
+            return None
+        password = await server.challenge_auth(LOGIN_PASSWORD_CHALLENGE)
+        if password is MISSING:
+            return None
+        assert isinstance(user, bytes) and isinstance(password, bytes)
+        return user.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+
+    @staticmethod
+    async def _decode(server: GatewaySMTP, text: str) -> bytes | None:
+        try:
+            return b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            await server.push(str(R.S501_5_5_4_SYNTAX_ARGS.with_text("Cannot decode base64")))
+            return None
+
+    async def _certificate_login(self, server: GatewaySMTP, sess: GatewaySession) -> None:
+        """Map a verified TLS client certificate to its APP/ORG mailbox (once per TLS session)."""
+        if sess.cert_checked or sess.identity is not None:
+            return
+        sess.cert_checked = True
+        der = self.peer_der(server)
+        if der is None:
+            return
+        outcome = await self.auth.check_certificate(der, client=sess.client_ip, protocol="smtp")
+        self.metrics.inc("mssgw_auth_total", result=outcome.reason, method="certificate")
+        if outcome.ok:
+            sess.authenticated = True
+            sess.identity = outcome.identity
+            sess.auth_method = "certificate"
+
+    # --- MAIL, RCPT --------------------------------------------------------------------------
+
+    async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        sess = server.gw_session()
+        await self._certificate_login(server, sess)
+        identity = sess.identity
+        if identity is None:
+            decision = auth_required()
+        else:
+            try:
+                decision = await self.lookup(lambda db: decide_sender(sender_facts(db, identity, address)))
+            except Outage as exc:
+                return str(exc.reply)
+        self.metrics.inc("mssgw_mail_total", listener=self.listener, decision=verdict(decision), rule=decision.rule)
+        self.audit(AuditEvent("mail", verdict(decision), actor=identity, client=sess.client_ip, sender=address,
+                              rule=decision.rule, reply=decision.reply.short))  # fmt: skip
+        if decision.accepted:
+            assert isinstance(envelope, GatewayEnvelope)
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+            envelope.started = time.monotonic()
+        return str(decision.reply)
+
+    # --- DATA --------------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope, GatewayEnvelope) and envelope.original_content is not None
+        data = envelope.original_content
+        sess = server.gw_session()
+        try:
+            facts, decision = await self.check_content(data)
+            if decision.accepted:
+                decision = await self._check_from(sess, envelope, facts)
+            if not decision.accepted:
+                return self.refuse_content(sess, envelope, decision, len(data))
+            queue_id = new_queue_id()
+            stored = self.received_header(server, envelope, queue_id) + _missing_headers(
+                facts, queue_id, self.settings.hostname) + data
+            events = self.accept_events(sess, envelope, queue_id, len(stored))
+            result = await self.store(server, envelope, stored, queue_id=queue_id, events=events,
+                                      auth_identity=sess.identity, message_id=facts.message_id)
+        except Outage as exc:
+            self.log_outcome("deferred", envelope, size=len(data), reply=exc.reply.short)
+            return str(exc.reply)
+        self.metrics.inc("mssgw_messages_queued_total", origin=self.origin)
+        self.metrics.inc("mssgw_bytes_queued_total", float(len(stored)), origin=self.origin)
+        self.log_outcome("queued", envelope, queue_id=result.queue_id, size=len(stored))
+        return str(R.S250_2_6_0_QUEUED.with_text(f"Message accepted for delivery, queued as {result.queue_id}"))
+
+    async def _check_from(self, sess: GatewaySession, envelope: Envelope, facts: ContentFacts) -> Decision:
+        author = facts.from_addresses[0]
+        identity = sess.identity
+        assert identity is not None
+        if author == (envelope.mail_from or "").lower():
+            return Decision.accept(R.S250_2_6_0_QUEUED, "from-header", "From: is the envelope sender")
+        decision = await self.lookup(lambda db: decide_sender(sender_facts(db, identity, author)))
+        if decision.accepted:
+            return decision
+        return Decision.refuse(R.S550_5_7_1_FROM_MISMATCH, "from-header-not-owned",
+                               f"{identity} may not use {author} in the From: header")
+
+def _missing_headers(facts: ContentFacts, queue_id: str, hostname: str) -> bytes:
+    """RFC 6409 8.2/8.3: a submission server may add Date and Message-ID when they are missing."""
+    out = b""
+    if facts.message_id is None:
+        out += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode()
+    if not facts.has_date:
+        out += f"Date: {format_datetime(datetime.now(UTC))}\r\n".encode()
+    return out

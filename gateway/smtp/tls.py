@@ -1,0 +1,167 @@
+"""TLS contexts of the SMTP edge and the relay: protocol floor, cipher suites, certificates.
+
+Servers (submission, submissions, inbound) use TLS 1.2 or newer (``tls.min_version``)
+with ECDHE key exchange and AEAD suites (AES-GCM, ChaCha20-Poly1305) plus the two
+ECDHE-RSA SHA-2 CBC suites of the MSSanté client profile. Client certificates are
+requested on every listener and verified against ``tls.client_ca`` (default: the
+development CA, ``DATA/pki/ca.pem``): software may log in with one on submission,
+and peer operators must present one on inbound (checked by ``gateway.smtp.inbound``).
+RFC 8314 (implicit TLS for submission), RFC 3207 (STARTTLS), RFC 7525 (TLS BCP).
+
+Errors: ``TlsConfigError`` names the setting and the file when a certificate or key is
+missing, unreadable, expired, or does not match its key.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.config import Settings
+
+#: ECDHE only (forward secrecy), AEAD first; TLS 1.3 suites are OpenSSL's defaults (all AEAD).
+CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES256-SHA384",  # MSSanté client profile
+        "ECDHE-RSA-AES128-SHA256",  # MSSanté client profile
+    )
+)
+
+_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TlsConfigError(Exception):
+    """A certificate, key or CA file is missing, unreadable, expired or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+def server_files(settings: Settings) -> TlsFiles:
+    pki = settings.pki_dir
+    return TlsFiles(
+        cert=settings.path("tls", "cert", pki / "server.pem"),
+        key=settings.path("tls", "key", pki / "server.key"),
+        client_ca=settings.path("tls", "client_ca", pki / "ca.pem"),
+    )
+
+
+def client_files(settings: Settings) -> TlsFiles:
+    """Our certificate towards peer operators (mutual TLS), and the CAs we verify them with."""
+    pki = settings.pki_dir
+    return TlsFiles(
+        cert=settings.path("tls", "operator_cert", pki / "operator.pem"),
+        key=settings.path("tls", "operator_key", pki / "operator.key"),
+        client_ca=settings.path("tls", "client_ca", pki / "ca.pem"),
+    )
+
+
+def check_certificate(path: Path, setting: str, *, now: datetime | None = None) -> x509.Certificate:
+    """Load the first certificate of ``path``; refuse a missing, unreadable, expired or future one."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TlsConfigError(f"{setting}: cannot read certificate {path} ({exc.strerror or exc})") from None
+    try:
+        cert = x509.load_pem_x509_certificates(data)[0]
+    except (ValueError, IndexError):
+        raise TlsConfigError(f"{setting}: {path} is not a PEM certificate") from None
+    now = now or datetime.now(UTC)
+    if now > cert.not_valid_after_utc:
+        raise TlsConfigError(f"{setting}: certificate {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    if now < cert.not_valid_before_utc:
+        raise TlsConfigError(f"{setting}: certificate {path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
+    return cert
+
+
+def _base_context(settings: Settings, purpose: ssl.Purpose) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(purpose)
+    ctx.minimum_version = _VERSIONS[str(settings.get("tls", "min_version"))]
+    ctx.set_ciphers(CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, files: TlsFiles, cert_setting: str, key_setting: str) -> None:
+    check_certificate(files.cert, cert_setting)
+    if not files.key.is_file():
+        raise TlsConfigError(f"{key_setting}: private key {files.key} is missing")
+    try:
+        ctx.load_cert_chain(files.cert, files.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"{key_setting}: cannot load {files.key} for {files.cert} ({exc})") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, path: Path) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"tls.client_ca: cannot load CA file {path} ({exc})") from None
+
+
+def server_context(settings: Settings) -> ssl.SSLContext:
+    """The listeners' context: our certificate; client certificates requested and verified if sent.
+
+    ``CERT_OPTIONAL`` on every listener: a client certificate, when presented, must chain
+    to ``tls.client_ca`` or the handshake fails. The inbound listener then *requires* one
+    before MAIL (with a reply the peer can log), rather than failing the handshake blindly.
+    """
+    files = server_files(settings)
+    ctx = _base_context(settings, ssl.Purpose.CLIENT_AUTH)
+    _load_chain(ctx, files, "tls.cert", "tls.key")
+    _load_ca(ctx, files.client_ca)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.check_hostname = False
+    return ctx
+
+
+def client_context(settings: Settings, *, with_certificate: bool = True) -> ssl.SSLContext:
+    """The relay's context towards peer operators: verify their server, present our operator certificate."""
+    files = client_files(settings)
+    ctx = _base_context(settings, ssl.Purpose.SERVER_AUTH)
+    _load_ca(ctx, files.client_ca)
+    if with_certificate:
+        _load_chain(ctx, files, "tls.operator_cert", "tls.operator_key")
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bytes | None:
+    """The DER bytes of the client's verified certificate, or None when it sent none."""
+    if ssl_object is None:
+        return None
+    return ssl_object.getpeercert(binary_form=True)
+
+
+def certificate_names(der: bytes) -> tuple[list[str], str]:
+    """The certificate's SAN dNSNames (lower case) and its subject (RFC 4514)."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    return names, cert.subject.rfc4514_string()
+
+
+def tls_summary(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """``TLSv1.3 TLS_AES_256_GCM_SHA384`` for Received headers and logs (no secrets)."""
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()

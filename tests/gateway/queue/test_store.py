@@ -1,0 +1,84 @@
+"""The durable queue on SQLite and PostgreSQL: enqueue, read back, dedupe, admin actions, audit atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from directory.db import make_engine, session_factory
+from gateway.audit.trail import AuditEvent, query, verify
+from gateway.config import load_settings
+from gateway.queue.models import RecipientState
+from gateway.queue.store import QueueError, QueueStore, new_queue_id
+
+DATA = b"From: a@a.mssante.test\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def factory(operator_home: Path) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(load_settings(operator_home).database_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def store(operator_home: Path, factory: sessionmaker[Session]) -> QueueStore:
+    return QueueStore(factory, load_settings(operator_home).spool_dir)
+
+
+def test_enqueue_is_durable_and_audited_in_one_transaction(store: QueueStore,
+                                                           factory: sessionmaker[Session]) -> None:
+    chosen = new_queue_id()
+    event = AuditEvent("accept", "accept", sender="a@a.mssante.test", recipient="b@a.mssante.test")
+    result = store.enqueue(DATA, sender="a@a.mssante.test", recipients=["b@a.mssante.test", "b@a.mssante.test"],
+                           origin="submission", queue_id=chosen, audit_events=[event])
+    assert result.queue_id == chosen and not result.duplicate
+    assert store.read(chosen) == DATA
+    row = store.get(chosen)
+    assert row["sha256"] == hashlib.sha256(DATA).hexdigest() and row["recipients"] == 1
+    assert store.spool_path(chosen).stat().st_mode & 0o777 == 0o600
+    with factory() as db:
+        records = query(db, event="accept")
+        assert [r["queue_id"] for r in records] == [chosen] and verify(db).ok
+
+
+def test_failed_commit_leaves_neither_row_nor_file_nor_audit(store: QueueStore,
+                                                             factory: sessionmaker[Session]) -> None:
+    first = store.enqueue(DATA, sender="a@a.mssante.test", recipients=["b@a.mssante.test"], origin="submission")
+    with pytest.raises(QueueError):  # the same id again: the commit fails
+        store.enqueue(DATA, sender="a@a.mssante.test", recipients=["b@a.mssante.test"], origin="submission",
+                      queue_id=first.queue_id, audit_events=[AuditEvent("accept", "accept")])
+    assert [r["id"] for r in store.list()] == [first.queue_id]
+    assert store.read(first.queue_id) == DATA  # the first message's bytes were not touched
+    with factory() as db:
+        assert query(db, event="accept") == []
+
+
+def test_dedupe_key_acknowledges_without_storing_twice(store: QueueStore) -> None:
+    kwargs = {"sender": "d@b.mssante.test", "recipients": ["b@a.mssante.test"], "origin": "inbound",
+              "peer_operator": "b.mssante.test", "dedupe_key": "b.mssante.test|<m@b>"}
+    first = store.enqueue(DATA, **kwargs)  # type: ignore[arg-type]
+    again = store.enqueue(DATA, **kwargs)  # type: ignore[arg-type]
+    assert again.duplicate and again.queue_id == first.queue_id
+    assert len(store.list()) == 1
+    assert len(list(store.spool_dir.glob("*/*"))) == 1
+
+
+def test_admin_actions(store: QueueStore) -> None:
+    q = store.enqueue(DATA, sender="a@a.mssante.test", recipients=["b@a.mssante.test"], origin="inbound").queue_id
+    with pytest.raises(QueueError, match="no recipient waiting"):
+        store.set_recipient_state(q, "b@a.mssante.test", RecipientState.DELIVERED)
+        store.retry(q)
+    q2 = store.enqueue(DATA, sender="a@a.mssante.test", recipients=["c@a.mssante.test"], origin="inbound").queue_id
+    store.set_recipient_state(q2, "c@a.mssante.test", RecipientState.QUARANTINED)
+    assert [m["id"] for m in store.quarantined()] == [q2]
+    assert store.release_quarantine(q2) == 1
+    assert store.retry(q2) == 1
+    assert store.delete(q2, reason="sent by mistake") == 1
+    assert not store.spool_path(q2).exists()
+    assert store.list() == []
+    assert {m["id"] for m in store.list(include_done=True)} == {q, q2}

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "cli.queue",
     "cli.audit",
     "cli.serve",
+    "cli.clients",
 )
 
 #: Exit status for each kind of failure (1 is also "refused" for ``domains check``).

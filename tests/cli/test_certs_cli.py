@@ -213,3 +213,15 @@ def test_crl_update_fetches_distribution_points(sqlite_home: Path, tmp_path: Pat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_clients_autoconfig_and_srv(sqlite_home: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    code, out, _ = run(sqlite_home, "clients", "autoconfig")
+    assert code == 0
+    root = ET.fromstring(out)  # noqa: S314 (our own output)
+    ports = {s.findtext("port") for s in root.iter("incomingServer")}
+    assert ports == {"1993", "1143"}
+    code, out, _ = run(sqlite_home, "clients", "srv")
+    assert code == 0 and "_submissions._tcp.a.mssante.test." in out and "_imaps._tcp.a.mssante.test." in out

@@ -95,7 +95,7 @@ def main() -> None:
             for _ in range(args.decisions):
                 address = rng.choice(mix)
                 t0 = time.perf_counter()
-                with app.transaction() as session:
+                with app.read() as session:
                     facts = service.recipient_facts(session, address)
                 decision = decide_recipient(facts)
                 timings.append((time.perf_counter() - t0) * 1e6)

@@ -11,7 +11,7 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory.db import is_migrated, make_engine, session_factory
+from directory.db import is_migrated, make_engine, read_session_factory, session_factory
 from gateway.config import ConfigError, Settings, load_settings, resolve_home
 
 
@@ -21,6 +21,7 @@ class AppContext:
     _settings: Settings | None = field(default=None, repr=False)
     _engine: Engine | None = field(default=None, repr=False)
     _factory: sessionmaker[Session] | None = field(default=None, repr=False)
+    _read_factory: sessionmaker[Session] | None = field(default=None, repr=False)
 
     @property
     def home(self) -> Path:
@@ -53,6 +54,14 @@ class AppContext:
     def transaction(self) -> Iterator[Session]:
         """A session committed when the block succeeds, rolled back otherwise."""
         with self.sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for lookups only (on SQLite it never waits for a writer)."""
+        if self._read_factory is None:
+            self._read_factory = read_session_factory(self.engine)
+        with self._read_factory() as session, session.begin():
             yield session
 
     def close(self) -> None:

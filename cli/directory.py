@@ -124,7 +124,7 @@ def activate(app: AppContext, address: str) -> None:
 @pass_app
 def show(app: AppContext, address: str, as_json: bool) -> None:
     """Everything the directory knows about a mailbox (never its password)."""
-    with app.transaction() as session:
+    with app.read() as session:
         data = service.mailbox_dict(session, service.get_mailbox(session, address), detail=True)
     emit_record(data, as_json)
 
@@ -139,7 +139,7 @@ def show(app: AppContext, address: str, as_json: bool) -> None:
 def list_(app: AppContext, domain: str | None, mailbox_type: str | None, local_only: bool, limit: int | None,
           as_json: bool) -> None:
     """List mailboxes."""
-    with app.transaction() as session:
+    with app.read() as session:
         rows = service.list_mailboxes(session, domain=domain, type=mailbox_type, local_only=local_only, limit=limit)
     emit(rows, LIST_COLUMNS, as_json)
 
@@ -151,7 +151,7 @@ def list_(app: AppContext, domain: str | None, mailbox_type: str | None, local_o
 @pass_app
 def search(app: AppContext, text: str, limit: int, as_json: bool) -> None:
     """Find mailboxes by address, name, RPPS or organisation."""
-    with app.transaction() as session:
+    with app.read() as session:
         rows = service.search(session, text, limit=limit)
     emit(rows, LIST_COLUMNS, as_json)
 

@@ -63,7 +63,7 @@ def remove(app: AppContext, domain: str) -> None:
 @pass_app
 def list_(app: AppContext, kind: str | None, as_json: bool) -> None:
     """List our domains, trusted operators and blocked domains."""
-    with app.transaction() as session:
+    with app.read() as session:
         rows = service.list_domains(session, kind)
     emit(rows, ("domain", "kind", "relay", "operator_dn", "reason"), as_json)
 
@@ -92,7 +92,7 @@ def import_whitelist(app: AppContext, file: Path, as_json: bool) -> None:
 @pass_app
 def check(app: AppContext, address: str, inbound: bool, as_json: bool) -> None:
     """Print the decision the SMTP edge takes for this recipient; exit 0 to accept, 1 to refuse."""
-    with app.transaction() as session:
+    with app.read() as session:
         facts = service.recipient_facts(session, address)
     decision = decide_recipient(facts, inbound=inbound)
     if as_json:

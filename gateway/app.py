@@ -41,6 +41,7 @@ log = logging.getLogger("mssgw.app")
 
 PURGE_INTERVAL = 24 * 3600.0
 SHUTDOWN_GRACE = 30.0  # seconds given to transactions in DATA to commit
+WRITER_THREADS = 16  # enqueue threads (spool writes in parallel, database commits grouped)
 
 
 class GatewayStartError(Exception):
@@ -92,15 +93,17 @@ class Gateway:
             raise GatewayStartError(str(exc)) from None
         self.sessions = session_factory(self.engine)
         self.readers = self._reader_factory()
-        sqlite = self.engine.dialect.name == "sqlite"
-        self._writer = ThreadPoolExecutor(max_workers=1 if sqlite else 16, thread_name_prefix="queue-writer")
-        self.audit = AuditWriter(self.sessions, executor=self._writer)
-        self.audit.start()
+        # Enqueue threads: they write and fsync spool files side by side; the database writes
+        # of new messages and audit batches are group-committed by one of them at a time
+        # (``QueueStore.group``), so even SQLite sees one writer and no busy-waits.
+        self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="queue-writer")
         q = self.settings.values["queue"]
         self.store = QueueStore(self.sessions, self.settings.spool_dir,
                                 lifetime=timedelta(hours=float(q["lifetime_hours"])),
                                 lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
-        self.authenticator = Authenticator(self.sessions, self.settings, self.audit)
+        self.audit = AuditWriter(self.sessions, executor=self._writer, sink=self.store.append_audit)
+        self.audit.start()
+        self.authenticator = Authenticator(self.sessions, self.settings, self.audit, readers=self.readers)
         deps = EdgeDeps(self.settings, self.sessions, self.store, self.audit, self.metrics, on_queued=self._wake,
                         readers=self.readers, writer=self._writer)
         submission = SubmissionHandler(deps, self.authenticator)

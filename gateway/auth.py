@@ -6,11 +6,23 @@ account: each failure delays the answer exponentially (``auth.base_delay`` doubl
 ``auth.max_delay``), and ``auth.max_failures`` failures lock the key for
 ``auth.lockout_seconds``. Unknown accounts cost the same Argon2 work as wrong
 passwords. The counters live in memory: a restart clears them (documented).
+
+Verified credentials are remembered for ``CREDENTIAL_TTL`` seconds so that a client
+opening a connection per message does not pay Argon2 each time. The cache key is
+HMAC-SHA256 under a per-process random secret over (address, password): neither is
+stored, and the key is useless outside this process. The value is the stored hash the
+password was verified against. A hit still reads the mailbox (read-only, one row): it
+counts only while the mailbox is active, local and holds that same hash, so a
+deactivation or a password change takes effect at once. Failures are never cached and
+are throttled as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,10 +102,66 @@ def _emails_of(cert: x509.Certificate) -> list[str]:
     return emails
 
 
+#: How long a verified (address, password) is remembered, and how many are kept.
+CREDENTIAL_TTL = 300.0
+CREDENTIAL_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class _Verified:
+    address: str
+    password_hash: str  # the stored hash the password was verified against
+    expires: float
+
+
+class CredentialCache:
+    """Verified credentials keyed by HMAC-SHA256(per-process secret, address NUL password)."""
+
+    def __init__(self, ttl: float = CREDENTIAL_TTL, size: int = CREDENTIAL_CACHE_SIZE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._secret = secrets.token_bytes(32)
+        self._entries: dict[bytes, _Verified] = {}
+
+    def key(self, username: str, password: str) -> bytes:
+        msg = username.strip().lower().encode("utf-8", "surrogatepass") + b"\x00" + password.encode(
+            "utf-8", "surrogatepass")
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()
+
+    def get(self, key: bytes) -> _Verified | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= self.clock():
+            self._entries.pop(key, None)
+            return None
+        return entry
+
+    def put(self, key: bytes, address: str, password_hash: str) -> None:
+        if len(self._entries) >= self.size:
+            now = self.clock()
+            for k in [k for k, v in self._entries.items() if v.expires <= now]:
+                del self._entries[k]
+            while len(self._entries) >= self.size:  # still full: drop the oldest
+                del self._entries[next(iter(self._entries))]
+        self._entries[key] = _Verified(address, password_hash, self.clock() + self.ttl)
+
+    def discard(self, key: bytes) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class Authenticator:
-    def __init__(self, factory: sessionmaker[Session], settings: Settings, audit: AuditWriter | None = None) -> None:
+    def __init__(self, factory: sessionmaker[Session], settings: Settings, audit: AuditWriter | None = None,
+                 *, readers: sessionmaker[Session] | None = None) -> None:
         self._factory = factory
+        self._readers = readers or factory
         self._audit = audit
+        self.credentials = CredentialCache()
         self.throttle = Throttle(
             max_failures=int(settings.get("auth", "max_failures")),
             lockout_seconds=float(settings.get("auth", "lockout_seconds")),
@@ -121,8 +189,9 @@ class Authenticator:
             outcome = AuthOutcome(False, None, "locked", locked)
             self._record(outcome, username=username, client=client, protocol=protocol, method="password")
             return outcome
+        key = self.credentials.key(username, password)
         try:
-            identity = await asyncio.to_thread(self._verify, username, password)
+            identity = await asyncio.to_thread(self._verify_cached, key, username, password)
         except Exception:  # the directory cannot answer: temporary, not a wrong password
             outcome = AuthOutcome(False, None, "unavailable")
             self._record(outcome, username=username, client=client, protocol=protocol, method="password")
@@ -138,10 +207,27 @@ class Authenticator:
         self._record(outcome, username=username, client=client, protocol=protocol, method="password")
         return outcome
 
-    def _verify(self, username: str, password: str) -> str | None:
+    def _verify_cached(self, key: bytes, username: str, password: str) -> str | None:
+        """A cached verification if the mailbox still matches it, else a full Argon2 check."""
+        cached = self.credentials.get(key)
+        if cached is not None:
+            with self._readers() as session, session.begin():
+                row = session.execute(
+                    select(Mailbox.active, Mailbox.local, Mailbox.password_hash).where(
+                        Mailbox.address == cached.address)
+                ).first()
+            if row is not None and row.active and row.local and row.password_hash and hmac.compare_digest(
+                    row.password_hash, cached.password_hash):
+                return cached.address
+            self.credentials.discard(key)  # deactivated, removed or a new password: verify in full
         with self._factory() as session, session.begin():
             box = service.verify_password(session, username, password)
-            return box.address if box is not None else None
+            if box is None:
+                return None
+            address, stored = box.address, box.password_hash
+        if stored:  # after the commit: the hash now stored (rehashed if its parameters were old)
+            self.credentials.put(key, address, stored)
+        return address
 
     async def check_certificate(self, der: bytes, *, client: str | None, protocol: str) -> AuthOutcome:
         """Map a verified TLS client certificate to an active local APP or ORG mailbox."""

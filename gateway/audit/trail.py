@@ -18,13 +18,13 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.models import AuditRecord
@@ -94,30 +94,28 @@ def append(session: Session, events: Sequence[AuditEvent]) -> list[int]:
     last = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).first()
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     out: list[int] = []
+    rows: list[dict[str, Any]] = []
     for ev in events:
         seq += 1
         ts = ev.ts or datetime.now(UTC)
-        row = AuditRecord(
-            seq=seq,
-            ts=ts,
-            event=ev.event,
-            outcome=ev.outcome,
-            actor=ev.actor,
-            client=ev.client,
-            sender=ev.sender,
-            recipient=ev.recipient,
-            queue_id=ev.queue_id,
-            rule=ev.rule,
-            reply=ev.reply,
-            detail=json.dumps(ev.detail, sort_keys=True, ensure_ascii=False, default=str) if ev.detail else None,
-            prev_hash=prev,
-            hash="",
-        )
-        row.hash = record_hash(seq, ts, _fields(row), prev)
-        session.add(row)
-        prev = row.hash
+        fields = {
+            "event": ev.event,
+            "outcome": ev.outcome,
+            "actor": ev.actor,
+            "client": ev.client,
+            "sender": ev.sender,
+            "recipient": ev.recipient,
+            "queue_id": ev.queue_id,
+            "rule": ev.rule,
+            "reply": ev.reply,
+            "detail": json.dumps(ev.detail, sort_keys=True, ensure_ascii=False, default=str) if ev.detail else None,
+        }
+        digest = record_hash(seq, ts, fields, prev)
+        rows.append({"seq": seq, "ts": ts, **fields, "prev_hash": prev, "hash": digest})
+        prev = digest
         out.append(seq)
-    session.flush()
+    session.flush()  # ORM changes of the caller's transaction first, then one bulk insert
+    session.execute(insert(AuditRecord.__table__), rows)  # type: ignore[arg-type]
     return out
 
 
@@ -241,11 +239,13 @@ class AuditWriter:
     """
 
     def __init__(self, factory: sessionmaker[Session], *, max_batch: int = 500,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None,
+                 sink: Callable[[Sequence[AuditEvent]], None] | None = None) -> None:
         self._factory = factory
         self._max_batch = max_batch
-        # On SQLite the gateway passes its single writer thread, so audit batches and queue
-        # commits take turns instead of meeting in SQLite's sleeping busy handler.
+        # The gateway passes ``QueueStore.append_audit``: batches then ride in the queue's
+        # group commits instead of competing with them for the database's write lock.
+        self._sink = sink
         self._executor = executor
         self._pending: list[AuditEvent] = []
         self._wakeup = asyncio.Event()
@@ -265,6 +265,9 @@ class AuditWriter:
 
     def write_now(self, events: Iterable[AuditEvent]) -> None:
         """Synchronous append in its own transaction (for callers outside the event loop)."""
+        if self._sink is not None:
+            self._sink(list(events))
+            return
         with self._factory() as session, session.begin():
             append(session, list(events))
 

@@ -1,9 +1,15 @@
 """The durable queue: message bytes in a spool folder, envelope and state in the database.
 
 ``enqueue`` is the only writer of new messages. It writes the bytes to a
-temporary file, fsyncs it, renames it into place and fsyncs the folder, then
-commits the envelope rows (and the acceptance's audit records) in one
-transaction. Only after that commit may the SMTP layer answer 250, so an
+temporary file, fsyncs it, renames it into place and fsyncs the folder (in the
+caller's thread, so several messages do this at once), then commits the envelope
+rows and the acceptance's audit records. Commits are grouped: one caller at a
+time writes to the database and takes, in ONE transaction, every message (and
+audit batch, ``append_audit``) queued while the previous commit ran; the others
+wait for that commit. No timer: a lone message commits at once. If a grouped
+transaction fails, its members are committed again one by one, so each caller
+gets its own result or its own error. ``enqueue`` returns only after the commit
+that includes its message, so the SMTP layer answers 250 only then and an
 acknowledged message survives kill -9. A crash between the file and the commit
 leaves an orphan file, never a row without bytes; ``sweep_orphans`` removes them.
 
@@ -18,14 +24,15 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -65,10 +72,101 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+@dataclass(eq=False)
+class _Pending:
+    """One member of a group commit: a message's rows and/or audit events, then its outcome."""
+
+    message: dict[str, Any] | None = None
+    recipients: list[dict[str, Any]] = field(default_factory=list)
+    events: list[AuditEvent] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Serialises database writes of new messages and commits whatever is waiting in one transaction.
+
+    The first caller to find no commit running becomes the committer for everything
+    queued so far (its own item included); callers arriving meanwhile wait and are
+    taken by the next round. Thread-safe; the callers are the enqueue threads.
+    """
+
+    def __init__(self, factory: Callable[[], sessionmaker[Session]]) -> None:
+        self._factory_of = factory  # asked at each commit: the store's current session factory
+        self._cond = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._committing = False
+        self.commits = 0  # transactions committed (for tests and benchmarks)
+        self.items = 0  # members committed
+
+    def run(self, item: _Pending) -> None:
+        """Returns once ``item`` is committed or has its own error in ``item.error``."""
+        with self._cond:
+            self._pending.append(item)
+            while not item.done and self._committing:
+                self._cond.wait()
+            if item.done:
+                return
+            batch, self._pending = self._pending, []
+            self._committing = True
+        try:
+            self._commit(batch)
+        finally:
+            with self._cond:
+                for it in batch:
+                    if not it.done:  # interrupted before an outcome: never report success
+                        it.error = it.error or QueueError("the commit was interrupted")
+                        it.done = True
+                self._committing = False
+                self._cond.notify_all()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        factory = self._factory_of()
+        if len(batch) > 1:
+            try:
+                with factory() as session, session.begin():
+                    _write(session, batch)
+            except Exception:  # noqa: S110 - one member is at fault (e.g. a known dedupe key): each alone below
+                pass
+            else:
+                self._finish(batch)
+                return
+        for it in batch:
+            try:
+                with factory() as session, session.begin():
+                    _write(session, [it])
+            except Exception as exc:
+                it.error = exc
+                it.done = True
+            else:
+                self._finish([it])
+
+    def _finish(self, members: list[_Pending]) -> None:
+        with self._cond:
+            self.commits += 1
+            self.items += len(members)
+        for it in members:
+            it.done = True
+
+
+def _write(session: Session, batch: Sequence[_Pending]) -> None:
+    """Bulk inserts (Core executemany) of the batch's messages, recipients and audit records."""
+    messages = [it.message for it in batch if it.message is not None]
+    if messages:
+        session.execute(insert(QueuedMessage.__table__), messages)  # type: ignore[arg-type]
+    recipients = [r for it in batch for r in it.recipients]
+    if recipients:
+        session.execute(insert(QueuedRecipient.__table__), recipients)  # type: ignore[arg-type]
+    events = [ev for it in batch for ev in it.events]
+    if events:
+        append(session, events)
+
+
 class QueueStore:
     def __init__(self, factory: sessionmaker[Session], spool_dir: Path, *, lifetime: timedelta = timedelta(days=5),
                  lease: timedelta = timedelta(minutes=5)) -> None:
         self._factory = factory
+        self.group = GroupCommit(lambda: self._factory)
         self.spool_dir = spool_dir
         self.lifetime = lifetime
         self.lease = lease
@@ -133,34 +231,26 @@ class QueueStore:
         events = [
             AuditEvent(**{**ev.__dict__, "queue_id": ev.queue_id or queue_id}) for ev in audit_events
         ]
-        try:
-            with self._factory() as session, session.begin():
-                msg = QueuedMessage(
-                    id=queue_id,
-                    created_at=now,
-                    origin=origin,
-                    kind=kind,
-                    sender=sender,
-                    auth_identity=auth_identity,
-                    client_address=client_address,
-                    peer_operator=peer_operator,
-                    message_id=(message_id or "")[:998] or None,
-                    dedupe_key=dedupe_key,
-                    related_id=related_id,
-                    size=len(data),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    spool_name=queue_id,
-                    expires_at=now + self.lifetime,
-                    next_attempt_at=now,
-                    security=json.dumps(security, sort_keys=True) if security else None,
-                )
-                msg.recipients = [
-                    QueuedRecipient(address=r, protection=(protections or {}).get(r)) for r in dict.fromkeys(recipients)
-                ]
-                session.add(msg)
-                session.flush()
-                append(session, events)
-        except IntegrityError:
+        item = _Pending(
+            message={
+                "id": queue_id, "created_at": now, "origin": origin, "kind": kind, "sender": sender,
+                "auth_identity": auth_identity, "client_address": client_address, "peer_operator": peer_operator,
+                "message_id": (message_id or "")[:998] or None, "dedupe_key": dedupe_key, "related_id": related_id,
+                "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "spool_name": queue_id,
+                "expires_at": now + self.lifetime, "warned_at": None, "next_attempt_at": now,
+                "claimed_by": None, "lease_until": None, "done": False,
+                "security": json.dumps(security, sort_keys=True) if security else None,
+            },
+            recipients=[
+                {"message_id": queue_id, "address": r, "state": RecipientState.QUEUED, "attempts": 0,
+                 "protection": (protections or {}).get(r), "last_reply": None, "updated_at": now}
+                for r in dict.fromkeys(recipients)
+            ],
+            events=events,
+        )  # fmt: skip
+        self.group.run(item)
+        error = item.error
+        if isinstance(error, IntegrityError):
             path.unlink(missing_ok=True)
             if dedupe_key is not None:
                 with self._factory() as session:
@@ -168,10 +258,19 @@ class QueueStore:
                 if existing is not None:
                     return Enqueued(existing, duplicate=True)
             raise QueueError("the queue refused the message (conflict); try again") from None
-        except Exception as exc:
+        if error is not None:
             path.unlink(missing_ok=True)
-            raise QueueError(f"the queue database cannot store the message ({type(exc).__name__})") from exc
+            raise QueueError(f"the queue database cannot store the message ({type(error).__name__})") from error
         return Enqueued(queue_id)
+
+    def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Commit audit records with the next group of messages (one write transaction for both)."""
+        if not events:
+            return
+        item = _Pending(events=list(events))
+        self.group.run(item)
+        if item.error is not None:
+            raise item.error
 
     def read(self, queue_id: str) -> bytes:
         with self._factory() as session:

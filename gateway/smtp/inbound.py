@@ -8,6 +8,15 @@ name it (a SAN dNSName, RFC 5280 4.2.1.6) or carry the subject recorded for it a
 ``operator_dn`` (the MSSanté whitelist's DNCertificatOperateur). Otherwise:
 530 5.7.0 (no certificate), 550 5.7.1 (not in the trust list, or mismatch).
 
+The null reverse-path ``MAIL FROM:<>`` (RFC 5321 4.5.5: delivery status and
+disposition notifications) names no domain: the peer's domain is then the trust-list
+domain its certificate names (SAN dNSName or ``operator_dn``); a certificate naming
+none is refused 550 5.7.1. Every peer certificate is also checked against the CRLs of
+our trust anchors (``KeyStore.trust_store()``, purpose clientAuth): a revoked one is
+refused 550 5.7.1 with the revocation detail; revocation status "unavailable" or
+"stale" does not refuse (the TLS layer has verified the chain) but is logged. The
+trust store cannot be loaded: 451 4.3.5.
+
 RCPT TO accepts only our own active mailboxes (``decide_recipient(..., inbound=True)``).
 An accepted message is queued with ``origin="inbound"``, the peer's domain, and the
 dedupe key ``"{peer domain}|{Message-ID}"``: a message resent after a lost 250 is
@@ -16,20 +25,38 @@ acknowledged again with its first queue id and not queued twice. There is no AUT
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from dataclasses import dataclass
 
 from aiosmtpd.smtp import Envelope, Session
+from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.orm import Session as DbSession
 
+from directory.models import Domain, DomainKind
 from directory.service import recipient_facts
 from gateway.audit.trail import AuditEvent
+from gateway.crypto.keystore import KeyStore
+from gateway.crypto.trust import ChainResult, TrustStore
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
 from gateway.queue.store import new_queue_id
 from gateway.smtp import replies as R
-from gateway.smtp.server import EdgeHandler, GatewayEnvelope, GatewaySMTP, Outage, verdict
+from gateway.smtp.server import (
+    NULL_PATH,
+    EdgeDeps,
+    EdgeHandler,
+    GatewayEnvelope,
+    GatewaySMTP,
+    Outage,
+    verdict,
+)
 from gateway.smtp.tls import certificate_names
+
+log = logging.getLogger("mssgw.smtp")
 
 
 @dataclass(frozen=True)
@@ -85,35 +112,98 @@ def decide_peer(facts: PeerFacts) -> Decision:
     return evaluate(PEER_CHAIN, facts, _accept)
 
 
+def peer_domain_of(db: DbSession, names: tuple[str, ...], subject: str) -> tuple[str | None, str | None]:
+    """The trust-list domain a peer certificate belongs to (SAN dNSName first, then operator DN)."""
+    candidates = {n.lower() for n in names} | {n[2:].lower() for n in names if n.startswith("*.")}
+    rows = db.execute(
+        select(Domain.name, Domain.operator_dn).where(Domain.kind == DomainKind.TRUSTED, Domain.name.in_(candidates))
+    ).all()
+    for name, dn in sorted(rows):
+        if any(_name_matches(n.lower(), name) for n in names):
+            return name, dn
+    wanted = normalise_dn(subject)
+    rows = db.execute(
+        select(Domain.name, Domain.operator_dn).where(Domain.kind == DomainKind.TRUSTED, Domain.operator_dn.is_not(None))
+    ).all()
+    for name, dn in sorted(rows):
+        if dn and normalise_dn(dn) == wanted:
+            return name, dn
+    return None, None
+
+
+def revocation_decision(result: ChainResult) -> Decision | None:
+    """A refusal when the peer certificate is revoked, else ``None``."""
+    if result.failure != "revoked":
+        return None
+    detail = result.detail or "listed in its authority's CRL"
+    return Decision.refuse(R.S550_5_7_1_PEER_CERT_REVOKED, "peer-cert-revoked",
+                           f"client certificate revoked: {detail}")
+
+
 class InboundHandler(EdgeHandler):
     listener = "inbound"
     origin = "inbound"
+
+    def __init__(self, deps: EdgeDeps) -> None:
+        super().__init__(deps)
+        self._keystore = KeyStore(deps.settings, deps.readers or deps.sessions)
 
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         sess = server.gw_session()
         der = self.peer_der(server)
+        null_path = address == NULL_PATH
+        peer_domain: str | None = None
         if der is None:
             decision = Decision.refuse(R.S530_5_7_0_CLIENT_CERT_REQUIRED, "client-cert-required",
                                        "a TLS client certificate of a trusted operator is required")
         else:
             names, subject = certificate_names(der)
             try:
-                facts = await self.lookup(lambda db: recipient_facts(db, address))
+                revoked = revocation_decision(await self._check_revocation(der))
+                if revoked is not None:
+                    decision = revoked
+                elif null_path:
+                    domain, dn = await self.lookup(lambda db: peer_domain_of(db, tuple(names), subject))
+                    decision = decide_peer(PeerFacts(domain or "", "trusted" if domain else None, dn,
+                                                     tuple(names), subject))  # fmt: skip
+                    peer_domain = domain
+                else:
+                    facts = await self.lookup(lambda db: recipient_facts(db, address))
+                    decision = decide_peer(PeerFacts(facts.domain, facts.domain_kind, facts.operator_dn,
+                                                     tuple(names), subject))  # fmt: skip
+                    peer_domain = address.rpartition("@")[2].lower()
             except Outage as exc:
                 return str(exc.reply)
-            decision = decide_peer(PeerFacts(facts.domain, facts.domain_kind, facts.operator_dn,
-                                             tuple(names), subject))  # fmt: skip
         if decision.accepted:
             assert isinstance(envelope, GatewayEnvelope)
-            sess.peer_domain = address.rpartition("@")[2].lower()
-            envelope.mail_from = address
+            sess.peer_domain = peer_domain
+            envelope.mail_from = address  # NULL_PATH for <>: aiosmtpd needs a non-empty sender for RCPT
             envelope.mail_options.extend(mail_options)
             envelope.started = time.monotonic()
         self.metrics.inc("mssgw_mail_total", listener=self.listener, decision=verdict(decision), rule=decision.rule)
         self.audit(AuditEvent("mail", verdict(decision), actor=sess.peer_domain, client=sess.client_ip,
-                              sender=address, rule=decision.rule, reply=decision.reply.short))  # fmt: skip
+                              sender="" if null_path else address, rule=decision.rule, reply=decision.reply.short,
+                              detail={"reason": decision.reason} if not decision.accepted else {}))  # fmt: skip
         return str(decision.reply)
+
+    async def _check_revocation(self, der: bytes) -> ChainResult:
+        """Path and CRL check of the peer certificate for clientAuth; the trust store not loading is an outage."""
+
+        def run() -> ChainResult:
+            store: TrustStore = self._keystore.trust_store()
+            return store.validate(x509.load_der_x509_certificate(der), purpose="clientAuth")
+
+        try:
+            result = await asyncio.to_thread(run)
+        except Exception as exc:
+            log.warning("listener=%s outcome=trust-store-unavailable error=%s", self.listener, type(exc).__name__)
+            self.metrics.inc("mssgw_outages_total", listener=self.listener, kind="trust-store")
+            raise Outage(R.S451_4_3_5_POLICY_UNAVAILABLE) from exc
+        if result.crl_status != "good" or not result.valid:
+            log.info("listener=%s peer-cert crl_status=%s failure=%s", self.listener, result.crl_status,
+                     result.failure or "-")
+        return result
 
     async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope, GatewayEnvelope) and envelope.original_content is not None

@@ -82,6 +82,7 @@ S550_5_7_1_BLOCKED_DOMAIN = Reply(550, "5.7.1", "Domain blocked by the operator"
 S550_5_7_1_SENDER_NOT_OWNED = Reply(550, "5.7.1", "You may not send as this address")
 S550_5_7_1_NOT_LOCAL = Reply(550, "5.7.1", "Relaying denied: recipient is not served by this operator")
 S550_5_7_1_PEER_NOT_TRUSTED = Reply(550, "5.7.1", "Sending operator is not in the trust list")
+S550_5_7_1_PEER_CERT_REVOKED = Reply(550, "5.7.1", "Client certificate revoked by its authority")
 S550_5_7_1_NO_PROTECTION = Reply(550, "5.7.1", "No way to protect mail for this recipient")
 S550_5_7_1_FROM_MISMATCH = Reply(550, "5.7.1", "From: header does not match an address you may send as")
 S552_5_3_4_TOO_BIG = Reply(552, "5.3.4", "Message too big for system")

@@ -77,7 +77,16 @@ _BUILTIN_PREFIXES: tuple[tuple[str, R.Reply], ...] = (
     ("500 Error: command", R.S500_5_5_2_SYNTAX),
     ("503 Error: send", R.S503_5_5_1_BAD_SEQUENCE),
 )
+#: The null reverse-path (RFC 5321 4.5.5) as held in ``envelope.mail_from``: aiosmtpd needs a
+#: non-empty sender before RCPT, so ``<>`` is kept as this marker and queued as sender "".
+NULL_PATH = "<>"
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
+#: Recipient decisions are reused for this long (seconds) and at most this many are kept. A
+#: directory change (mailbox deactivated, domain blocked) reaches RCPT within this delay; the
+#: delivery side reads the directory again, and logins and sender checks are never cached here.
+RCPT_CACHE_SECONDS = 5.0
+RCPT_CACHE_SIZE = 20_000
 
 #: Command budgets per connection (aiosmtpd ``command_call_limit``); going over closes it with 421.
 CALL_LIMITS = {"AUTH": 8, "STARTTLS": 3, "EHLO": 16, "HELO": 16, "NOOP": 50, "VRFY": 5, "HELP": 10,
@@ -124,6 +133,13 @@ class GatewaySMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._registry = registry
         self.busy = False  # inside a transaction's DATA processing
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """``<>`` (the null reverse-path, with or without parameters) is ``NULL_PATH``; the rest as aiosmtpd."""
+        stripped = arg.lstrip()
+        if stripped.startswith("<>"):
+            return NULL_PATH, stripped[2:]
+        return super()._getaddr(arg)
 
     def _create_session(self) -> Session:
         return GatewaySession(self.loop)
@@ -213,6 +229,7 @@ class EdgeHandler:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._rcpt_cache: dict[str, tuple[float, str, Decision]] = {}
 
     # --- hooks every listener shares ------------------------------------------------------
 
@@ -257,7 +274,7 @@ class EdgeHandler:
             normalised = address
         else:
             try:
-                normalised, decision = await self.lookup(lambda db: _rcpt_decision(db, address, inbound))
+                normalised, decision = await self.recipient_decision(address, inbound)
             except Outage as exc:
                 return str(exc.reply)
         outcome = verdict(decision)
@@ -269,6 +286,21 @@ class EdgeHandler:
             envelope.rcpt_tos.append(normalised)
             envelope.protections[normalised] = dict(decision.facts).get("protection", "")
         return str(decision.reply)
+
+    async def recipient_decision(self, address: str, inbound: bool) -> tuple[str, Decision]:
+        """The recipient chain's answer, reused for ``RCPT_CACHE_SECONDS`` (no thread hop on a hit)."""
+        key = f"{'in' if inbound else 'out'}:{address.strip().lower()}"
+        now = time.monotonic()
+        hit = self._rcpt_cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1], hit[2]
+        normalised, decision = await self.lookup(lambda db: _rcpt_decision(db, address, inbound))
+        if len(self._rcpt_cache) >= RCPT_CACHE_SIZE:
+            self._rcpt_cache = {k: v for k, v in self._rcpt_cache.items() if v[0] > now}
+            if len(self._rcpt_cache) >= RCPT_CACHE_SIZE:
+                self._rcpt_cache.clear()
+        self._rcpt_cache[key] = (now + RCPT_CACHE_SECONDS, normalised, decision)
+        return normalised, decision
 
     async def check_content(self, data: bytes) -> tuple[ContentFacts, Decision]:
         def run() -> tuple[ContentFacts, Decision]:
@@ -289,7 +321,7 @@ class EdgeHandler:
     def accept_events(self, sess: GatewaySession, envelope: Envelope, queue_id: str, size: int) -> list[AuditEvent]:
         return [
             AuditEvent("accept", "accept", actor=sess.identity or sess.peer_domain, client=sess.client_ip,
-                       sender=envelope.mail_from, recipient=rcpt, queue_id=queue_id, rule="queued",
+                       sender=sender_of(envelope), recipient=rcpt, queue_id=queue_id, rule="queued",
                        reply=R.S250_2_6_0_QUEUED.short, detail={"size": size, "origin": self.origin})
             for rcpt in envelope.rcpt_tos
         ]  # fmt: skip
@@ -342,7 +374,7 @@ class EdgeHandler:
         server.busy = True
         try:
             job = functools.partial(
-                self.deps.store.enqueue, data, sender=envelope.mail_from or "", recipients=list(envelope.rcpt_tos),
+                self.deps.store.enqueue, data, sender=sender_of(envelope), recipients=list(envelope.rcpt_tos),
                 origin=self.origin, client_address=server.gw_session().client_ip, queue_id=queue_id,
                 protections=envelope.protections, audit_events=events, **kwargs,
             )  # fmt: skip
@@ -370,6 +402,12 @@ class EdgeHandler:
         log.info("listener=%s outcome=%s queue_id=%s sender=%s rcpts=%d size=%d ms=%.1f%s", self.listener, outcome,
                  queue_id, envelope.mail_from or "<>", len(envelope.rcpt_tos), size, elapsed,
                  f" reply={reply!r}" if reply else "")  # fmt: skip
+
+
+def sender_of(envelope: Envelope) -> str:
+    """The envelope sender as queued: "" for the null reverse-path."""
+    sender = envelope.mail_from or ""
+    return "" if sender == NULL_PATH else sender
 
 
 def verdict(decision: Decision) -> str:

@@ -77,6 +77,22 @@ def test_passwords(people: sessionmaker[Session]) -> None:
         assert service.verify_password(s, "anne.martin@a.mssante.test", PASSWORD) is None
 
 
+def test_password_hashes_use_light_argon2id_and_old_ones_are_upgraded(people: sessionmaker[Session]) -> None:
+    from argon2 import PasswordHasher, extract_parameters
+
+    with transaction(people) as s:
+        box = service.get_mailbox(s, "anne.martin@a.mssante.test")
+        params = extract_parameters(box.password_hash)
+        assert (params.type.name, params.time_cost, params.memory_cost, params.parallelism) == ("ID", 2, 19456, 1)
+        box.password_hash = PasswordHasher().hash(PASSWORD)  # an older, heavier hash (64 MiB, 3 passes)
+    with transaction(people) as s:
+        assert service.verify_password(s, "anne.martin@a.mssante.test", PASSWORD) is not None
+    with transaction(people) as s:
+        params = extract_parameters(service.get_mailbox(s, "anne.martin@a.mssante.test").password_hash)
+        assert (params.time_cost, params.memory_cost) == (2, 19456)  # rehashed at that login
+        assert service.verify_password(s, "anne.martin@a.mssante.test", PASSWORD) is not None
+
+
 def test_delegation_and_sender_facts(people: sessionmaker[Session]) -> None:
     with transaction(people) as s:
         service.delegate(s, "secretariat@a.mssante.test", "anne.martin@a.mssante.test")

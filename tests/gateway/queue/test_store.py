@@ -82,3 +82,53 @@ def test_admin_actions(store: QueueStore) -> None:
     assert not store.spool_path(q2).exists()
     assert store.list() == []
     assert {m["id"] for m in store.list(include_done=True)} == {q, q2}
+
+
+def test_group_commit_of_concurrent_messages_each_with_its_own_outcome(store: QueueStore,
+                                                                       factory: sessionmaker[Session]) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    taken = store.enqueue(DATA, sender="a@a.mssante.test", recipients=["b@a.mssante.test"], origin="submission")
+    store.spool_path(taken.queue_id).unlink()  # so that reusing its id fails in the database, inside a group
+    gate = threading.Event()
+    real_run = store.group.run
+
+    def slow_first(item):  # type: ignore[no-untyped-def]
+        gate.wait(5)  # hold the callers so they pile up behind one commit
+        real_run(item)
+
+    store.group.run = slow_first  # type: ignore[method-assign]
+
+    def one(n: int) -> str:
+        # member 3 reuses a stored id: only it fails; members 5 and 6 carry one dedupe key: one is a duplicate
+        try:
+            result = store.enqueue(DATA, sender="a@a.mssante.test", recipients=["b@a.mssante.test"],
+                                   origin="submission", queue_id=taken.queue_id if n == 3 else None,
+                                   dedupe_key="b.mssante.test|<same@b>" if n in (5, 6) else None,
+                                   audit_events=[AuditEvent("accept", "accept", detail={"n": n})])
+        except QueueError:
+            return "error"
+        return "duplicate" if result.duplicate else result.queue_id
+
+    commits_before = store.group.commits
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(one, n) for n in range(12)]
+        gate.set()
+        results = [f.result() for f in futures]
+    assert results.count("error") == 1 and results[3] == "error"
+    assert results.count("duplicate") == 1 and "duplicate" in (results[5], results[6])
+    stored = [r for r in results if r not in ("error", "duplicate")]
+    assert len(set(stored)) == 10 and all(store.read(q) == DATA for q in stored)
+    assert store.group.commits - commits_before < 12  # several messages per transaction
+    assert {r["id"] for r in store.list()} == {taken.queue_id, *stored}
+    assert len(list(store.spool_dir.glob("*/*"))) == 10  # no file left by the failed or duplicate member
+    with factory() as db:
+        assert len(query(db, event="accept")) == 10 and verify(db).ok
+
+
+def test_audit_batches_ride_in_the_group_commit(store: QueueStore, factory: sessionmaker[Session]) -> None:
+    store.append_audit([AuditEvent("connect", "info", client="192.0.2.1")])
+    store.append_audit([])
+    with factory() as db:
+        assert [r["client"] for r in query(db, event="connect")] == ["192.0.2.1"] and verify(db).ok

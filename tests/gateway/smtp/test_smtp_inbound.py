@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import aiosmtplib
 import pytest
+from cryptography import x509
 from smtp_world import DOMAIN, CertFiles, World, message
 
 pytestmark = pytest.mark.asyncio
@@ -84,3 +86,52 @@ async def test_trusted_peer_accepted_and_deduplicated(world: World) -> None:
     row = store.get(ids[0])
     assert row["origin"] == "inbound" and row["peer_operator"] == "b.mssante.test"
     assert row["message_id"] == "<peer-1@b.mssante.test>"
+
+
+def dsn(message_id: str) -> bytes:
+    return (f"From: MAILER-DAEMON@mx.b.mssante.test\r\nTo: bob@{DOMAIN}\r\nSubject: Delivery Status Notification\r\n"
+            f"Date: Mon, 23 Nov 2026 10:00:00 +0100\r\nMessage-ID: {message_id}\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n\r\n"
+            "--b1\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+            "--b1\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.b.mssante.test\r\n\r\n"
+            "Final-Recipient: rfc822; doc@b.mssante.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+            "--b1--\r\n").encode()
+
+
+async def test_null_sender_from_trusted_peer_accepted(world: World) -> None:
+    store = world.gateway.store
+    assert store is not None
+    smtp = await peer(world, world.certs.peer_b)
+    assert (await cmd(smtp, "MAIL FROM:<> SIZE=1000"))[0] == 250
+    assert (await cmd(smtp, f"RCPT TO:<bob@{DOMAIN}>"))[0] == 250
+    response = await smtp.data(dsn("<dsn-1@mx.b.mssante.test>"))
+    assert response.code == 250
+    await smtp.quit()
+    queue_id = response.message.rsplit(" ", 1)[1]
+    row = store.get(queue_id)
+    assert row["sender"] == "<>" and row["peer_operator"] == "b.mssante.test" and row["origin"] == "inbound"
+    # a null sender from a peer whose certificate names no trusted domain is refused
+    smtp = await peer(world, world.certs.app)
+    code, text = await cmd(smtp, "MAIL FROM:<>")
+    assert (code, text[:5]) == (550, "5.7.1") and "not in the trust list" in text
+    await smtp.quit()
+
+
+async def test_revoked_peer_certificate_refused(world: World, tmp_path: Path) -> None:
+    from certs.pki import issue_certificate, load_dev_pki, revoke_certificate, save_certificate_and_key
+
+    pki = load_dev_pki(world.home / "pki")
+    cert, key = issue_certificate(pki, kind="operator", dns_names=["mx.b.mssante.test", "b.mssante.test"],
+                                  organization="Operateur B")
+    files = CertFiles(tmp_path / "revoked.pem", tmp_path / "revoked.key")
+    save_certificate_and_key(cert, key, files.cert, files.key)
+    revoke_certificate(pki, cert.serial_number, x509.ReasonFlags.key_compromise)
+    for sender in ("doc@b.mssante.test", ""):
+        smtp = await peer(world, files)
+        code, text = await cmd(smtp, f"MAIL FROM:<{sender}>")
+        assert (code, text[:5]) == (550, "5.7.1") and "revoked" in text, text
+        await smtp.quit()
+    assert world.gateway.store is not None and world.gateway.store.list() == []
+    smtp = await peer(world, world.certs.peer_b)  # the operator's other certificate is still good
+    assert (await cmd(smtp, "MAIL FROM:<doc@b.mssante.test>"))[0] == 250
+    await smtp.quit()

@@ -15,7 +15,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, or_, select
+from sqlalchemy import exists, func, literal, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
 from directory.consumer import CONSUMER_PROVIDERS, consumer_pattern_for
@@ -539,36 +539,45 @@ def recipient_facts(session: Session, address: str) -> RecipientFacts:
             domain_reason=reason,
             consumer_pattern=pattern,
         )
-    box = session.scalar(select(Mailbox).where(Mailbox.address == addr))
-    has_cert = has_key = domain_cert = False
-    if dom.kind == DomainKind.TRUSTED:
-        cert_owners = set(
-            session.scalars(
-                select(Certificate.address).where(
-                    Certificate.address.in_([addr, domain]),
-                    Certificate.purpose.in_(["encrypt", "smime"]),
-                    Certificate.revoked_at.is_(None),
-                )
-            )
-        )
-        has_cert, domain_cert = addr in cert_owners, domain in cert_owners
-        has_key = (session.scalar(
-            select(func.count()).select_from(PgpKey).where(PgpKey.address == addr, PgpKey.revoked.is_(False))
-        ) or 0) > 0
+    row = session.execute(_facts_query(addr, domain)).one()
     return RecipientFacts(
         address=addr,
         valid_syntax=True,
         domain=domain,
         domain_kind=dom.kind.value,
-        mailbox_known=box is not None,
-        mailbox_active=bool(box and box.active),
-        mailbox_local=bool(box and box.local),
-        mailbox_type=box.type.value if box else None,
-        has_certificate=has_cert,
-        has_openpgp_key=has_key,
-        domain_has_certificate=domain_cert,
+        mailbox_known=row.type is not None,
+        mailbox_active=bool(row.active),
+        mailbox_local=bool(row.local),
+        mailbox_type=MailboxType(row.type).value if row.type is not None else None,
+        has_certificate=bool(row.has_cert) and dom.kind == DomainKind.TRUSTED,
+        has_openpgp_key=bool(row.has_key) and dom.kind == DomainKind.TRUSTED,
+        domain_has_certificate=bool(row.domain_cert) and dom.kind == DomainKind.TRUSTED,
         operator_dn=dom.operator_dn,
     )
+
+
+_ENCRYPT_PURPOSES = ("encrypt", "smime")
+
+
+def _facts_query(addr: str, domain: str):  # type: ignore[no-untyped-def]
+    """One round trip: the mailbox and whether mail for it can be protected (certificate or OpenPGP key)."""
+
+    def cert_of(owner: str):  # type: ignore[no-untyped-def]
+        return exists().where(
+            Certificate.address == owner,
+            Certificate.purpose.in_(_ENCRYPT_PURPOSES),
+            Certificate.revoked_at.is_(None),
+        )
+
+    mailbox = select(Mailbox.type, Mailbox.active, Mailbox.local).where(Mailbox.address == addr).subquery()
+    return select(
+        mailbox.c.type,
+        mailbox.c.active,
+        mailbox.c.local,
+        cert_of(addr).label("has_cert"),
+        cert_of(domain).label("domain_cert"),
+        exists().where(PgpKey.address == addr, PgpKey.revoked.is_(False)).label("has_key"),
+    ).select_from(select(literal(1).label("one")).subquery().outerjoin(mailbox, true()))
 
 
 @dataclass(frozen=True)

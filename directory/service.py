@@ -15,7 +15,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import exists, func, literal, or_, select, true
+from sqlalchemy import bindparam, exists, func, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
 from directory.consumer import CONSUMER_PROVIDERS, consumer_pattern_for
@@ -521,63 +521,74 @@ def _blocked_reason(session: Session, domain: str) -> tuple[str | None, str | No
 
 
 def recipient_facts(session: Session, address: str) -> RecipientFacts:
+    """Everything the recipient rules need, in one round trip for the usual case (one per RCPT)."""
     try:
         addr = normalise_address(address)
     except InvalidIdentifier:
         return RecipientFacts(address=address, valid_syntax=False)
     domain = addr.rpartition("@")[2]
-    dom = session.get(Domain, domain)
-    if dom is None or dom.kind == DomainKind.BLOCKED:
-        reason, pattern = (dom.reason, consumer_pattern_for(domain)) if dom else _blocked_reason(session, domain)
-        if pattern is None:
-            pattern = consumer_pattern_for(domain)
+    row = session.execute(_FACTS_QUERY, {"addr": addr, "domain": domain}).first()
+    kind = DomainKind(row.kind) if row is not None else None
+    if row is None or kind == DomainKind.BLOCKED:
+        reason, pattern = (row.reason, None) if row is not None else _blocked_reason(session, domain)
         return RecipientFacts(
             address=addr,
             valid_syntax=True,
             domain=domain,
             domain_kind="blocked" if reason else None,
             domain_reason=reason,
-            consumer_pattern=pattern,
+            consumer_pattern=pattern or consumer_pattern_for(domain),
         )
-    row = session.execute(_facts_query(addr, domain)).one()
+    trusted = kind == DomainKind.TRUSTED
     return RecipientFacts(
         address=addr,
         valid_syntax=True,
         domain=domain,
-        domain_kind=dom.kind.value,
+        domain_kind=kind.value,
         mailbox_known=row.type is not None,
         mailbox_active=bool(row.active),
         mailbox_local=bool(row.local),
         mailbox_type=MailboxType(row.type).value if row.type is not None else None,
-        has_certificate=bool(row.has_cert) and dom.kind == DomainKind.TRUSTED,
-        has_openpgp_key=bool(row.has_key) and dom.kind == DomainKind.TRUSTED,
-        domain_has_certificate=bool(row.domain_cert) and dom.kind == DomainKind.TRUSTED,
-        operator_dn=dom.operator_dn,
+        has_certificate=trusted and bool(row.has_cert),
+        has_openpgp_key=trusted and bool(row.has_key),
+        domain_has_certificate=trusted and bool(row.domain_cert),
+        operator_dn=row.operator_dn,
     )
 
 
-_ENCRYPT_PURPOSES = ("encrypt", "smime")
+def _build_facts_query():  # type: ignore[no-untyped-def]
+    """The domain row, the mailbox (outer-joined) and whether mail for it can be protected.
 
+    Built once: constructing a statement costs more than running it on this hot path.
+    """
+    addr, domain = bindparam("addr"), bindparam("domain")
 
-def _facts_query(addr: str, domain: str):  # type: ignore[no-untyped-def]
-    """One round trip: the mailbox and whether mail for it can be protected (certificate or OpenPGP key)."""
-
-    def cert_of(owner: str):  # type: ignore[no-untyped-def]
+    def cert_of(owner):  # type: ignore[no-untyped-def]
         return exists().where(
             Certificate.address == owner,
-            Certificate.purpose.in_(_ENCRYPT_PURPOSES),
+            Certificate.purpose.in_(("encrypt", "smime")),
             Certificate.revoked_at.is_(None),
         )
 
     mailbox = select(Mailbox.type, Mailbox.active, Mailbox.local).where(Mailbox.address == addr).subquery()
-    return select(
-        mailbox.c.type,
-        mailbox.c.active,
-        mailbox.c.local,
-        cert_of(addr).label("has_cert"),
-        cert_of(domain).label("domain_cert"),
-        exists().where(PgpKey.address == addr, PgpKey.revoked.is_(False)).label("has_key"),
-    ).select_from(select(literal(1).label("one")).subquery().outerjoin(mailbox, true()))
+    return (
+        select(
+            Domain.kind,
+            Domain.reason,
+            Domain.operator_dn,
+            mailbox.c.type,
+            mailbox.c.active,
+            mailbox.c.local,
+            cert_of(addr).label("has_cert"),
+            cert_of(domain).label("domain_cert"),
+            exists().where(PgpKey.address == addr, PgpKey.revoked.is_(False)).label("has_key"),
+        )
+        .select_from(Domain.__table__.outerjoin(mailbox, true()))
+        .where(Domain.name == domain)
+    )
+
+
+_FACTS_QUERY = _build_facts_query()
 
 
 @dataclass(frozen=True)

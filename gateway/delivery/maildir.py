@@ -28,7 +28,6 @@ address or folder name that cannot map to a safe path, and for any disk problem
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import secrets
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 from directory.identifiers import InvalidIdentifier, normalise_address
+from gateway.durable import write_durably
 
 __all__ = ["DEFAULT_FOLDERS", "DeliveryError", "MaildirDelivery", "folder_subdir"]
 
@@ -90,14 +90,6 @@ def _unique_name() -> str:
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
     return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}.{_hostname()}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_maildir(path: Path) -> None:
@@ -190,20 +182,8 @@ class MaildirDelivery:
         final_name = f"{name}:2,{info}" if info else name
         final_dir = target_dir / ("cur" if info else "new")
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp_path, final_dir / final_name)
-            _fsync_dir(final_dir)
+            write_durably(tmp_path, final_dir / final_name, data, mode=_FILE_MODE)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp_path.unlink(missing_ok=True)
             raise DeliveryError(
                 f"cannot deliver to {address} ({folder}): {exc.strerror or exc} ({exc.filename or final_dir})"
             ) from exc

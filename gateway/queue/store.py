@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import threading
 import time
@@ -37,6 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from gateway.audit.trail import AuditEvent, append
+from gateway.durable import write_durably
 from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
 
 
@@ -48,14 +48,6 @@ class QueueError(Exception):
 class Enqueued:
     queue_id: str
     duplicate: bool = False  # the dedupe key was already queued: nothing new was stored
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def new_queue_id() -> str:
@@ -182,18 +174,7 @@ class QueueStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a caller-chosen id already in use: never overwrite stored bytes
             raise FileExistsError(17, "queue id already in use", str(final))
-        tmp = final.with_name(f".{queue_id}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        write_durably(final.with_name(f".{queue_id}.tmp"), final, data)
         return final
 
     def enqueue(

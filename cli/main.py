@@ -43,7 +43,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from gateway.config import ConfigError
 
     kinds: list[type[BaseException]] = [ConfigError, DirectoryError, InvalidIdentifier, DatabaseError, ExpectedError]
-    for module, name in (("certs.pki", "PkiError"), ("gateway.crypto", "CryptoError")):
+    for module, name in (
+        ("certs.pki", "PkiError"),
+        ("certs.service", "CertError"),
+        ("gateway.queue.store", "QueueError"),
+        ("gateway.process.manual", "ManualError"),
+    ):
         try:
             kinds.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -26,11 +26,6 @@ def open_store(app: AppContext) -> QueueStore:
                       lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
 
 
-def _fail(exc: QueueError) -> None:
-    click.echo(f"error: {exc}", err=True)
-    raise click.exceptions.Exit(2)
-
-
 @click.group("queue")
 def queue() -> None:
     """The message queue: list, show, retry, delete, quarantine."""
@@ -54,10 +49,7 @@ def list_(app: AppContext, state: str | None, include_done: bool, limit: int, as
 @pass_app
 def show(app: AppContext, queue_id: str, as_json: bool) -> None:
     """A message's envelope, recipients and their states (never its content)."""
-    try:
-        emit_record(open_store(app).get(queue_id), as_json)
-    except QueueError as exc:
-        _fail(exc)
+    emit_record(open_store(app).get(queue_id), as_json)
 
 
 @queue.command("retry")
@@ -65,10 +57,7 @@ def show(app: AppContext, queue_id: str, as_json: bool) -> None:
 @pass_app
 def retry(app: AppContext, queue_id: str) -> None:
     """Make the message's waiting recipients due now."""
-    try:
-        n = open_store(app).retry(queue_id)
-    except QueueError as exc:
-        _fail(exc)
+    n = open_store(app).retry(queue_id)
     click.echo(f"{queue_id}: {n} recipient(s) due now")
 
 
@@ -78,10 +67,7 @@ def retry(app: AppContext, queue_id: str) -> None:
 @pass_app
 def delete(app: AppContext, queue_id: str, reason: str) -> None:
     """Delete a message for good; its undelivered recipients are marked deleted."""
-    try:
-        n = open_store(app).delete(queue_id, reason=reason)
-    except QueueError as exc:
-        _fail(exc)
+    n = open_store(app).delete(queue_id, reason=reason)
     click.echo(f"{queue_id}: deleted ({n} undelivered recipient(s))")
 
 
@@ -103,10 +89,7 @@ def quarantine_list(app: AppContext, as_json: bool) -> None:
 @pass_app
 def quarantine_release(app: AppContext, queue_id: str) -> None:
     """Deliver a quarantined message as it is (an admin vouches for it)."""
-    try:
-        n = open_store(app).release_quarantine(queue_id)
-    except QueueError as exc:
-        _fail(exc)
+    n = open_store(app).release_quarantine(queue_id)
     click.echo(f"{queue_id}: released ({n} recipient(s))")
 
 
@@ -117,13 +100,10 @@ def quarantine_release(app: AppContext, queue_id: str) -> None:
 def quarantine_delete(app: AppContext, queue_id: str, reason: str) -> None:
     """Delete a quarantined message."""
     store = open_store(app)
-    try:
-        states = store.get(queue_id)["recipient_states"]
-        if not any(r["state"] == RecipientState.QUARANTINED.value for r in states):
-            raise QueueError(f"message {queue_id} is not in quarantine")
-        n = store.delete(queue_id, reason=reason)
-    except QueueError as exc:
-        _fail(exc)
+    states = store.get(queue_id)["recipient_states"]
+    if not any(r["state"] == RecipientState.QUARANTINED.value for r in states):
+        raise QueueError(f"message {queue_id} is not in quarantine")
+    n = store.delete(queue_id, reason=reason)
     click.echo(f"{queue_id}: deleted ({n} recipient(s))")
 
 

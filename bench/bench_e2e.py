@@ -1,16 +1,20 @@
 """End-to-end throughput A -> B against the crypto-only ceiling, measured in the same run.
 
-Two operators on loopback (the e2e tests' setup: own homes, dev PKIs, trust lists).  20
-concurrent submitters log in to A's submission listener (STARTTLS + AUTH, connections reused)
-and send 20 KB messages to B's practitioner; each message is queued, signed and encrypted by
-A's workers, relayed over mutual TLS to B's inbound listener, queued, decrypted, verified and
-delivered to B's Maildir.  Latency is submission start -> delivery at B.  The ceiling is
-``protect_job`` + ``open_job`` (the same crypto calls the workers make) in a tight loop on a
-process pool with one process per core.  Compare the ratio, not absolute figures across runs
-(see /work/shared/PERFORMANCE.md); the target is e2e / ceiling >= 0.5.
+Two operators on loopback, each a real ``mssgw serve`` process with its own home (the e2e
+tests' setup from ``tests/e2e/e2e_support.py``: dev PKIs, trust lists, anchors, certificates,
+mailboxes; listen ports written into each home's ``mssgw.toml``, IMAP and metrics off).  The
+bench process only submits and watches: 20 concurrent submitters (aiosmtplib, STARTTLS, AUTH
+once per session, connection reused) send 20 KB messages to B's practitioner; each message is
+queued, signed and encrypted by A's workers, relayed over mutual TLS to B's inbound listener,
+queued, decrypted, verified and delivered to B's Maildir.  Completion is detected by polling
+the ``new/`` folder of B's INBOX; latency is submission start -> file seen (poll granularity
+``--poll`` seconds).  The ceiling is ``protect_job`` + ``open_job`` (the same crypto calls the
+workers make) in a tight loop on a process pool with one process per core, run after the
+gateways have stopped.  Compare the ratio, not absolute figures across runs (see
+/work/shared/PERFORMANCE.md); the target is e2e / ceiling >= 0.5.
 
     .venv/bin/python bench/bench_e2e.py [--messages N] [--submitters 20] [--size 20000]
-                                        [--executor process|thread] [--ceiling-seconds S]
+                                        [--ceiling-seconds S] [--log-level info] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -18,15 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
+import signal
+import socket
 import ssl
 import statistics
+import subprocess  # nosec B404 - starts our own `mssgw serve`
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from email.utils import make_msgid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -63,7 +71,18 @@ def _ceiling_worker(args: tuple[bytes, object, tuple[bytes, ...], object, object
     return done
 
 
-def crypto_ceiling(a_keys, b_keys, data: bytes, sender: str, rcpt: str, seconds: float, cores: int) -> float:  # type: ignore[no-untyped-def]
+def _keystore(home: Path) -> Any:
+    from directory.db import make_engine, session_factory
+    from gateway.config import load_settings
+    from gateway.crypto.keystore import KeyStore
+
+    settings = load_settings(home)
+    return KeyStore(settings, session_factory(make_engine(settings.database_url)))
+
+
+def crypto_ceiling(a_home: Path, b_home: Path, data: bytes, sender: str, rcpt: str, seconds: float,
+                   cores: int) -> float:  # fmt: skip
+    a_keys, b_keys = _keystore(a_home), _keystore(b_home)
     signer = a_keys.signer_for(sender)
     certs = tuple(a_keys.recipient_certs(rcpt))
     candidates = tuple(b_keys.decryption_keys(rcpt))
@@ -77,78 +96,153 @@ def crypto_ceiling(a_keys, b_keys, data: bytes, sender: str, rcpt: str, seconds:
     return sum(counts) / elapsed
 
 
-# --- end to end ------------------------------------------------------------------------------------
+# --- the two gateways ------------------------------------------------------------------------------
 
 
-class Arrivals:
-    """Wraps B's Maildir delivery: records when each Message-ID lands in an INBOX."""
-
-    def __init__(self, inner, loop: asyncio.AbstractEventLoop, expected: int) -> None:  # type: ignore[no-untyped-def]
-        self.inner = inner
-        self.loop = loop
-        self.expected = expected
-        self.times: dict[str, float] = {}
-        self.done = asyncio.Event()
-        self.lock = threading.Lock()
-
-    def deliver(self, address: str, data: bytes, *, folder: str = "INBOX", flags: str = "") -> str:
-        name = self.inner.deliver(address, data, folder=folder, flags=flags)
-        head = data[: data.find(b"\r\n\r\n")]
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"message-id:"):
-                with self.lock:
-                    self.times[line.split(b":", 1)[1].strip().decode()] = time.perf_counter()
-                    if len(self.times) >= self.expected:
-                        self.loop.call_soon_threadsafe(self.done.set)
-        return str(name)
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-async def end_to_end(args: argparse.Namespace, root: Path) -> dict[str, float]:
-    import aiosmtplib
-    from e2e_support import A_DOMAIN, B_DOMAIN, CLINICIAN, PRACTITIONER, _start, build_templates
+def prepare_homes(root: Path) -> dict[str, dict[str, Any]]:
+    """Both homes from the e2e templates, with ports in mssgw.toml and relays pointing at each other."""
+    from e2e_support import A_DOMAIN, B_DOMAIN, CLINICIAN, _write_config, build_templates
 
     from directory import service
-    from directory.db import transaction
-    from gateway.queue.worker import Workers
+    from directory.db import make_engine, session_factory, transaction
+    from gateway.config import load_settings
 
-    os.environ.pop("MSSGW_DATABASE_URL", None)
     templates = build_templates(root / "templates")
-    a = await _start("a", templates["a"], root)
-    b = await _start("b", templates["b"], root)
-    a.set_relay(B_DOMAIN, b.inbound_port, templates["b"].operator_dn)
-    b.set_relay(A_DOMAIN, a.inbound_port, templates["a"].operator_dn)
-    with transaction(a.sessions) as s:
-        service.set_password(s, CLINICIAN, PASSWORD)
-    loop = asyncio.get_running_loop()
-    arrivals = None
-    for op in (a, b):
-        workers = Workers(op.settings, op.sessions, op.store, crypto_executor=args.executor,
-                          worker_id=f"bench-{op.name}")  # fmt: skip
-        if op is b:
-            arrivals = Arrivals(workers.ctx.local, loop, args.messages)
-            workers.ctx.local = arrivals
-        op.workers = workers
-        op.gateway.workers = workers  # the listeners wake the workers on enqueue
-        await workers.start()
-    assert arrivals is not None
+    ops: dict[str, dict[str, Any]] = {}
+    for name in ("a", "b"):
+        home = root / name
+        shutil.copytree(templates[name].home, home)
+        ports = {"submission": _free_port(), "inbound": _free_port()}
+        _write_config(templates[name], home, ports)
+        ops[name] = {"home": home, "ports": ports, "dn": templates[name].operator_dn}
+    for name, peer, peer_domain in (("a", "b", B_DOMAIN), ("b", "a", A_DOMAIN)):
+        settings = load_settings(ops[name]["home"])
+        engine = make_engine(settings.database_url)
+        with transaction(session_factory(engine)) as s:
+            service.trust_domain(s, peer_domain, relay=f"127.0.0.1:{ops[peer]['ports']['inbound']}",
+                                 operator_dn=ops[peer]["dn"])  # fmt: skip
+            if name == "a":
+                service.set_password(s, CLINICIAN, PASSWORD)
+        engine.dispose()
+        ops[name]["settings"] = settings
+    return ops
 
-    # Warm the worker processes (imports, key loading) before measuring.
-    warm, _ = message(args.size, CLINICIAN, PRACTITIONER)
-    arrivals.expected = 1
-    a.enqueue(warm, CLINICIAN, [PRACTITIONER])
-    a.workers.wake()
-    await asyncio.wait_for(arrivals.done.wait(), 120)
-    arrivals.times.clear()
-    arrivals.done.clear()
-    arrivals.expected = args.messages
 
-    tls = ssl.create_default_context(cafile=str(a.home / "pki" / "ca.pem"))
-    port = int(a.gateway.addresses["submission"][1])
-    submitted: dict[str, float] = {}
-    per = [args.messages // args.submitters + (1 if i < args.messages % args.submitters else 0)
-           for i in range(args.submitters)]  # fmt: skip
+def start_gateway(home: Path, log_level: str, profile: bool = False) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).parent / "mssgw"
+    command = [str(exe), "serve", "--log-level", log_level]
+    if profile:  # the event loop's thread only; read with pstats
+        command = [sys.executable, "-m", "cProfile", "-o", str(home / "serve.prof"), *command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSSGW_")}
+    env["MSSGW_HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT)  # the tree this bench belongs to, whatever the venv has installed
+    log = (home / "serve.log").open("wb")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # nosec B603
 
-    async def submitter(count: int) -> None:
+
+async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mssgw serve exited with {proc.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its live descendants (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    pids, todo = [], [pid]
+    while todo:  # the forkserver's crypto workers are grandchildren
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+class Watcher:
+    """Polls B's INBOX ``new/`` and notes when each Message-ID first appears."""
+
+    def __init__(self, folder: Path, interval: float) -> None:
+        self.folder = folder
+        self.interval = interval
+        self.seen: set[str] = set()
+        self.times: dict[str, float] = {}
+
+    def scan(self) -> None:
+        now = time.perf_counter()
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name in self.seen:
+                continue
+            self.seen.add(name)
+            with open(self.folder / name, "rb") as fh:
+                head = fh.read(16384)
+            for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+                if line.lower().startswith(b"message-id:"):
+                    self.times.setdefault(line.split(b":", 1)[1].strip().decode(), now)
+                    break
+
+    async def until(self, wanted: set[str], timeout: float) -> None:
+        end = time.perf_counter() + timeout
+        while not wanted <= self.times.keys():
+            if time.perf_counter() > end:
+                missing = len(wanted - self.times.keys())
+                raise TimeoutError(f"{missing} of {len(wanted)} messages not delivered after {timeout:.0f} s")
+            await asyncio.sleep(self.interval)
+            self.scan()
+
+
+async def end_to_end(args: argparse.Namespace, ops: dict[str, dict[str, Any]],
+                     pids: dict[str, int]) -> dict[str, float]:  # fmt: skip
+    import aiosmtplib
+    from e2e_support import CLINICIAN, PRACTITIONER
+
+    from gateway.delivery.maildir import MaildirDelivery
+
+    a, b = ops["a"], ops["b"]
+    inbox = MaildirDelivery(b["settings"].mail_dir).folder_path(PRACTITIONER, "INBOX") / "new"
+    watcher = Watcher(inbox, args.poll)
+    tls = ssl.create_default_context(cafile=str(a["home"] / "pki" / "ca.pem"))
+    port = a["ports"]["submission"]
+
+    async def session(count: int, submitted: dict[str, float]) -> None:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=tls, timeout=120)
         await client.connect()
         await client.login(CLINICIAN, PASSWORD)
@@ -158,26 +252,42 @@ async def end_to_end(args: argparse.Namespace, root: Path) -> dict[str, float]:
             await client.sendmail(CLINICIAN, [PRACTITIONER], data)
         await client.quit()
 
+    # Warm up: worker processes started, keys loaded, relay connections made, caches filled.
+    warm: dict[str, float] = {}
+    await asyncio.gather(*(session(2, warm) for _ in range(min(4, args.submitters))))
+    await watcher.until(set(warm), 120)
+
+    submitted: dict[str, float] = {}
+    per = [args.messages // args.submitters + (1 if i < args.messages % args.submitters else 0)
+           for i in range(args.submitters)]  # fmt: skip
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
-    await asyncio.gather(*(submitter(n) for n in per if n))
+    await asyncio.gather(*(session(n, submitted) for n in per if n))
     t_submitted = time.perf_counter()
-    await asyncio.wait_for(arrivals.done.wait(), 600)
-    t_end = max(arrivals.times.values())
-    latencies = sorted(arrivals.times[m] - submitted[m] for m in submitted if m in arrivals.times)
-    result = {
+    await watcher.until(set(submitted), args.timeout)
+    t_end = max(watcher.times[m] for m in submitted)
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    latencies = sorted(watcher.times[m] - submitted[m] for m in submitted)
+    return {
+        **{f"cpu_ms_{name}": 1000 * value / len(submitted) for name, value in cpu.items()},
         "e2e_msgs_per_s": len(latencies) / (t_end - t0),
         "submit_msgs_per_s": len(submitted) / (t_submitted - t0),
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "delivered": float(len(latencies)),
     }
-    for op in (a, b):
-        await op.workers.stop()
-        op.gateway.workers = None
-        await op.gateway.stop(grace=2)
-    result["_a_keys"] = a.workers.keys  # type: ignore[assignment]
-    result["_b_keys"] = b.workers.keys  # type: ignore[assignment]
-    return result
+
+
+async def run(args: argparse.Namespace, ops: dict[str, dict[str, Any]]) -> dict[str, float]:
+    procs = [start_gateway(ops[n]["home"], args.log_level, args.profile) for n in ("a", "b")]
+    try:
+        for name, proc in zip(("a", "b"), procs, strict=True):
+            for port in ops[name]["ports"].values():
+                await wait_listening(port, proc)
+        return await end_to_end(args, ops, {"a": procs[0].pid, "b": procs[1].pid})
+    finally:
+        for proc in procs:
+            stop_gateway(proc)
 
 
 def main() -> None:
@@ -185,22 +295,31 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--submitters", type=int, default=20)
     parser.add_argument("--size", type=int, default=20_000)
-    parser.add_argument("--executor", choices=["process", "thread"], default="process")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0)
+    parser.add_argument("--poll", type=float, default=0.02, help="seconds between scans of B's Maildir")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--keep", type=Path, help="build the homes here and keep them (logs, databases)")
+    parser.add_argument("--profile", action="store_true", help="run the gateways under cProfile (DIR/a/serve.prof)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     from e2e_support import CLINICIAN, PRACTITIONER
 
+    os.environ.pop("MSSGW_DATABASE_URL", None)
     with tempfile.TemporaryDirectory(prefix="mssgw-bench-") as tmp:
-        res = asyncio.run(end_to_end(args, Path(tmp)))
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        ops = prepare_homes(root)
+        res = asyncio.run(run(args, ops))
         data, _ = message(args.size, CLINICIAN, PRACTITIONER)
-        ceiling = crypto_ceiling(res.pop("_a_keys"), res.pop("_b_keys"), data, CLINICIAN, PRACTITIONER,  # type: ignore[arg-type]
+        ceiling = crypto_ceiling(ops["a"]["home"], ops["b"]["home"], data, CLINICIAN, PRACTITIONER,
                                  args.ceiling_seconds, cores)  # fmt: skip
     print(f"end to end A->B ({args.messages} x {args.size // 1000} KB, {args.submitters} submitters, "
-          f"{cores} cores, crypto executor={args.executor})")  # fmt: skip
+          f"{cores} cores, A and B as `mssgw serve` processes)")  # fmt: skip
     print(f"  delivered          {res['delivered']:.0f}")
     print(f"  throughput         {res['e2e_msgs_per_s']:8.1f} msg/s  (submission alone {res['submit_msgs_per_s']:.1f})")
     print(f"  latency p50 / p99  {res['p50_ms']:8.0f} ms / {res['p99_ms']:.0f} ms")
+    print(f"  CPU per message    A {res['cpu_ms_a']:.1f} ms, B {res['cpu_ms_b']:.1f} ms  (gateway + its crypto processes)")
     print(f"  crypto ceiling     {ceiling:8.1f} msg/s  (protect + open, {cores} processes)")
     print(f"  ratio e2e/ceiling  {res['e2e_msgs_per_s'] / ceiling:8.2f}  (target >= 0.5)")
 

@@ -13,6 +13,11 @@ or over an unauthenticated channel:
   an ``operator_dn`` the host name is checked instead (RFC 6125).
 - We present our operator certificate (``tls.operator_cert``/``tls.operator_key``): mutual TLS.
 
+Connections are reused: a small pool per route (``POOL_SIZE``), each connection used by one
+transaction at a time, reset with RSET (RFC 5321 §4.1.1.5) before its next use, closed after
+``IDLE_SECONDS`` unused, after any network or protocol error, after a 421, and by ``close``.
+The peer's certificate is checked when the connection is made.
+
 Replies follow RFC 5321 §4.2 and RFC 3463: 4xx (and connection, TLS and timeout problems) are
 temporary, 5xx permanent.  ``Attempt`` carries the reply text for the queue and the DSN.
 
@@ -24,8 +29,10 @@ certificate or anchors are unusable, which the worker turns into a deferral.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +46,11 @@ __all__ = ["Attempt", "Relay", "RelayConfigError", "Route", "dn_equal"]
 
 CONNECT_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 120.0  # RFC 5321 §4.5.3.2 suggests minutes; a peer doing crypto may be slow
+RSET_TIMEOUT = 10.0
+POOL_SIZE = 16  # connections (and so concurrent transactions) per route
+IDLE_SECONDS = 30.0  # an unused pooled connection is closed after this
+
+_Key = tuple[str, int, str | None]
 
 
 class RelayConfigError(Exception):
@@ -109,12 +121,18 @@ class Relay:
     """Sends protected messages to peer operators over verified mutual TLS."""
 
     def __init__(self, settings: Settings, *, anchors_pem: Sequence[bytes] = (),
-                 trust: TrustStore | None = None, timeout: float = COMMAND_TIMEOUT) -> None:  # fmt: skip
+                 trust: TrustStore | None = None, timeout: float = COMMAND_TIMEOUT, pool_size: int = POOL_SIZE,
+                 idle_seconds: float = IDLE_SECONDS) -> None:  # fmt: skip
         self.settings = settings
         self.anchors_pem = b"\n".join(p.strip() for p in anchors_pem).decode("ascii")
         self.trust = trust
         self.timeout = timeout
         self._contexts: dict[bool, ssl.SSLContext] = {}
+        self.pool_size = pool_size
+        self.idle_seconds = idle_seconds
+        self._idle: dict[_Key, list[tuple[aiosmtplib.SMTP, float]]] = {}
+        self._sems: dict[_Key, asyncio.Semaphore] = {}
+        self._reaper: asyncio.Task[None] | None = None
 
     def _context(self, check_hostname: bool) -> ssl.SSLContext:
         ctx = self._contexts.get(check_hostname)
@@ -132,42 +150,115 @@ class Relay:
             self._contexts[check_hostname] = ctx
         return ctx
 
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
-        """Deliver ``data`` to ``recipients`` via ``route``; one ``Attempt`` per recipient."""
-        remote = f"{route.host}:{route.port}"
+    # --- connections ---------------------------------------------------------------------------
 
-        def all_(code: int, enhanced: str, text: str) -> list[Attempt]:
-            return [Attempt(r, code, enhanced, text, remote) for r in recipients]
+    def _slots(self, key: _Key) -> asyncio.Semaphore:
+        sem = self._sems.get(key)
+        if sem is None:
+            sem = self._sems[key] = asyncio.Semaphore(self.pool_size)
+        return sem
 
+    async def _open(self, route: Route, remote: str) -> tuple[aiosmtplib.SMTP | None, str | None, tuple[int, str]]:
+        """A connected, verified, post-TLS-EHLO client, or (None, why, (code, enhanced))."""
         ctx = self._context(check_hostname=route.operator_dn is None)
         client = aiosmtplib.SMTP(
             hostname=route.host, port=route.port, local_hostname=self.settings.hostname,
             start_tls=False, timeout=self.timeout,
         )  # fmt: skip
         try:
+            await asyncio.wait_for(client.connect(), CONNECT_TIMEOUT)
+        except (OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
+            client.close()
+            return None, f"cannot connect to {remote}: {_reason(exc)}", (451, "4.4.1")
+        try:
+            await client.ehlo()
+            if not client.supports_extension("starttls"):
+                await _quit(client)
+                return None, f"{remote} does not offer STARTTLS; nothing sent in clear", (454, "4.7.5")
+            await client.starttls(tls_context=ctx, server_hostname=route.host)
+        except ssl.SSLCertVerificationError as exc:
+            await _quit(client)
+            return None, f"certificate of {remote} not trusted: {exc.verify_message}", (454, "4.7.5")
+        except (ssl.SSLError, OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
+            await _quit(client)
+            return None, f"TLS with {remote} failed: {_reason(exc)}", (454, "4.7.5")
+        problem = self._check_peer(client, route)
+        if problem:
+            await _quit(client)
+            return None, problem, (454, "4.7.5")
+        try:
+            await client.ehlo()  # RFC 3207 §4.2: forget what was learnt before TLS
+        except (OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
+            await _quit(client)
+            return None, f"EHLO after STARTTLS with {remote} failed: {_reason(exc)}", (451, "4.4.2")
+        return client, None, (250, "2.0.0")
+
+    async def _reuse(self, key: _Key) -> aiosmtplib.SMTP | None:
+        """The most recently used idle connection of the route that still answers RSET."""
+        idle = self._idle.get(key)
+        while idle:
+            client, since = idle.pop()
+            if time.monotonic() - since > self.idle_seconds or not client.is_connected:
+                await _quit(client)
+                continue
             try:
-                await asyncio.wait_for(client.connect(), CONNECT_TIMEOUT)
-            except (OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
-                return all_(451, "4.4.1", f"cannot connect to {remote}: {_reason(exc)}")
-            try:
-                await client.ehlo()
-                if not client.supports_extension("starttls"):
-                    return all_(454, "4.7.5", f"{remote} does not offer STARTTLS; nothing sent in clear")
-                await client.starttls(tls_context=ctx, server_hostname=route.host)
-            except ssl.SSLCertVerificationError as exc:
-                return all_(454, "4.7.5", f"certificate of {remote} not trusted: {exc.verify_message}")
-            except (ssl.SSLError, OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
-                return all_(454, "4.7.5", f"TLS with {remote} failed: {_reason(exc)}")
-            problem = self._check_peer(client, route)
-            if problem:
-                return all_(454, "4.7.5", problem)
-            return await self._transaction(client, sender, recipients, data, remote)
-        finally:
-            if client.is_connected:
-                try:
-                    await asyncio.wait_for(client.quit(), 5)
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    client.close()
+                await asyncio.wait_for(client.rset(), RSET_TIMEOUT)
+            except (OSError, aiosmtplib.SMTPException, TimeoutError):
+                client.close()
+                continue
+            return client
+        return None
+
+    def _give_back(self, key: _Key, client: aiosmtplib.SMTP) -> None:
+        self._idle.setdefault(key, []).append((client, time.monotonic()))
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap(), name="relay-idle-reaper")
+
+    async def _reap(self) -> None:
+        """Close connections idle longer than ``idle_seconds``; stops when none are left."""
+        while any(self._idle.values()):
+            await asyncio.sleep(max(0.05, self.idle_seconds / 3))
+            cutoff = time.monotonic() - self.idle_seconds
+            for key, idle in list(self._idle.items()):
+                stale = [c for c, since in idle if since < cutoff]
+                idle[:] = [(c, since) for c, since in idle if since >= cutoff]
+                for client in stale:
+                    await _quit(client)
+                if not idle:
+                    self._idle.pop(key, None)
+
+    async def close(self) -> None:
+        """QUIT every idle connection (the worker stops)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reaper
+            self._reaper = None
+        idle, self._idle = self._idle, {}
+        await asyncio.gather(*(_quit(c) for conns in idle.values() for c, _ in conns), return_exceptions=True)
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+        """Deliver ``data`` to ``recipients`` via ``route``; one ``Attempt`` per recipient.
+
+        Connections are pooled per route (at most ``pool_size``, each used by one transaction at
+        a time): an idle one is reset with RSET and reused, a new one is verified as above.  A
+        connection that had a network or protocol problem is closed, never given back."""
+        remote = f"{route.host}:{route.port}"
+        key: _Key = (route.host, route.port, route.operator_dn)
+        async with self._slots(key):
+            client = await self._reuse(key) if self.pool_size > 0 and self.idle_seconds > 0 else None
+            if client is None:
+                client, why, (code, enhanced) = await self._open(route, remote)
+                if client is None:
+                    return [Attempt(r, code, enhanced, why or "", remote) for r in recipients]
+            attempts, healthy = await self._transaction(client, sender, recipients, data, remote)
+            if healthy and client.is_connected and self.idle_seconds > 0:
+                self._give_back(key, client)
+            else:
+                await _quit(client)
+            return attempts
 
     def _check_peer(self, client: aiosmtplib.SMTP, route: Route) -> str | None:
         ssl_object = client.get_transport_info("ssl_object")
@@ -185,16 +276,18 @@ class Relay:
         return None
 
     async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
-                           data: bytes, remote: str) -> list[Attempt]:  # fmt: skip
-        await client.ehlo()  # RFC 3207 §4.2: forget what was learnt before TLS
+                           data: bytes, remote: str) -> tuple[list[Attempt], bool]:  # fmt: skip
+        """Per-recipient attempts, and whether the connection is fit for another transaction."""
         options = ["BODY=8BITMIME"] if client.supports_extension("8bitmime") and not data.isascii() else []
         try:
             await client.mail(sender, options=options)
         except aiosmtplib.SMTPResponseException as exc:
             enh, text = _split_reply(exc.message, exc.code)
-            return [Attempt(r, exc.code, enh, f"MAIL FROM refused: {text}", remote) for r in recipients]
+            healthy = exc.code != 421
+            return [Attempt(r, exc.code, enh, f"MAIL FROM refused: {text}", remote) for r in recipients], healthy
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return [Attempt(r, 451, "4.4.2", f"connection lost: {_reason(exc)}", remote) for r in recipients]
+            return [Attempt(r, 451, "4.4.2", f"connection lost: {_reason(exc)}", remote) for r in recipients], False
+        healthy = True
         results: dict[str, Attempt] = {}
         accepted: list[str] = []
         for rcpt in recipients:
@@ -204,8 +297,10 @@ class Relay:
             except aiosmtplib.SMTPResponseException as exc:
                 enh, text = _split_reply(exc.message, exc.code)
                 results[rcpt] = Attempt(rcpt, exc.code, enh, text, remote)
+                healthy = healthy and exc.code != 421
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 results[rcpt] = Attempt(rcpt, 451, "4.4.2", f"connection lost: {_reason(exc)}", remote)
+                healthy = False
         if accepted:
             try:
                 response = await client.data(data)
@@ -216,10 +311,22 @@ class Relay:
                 enh, text = _split_reply(exc.message, exc.code)
                 for rcpt in accepted:
                     results[rcpt] = Attempt(rcpt, exc.code, enh, text, remote)
+                healthy = exc.code != 421
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 for rcpt in accepted:
                     results[rcpt] = Attempt(rcpt, 451, "4.4.2", f"connection lost during DATA: {_reason(exc)}", remote)
-        return [results[r] for r in recipients]
+                healthy = False
+        return [results[r] for r in recipients], healthy
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    if not client.is_connected:
+        client.close()
+        return
+    try:
+        await asyncio.wait_for(client.quit(), 5)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        client.close()
 
 
 def _reason(exc: BaseException) -> str:

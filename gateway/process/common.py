@@ -15,6 +15,7 @@ import asyncio
 import datetime as _dt
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,10 +31,38 @@ from gateway.crypto.keystore import KeyStore
 from gateway.delivery.receipts import DsnRecipient, build_dsn
 from gateway.delivery.relay import Attempt, Route
 from gateway.queue.models import QueuedMessage, RecipientState
+from gateway.queue.outcomes import Outcome, OutcomeBatch
 from gateway.queue.store import QueueStore, as_utc
 
 log = logging.getLogger("mssgw.process")
 T = TypeVar("T")
+
+PLAN_TTL = 5.0  # seconds a domain's route and recipients' protections are reused
+
+
+class TtlCache:
+    """A tiny time-bounded memo (routes and protection plans): a trust-list change shows within ``ttl``."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._items: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any) -> Any:
+        hit = self._items.get(key)
+        if hit is None or time.monotonic() - hit[0] > self.ttl:
+            return None
+        return hit[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self._items) > 4096:
+            self._items.clear()
+        self._items[key] = (time.monotonic(), value)
+
+    def discard(self, key: Any) -> None:
+        self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 __all__ = ["Context", "Job", "LocalDelivery", "PipelineError", "Recipient", "RelayTransport"]
 
@@ -106,6 +135,13 @@ class Context:
     openpgp: Any = None  # gateway.crypto.openpgp.OpenPgp, created on first use
     actor: str = "worker"
     now: Callable[[], _dt.datetime] = field(default=lambda: _dt.datetime.now(_dt.UTC))
+    readers: sessionmaker[Session] | None = None  # lookups: no write lock on SQLite (deferred BEGIN)
+    batches: dict[str, OutcomeBatch] = field(default_factory=dict)
+    plans: TtlCache = field(default_factory=lambda: TtlCache(PLAN_TTL))
+
+    def read(self) -> Session:
+        """A session for lookups (directory, queue rows): never takes SQLite's write lock."""
+        return (self.readers or self.factory)()
 
     async def crypto(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the crypto executor (processes or threads), or inline."""
@@ -130,6 +166,18 @@ class Context:
 
     # --- outcomes ----------------------------------------------------------------------
 
+    # A pipeline run inside ``collect(job)`` gathers its outcomes in memory; the worker writes
+    # them with the release in one transaction (``gateway.queue.outcomes.commit``).  Outside
+    # it (a caller without a worker) each outcome is written at once.
+
+    def collect(self, job: Job) -> OutcomeBatch:
+        batch = OutcomeBatch()
+        self.batches[job.id] = batch
+        return batch
+
+    def collected(self, job: Job) -> OutcomeBatch:
+        return self.batches.pop(job.id, None) or OutcomeBatch()
+
     async def record(self, job: Job, address: str, state: RecipientState, *, reply: str,
                      event: str, outcome: str, protection: str | None = None,
                      detail: dict[str, Any] | None = None) -> None:  # fmt: skip
@@ -137,10 +185,19 @@ class Context:
             event, outcome, actor=self.actor, sender=job.sender or "<>", recipient=address, queue_id=job.id,
             reply=reply[:300], detail={"kind": job.kind, "origin": job.origin, **(detail or {})},
         )  # fmt: skip
+        batch = self.batches.get(job.id)
+        if batch is not None:
+            batch.add(Outcome(address, state, reply, protection), [ev])
+            return
         await self.io(self.store.set_recipient_state, job.id, address, state, reply=reply,
                       protection=protection, audit_events=[ev])  # fmt: skip
 
     async def set_security(self, job: Job, security: dict[str, Any]) -> None:
+        batch = self.batches.get(job.id)
+        if batch is not None:
+            batch.security = security
+            return
+
         def _write() -> None:
             with self.factory() as session, session.begin():
                 session.execute(

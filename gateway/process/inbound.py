@@ -151,7 +151,7 @@ def _domain_bound(ctx: Context, result: SecurityResult) -> SecurityResult:
     if not ok and result.signer_subject:
         from directory.service import get_domain
 
-        with ctx.factory() as session:
+        with ctx.read() as session:
             row = get_domain(session, domain)
             ok = bool(row and row.operator_dn and dn_equal(row.operator_dn, result.signer_subject))
     if not ok:

@@ -17,6 +17,8 @@ The job, for a claimed message of origin ``submission`` or ``receipt``:
 4. A local sender of an original message gets a copy in its ``Sent`` folder (flag ``\\Seen``).
 
 The crypto runs through ``Context.crypto`` (worker processes); keys travel as ``KeyRef`` paths.
+A domain's route and its recipients' protections are reused for ``PLAN_TTL`` seconds (and
+read afresh after any failed relay), so a burst to one peer asks the directory once.
 
 Errors: nothing is raised for a recipient problem (it is recorded); ``PipelineError`` only for
 a message with no usable sender identity.
@@ -120,9 +122,16 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
 
 
 def _plan(ctx: Context, domain: str, rcpts: Sequence[str]) -> tuple[Route | None, dict[str, list[str]]]:
-    """The route, and the recipients grouped by protection (None: cannot be protected)."""
+    """The route, and the recipients grouped by protection (None: cannot be protected).
+
+    Reused for ``PLAN_TTL`` seconds (``Context.plans``): a burst of messages to one domain asks
+    the directory once."""
+    key = (domain, tuple(rcpts))
+    hit = ctx.plans.get(key)
+    if hit is not None:
+        return hit[0], {k: list(v) for k, v in hit[1].items()}
     groups: dict[str, list[str]] = defaultdict(list)
-    with ctx.factory() as session:
+    with ctx.read() as session:
         route = route_for(session, domain)
         from directory.service import get_domain
 
@@ -134,6 +143,7 @@ def _plan(ctx: Context, domain: str, rcpts: Sequence[str]) -> tuple[Route | None
             if facts.has_openpgp_key and prefers_pgp:
                 kind = "openpgp"
             groups[kind or "none"].append(addr)
+    ctx.plans.put(key, (route, {k: tuple(v) for k, v in groups.items()}))
     return route, groups
 
 
@@ -170,6 +180,8 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
                 await _bounce(ctx, job, data, [Attempt(a, 550, "5.7.1", "signed-only mail needs a pinned operator DN")], kind)
             continue
         attempts = await ctx.relay.send(route, job.sender, addrs, wire)
+        if not all(att.ok for att in attempts):
+            ctx.plans.discard((domain, tuple(rcpts)))  # a failure: read the route afresh next time
         for att in attempts:
             if att.ok:
                 await ctx.record(job, att.address, RecipientState.DELIVERED, reply=att.reply, event="relayed",
@@ -209,7 +221,7 @@ def _pgp_protect(ctx: Context, job: Job, data: bytes, addrs: list[str]) -> bytes
         ctx.openpgp = OpenPgp(ctx.settings.gnupg_dir)
     pgp = ctx.openpgp
     owner = job.sender or ctx.postmaster
-    with ctx.factory() as session:
+    with ctx.read() as session:
         signer = session.scalars(select(PgpKey).where(PgpKey.address.in_([owner, owner.rpartition("@")[2]]),
                                                      PgpKey.has_secret.is_(True), PgpKey.revoked.is_(False))).first()  # fmt: skip
         keys = list(session.scalars(select(PgpKey).where(PgpKey.address.in_(addrs), PgpKey.revoked.is_(False))))
@@ -285,10 +297,13 @@ async def _maybe_warn(ctx: Context, job: Job, data: bytes, now: _dt.datetime) ->
 
         from gateway.queue.models import QueuedRecipient
 
-        with ctx.factory() as session:
-            return [(r.address, r.last_reply or "") for r in session.scalars(
-                select(QueuedRecipient).where(QueuedRecipient.message_id == job.id,
-                                              QueuedRecipient.state == RecipientState.DEFERRED))]  # fmt: skip
+        with ctx.read() as session:
+            rows = {r.address: (r.state, r.last_reply or "") for r in session.scalars(
+                select(QueuedRecipient).where(QueuedRecipient.message_id == job.id))}  # fmt: skip
+        batch = ctx.batches.get(job.id)  # this run's outcomes, not yet written
+        for out in batch.outcomes if batch is not None else ():
+            rows[out.address] = (out.state, out.reply or rows.get(out.address, (None, ""))[1])
+        return [(addr, reply) for addr, (state, reply) in rows.items() if state == RecipientState.DEFERRED]
 
     waiting = await ctx.io(deferred)
     if not waiting:

@@ -8,6 +8,12 @@ exponential backoff from ``queue.retry_base_seconds`` doubling per attempt up to
 ``queue.retry_max_seconds``, with +/-25 % jitter so retries of many messages spread out, never
 later than the message's expiry (when it bounces with a DSN, RFC 3464).
 
+Database work stays small: lookups use deferred-BEGIN sessions (on SQLite they never take the
+write lock submissions need), claims are made for several messages at once (a quarter of the
+slots), and each message's outcomes, audit records and release are one transaction shared with
+whatever other messages finished meanwhile (``gateway.queue.outcomes``, group commit).  The
+worker's own writes go through one thread, one at a time.
+
 Delivery is at least once: a worker that dies holding a lease loses it after
 ``queue.lease_seconds`` and another worker redoes the message; the peer's inbound listener
 drops the duplicate by its dedupe key.  CPU-bound crypto runs in a process pool
@@ -29,21 +35,25 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from gateway.audit.trail import AuditEvent, append
+from directory.db import read_session_factory
+from gateway.audit.trail import AuditEvent
 from gateway.config import Settings
 from gateway.crypto.keystore import KeyStore
 from gateway.process.common import Context, Job, LocalDelivery, RelayTransport
-from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
-from gateway.queue.store import QueueStore
+from gateway.queue.models import QueuedMessage, RecipientState
+from gateway.queue.outcomes import Outcome, OutcomeBatch, Pending, commit_many
+from gateway.queue.store import QueueError, QueueStore
 
 __all__ = ["Workers", "backoff_delay"]
 
@@ -98,7 +108,11 @@ class Workers:
         self.settings = settings
         self.factory = factory
         self.store = store
-        self.keys = keys or KeyStore(settings, factory)
+        bind = factory.kw.get("bind")
+        # Lookups go through a deferred-BEGIN session: on SQLite they never take the write lock
+        # that submissions need to commit.
+        self.readers = read_session_factory(bind) if bind is not None else factory
+        self.keys = keys or KeyStore(settings, self.readers)
         if relay is None:
             from gateway.delivery.relay import Relay
 
@@ -111,19 +125,25 @@ class Workers:
         self._executor_kind = crypto_executor
         self._crypto_workers = crypto_workers or max(1, min(workers, os.cpu_count() or 1))
         self.concurrency = concurrency or max(8, 4 * workers)
+        self.claim_batch = max(1, self.concurrency // 4)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.clock = clock or (lambda: _dt.datetime.now(_dt.UTC))
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._now_override: _dt.datetime | None = None
         self.ctx = Context(settings=settings, factory=factory, store=store, keys=self.keys, relay=relay,
-                           local=local, actor=self.worker_id, now=self.now)  # fmt: skip
+                           local=local, actor=self.worker_id, now=self.now, readers=self.readers)  # fmt: skip
         self._executor_owned = False
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._kick = asyncio.Event()
         self._stopping = False
         self._loop_ref: asyncio.AbstractEventLoop | None = None
+        # The worker's own writes (claims, outcomes) go one at a time through one thread: they
+        # never fight each other for SQLite's write lock, and outcomes are committed in groups.
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mssgw-queue-db")
+        self._to_commit: list[tuple[Pending, asyncio.Future[bool]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     def now(self) -> _dt.datetime:
         return self._now_override or self.clock()
@@ -148,6 +168,14 @@ class Workers:
             self._task = None
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
+            self._committer = None
+        self._db.shutdown(wait=True)
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mssgw-queue-db")  # threads start on use
+        close = getattr(self.ctx.relay, "close", None)
+        if close is not None:
+            await close()
         if self._executor_owned and self.ctx.executor is not None:
             self.ctx.executor.shutdown(wait=True, cancel_futures=True)
             self.ctx.executor = None
@@ -170,9 +198,11 @@ class Workers:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
             claimed: list[str] = []
-            if free > 0:
+            # Claim in batches: with work in flight, wait until a quarter of the slots are free
+            # (one claim transaction per several messages, not one per completion).
+            if free > 0 and (not self._inflight or free >= self.claim_batch):
                 try:
-                    claimed = await asyncio.to_thread(self.store.claim, self.worker_id, limit=free, now=self.now())
+                    claimed = await self._claim(free)
                 except Exception:  # database outage: keep the loop alive, try again at the next poll
                     log.exception("claiming from the queue failed")
             for queue_id in claimed:
@@ -184,6 +214,11 @@ class Workers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.poll_interval)
             self._kick.clear()
+
+    async def _claim(self, limit: int) -> list[str]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db, partial(self.store.claim, self.worker_id, limit=limit,
+                                                            now=self.now()))  # fmt: skip
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -198,8 +233,7 @@ class Workers:
         self._ensure_executor()
         self._now_override = now
         try:
-            ids = await asyncio.to_thread(self.store.claim, self.worker_id, limit=limit or self.concurrency,
-                                          now=self.now())  # fmt: skip
+            ids = await self._claim(limit or self.concurrency)
             if ids:
                 await asyncio.gather(*(self._handle(i) for i in ids))
             return len(ids)
@@ -218,22 +252,37 @@ class Workers:
 
     # --- one message ------------------------------------------------------------------------------
 
-    def _load(self, queue_id: str) -> Job | None:
-        with self.factory() as session:
+    def _load(self, queue_id: str) -> tuple[Job, bytes] | None:
+        with self.readers() as session:
             msg = session.scalar(
                 select(QueuedMessage).options(selectinload(QueuedMessage.recipients))
                 .where(QueuedMessage.id == queue_id)
             )  # fmt: skip
             if msg is None or msg.claimed_by != self.worker_id:
                 return None
-            return Job.from_row(msg)
+            job, spool = Job.from_row(msg), msg.spool_name
+        try:
+            return job, self.store.spool_path(spool).read_bytes()
+        except OSError as exc:
+            raise QueueError(f"spool file of {queue_id} cannot be read ({exc.strerror})") from exc
 
     async def _handle(self, queue_id: str) -> None:
-        job = await asyncio.to_thread(self._load, queue_id)
-        if job is None:
-            return
+        t_start = time.perf_counter()
         try:
-            data = await asyncio.to_thread(self.store.read, queue_id)
+            loaded = await asyncio.to_thread(self._load, queue_id)
+        except QueueError as exc:
+            log.error("processing %s failed: %s", queue_id, exc)
+            loaded = None
+            job = await asyncio.to_thread(self._job_only, queue_id)
+            if job is not None:
+                await self._commit(job, self._failed(job, OutcomeBatch(), exc))
+            return
+        if loaded is None:
+            return
+        job, data = loaded
+        self.ctx.collect(job)
+        t_loaded = time.perf_counter()
+        try:
             if job.origin == "inbound":
                 from gateway.process.inbound import process_inbound
 
@@ -244,37 +293,68 @@ class Workers:
                 await process_outbound(self.ctx, job, data)
         except Exception as exc:
             log.exception("processing %s failed", queue_id)
-            await asyncio.to_thread(self._fail, job, exc)
-        await asyncio.to_thread(self._release, job)
+            batch = self._failed(job, self.ctx.collected(job), exc)
+        else:
+            batch = self.ctx.collected(job)
+        t_processed = time.perf_counter()
+        done = await self._commit(job, batch)
+        t_end = time.perf_counter()
+        log.debug("processed queue_id=%s origin=%s outcomes=%d done=%s ms=%.1f load_ms=%.1f pipeline_ms=%.1f commit_ms=%.1f",
+                 job.id, job.origin, len(batch.outcomes), done, 1000 * (t_end - t_start), 1000 * (t_loaded - t_start),
+                 1000 * (t_processed - t_loaded), 1000 * (t_end - t_processed))  # fmt: skip
 
-    def _fail(self, job: Job, exc: Exception) -> None:
+    def _job_only(self, queue_id: str) -> Job | None:
+        with self.readers() as session:
+            msg = session.scalar(
+                select(QueuedMessage).options(selectinload(QueuedMessage.recipients))
+                .where(QueuedMessage.id == queue_id)
+            )  # fmt: skip
+            return Job.from_row(msg) if msg is not None and msg.claimed_by == self.worker_id else None
+
+    def _failed(self, job: Job, batch: OutcomeBatch, exc: Exception) -> OutcomeBatch:
         """Defer what is still pending after an unexpected error (never drop, never bounce for it)."""
         reason = f"451 4.3.0 internal error ({type(exc).__name__}); will retry"
-        with self.factory() as session, session.begin():
-            rows = session.scalars(select(QueuedRecipient).where(QueuedRecipient.message_id == job.id)).all()
-            for row in rows:
-                if row.state in (RecipientState.QUEUED, RecipientState.DEFERRED):
-                    row.state = RecipientState.DEFERRED
-                    row.attempts += 1
-                    row.last_reply = reason
-            append(session, [AuditEvent("worker-error", "fail", actor=self.worker_id, queue_id=job.id,
-                                        detail={"error": type(exc).__name__})])  # fmt: skip
+        decided = {o.address for o in batch.outcomes}
+        for r in job.pending:
+            if r.address not in decided:
+                batch.add(Outcome(r.address, RecipientState.DEFERRED, reason))
+        batch.events.append(AuditEvent("worker-error", "fail", actor=self.worker_id, queue_id=job.id,
+                                       detail={"error": type(exc).__name__}))  # fmt: skip
+        return batch
 
-    def _release(self, job: Job) -> None:
-        with self.factory() as session:
-            rows = session.scalars(
-                select(QueuedRecipient).where(
-                    QueuedRecipient.message_id == job.id,
-                    QueuedRecipient.state.in_([RecipientState.DEFERRED, RecipientState.QUEUED]),
-                )
-            ).all()
-            attempts = max((r.attempts for r in rows), default=0)
-        next_at: _dt.datetime | None = None
-        if rows:
-            delay = backoff_delay(attempts, float(self.settings.get("queue", "retry_base_seconds")),
-                                  float(self.settings.get("queue", "retry_max_seconds")), self.rng)  # fmt: skip
-            next_at = min(self.now() + _dt.timedelta(seconds=delay), job.expires_at)
-        self.store.release(job.id, self.worker_id, next_attempt_at=next_at)
+    async def _commit(self, job: Job, batch: OutcomeBatch) -> bool:
+        """The run's outcomes and the release, in one transaction shared with the messages that
+        finished meanwhile (``gateway.queue.outcomes.commit_many``); returns whether it is done."""
+        base = float(self.settings.get("queue", "retry_base_seconds"))
+        cap = float(self.settings.get("queue", "retry_max_seconds"))
+        now = self.now()
+
+        def schedule(attempts: int) -> _dt.datetime:
+            delay = backoff_delay(attempts, base, cap, self.rng)
+            return min(now + _dt.timedelta(seconds=delay), job.expires_at)
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._to_commit.append((Pending(job.id, self.worker_id, batch, schedule), done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._group_commit(), name=f"mssgw-commit-{self.worker_id}")
+        return await done
+
+    async def _group_commit(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._to_commit:
+            items, self._to_commit = self._to_commit, []
+            try:
+                results = await loop.run_in_executor(
+                    self._db, commit_many, self.factory, [p for p, _ in items])  # fmt: skip
+            except Exception as exc:  # the lease expires and the messages are redone
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(items, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Workers({self.worker_id!r}, concurrency={self.concurrency})"

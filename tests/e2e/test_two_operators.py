@@ -256,18 +256,15 @@ async def test_crash_after_relay_is_reclaimed_and_delivered_once(pair: Pair) -> 
 
     dead = Workers(a.settings, a.sessions, a.store, crypto_executor="inline", worker_id="dead-worker")
 
-    class Dying:
-        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-            return getattr(a.store, name)
+    def dying_commit(*args: object, **kwargs: object) -> None:  # dies where the outcomes would be written
+        raise Crash()
 
-        def set_recipient_state(self, *args: object, **kwargs: object) -> None:
-            raise Crash()
-
-    dead.ctx.store = Dying()  # type: ignore[assignment]
+    dead._commit = dying_commit  # type: ignore[method-assign]
     qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
     t0 = _now()
     with pytest.raises(Crash):
         await dead.run_once(now=t0)
+    await dead.ctx.relay.close()  # type: ignore[attr-defined]  # its pooled connection dies with it
     assert len(b.store.list()) == 1  # B has it; A never learnt so
     assert a.queue(qid)["claimed_by"] == "dead-worker"
     assert await a.workers.run_once(now=t0 + dt.timedelta(seconds=5)) == 0  # lease still held

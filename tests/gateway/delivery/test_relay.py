@@ -74,8 +74,10 @@ async def test_per_recipient_replies_and_mutual_tls(sqlite_home: Path) -> None:
     server, port = await _serve(sink, _server_tls(sqlite_home))
     try:
         route = Route("b.test", "127.0.0.1", port, _server_dn(sqlite_home))
-        attempts = await _relay(sqlite_home).send(route, "a@a.mssante.test", ["ok@b.test", "bad@b.test", "later@b.test"],
-                                                  MESSAGE)  # fmt: skip
+        relay = _relay(sqlite_home)
+        attempts = await relay.send(route, "a@a.mssante.test", ["ok@b.test", "bad@b.test", "later@b.test"],
+                                    MESSAGE)  # fmt: skip
+        await relay.close()
     finally:
         server.close()
         await server.wait_closed()
@@ -120,6 +122,46 @@ async def test_connection_refused_is_temporary(sqlite_home: Path) -> None:
     attempts = await _relay(sqlite_home).send(Route("b.test", "127.0.0.1", _port()), "a@a.mssante.test",
                                               ["x@b.test"], MESSAGE)  # fmt: skip
     assert attempts[0].code == 451 and attempts[0].enhanced == "4.4.1" and not attempts[0].permanent
+
+
+async def test_connections_are_reused_one_transaction_at_a_time(sqlite_home: Path) -> None:
+    sink = Sink()
+    opened: list[AioSMTP] = []
+    port = _port()
+    tls = _server_tls(sqlite_home)
+
+    def factory() -> AioSMTP:
+        proto = AioSMTP(sink, tls_context=tls, require_starttls=True, hostname="peer.test")
+        opened.append(proto)
+        return proto
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", port)
+    relay = Relay(load_settings(sqlite_home), anchors_pem=[(sqlite_home / "pki" / "ca.pem").read_bytes()],
+                  pool_size=2)  # fmt: skip
+    route = Route("b.test", "127.0.0.1", port, _server_dn(sqlite_home))
+    try:
+        for i in range(3):  # one after the other: one connection, reset between messages
+            attempts = await relay.send(route, "a@a.mssante.test", [f"r{i}@b.test"], MESSAGE)
+            assert attempts[0].ok
+        assert len(opened) == 1
+        # Five at once with a pool of two: never more than two connections, every message delivered.
+        results = await asyncio.gather(*(relay.send(route, "a@a.mssante.test", [f"c{i}@b.test"], MESSAGE)
+                                         for i in range(5)))  # fmt: skip
+        assert all(r[0].ok for r in results)
+        assert len(opened) == 2
+        # A pooled connection the peer has dropped is noticed (RSET fails) and replaced.
+        for proto in opened:
+            if proto.transport is not None:
+                proto.transport.close()
+        attempts = await relay.send(route, "a@a.mssante.test", ["after@b.test"], MESSAGE)
+        assert attempts[0].ok
+        assert len(opened) == 3
+    finally:
+        await relay.close()
+        server.close()
+        await server.wait_closed()
+    assert len(sink.messages) == 9
+    assert [m[1] for m in sink.messages[:3]] == [["r0@b.test"], ["r1@b.test"], ["r2@b.test"]]
 
 
 @pytest.mark.parametrize(

@@ -139,3 +139,46 @@ async def test_next_attempt_never_after_expiry(operator) -> None:  # type: ignor
     expires = dt.datetime.fromisoformat(store.get(qid)["expires_at"])
     await workers.run_once(now=expires - timedelta(seconds=10))
     assert dt.datetime.fromisoformat(store.get(qid)["next_attempt_at"]) <= expires
+
+
+def test_outcomes_of_several_messages_in_one_transaction(operator) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import event, select
+
+    from gateway.audit.models import AuditRecord
+    from gateway.audit.trail import AuditEvent
+    from gateway.queue.models import RecipientState
+    from gateway.queue.outcomes import Outcome, OutcomeBatch, Pending, commit_many
+
+    _settings, factory, store = operator
+    first = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL, REMOTE], origin="submission").queue_id
+    second = store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE], origin="submission").queue_id
+    assert sorted(store.claim("w1", limit=10)) == sorted([first, second])
+    later = dt.datetime.now(dt.UTC) + timedelta(minutes=7)
+    done_one = OutcomeBatch()
+    done_one.add(Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok", "local"),
+                 [AuditEvent("delivered-local", "accept", queue_id=first, recipient=LOCAL)])  # fmt: skip
+    done_one.add(Outcome(REMOTE, RecipientState.DEFERRED, "451 4.4.1 later", "smime"))
+    done_two = OutcomeBatch()
+    done_two.add(Outcome(REMOTE, RecipientState.DELIVERED, "250 2.0.0 ok", "smime"),
+                 [AuditEvent("relayed", "accept", queue_id=second, recipient=REMOTE)])  # fmt: skip
+    commits: list[object] = []
+
+    def on_commit(conn: object) -> None:
+        commits.append(conn)
+
+    engine = factory.kw["bind"]
+    event.listen(engine, "commit", on_commit)
+    try:
+        done = commit_many(factory, [Pending(first, "w1", done_one, lambda attempts: later),
+                                     Pending(second, "other-worker", done_two)])  # fmt: skip
+    finally:
+        event.remove(engine, "commit", on_commit)
+    assert done == [False, True]
+    assert len(commits) == 1  # one transaction for both messages
+    one, two = store.get(first), store.get(second)
+    assert {r["address"]: r["state"] for r in one["recipient_states"]} == {LOCAL: "delivered", REMOTE: "deferred"}
+    assert one["claimed_by"] is None and dt.datetime.fromisoformat(one["next_attempt_at"]) == later.replace(microsecond=0)
+    assert two["recipient_states"][0]["state"] == "delivered" and two["state"] == "done"
+    assert two["claimed_by"] == "w1"  # not released: the claim is not other-worker's
+    with factory() as s:
+        assert {r.event for r in s.scalars(select(AuditRecord))} >= {"delivered-local", "relayed"}

@@ -14,6 +14,7 @@ missing, unreadable, expired, or does not match its key.
 
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -148,14 +149,18 @@ def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bytes 
     return ssl_object.getpeercert(binary_form=True)
 
 
-def certificate_names(der: bytes) -> tuple[list[str], str]:
-    """The certificate's SAN dNSNames (lower case) and its subject (RFC 4514)."""
+@functools.lru_cache(maxsize=256)
+def certificate_names(der: bytes) -> tuple[tuple[str, ...], str]:
+    """The certificate's SAN dNSNames (lower case) and its subject (RFC 4514).
+
+    Cached by certificate: a peer presents the same one on every message.
+    """
     cert = x509.load_der_x509_certificate(der)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+        names = tuple(n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
-        names = []
+        names = ()
     return names, cert.subject.rfc4514_string()
 
 

@@ -478,6 +478,24 @@ def search(session: Session, text: str, *, limit: int = 50) -> list[dict[str, An
     return [mailbox_dict(session, row) for row in session.scalars(query)]
 
 
+def signer_label(session: Session, email: str) -> str | None:
+    """How a signer is shown to a reader: "Dr Anne Martin (RPPS 10000000009)" or the mailbox's name."""
+    try:
+        addr = normalise_address(email)
+    except InvalidIdentifier:
+        return None
+    box = session.scalar(select(Mailbox).where(Mailbox.address == addr))
+    if box is None:
+        return None
+    p = box.practitioner
+    if p is not None:
+        title = {"DR": "Dr", "PR": "Pr"}.get((p.civility or "").upper(), "")
+        if not title and p.profession_code in {"10", "40"}:  # physicians and dentists are doctors
+            title = "Dr"
+        return " ".join(filter(None, [title, p.first_name, p.last_name])) + f" ({p.id_type} {p.identifier})"
+    return f"{box.display_name} <{addr}>" if box.display_name else None
+
+
 # --- what policy asks ------------------------------------------------------------------
 
 

@@ -96,12 +96,15 @@ def _fold(name: str, value: str, width: int = 76) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-def _banner_text(result: SecurityResult) -> str:
-    who = result.signer_email or result.signer_subject or "unknown signer"
-    return f"[Message chiffre et signe - signature verifiee : {who}]"
+def _banner_text(result: SecurityResult, signer: str | None = None) -> str:
+    """One line a clinician reads first, e.g. "Signed by Dr Anne Martin (RPPS 10000000009), ..."."""
+    who = signer or result.signer_email or result.signer_subject or "unknown signer"
+    transit = "encrypted in transit" if result.encrypted else "sent over authenticated TLS between operators"
+    return f"[Signed by {who}, certificate valid, {transit}]"
 
 
-def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: bool) -> bytes:
+def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: bool,
+             signer: str | None = None) -> bytes:
     """Prepend Authentication-Results (removing forged ones for ``authserv_id``) and maybe a banner."""
     inner = _mime.to_crlf(inner)
     block, body = _mime.split_entity(inner)
@@ -113,7 +116,7 @@ def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: 
         kept.append(raw)
     header = _fold("Authentication-Results", result.auth_results_header(authserv_id)).encode("utf-8")
     if banner and result.ok:
-        body, kept = _with_banner(fields, kept, body, _banner_text(result))
+        body, kept = _with_banner(fields, kept, body, _banner_text(result, signer))
     return header + b"".join(kept) + b"\r\n" + body
 
 
@@ -138,6 +141,14 @@ def _with_banner(fields: list[tuple[str, str, bytes]], kept: list[bytes], body: 
 
 
 # --- the pipeline --------------------------------------------------------------------------------
+
+
+def _signer_label(ctx: Context, email: str) -> str | None:
+    """The signer as the directory knows them ("Dr Anne Martin (RPPS ...)"), or None."""
+    from directory.service import signer_label
+
+    with ctx.read() as session:
+        return signer_label(session, email)
 
 
 def _domain_bound(ctx: Context, result: SecurityResult) -> SecurityResult:
@@ -175,8 +186,11 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     if not accept or inner is None:
         await _quarantine(ctx, job, data, inner, result, pending)
         return
-    delivered_bytes = annotate(inner, result, authserv_id=ctx.settings.hostname,
-                               banner=bool(ctx.settings.get("crypto", "banner")))  # fmt: skip
+    banner = bool(ctx.settings.get("crypto", "banner"))
+    signer = None
+    if banner and result.signer_email:
+        signer = await ctx.io(_signer_label, ctx, result.signer_email)
+    delivered_bytes = annotate(inner, result, authserv_id=ctx.settings.hostname, banner=banner, signer=signer)
     delivered: list[str] = []
     for addr in pending:
         try:

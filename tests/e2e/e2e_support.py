@@ -25,6 +25,17 @@ CLINICIAN = f"dr.martin@{A_DOMAIN}"  # A's prescriber
 COLLEAGUE = f"secretariat@{A_DOMAIN}"  # another mailbox of A
 PRACTITIONER = f"ph.durand@{B_DOMAIN}"  # B's pharmacist
 GHOST = f"ghost@{B_DOMAIN}"  # A has a certificate for it, B has no such mailbox
+CLINICIAN_RPPS = "10000000009"  # the prescriber is a practitioner of the national directory (both sides)
+
+
+def _add(s, addr: str, **kw: object) -> None:  # type: ignore[no-untyped-def]
+    """The clinician is a PER mailbox of a practitioner; the other mailboxes are ORG mailboxes."""
+    if addr == CLINICIAN:
+        service.add_practitioner(s, identifier=CLINICIAN_RPPS, last_name="Martin", first_name="Anne",
+                                 profession_code="10")
+        service.add_mailbox(s, addr, type="PER", rpps=CLINICIAN_RPPS)
+    else:
+        service.add_mailbox(s, addr, type="ORG", **kw)  # type: ignore[arg-type]
 
 
 def users_of() -> dict[str, list[str]]:
@@ -101,9 +112,9 @@ def build_templates(root: Path) -> dict[str, Template]:
             for addr in users[name]:
                 if addr == GHOST:
                     continue
-                service.add_mailbox(s, addr, type="ORG", display_name=addr.split("@")[0])
+                _add(s, addr, display_name=addr.split("@")[0])
             for addr in users[peer]:
-                service.add_mailbox(s, addr, type="ORG")
+                _add(s, addr)
             for addr in users[name]:
                 pem, key_path = issued[addr]
                 register_certificate(s, pem, address=addr, purpose="smime", key_path=str(key_path))

@@ -83,6 +83,8 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
     assert ar.startswith(f"mx.{B_DOMAIN};") and "smime=pass" in ar and f"smime.signer={CLINICIAN}" in ar
     attachments = [p for p in got.iter_attachments() if p.get_content_type() == "application/pdf"]
     assert len(attachments) == 1 and attachments[0].get_content() == PDF
+    # the banner names the signer as the national directory knows them
+    assert b"[Signed by Dr Anne Martin (RPPS 10000000009), certificate valid, encrypted in transit]" in inbox[0]
 
     # Nothing of the content crossed the wire in clear, and B stored only ciphertext.
     wire = pair.proxy.wire

@@ -29,7 +29,7 @@ def test_plain_text_gets_header_and_banner_and_forged_results_are_removed() -> N
     assert ours.startswith("mx.b.test;") and "smime=pass" in ours and "smime.signer=dr@a.test" in ours
     assert all(len(line) <= 78 for line in out.split(b"\r\n\r\n")[0].split(b"\r\n"))
     body = msg.get_content()
-    assert body.startswith("[Message chiffre et signe") and body.rstrip().endswith("Bonjour")
+    assert body.startswith("[Signed by ") and body.rstrip().endswith("Bonjour")
 
 
 def test_multipart_mixed_gets_a_first_text_part_attachment_intact() -> None:
@@ -41,7 +41,7 @@ def test_multipart_mixed_gets_a_first_text_part_attachment_intact() -> None:
     msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="o.pdf")
     out = parse(annotate(msg.as_bytes(policy=policy.SMTP), OK, authserv_id="mx.b.test", banner=True))
     parts = list(out.iter_parts())
-    assert parts[0].get_content().startswith("[Message chiffre et signe")
+    assert parts[0].get_content().startswith("[Signed by ")
     assert parts[1].get_content().strip() == "texte"
     assert next(p for p in out.iter_parts() if p.get_content_type() == "application/pdf").get_content() == pdf
     assert not out.defects

@@ -27,6 +27,7 @@ from e2e_support import (
     PDF,
     PRACTITIONER,
     SUBJECT,
+    Operator,
     Pair,
     free_port,
     parse,
@@ -342,3 +343,48 @@ async def test_relay_to_independent_mta_is_plain_smime_openssl_accepts(pair: Pai
     pdf = next(p for p in got.iter_attachments() if p.get_content_type() == "application/pdf")
     assert pdf.get_content() == PDF
     assert A_DOMAIN in got["From"]
+
+
+async def test_openpgp_recipient_gets_pgp_mime_end_to_end(pair: Pair) -> None:
+    """A recipient that publishes an OpenPGP key and no certificate: PGP/MIME from A, opened and verified at B."""
+    from sqlalchemy import delete
+
+    from certs import service as certs
+    from directory.models import Certificate
+
+    a, b = pair.a, pair.b
+    with transaction(b.sessions) as s:  # B makes its practitioner's key pair; A imports the public half
+        pharmacist_fpr = certs.pgp_generate(s, b.settings, PRACTITIONER)
+    with transaction(a.sessions) as s:
+        clinician_fpr = certs.pgp_generate(s, a.settings, CLINICIAN)
+        s.execute(delete(Certificate).where(Certificate.address == PRACTITIONER))  # no S/MIME certificate
+    pharmacist_pub = _export(b, pharmacist_fpr)
+    clinician_pub = _export(a, clinician_fpr)
+    with transaction(a.sessions) as s:
+        certs.pgp_import(s, a.settings, PRACTITIONER, pharmacist_pub)
+    with transaction(b.sessions) as s:
+        certs.pgp_import(s, b.settings, CLINICIAN, clinician_pub)
+
+    qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
+    await pair.flow()
+    info = a.queue(qid)
+    assert _states(info) == {PRACTITIONER: "delivered"}, _reply(info, PRACTITIONER)
+    assert info["recipient_states"][0]["protection"] == "openpgp"
+    inbox = b.mailbox(PRACTITIONER)
+    assert len(inbox) == 1
+    got = parse(inbox[0])
+    assert "pgp=pass" in str(got["Authentication-Results"])
+    attachments = [p for p in got.iter_attachments() if p.get_content_type() == "application/pdf"]
+    assert len(attachments) == 1 and attachments[0].get_content() == PDF
+    stored = b.store.read(b.store.list(include_done=True)[0]["id"])
+    assert b"multipart/encrypted" in stored and SUBJECT.encode() not in stored
+
+
+def _export(op: Operator, fpr: str) -> bytes:
+    from gateway.crypto.openpgp import OpenPgp
+
+    ring = OpenPgp(op.settings.gnupg_dir)
+    try:
+        return ring.export_public(fpr).encode()
+    finally:
+        ring.close()

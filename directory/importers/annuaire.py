@@ -30,7 +30,8 @@ Rules:
   a batch is all or nothing, and re-running after a crash completes the rest with
   no duplicates. Per batch there is one SELECT per table for the batch's keys, then
   bulk INSERT (``ON CONFLICT DO NOTHING``, so a concurrent writer cannot make the
-  batch fail) and executemany UPDATEs of the rows that changed.
+  batch fail; ``RETURNING`` the new ids; on PostgreSQL through ``COPY`` into a
+  temporary table) and executemany UPDATEs of the rows that changed.
 
 Errors: a bad line (wrong column count, invalid address, RPPS failing its check
 digit, undecodable bytes, a field too long for its column, a blocked domain) is
@@ -47,6 +48,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,6 +68,10 @@ MSS_HEADER_START = ("Type de BAL", "Adresse BAL")
 RPPS_HEADER_START = ("Type d'identifiant PP", "Identifiant PP")
 #: A line longer than this is refused without being read into memory whole.
 MAX_LINE_BYTES = 64 * 1024
+#: The progress bar is moved once per this many bytes read.
+BAR_STEP_BYTES = 256 * 1024
+#: Read buffer of the extract.
+READ_BUFFER_BYTES = 1024 * 1024
 #: "Type identifiant structure" codes of the extract.
 STRUCTURE_ID_TYPES = {"1": "FINESS", "2": "SIREN", "3": "SIRET", "4": "RPPS-RANG"}
 STRUCTURE_ID_CODES = {v: k for k, v in STRUCTURE_ID_TYPES.items()}
@@ -117,21 +123,24 @@ def detect_kind(path: Path) -> str:
 def _lines(f: IO[bytes], bar: Any) -> Iterator[tuple[int, str | None, str]]:
     """``(line number, text, "")`` per data line, or ``(line number, None, reason)`` when unreadable."""
     number = 1
-    f.readline(MAX_LINE_BYTES)  # the header, checked by detect_kind
+    unshown = len(f.readline(MAX_LINE_BYTES))  # the header, checked by detect_kind
+    readline = f.readline
     while True:
-        raw = f.readline(MAX_LINE_BYTES)
+        raw = readline(MAX_LINE_BYTES)
         if not raw:
+            bar.update(unshown)
             return
         number += 1
-        size = len(raw)
+        unshown += len(raw)
+        if unshown >= BAR_STEP_BYTES:  # the bar moves per step, not per line
+            bar.update(unshown)
+            unshown = 0
         if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
             while raw and not raw.endswith(b"\n"):  # drop the rest of the oversized line
-                raw = f.readline(MAX_LINE_BYTES)
-                size += len(raw)
-            bar.update(size)
+                raw = readline(MAX_LINE_BYTES)
+                unshown += len(raw)
             yield number, None, f"line longer than {MAX_LINE_BYTES} bytes"
             continue
-        bar.update(size)
         try:
             text = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
@@ -195,37 +204,58 @@ _PERSON_LIMITS = {
     for name in ("civility", "last_name", "first_name", "profession_code", "profession_label", "specialty_code",
                  "specialty_label")
 }
+_CIV_MAX, _LAST_MAX, _FIRST_MAX, _PCODE_MAX, _PLABEL_MAX, _SCODE_MAX, _SLABEL_MAX = _PERSON_LIMITS.values()
+
+#: Each digit doubled, its two digits added (the Luhn step): 5 -> 10 -> 1.
+_LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")
+
+
+def luhn_ascii(digits: str) -> bool:
+    """``identifiers.luhn_valid`` for a string of ASCII digits, without a Python step per digit."""
+    doubled = digits[-2::-2].translate(_LUHN_DOUBLED)
+    return (sum(digits[-1::-2].encode()) + sum(doubled.encode()) - 48 * len(digits)) % 10 == 0
 
 
 def _check_person(person: Person) -> Person:
     if not person.last_name:
         raise InvalidIdentifier(f"practitioner {person.identifier} has no last name")
-    for name, limit in _PERSON_LIMITS.items():
-        value = getattr(person, name)
-        if value and len(value) > limit:
-            raise InvalidIdentifier(f"{name.replace('_', ' ')} longer than {limit} characters")
+    p = person
+    if (len(p.last_name) > _LAST_MAX or len(p.first_name) > _FIRST_MAX
+            or (p.civility is not None and len(p.civility) > _CIV_MAX)
+            or (p.profession_code is not None and len(p.profession_code) > _PCODE_MAX)
+            or (p.profession_label is not None and len(p.profession_label) > _PLABEL_MAX)
+            or (p.specialty_code is not None and len(p.specialty_code) > _SCODE_MAX)
+            or (p.specialty_label is not None and len(p.specialty_label) > _SLABEL_MAX)):
+        for name, limit in _PERSON_LIMITS.items():  # which one, in column order
+            value = getattr(person, name)
+            if value and len(value) > limit:
+                raise InvalidIdentifier(f"{name.replace('_', ' ')} longer than {limit} characters")
     return person
-
-
-def _opt(value: str) -> str | None:
-    value = value.strip()
-    return value or None
 
 
 def _person(id_type: str, identifier: str, national: str, civility: str, last: str, first: str,
             prof_code: str, prof_label: str, sf_code: str, sf_label: str) -> Person:
-    if not identifier.strip():
+    ident = identifier.strip()
+    if not ident:
         raise InvalidIdentifier("no practitioner identifier")
-    kind, ident = check_practitioner_id(id_type.strip() or "8", identifier)
-    expected = ("8" if kind == "RPPS" else "0") + ident
-    if national.strip() and national.strip() != expected:
-        raise InvalidIdentifier(f"national identifier {national.strip()} does not match {kind} {ident}")
-    return _check_person(Person(kind, ident, _opt(civility), last.strip(), first.strip(), _opt(prof_code),
-                                _opt(prof_label), _opt(sf_code), _opt(sf_label)))
+    id_type = id_type.strip() or "8"
+    # The common case, an 11-digit RPPS, checked here as ``check_practitioner_id`` would;
+    # anything else (ADELI, the 12-digit national form, a bad check digit) goes through it.
+    if id_type == "8" and len(ident) == 11 and ident.isdigit() and ident.isascii() and luhn_ascii(ident):
+        kind = "RPPS"
+    else:
+        kind, ident = check_practitioner_id(id_type, identifier)
+    national = national.strip()
+    if national and national != ("8" if kind == "RPPS" else "0") + ident:
+        raise InvalidIdentifier(f"national identifier {national} does not match {kind} {ident}")
+    return _check_person(Person(kind, ident, civility.strip() or None, last.strip(), first.strip(),
+                                prof_code.strip() or None, prof_label.strip() or None, sf_code.strip() or None,
+                                sf_label.strip() or None))
 
 
 _BOX_LIMITS = {name: _limit(_MAILBOXES, name) for name in ("display_name", "service")}
 _ORG_LIMITS = {name: _limit(_ORGANISATIONS, name) for name in ("id_type", "identifier", "name")}
+_MAILBOX_TYPES = {t.value: t for t in MailboxType}
 
 
 def parse_mss_line(number: int, text: str) -> Box:
@@ -233,11 +263,9 @@ def parse_mss_line(number: int, text: str) -> Box:
     cols = text.split("|")
     if len(cols) != MSS_COLUMNS:
         raise InvalidIdentifier(f"expected {MSS_COLUMNS} columns, found {len(cols)}")
-    raw_type = cols[0].strip().upper()
-    try:
-        mtype = MailboxType(raw_type)
-    except ValueError:
-        raise InvalidIdentifier(f"unknown mailbox type {cols[0]!r} (PER, ORG or APP)") from None
+    mtype = _MAILBOX_TYPES.get(cols[0].strip().upper())
+    if mtype is None:
+        raise InvalidIdentifier(f"unknown mailbox type {cols[0]!r} (PER, ORG or APP)")
     address = normalise_address(cols[1])
     person = None
     if mtype is MailboxType.PER:
@@ -245,13 +273,14 @@ def parse_mss_line(number: int, text: str) -> Box:
                          cols[16])
     org = None
     raison = cols[18].strip()
-    if cols[6].strip():
-        org_type = STRUCTURE_ID_TYPES.get(cols[5].strip(), cols[5].strip() or "FINESS")
-        org = (org_type, cols[6].strip(), raison)
+    org_id = cols[6].strip()
+    if org_id:
+        org_code = cols[5].strip()
+        org = (STRUCTURE_ID_TYPES.get(org_code, org_code or "FINESS"), org_id, raison)
         for (name, limit), value in zip(_ORG_LIMITS.items(), org, strict=True):
             if len(value) > limit:
                 raise InvalidIdentifier(f"structure {name.replace('_', ' ')} longer than {limit} characters")
-    service = _opt(cols[7])
+    service = cols[7].strip() or None
     if person is not None:
         display = f"{person.first_name} {person.last_name}".strip()
     else:
@@ -279,21 +308,27 @@ def parse_rpps_line(text: str) -> Person:
 class Bulk:
     """Batched statements straight on the batch's connection: the import's hot path.
 
-    The SQL is plain and portable (``INSERT ... ON CONFLICT DO NOTHING`` exists in
-    SQLite >= 3.24 and PostgreSQL), built from the models' table and column names,
-    and run with ``executemany``; this skips SQLAlchemy's per-row parameter
-    processing, which costs more than the database itself at this volume. Values
-    are given in database form: enums by name (as SQLAlchemy's ``Enum`` stores
-    them), the one timestamp of the import pre-processed once by the column type.
+    The SQL is plain and portable (``INSERT ... ON CONFLICT DO NOTHING RETURNING``
+    exists in SQLite >= 3.35 and PostgreSQL), built from the models' table and column
+    names. Rows are tuples in database form: enums by name (as SQLAlchemy's ``Enum``
+    stores them), the one timestamp of the import pre-processed once by the column
+    type; this skips SQLAlchemy's per-row parameter processing, which costs more than
+    the database itself at this volume. Inserts are multi-row ``VALUES`` lists that
+    return the new rows' ids, so no second lookup; lookups by key are ``IN`` lists
+    (SQLite) or one ``= ANY(array)`` (PostgreSQL).
     """
 
     #: Keys per ``IN (...)`` list, well under SQLite's and PostgreSQL's parameter limits.
     IN_CHUNK = 1000
+    #: Parameters per multi-row INSERT (SQLite allows 32,766): a few hundred rows, so
+    #: the prepared statements SQLite's module keeps stay small.
+    MAX_PARAMS = 4000
 
     def __init__(self, session: Session, now: datetime) -> None:
         self.conn = session.connection()
         dialect = self.conn.dialect
         self.ph = "?" if dialect.paramstyle in ("qmark", "numeric") else "%s"
+        self.arrays = dialect.name == "postgresql"
         column_type = _MAILBOXES.c.updated_at.type
         processor = column_type.dialect_impl(dialect).bind_processor(dialect)
         self.now = processor(now) if processor else now
@@ -302,36 +337,78 @@ class Bulk:
                   also: tuple[str, Iterable[Any]] | None = None) -> list[Any]:
         """Rows of ``columns`` whose ``key`` is one of ``keys`` (and ``also[0]`` one of ``also[1]``)."""
         keys = list(keys)
+        if not keys:
+            return []
+        head = f"SELECT {', '.join(columns)} FROM {table.name} WHERE "
+        if self.arrays:
+            sql = head + f"{key} = ANY(%s)" + (f" AND {also[0]} = ANY(%s)" if also else "")
+            params = (keys, list(also[1])) if also else (keys,)
+            return self.conn.exec_driver_sql(sql, params).fetchall()
         fixed: list[Any] = list(also[1]) if also else []
         extra = f" AND {also[0]} IN ({', '.join([self.ph] * len(fixed))})" if also else ""
         rows: list[Any] = []
         for i in range(0, len(keys), self.IN_CHUNK):
             chunk = keys[i:i + self.IN_CHUNK]
-            sql = (f"SELECT {', '.join(columns)} FROM {table.name} "
-                   f"WHERE {key} IN ({', '.join([self.ph] * len(chunk))}){extra}")
+            sql = head + f"{key} IN ({', '.join([self.ph] * len(chunk))}){extra}"
             rows.extend(self.conn.exec_driver_sql(sql, (*chunk, *fixed)).fetchall())
         return rows
 
-    def insert(self, table: Table, rows: list[dict[str, Any]]) -> None:
-        """Insert ``rows`` (same keys each), leaving any row a concurrent writer added first."""
-        if not rows:
-            return
-        names = list(rows[0])
-        sql = (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join([self.ph] * len(names))}) "
-               "ON CONFLICT DO NOTHING")
-        self.conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows])
+    def insert(self, table: Table, names: Sequence[str], rows: Sequence[tuple[Any, ...]],
+               returning: Sequence[str] = ()) -> list[Any]:
+        """Insert ``rows`` (tuples of ``names``), leaving any row a concurrent writer added first.
 
-    def update(self, table: Table, rows: list[dict[str, Any]]) -> None:
-        """``UPDATE ... WHERE id = ...`` for each row (same keys each, ``id`` among them)."""
+        Returns the ``returning`` columns of the rows inserted (in no particular order).
+        """
+        if not rows:
+            return []
+        tail = " ON CONFLICT DO NOTHING" + (f" RETURNING {', '.join(returning)}" if returning else "")
+        if self.arrays:
+            return self._copy_insert(table, names, rows, tail)
+        one = f"({', '.join([self.ph] * len(names))})"
+        head = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES "
+        per = max(1, self.MAX_PARAMS // len(names))
+        out: list[Any] = []
+        for i in range(0, len(rows), per):
+            chunk = rows[i:i + per]
+            result = self.conn.exec_driver_sql(head + ", ".join([one] * len(chunk)) + tail,
+                                               tuple(chain.from_iterable(chunk)))
+            if returning:
+                out.extend(result.fetchall())
+        return out
+
+    def _copy_insert(self, table: Table, names: Sequence[str], rows: Sequence[tuple[Any, ...]],
+                     tail: str) -> list[Any]:
+        """PostgreSQL: ``COPY`` the rows into a temporary table, then one ``INSERT ... SELECT`` from it.
+
+        The temporary table (the columns of ``names``, no constraints) lives as long as the
+        connection and is emptied at each commit or rollback's end of transaction.
+        """
+        columns = ", ".join(names)
+        scratch = f"mssgw_import_{table.name}"
+        self.conn.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {scratch} ON COMMIT DELETE ROWS AS "
+            f"SELECT {columns} FROM {table.name} WITH NO DATA")
+        self.conn.exec_driver_sql(f"DELETE FROM {scratch}")  # left by an earlier insert of this transaction
+        raw = self.conn.connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cursor, cursor.copy(f"COPY {scratch} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        result = self.conn.exec_driver_sql(
+            f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {scratch}{tail}")
+        return result.fetchall() if " RETURNING " in tail else []
+
+    def update(self, table: Table, names: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+        """``UPDATE ... SET names WHERE id = ...`` for each row (tuples of ``names`` then the id)."""
         if not rows:
             return
-        names = [n for n in rows[0] if n != "id"]
         sql = f"UPDATE {table.name} SET {', '.join(f'{n} = {self.ph}' for n in names)} WHERE id = {self.ph}"
-        self.conn.exec_driver_sql(sql, [(*(row[n] for n in names), row["id"]) for row in rows])
+        self.conn.exec_driver_sql(sql, list(rows))
 
 
-_PERSON_FIELDS = ("civility", "profession_code", "profession_label", "specialty_code", "specialty_label")
-_PERSON_COLUMNS = ("id", "identifier", "id_type", "last_name", "first_name", "active", *_PERSON_FIELDS)
+#: Columns written for a practitioner, in the order of the value tuples below.
+_PERSON_NAMES = ("identifier", "id_type", "last_name", "first_name", "active", "civility", "profession_code",
+                 "profession_label", "specialty_code", "specialty_label")
 
 
 class _Counter:
@@ -346,34 +423,39 @@ def upsert_practitioners(bulk: Bulk, people: Iterable[Person], counter: _Counter
     """
     people = list(people)
     t = _PRACTITIONERS
-    existing: dict[str, dict[str, Any]] = {
-        row[1]: dict(zip(_PERSON_COLUMNS, row, strict=True))
-        for row in bulk.select_in(t, _PERSON_COLUMNS, "identifier", {p.identifier for p in people})
+    # identifier -> (id, values as stored); values are in _PERSON_NAMES order
+    known: dict[str, tuple[int | None, tuple[Any, ...]]] = {
+        row[1]: (row[0], tuple(row[1:]))
+        for row in bulk.select_in(t, ("id", *_PERSON_NAMES), "identifier", {p.identifier for p in people})
     }
-    pending: dict[str, dict[str, Any]] = {}  # identifier -> the values to write
+    ids = {ident: pid for ident, (pid, _) in known.items() if pid is not None}
+    pending: dict[str, tuple[int | None, tuple[Any, ...]]] = {}  # identifier -> (id or None, values to write)
     for p in people:
-        base = pending.get(p.identifier) or existing.get(p.identifier)
-        values: dict[str, Any] = {"identifier": p.identifier, "id_type": p.id_type, "last_name": p.last_name,
-                                  "first_name": p.first_name, "active": True}
-        for name in _PERSON_FIELDS:
-            values[name] = getattr(p, name) or (base or {}).get(name)
-        if base is None:
+        ident = p.identifier
+        prior = pending.get(ident) or known.get(ident)
+        if prior is None:
+            values: tuple[Any, ...] = (ident, p.id_type, p.last_name, p.first_name, True, p.civility,
+                                       p.profession_code, p.profession_label, p.specialty_code, p.specialty_label)
             counter.created += 1
-        elif all(base.get(k) == v for k, v in values.items()):
-            counter.unchanged += 1
-            continue
         else:
+            base = prior[1]
+            values = (ident, p.id_type, p.last_name, p.first_name, True, p.civility or base[5],
+                      p.profession_code or base[6], p.profession_label or base[7], p.specialty_code or base[8],
+                      p.specialty_label or base[9])
+            if values == base:
+                counter.unchanged += 1
+                continue
             counter.updated += 1
-        if base is not None and "id" in base:
-            values["id"] = base["id"]
-        pending[p.identifier] = values
-    new = [dict(v, updated_at=bulk.now) for v in pending.values() if "id" not in v]
-    bulk.insert(t, new)
-    bulk.update(t, [dict(v, updated_at=bulk.now) for v in pending.values() if "id" in v])
-    ids = {k: v["id"] for k, v in existing.items()}
-    if new:
-        ids.update((ident, pid) for ident, pid in
-                   bulk.select_in(t, ("identifier", "id"), "identifier", [v["identifier"] for v in new]))
+        pending[ident] = (prior[0] if prior else None, values)
+    now = bulk.now
+    new = [(*values, now) for pid, values in pending.values() if pid is None]
+    for pid, ident in bulk.insert(t, (*_PERSON_NAMES, "updated_at"), new, returning=("id", "identifier")):
+        ids[ident] = pid
+    bulk.update(t, (*_PERSON_NAMES[1:], "updated_at"),
+                [(*values[1:], now, pid) for pid, values in pending.values() if pid is not None])
+    missing = [values[0] for pid, values in pending.values() if pid is None and values[0] not in ids]
+    if missing:  # inserted meanwhile by a concurrent writer: ours was left out
+        ids.update((ident, pid) for ident, pid in bulk.select_in(t, ("identifier", "id"), "identifier", missing))
     return ids
 
 
@@ -390,6 +472,7 @@ def upsert_organisations(bulk: Bulk, orgs: Iterable[tuple[str, str, str]],
     types = {id_type for id_type, _ in names}
     ids: dict[tuple[str, str], int] = {}
     changed = []
+    now = bulk.now
     # Both columns constrained, so the (id_type, identifier) unique index serves the lookup.
     for oid, id_type, ident, name in bulk.select_in(t, ("id", "id_type", "identifier", "name"), "identifier",
                                                     {i for _, i in names}, also=("id_type", types)):
@@ -397,15 +480,16 @@ def upsert_organisations(bulk: Bulk, orgs: Iterable[tuple[str, str, str]],
         if key in names:
             ids[key] = oid
             if names[key] and names[key] != name:
-                changed.append({"id": oid, "name": names[key], "updated_at": bulk.now})
-    new = [{"id_type": k[0], "identifier": k[1], "name": n, "active": True, "updated_at": bulk.now}
-           for k, n in names.items() if k not in ids]
-    bulk.insert(t, new)
-    bulk.update(t, changed)
-    if new:
+                changed.append((names[key], now, oid))
+    new = [(k[0], k[1], n, True, now) for k, n in names.items() if k not in ids]
+    for oid, id_type, ident in bulk.insert(t, ("id_type", "identifier", "name", "active", "updated_at"), new,
+                                           returning=("id", "id_type", "identifier")):
+        ids[(id_type, ident)] = oid
+    bulk.update(t, ("name", "updated_at"), changed)
+    missing = [row for row in new if (row[0], row[1]) not in ids]
+    if missing:  # inserted meanwhile by a concurrent writer: ours was left out
         for oid, id_type, ident in bulk.select_in(t, ("id", "id_type", "identifier"), "identifier",
-                                                  {r["identifier"] for r in new},
-                                                  also=("id_type", {r["id_type"] for r in new})):
+                                                  {r[1] for r in missing}, also=("id_type", {r[0] for r in missing})):
             ids.setdefault((id_type, ident), oid)
     counter.created += len(new)
     counter.updated += len(changed)
@@ -426,27 +510,35 @@ class _Domains:
         for name, kind, reason in session.execute(select(Domain.name, Domain.kind, Domain.reason)):
             self.kinds[name] = (kind, reason)
         self.blocked = [(n, r or "blocked") for n, (k, r) in self.kinds.items() if k == DomainKind.BLOCKED]
+        # domain -> refusal; blocks do not change during an import, and a domain the
+        # import adds is a trusted one, which no block named.
+        self._refusals: dict[str, str | None] = {}
 
     def refusal(self, domain: str) -> str | None:
         """Why no mailbox may be created in ``domain``, or ``None`` when it may."""
+        try:
+            return self._refusals[domain]
+        except KeyError:
+            pass
         known = self.kinds.get(domain)
+        refusal = None
         if known is not None:
             kind, reason = known
-            return f"domain {domain} is blocked: {reason}" if kind == DomainKind.BLOCKED else None
-        for pattern, reason in self.blocked:
-            if matches(pattern, domain):
-                return f"domain {domain} is blocked ({pattern}): {reason}"
-        return None
+            refusal = f"domain {domain} is blocked: {reason}" if kind == DomainKind.BLOCKED else None
+        else:
+            for pattern, reason in self.blocked:
+                if matches(pattern, domain):
+                    refusal = f"domain {domain} is blocked ({pattern}): {reason}"
+                    break
+        self._refusals[domain] = refusal
+        return refusal
 
     def is_local(self, domain: str) -> bool:
         return self.kinds.get(domain, (DomainKind.TRUSTED, None))[0] == DomainKind.LOCAL
 
 
-_BOX_FIELDS = ("type", "domain", "local", "display_name", "practitioner_id", "organisation_id", "service")
-
-
-_BOX_FIELDS = ("type", "domain", "local", "display_name", "practitioner_id", "organisation_id", "service")
-_BOX_COLUMNS = ("id", "address", *_BOX_FIELDS)
+#: Columns written for a mailbox, in the order of the value tuples below.
+_BOX_NAMES = ("address", "type", "domain", "local", "display_name", "practitioner_id", "organisation_id", "service")
 
 
 def apply_mss_batch(session: Session, boxes: list[Box], domains: _Domains, report: ImportReport,
@@ -463,8 +555,8 @@ def apply_mss_batch(session: Session, boxes: list[Box], domains: _Domains, repor
         if box.domain not in domains.kinds and box.domain not in new_domains:
             new_domains.append(box.domain)
         usable.append(box)
-    bulk.insert(_DOMAINS, [{"name": d, "kind": DomainKind.TRUSTED.name, "source": "annuaire", "use_mx": False,
-                            "prefers_openpgp": False, "updated_at": bulk.now} for d in new_domains])
+    bulk.insert(_DOMAINS, ("name", "kind", "source", "use_mx", "prefers_openpgp", "updated_at"),
+                [(d, DomainKind.TRUSTED.name, "annuaire", False, False, bulk.now) for d in new_domains])
     people, orgs = _Counter(), _Counter()
     person_ids = upsert_practitioners(bulk, (b.person for b in usable if b.person), people)
     org_ids = upsert_organisations(bulk, (b.org for b in usable if b.org), orgs)
@@ -473,38 +565,41 @@ def apply_mss_batch(session: Session, boxes: list[Box], domains: _Domains, repor
                        ("domains added", len(new_domains))):
         report.details[key] = report.details.get(key, 0) + value
 
-    existing = {
-        row[1]: dict(zip(_BOX_COLUMNS, row, strict=True))
-        for row in bulk.select_in(_MAILBOXES, _BOX_COLUMNS, "address", {b.address for b in usable})
+    # address -> (id, values as stored); values are in _BOX_NAMES order
+    known: dict[str, tuple[int | None, tuple[Any, ...]]] = {
+        row[1]: (row[0], tuple(row[1:]))
+        for row in bulk.select_in(_MAILBOXES, ("id", *_BOX_NAMES), "address", {b.address for b in usable})
     }
-    pending: dict[str, dict[str, Any]] = {}
+    local = {d: domains.is_local(d) for d in {b.domain for b in usable}}
+    pending: dict[str, tuple[int | None, tuple[Any, ...]]] = {}
+    created = updated = unchanged = 0
     for box in usable:
-        base = pending.get(box.address) or existing.get(box.address)
-        prior = base or {}
-        values = {
-            "address": box.address,
-            "type": box.type.name,
-            "domain": box.domain,
-            "local": domains.is_local(box.domain),
-            "display_name": box.display_name or prior.get("display_name"),
-            "practitioner_id": person_ids[box.person.identifier] if box.person else prior.get("practitioner_id"),
-            "organisation_id": org_ids[box.org[:2]] if box.org else prior.get("organisation_id"),
-            "service": box.service or prior.get("service"),
-        }
-        if base is None:
-            report.created += 1
-        elif all(base.get(k) == v for k, v in values.items()):
-            report.unchanged += 1
-            continue
+        address = box.address
+        prior = pending.get(address) or known.get(address)
+        practitioner_id = person_ids[box.person.identifier] if box.person else None
+        organisation_id = org_ids[box.org[:2]] if box.org else None
+        if prior is None:
+            values: tuple[Any, ...] = (address, box.type.name, box.domain, local[box.domain], box.display_name,
+                                       practitioner_id, organisation_id, box.service)
+            created += 1
         else:
-            report.updated += 1
-        if "id" in prior:
-            values["id"] = prior["id"]
-        pending[box.address] = values
-    bulk.insert(_MAILBOXES, [dict(v, active=True, source="annuaire", updated_at=bulk.now)
-                             for v in pending.values() if "id" not in v])
-    bulk.update(_MAILBOXES, [{k: v for k, v in row.items() if k != "address"} | {"updated_at": bulk.now}
-                             for row in pending.values() if "id" in row])
+            base = prior[1]
+            values = (address, box.type.name, box.domain, local[box.domain], box.display_name or base[4],
+                      practitioner_id if box.person else base[5], organisation_id if box.org else base[6],
+                      box.service or base[7])
+            if values == base:
+                unchanged += 1
+                continue
+            updated += 1
+        pending[address] = (prior[0] if prior else None, values)
+    report.created += created
+    report.updated += updated
+    report.unchanged += unchanged
+    now_db = bulk.now
+    bulk.insert(_MAILBOXES, (*_BOX_NAMES, "active", "source", "updated_at"),
+                [(*values, True, "annuaire", now_db) for pid, values in pending.values() if pid is None])
+    bulk.update(_MAILBOXES, (*_BOX_NAMES[1:], "updated_at"),
+                [(*values[1:], now_db, pid) for pid, values in pending.values() if pid is not None])
     return new_domains
 
 
@@ -590,7 +685,7 @@ def import_annuaire(
     bar = _progress_bar(path, progress)
     number = 1
     try:
-        with _import_sessions(factory) as sessions, path.open("rb") as f:
+        with _import_sessions(factory) as sessions, path.open("rb", buffering=READ_BUFFER_BYTES) as f:
             for number, text, problem in _lines(f, bar):
                 report.lines += 1
                 if text is None:

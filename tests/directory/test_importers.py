@@ -376,3 +376,13 @@ def test_export_round_trip_into_a_fresh_directory(factory: sessionmaker[Session]
 def test_export_unknown_format(factory: sessionmaker[Session]) -> None:
     with factory() as session, pytest.raises(DirectoryError, match="unknown export format"):
         export_directory(session, io.StringIO(), fmt="csv")
+
+
+def test_fast_luhn_agrees_with_the_reference() -> None:
+    import random
+
+    rng = random.Random(7)
+    samples = [rpps(f"{n:010d}") for n in range(0, 10**10, 10**10 // 997)]
+    samples += ["".join(rng.choice("0123456789") for _ in range(rng.randint(1, 14))) for _ in range(5000)]
+    for digits in samples:
+        assert annuaire_module.luhn_ascii(digits) == luhn_valid(digits), digits

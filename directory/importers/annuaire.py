@@ -57,7 +57,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.consumer import matches
-from directory.identifiers import InvalidIdentifier, check_practitioner_id, normalise_address
+from directory.identifiers import InvalidIdentifier, check_practitioner_id, luhn_valid, normalise_address
 from directory.importers import ImportReport
 from directory.models import Domain, DomainKind, Mailbox, MailboxType, Organisation, Practitioner
 from directory.service import DirectoryError
@@ -206,16 +206,6 @@ _PERSON_LIMITS = {
 }
 _CIV_MAX, _LAST_MAX, _FIRST_MAX, _PCODE_MAX, _PLABEL_MAX, _SCODE_MAX, _SLABEL_MAX = _PERSON_LIMITS.values()
 
-#: Each digit doubled, its two digits added (the Luhn step): 5 -> 10 -> 1.
-_LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")
-
-
-def luhn_ascii(digits: str) -> bool:
-    """``identifiers.luhn_valid`` for a string of ASCII digits, without a Python step per digit."""
-    doubled = digits[-2::-2].translate(_LUHN_DOUBLED)
-    return (sum(digits[-1::-2].encode()) + sum(doubled.encode()) - 48 * len(digits)) % 10 == 0
-
-
 def _check_person(person: Person) -> Person:
     if not person.last_name:
         raise InvalidIdentifier(f"practitioner {person.identifier} has no last name")
@@ -241,7 +231,7 @@ def _person(id_type: str, identifier: str, national: str, civility: str, last: s
     id_type = id_type.strip() or "8"
     # The common case, an 11-digit RPPS, checked here as ``check_practitioner_id`` would;
     # anything else (ADELI, the 12-digit national form, a bad check digit) goes through it.
-    if id_type == "8" and len(ident) == 11 and ident.isdigit() and ident.isascii() and luhn_ascii(ident):
+    if id_type == "8" and len(ident) == 11 and ident.isdigit() and ident.isascii() and luhn_valid(ident):
         kind = "RPPS"
     else:
         kind, ident = check_practitioner_id(id_type, identifier)

@@ -91,7 +91,35 @@ def _mime_problem(data: bytes) -> str | None:
     return None
 
 
-def inspect_content(data: bytes, *, max_line_length: int = 998) -> ContentFacts:
+#: Top-level types whose body is an opaque crypto blob (S/MIME RFC 8551, PGP/MIME RFC 3156):
+#: for a message between operators only their top-level header fields are checked.
+OPAQUE_TYPES = (b"application/pkcs7-mime", b"application/x-pkcs7-mime", b"multipart/encrypted")
+
+#: Messages up to this size whose MIME tree needs no walk are cheap to inspect (a few
+#: hundred microseconds): callers may do it on the event loop instead of in a thread.
+INLINE_SIZE = 256 * 1024
+
+
+def _top_content_type(data: bytes) -> bytes:
+    """The top-level Content-Type value (lower case, unfolded), b"" when absent; headers only."""
+    block, _ = _split_headers(data)
+    at = block.lower().find(b"content-type")
+    if at < 0:
+        return b""
+    fields, _ = _unfold(block)
+    return dict(fields).get("content-type", b"").lower()
+
+
+def cheap_to_inspect(data: bytes, *, opaque_crypto: bool = False) -> bool:
+    """``inspect_content`` will not walk a MIME tree and the message is small (see ``INLINE_SIZE``)."""
+    if len(data) > INLINE_SIZE:
+        return False
+    content_type = _top_content_type(data)
+    return not content_type.startswith(b"multipart/") or (opaque_crypto and content_type.startswith(OPAQUE_TYPES))
+
+
+def inspect_content(data: bytes, *, max_line_length: int = 998, opaque_crypto: bool = False) -> ContentFacts:
+    """Facts about ``data``; with ``opaque_crypto`` (inbound) an encrypted body's MIME tree is not walked."""
     crlf = data.count(b"\r\n")
     bare = data.count(b"\n") != crlf or data.count(b"\r") != crlf
     longest = max(map(len, data.split(b"\r\n"))) if data else 0
@@ -105,7 +133,8 @@ def inspect_content(data: bytes, *, max_line_length: int = 998) -> ContentFacts:
     addresses = tuple(a.lower() for _, a in getaddresses([from_raw]) if a) if from_raw else ()
     mime_error = None
     content_type = values.get("content-type", b"").lower()
-    if header_error is None and content_type.startswith(b"multipart/"):
+    opaque = opaque_crypto and content_type.startswith(OPAQUE_TYPES)
+    if header_error is None and content_type.startswith(b"multipart/") and not opaque:
         mime_error = _mime_problem(data)
     message_id = values.get("message-id", b"").decode("utf-8", "replace").strip() or None
     return ContentFacts(

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, TypeVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
@@ -41,7 +41,7 @@ from directory.service import recipient_facts
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.config import Settings
 from gateway.metrics import Metrics
-from gateway.policy.content import ContentFacts, decide_content, inspect_content
+from gateway.policy.content import ContentFacts, cheap_to_inspect, decide_content, inspect_content
 from gateway.policy.decision import Decision
 from gateway.policy.recipients import decide_recipient
 from gateway.queue.store import Enqueued, QueueError, QueueStore
@@ -89,6 +89,9 @@ RCPT_CACHE_SECONDS = 5.0
 RCPT_CACHE_SIZE = 20_000
 
 #: Command budgets per connection (aiosmtpd ``command_call_limit``); going over closes it with 421.
+#: DATA is read in chunks of this size (aiosmtpd reads it one line per await).
+DATA_CHUNK = 1 << 16
+
 CALL_LIMITS = {"AUTH": 8, "STARTTLS": 3, "EHLO": 16, "HELO": 16, "NOOP": 50, "VRFY": 5, "HELP": 10,
                "*": 1_000_000}  # fmt: skip
 
@@ -173,6 +176,93 @@ class GatewaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._registry.discard(self)
         super().connection_lost(error)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA (same checks, limits and replies), reading the content in chunks.
+
+        The content ends at the first ``CRLF.CRLF`` (RFC 5321 4.1.1.4; a message may also be
+        just ``.CRLF``); leading dots are removed (4.5.2). A line longer than
+        ``line_length_limit`` octets with its CRLF answers 500 "Line too long", more than
+        ``data_size_limit`` octets 552, each after the whole content is read, as aiosmtpd
+        does. Bytes a pipelining client sent after the terminator are left for the next command.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, failure = await self._read_data()
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if content is None:  # the client closed the connection mid-DATA
+            self._writer.close()
+            return
+        if failure is not None:
+            await self.push(failure)
+            self._set_post_data_state()
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes | None, str | None]:
+        """The unstuffed content (None on EOF) and aiosmtpd's failure reply, if any."""
+        reader = self._reader
+        limit = self.data_size_limit or 0
+        max_line = self.line_length_limit
+        # A CRLF in front makes the terminator always CRLF.CRLF, even for an empty message.
+        buf = bytearray(b"\r\n")
+        search = 0  # where to look for the terminator next
+        checked = 2  # buf[2:checked] are whole lines already measured
+        dropped = 0  # content octets discarded after a failure (memory stays bounded)
+        failure: str | None = None
+        saved_limit = reader._limit  # StreamReader pauses the socket at 2 x limit
+        reader._limit = max(saved_limit, DATA_CHUNK)
+        try:
+            while True:
+                end = buf.find(b"\r\n.\r\n", search)
+                upto = end + 2 if end >= 0 else buf.rfind(b"\r\n", checked) + 2
+                if failure is None and upto > checked:
+                    if max(map(len, bytes(buf[checked:upto]).split(b"\r\n"))) + 2 > max_line:
+                        failure = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                    checked = upto
+                if failure is None and end < 0 and len(buf) - checked > max_line:
+                    failure = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                size = dropped + (end if end >= 0 else len(buf) - 4) - 2
+                if failure is None and limit and size > limit:
+                    failure = "552 Error: Too much mail data"
+                if end >= 0:
+                    rest = buf[end + 5:]
+                    if rest:
+                        reader._buffer[0:0] = rest  # pipelined commands after the data
+                    if failure is not None:
+                        return b"", failure
+                    del buf[end + 2:]
+                    return bytes(buf.replace(b"\r\n.", b"\r\n"))[2:], None
+                if failure is not None and len(buf) > 4:
+                    dropped += len(buf) - 4
+                    del buf[:-4]
+                    checked = 0
+                search = max(len(buf) - 4, 0)
+                chunk = await reader.read(DATA_CHUNK)
+                if not chunk:
+                    return None, None
+                buf += chunk
+        finally:
+            reader._limit = saved_limit
 
     async def push(self, status: str | bytes) -> None:  # type: ignore[override]
         if isinstance(status, str):
@@ -303,10 +393,15 @@ class EdgeHandler:
         return normalised, decision
 
     async def check_content(self, data: bytes) -> tuple[ContentFacts, Decision]:
+        """The content rules: on the event loop when cheap, else in a thread (a large MIME tree)."""
+        opaque = self.origin == "inbound"
+
         def run() -> tuple[ContentFacts, Decision]:
-            facts = inspect_content(data, max_line_length=self.max_line)
+            facts = inspect_content(data, max_line_length=self.max_line, opaque_crypto=opaque)
             return facts, decide_content(facts)
 
+        if cheap_to_inspect(data, opaque_crypto=opaque):
+            return run()
         return await asyncio.to_thread(run)
 
     def refuse_content(self, sess: GatewaySession, envelope: Envelope, decision: Decision, size: int) -> str:

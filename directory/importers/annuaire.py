@@ -609,6 +609,15 @@ def _import_sessions(factory: sessionmaker[Session]) -> Iterator[sessionmaker[Se
         yield factory
         return
     with engine.connect() as conn:
+        # Checkpoint once at the end rather than every ~1000 pages: the batches rewrite the same
+        # index pages again and again, and each automatic checkpoint copied them all to the
+        # database file. And no fsync per batch: an import is idempotent and resumable, and WAL
+        # with synchronous=NORMAL still survives a crash of the process (a power cut may lose
+        # the last batches, which a re-run restores). Queue commits keep synchronous=FULL on
+        # their own connections. Set on the driver's connection: SQLite refuses these in a transaction.
+        raw = conn.connection.driver_connection
+        raw.execute("PRAGMA wal_autocheckpoint = 0")  # type: ignore[union-attr]
+        raw.execute("PRAGMA synchronous = NORMAL")  # type: ignore[union-attr]
         conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
         conn.commit()
         try:
@@ -617,6 +626,9 @@ def _import_sessions(factory: sessionmaker[Session]) -> Iterator[sessionmaker[Se
             conn.rollback()
             conn.exec_driver_sql("PRAGMA cache_size = -2000")  # SQLite's default, for the pooled connection
             conn.commit()
+            raw.execute("PRAGMA synchronous = FULL")  # type: ignore[union-attr]
+            raw.execute("PRAGMA wal_autocheckpoint = 1000")  # type: ignore[union-attr]
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[union-attr]
 
 
 def _commit_batch(factory: sessionmaker[Session], first_line: int, last_line: int, work: Any) -> Any:

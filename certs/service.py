@@ -12,6 +12,7 @@ Errors: ``CertError`` (a sentence for the admin).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -101,10 +102,8 @@ def load_material(data: bytes, password: bytes | None = None) -> LoadedMaterial:
         if not certs:
             raise CertError("no certificate found in the PEM data")
         return LoadedMaterial(certs[0], certs[1:], key)
-    try:
+    with contextlib.suppress(ValueError):  # not DER: PKCS#12 below
         return LoadedMaterial(x509.load_der_x509_certificate(data), [], None)
-    except ValueError:
-        pass
     try:
         key, cert, extra = pkcs12.load_key_and_certificates(data, password)
     except ValueError as exc:

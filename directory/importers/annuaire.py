@@ -506,10 +506,8 @@ class _Domains:
 
     def refusal(self, domain: str) -> str | None:
         """Why no mailbox may be created in ``domain``, or ``None`` when it may."""
-        try:
+        if domain in self._refusals:
             return self._refusals[domain]
-        except KeyError:
-            pass
         known = self.kinds.get(domain)
         refusal = None
         if known is not None:

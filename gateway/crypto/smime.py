@@ -22,6 +22,7 @@ returns a `SecurityResult` whose `failure` code says what went wrong.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import re
@@ -380,11 +381,9 @@ def _signer_facts(cert: x509.Certificate) -> _SignerFacts:
 def _cert_emails(cert: x509.Certificate) -> tuple[str, ...]:
     """rfc822Name SAN entries, then the legacy emailAddress subject attribute (RFC 8550 §3)."""
     out: list[str] = []
-    try:
+    with contextlib.suppress(x509.ExtensionNotFound):  # no SAN: the subject attribute below
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         out.extend(a.lower() for a in san.get_values_for_type(x509.RFC822Name))
-    except x509.ExtensionNotFound:
-        pass
     for attr in cert.subject.get_attributes_for_oid(x509.NameOID.EMAIL_ADDRESS):
         v = str(attr.value).lower()
         if v not in out:

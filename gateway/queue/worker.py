@@ -186,12 +186,10 @@ class Workers:
         loop = self._loop_ref
         if loop is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # no running loop: called from a thread
             if asyncio.get_running_loop() is loop:
                 self._kick.set()
                 return
-        except RuntimeError:
-            pass
         loop.call_soon_threadsafe(self._kick.set)
 
     async def _loop(self) -> None:

@@ -134,16 +134,32 @@ def prepare_homes(root: Path) -> dict[str, dict[str, Any]]:
     return ops
 
 
-def start_gateway(home: Path, log_level: str, profile: bool = False) -> subprocess.Popen[bytes]:
+def start_gateway(home: Path, log_level: str, profile: str = "") -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).parent / "mssgw"
     command = [str(exe), "serve", "--log-level", log_level]
-    if profile:  # the event loop's thread only; read with pstats
+    if profile == "cprofile":  # the event loop's thread only; read with pstats
         command = [sys.executable, "-m", "cProfile", "-o", str(home / "serve.prof"), *command]
+    elif profile == "yappi":  # CPU time of every thread of the gateway (`pip install yappi`); read with pstats
+        command = [sys.executable, "-m", "yappi", "-b", "-c", "cpu", "-f", "pstat", "-o", str(home / "serve.prof"),
+                   *command]
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSSGW_")}
     env["MSSGW_HOME"] = str(home)
     env["PYTHONPATH"] = str(ROOT)  # the tree this bench belongs to, whatever the venv has installed
     log = (home / "serve.log").open("wb")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # nosec B603
+
+
+def spy(pid: int, home: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling every thread of ``pid`` and its crypto processes (``pip install py-spy``).
+
+    Collapsed stacks land in ``home/serve.spy``; idle threads are left out, so the counts are
+    where the CPU went during the measured phase.
+    """
+    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    command = [exe, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "100",
+               "--format", "raw", "--output", str(home / "serve.spy")]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # nosec B603
 
 
 async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -260,11 +276,15 @@ async def end_to_end(args: argparse.Namespace, ops: dict[str, dict[str, Any]],
     submitted: dict[str, float] = {}
     per = [args.messages // args.submitters + (1 if i < args.messages % args.submitters else 0)
            for i in range(args.submitters)]  # fmt: skip
+    spies = [spy(pid, ops[name]["home"]) for name, pid in pids.items()] if args.profile == "py-spy" else []
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     await asyncio.gather(*(session(n, submitted) for n in per if n))
     t_submitted = time.perf_counter()
     await watcher.until(set(submitted), args.timeout)
+    for process in spies:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
     t_end = max(watcher.times[m] for m in submitted)
     cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     latencies = sorted(watcher.times[m] - submitted[m] for m in submitted)
@@ -300,7 +320,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--keep", type=Path, help="build the homes here and keep them (logs, databases)")
-    parser.add_argument("--profile", action="store_true", help="run the gateways under cProfile (DIR/a/serve.prof)")
+    parser.add_argument("--profile", choices=["cprofile", "yappi", "py-spy"], default="",
+                        help="cProfile of the event loop or yappi CPU time of every thread (DIR/a/serve.prof), or py-spy samples of every thread and "
+                             "process (DIR/a/serve.spy, collapsed stacks)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     from e2e_support import CLINICIAN, PRACTITIONER

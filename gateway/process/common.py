@@ -16,7 +16,7 @@ import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
@@ -111,13 +111,15 @@ class Job:
         return self.kind in ("dsn", "mdn") or self.origin == "receipt"
 
     @classmethod
-    def from_row(cls, msg: QueuedMessage) -> Job:
+    def from_columns(cls, msg: Mapping[str, Any]) -> Job:
+        """From a claimed row as ``QueueStore.claim_rows`` returns it (columns + ``recipients``)."""
         return cls(
-            id=msg.id, origin=msg.origin, kind=msg.kind, sender=msg.sender or "",
-            created_at=as_utc(msg.created_at), expires_at=as_utc(msg.expires_at),
-            warned_at=as_utc(msg.warned_at) if msg.warned_at else None,
-            peer_operator=msg.peer_operator, message_id=msg.message_id, related_id=msg.related_id,
-            recipients=tuple(Recipient(r.address, r.state, r.attempts) for r in msg.recipients),
+            id=msg["id"], origin=msg["origin"], kind=msg["kind"], sender=msg["sender"] or "",
+            created_at=as_utc(msg["created_at"]), expires_at=as_utc(msg["expires_at"]),
+            warned_at=as_utc(msg["warned_at"]) if msg["warned_at"] else None,
+            peer_operator=msg["peer_operator"], message_id=msg["message_id"], related_id=msg["related_id"],
+            recipients=tuple(Recipient(r["address"], RecipientState(r["state"]), r["attempts"])
+                             for r in msg["recipients"]),
         )  # fmt: skip
 
 

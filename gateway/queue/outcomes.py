@@ -28,11 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy import bindparam, update
+from sqlalchemy import select as _select
+from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.trail import AuditEvent, append
-from gateway.queue.models import QueuedMessage, RecipientState
+from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
 
 __all__ = ["Outcome", "OutcomeBatch", "Pending", "commit", "commit_many"]
 
@@ -85,41 +86,104 @@ class Pending:
 
 
 def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> list[bool]:
-    """``commit`` for several messages in one transaction (group commit: one fsync, one lock)."""
+    """``commit`` for several messages in one transaction (group commit: one fsync, one lock).
+
+    Plain Core statements (two reads, two executemany updates, the audit insert): the worker
+    commits this for every message it handles, and the ORM's unit of work cost more CPU than
+    the rest of the transaction.  The rows read are locked (BEGIN IMMEDIATE on SQLite, FOR
+    UPDATE on PostgreSQL), so an admin's concurrent ``queue delete`` is never overwritten.
+    """
+    now = _dt.datetime.now(_dt.UTC)
     with factory() as session, session.begin():
         ids = list(dict.fromkeys(p.queue_id for p in items))
-        found = {m.id: m for m in session.scalars(
-            select(QueuedMessage).options(selectinload(QueuedMessage.recipients)).where(QueuedMessage.id.in_(ids))
-        )}  # fmt: skip
-        return [_apply(session, found.get(p.queue_id), p) for p in items]
+        lock = session.get_bind().dialect.name == "postgresql"
+        claims = _select(_MESSAGES.c.id, _MESSAGES.c.claimed_by).where(_MESSAGES.c.id.in_(ids))
+        rows = _select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id, _RECIPIENTS.c.address, _RECIPIENTS.c.state,
+                       _RECIPIENTS.c.attempts, _RECIPIENTS.c.last_reply, _RECIPIENTS.c.protection)\
+            .where(_RECIPIENTS.c.message_id.in_(ids)).order_by(_RECIPIENTS.c.id)  # fmt: skip
+        if lock:
+            claims, rows = claims.with_for_update(), rows.with_for_update()
+        claimed_by: dict[str, str | None] = {row[0]: row[1] for row in session.execute(claims)}
+        recipients: dict[str, list[dict[str, Any]]] = {}
+        for row in session.execute(rows).mappings():
+            recipients.setdefault(row["message_id"], []).append(dict(row))
+        changed: dict[int, dict[str, Any]] = {}
+        messages: list[dict[str, Any]] = []
+        results: list[bool] = []
+        events: list[AuditEvent] = []
+        for item in items:
+            if item.queue_id not in claimed_by:
+                log.warning("outcomes for %s dropped: no such message", item.queue_id)
+                results.append(True)
+                continue
+            done, update = _apply(recipients.get(item.queue_id, []), claimed_by[item.queue_id], item, changed)
+            claimed_by[item.queue_id] = update.get("claimed_by", claimed_by[item.queue_id])
+            messages.append(update)
+            events.extend(item.batch.events)
+            results.append(done)
+        if changed:
+            session.execute(_RECIPIENT_UPDATE, [{**row, "updated_at": now} for row in changed.values()])
+        for keys, group in _by_keys(messages).items():
+            session.execute(_message_update(keys), group)
+        append(session, events)
+        return results
 
 
-def _apply(session: Session, msg: QueuedMessage | None, item: Pending) -> bool:
+_MESSAGES = QueuedMessage.__table__
+_RECIPIENTS = QueuedRecipient.__table__
+_RECIPIENT_UPDATE = (
+    update(_RECIPIENTS)
+    .where(_RECIPIENTS.c.id == bindparam("rid"))
+    .values(state=bindparam("new_state", type_=_RECIPIENTS.c.state.type),
+            attempts=bindparam("new_attempts", type_=_RECIPIENTS.c.attempts.type),
+            last_reply=bindparam("new_reply", type_=_RECIPIENTS.c.last_reply.type),
+            protection=bindparam("new_protection", type_=_RECIPIENTS.c.protection.type),
+            updated_at=bindparam("updated_at", type_=_RECIPIENTS.c.updated_at.type))
+)  # fmt: skip
+
+
+def _message_update(keys: tuple[str, ...]) -> Any:
+    return update(_MESSAGES).where(_MESSAGES.c.id == bindparam("mid")).values(
+        {key: bindparam(f"new_{key}", type_=_MESSAGES.c[key].type) for key in keys}
+    )
+
+
+def _by_keys(messages: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """executemany needs one statement per set of columns: group the updates by the columns they set."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for update_ in messages:
+        keys = tuple(sorted(k for k in update_ if k != "mid"))
+        groups.setdefault(keys, []).append({"mid": update_["mid"], **{f"new_{k}": update_[k] for k in keys}})
+    return groups
+
+
+def _apply(rows: list[dict[str, Any]], claimed_by: str | None, item: Pending,
+           changed: dict[int, dict[str, Any]]) -> tuple[bool, dict[str, Any]]:  # fmt: skip
+    """Fold ``item``'s outcomes into its recipient ``rows``; returns (done, the message's new columns)."""
     batch = item.batch
-    if msg is None:
-        log.warning("outcomes for %s dropped: no such message", item.queue_id)
-        return True
-    rows = {r.address: r for r in msg.recipients}
+    by_address = {r["address"]: r for r in rows}
     for out in batch.outcomes:
-        row = rows.get(out.address)
+        row = by_address.get(out.address)
         if row is None:
             log.warning("no recipient %s on message %s: outcome skipped", out.address, item.queue_id)
             continue
-        row.state = out.state
+        row["state"] = out.state
         if out.count_attempt:
-            row.attempts = (row.attempts or 0) + 1
+            row["attempts"] = (row["attempts"] or 0) + 1
         if out.reply is not None:
-            row.last_reply = out.reply[:2000]
+            row["last_reply"] = out.reply[:2000]
         if out.protection is not None:
-            row.protection = out.protection
+            row["protection"] = out.protection
+        changed[row["id"]] = {"rid": row["id"], "new_state": RecipientState(row["state"]),
+                              "new_attempts": row["attempts"], "new_reply": row["last_reply"],
+                              "new_protection": row["protection"]}  # fmt: skip
+    done = all(RecipientState(r["state"]).final for r in rows)
+    update_: dict[str, Any] = {"mid": item.queue_id, "done": done}
     if batch.security is not None:
-        msg.security = json.dumps(batch.security, sort_keys=True, default=str)
-    append(session, batch.events)
-    msg.done = all(r.state.final for r in msg.recipients)
-    if item.worker is not None and msg.claimed_by == item.worker:
-        msg.claimed_by = None
-        msg.lease_until = None
-        pending = [r for r in msg.recipients if r.state in _PENDING]
+        update_["security"] = json.dumps(batch.security, sort_keys=True, default=str)
+    if item.worker is not None and claimed_by == item.worker:
+        update_.update(claimed_by=None, lease_until=None)
+        pending = [r for r in rows if RecipientState(r["state"]) in _PENDING]
         if pending and item.schedule is not None:
-            msg.next_attempt_at = item.schedule(max(r.attempts or 0 for r in pending))
-    return bool(msg.done)
+            update_["next_attempt_at"] = item.schedule(max(r["attempts"] or 0 for r in pending))
+    return done, update_

@@ -39,19 +39,17 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from functools import partial
 from multiprocessing import get_context
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import read_session_factory
 from gateway.audit.trail import AuditEvent
 from gateway.config import Settings
 from gateway.crypto.keystore import KeyStore
 from gateway.process.common import Context, Job, LocalDelivery, RelayTransport
-from gateway.queue.models import QueuedMessage, RecipientState
+from gateway.queue.models import RecipientState
 from gateway.queue.outcomes import Outcome, OutcomeBatch, Pending, commit_many
 from gateway.queue.store import QueueError, QueueStore
 
@@ -60,6 +58,8 @@ __all__ = ["Workers", "backoff_delay"]
 log = logging.getLogger("mssgw.worker")
 
 JITTER = 0.25
+
+Claimed = tuple[Job, bytes | QueueError]  # a claimed message and its bytes (or why they cannot be read)
 
 
 def backoff_delay(attempts: int, base: float, maximum: float, rng: random.Random | None = None) -> float:
@@ -195,7 +195,7 @@ class Workers:
     async def _loop(self) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
-            claimed: list[str] = []
+            claimed: list[Claimed] = []
             # Claim in batches: with work in flight, wait until a quarter of the slots are free
             # (one claim transaction per several messages, not one per completion).
             if free > 0 and (not self._inflight or free >= self.claim_batch):
@@ -203,8 +203,8 @@ class Workers:
                     claimed = await self._claim(free)
                 except Exception:  # database outage: keep the loop alive, try again at the next poll
                     log.exception("claiming from the queue failed")
-            for queue_id in claimed:
-                task = asyncio.create_task(self._handle(queue_id))
+            for item in claimed:
+                task = asyncio.create_task(self._handle(item))
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
             # Fewer than asked: nothing else is ready. As many as asked: wait for a free slot.
@@ -213,10 +213,24 @@ class Workers:
                 await asyncio.wait_for(self._kick.wait(), self.poll_interval)
             self._kick.clear()
 
-    async def _claim(self, limit: int) -> list[str]:
+    async def _claim(self, limit: int) -> list[Claimed]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db, partial(self.store.claim, self.worker_id, limit=limit,
-                                                            now=self.now()))  # fmt: skip
+        return await loop.run_in_executor(self._db, self._claim_and_read, limit, self.now())
+
+    def _claim_and_read(self, limit: int, now: _dt.datetime) -> list[Claimed]:
+        """Claim up to ``limit`` messages and read their spool files, in the worker's database thread.
+
+        One thread hop and one transaction for the whole batch: the rows come back with the claim.
+        A spool file that cannot be read is reported with the job, which is then deferred.
+        """
+        claimed: list[Claimed] = []
+        for row in self.store.claim_rows(self.worker_id, limit=limit, now=now):
+            job = Job.from_columns(row)
+            try:
+                claimed.append((job, self.store.spool_path(row["spool_name"]).read_bytes()))
+            except OSError as exc:
+                claimed.append((job, QueueError(f"spool file of {job.id} cannot be read ({exc.strerror})")))
+        return claimed
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -231,10 +245,10 @@ class Workers:
         self._ensure_executor()
         self._now_override = now
         try:
-            ids = await self._claim(limit or self.concurrency)
-            if ids:
-                await asyncio.gather(*(self._handle(i) for i in ids))
-            return len(ids)
+            claimed = await self._claim(limit or self.concurrency)
+            if claimed:
+                await asyncio.gather(*(self._handle(item) for item in claimed))
+            return len(claimed)
         finally:
             self._now_override = None
 
@@ -250,36 +264,14 @@ class Workers:
 
     # --- one message ------------------------------------------------------------------------------
 
-    def _load(self, queue_id: str) -> tuple[Job, bytes] | None:
-        with self.readers() as session:
-            msg = session.scalar(
-                select(QueuedMessage).options(selectinload(QueuedMessage.recipients))
-                .where(QueuedMessage.id == queue_id)
-            )  # fmt: skip
-            if msg is None or msg.claimed_by != self.worker_id:
-                return None
-            job, spool = Job.from_row(msg), msg.spool_name
-        try:
-            return job, self.store.spool_path(spool).read_bytes()
-        except OSError as exc:
-            raise QueueError(f"spool file of {queue_id} cannot be read ({exc.strerror})") from exc
-
-    async def _handle(self, queue_id: str) -> None:
+    async def _handle(self, item: Claimed) -> None:
+        job, data = item
+        if isinstance(data, QueueError):
+            log.error("processing %s failed: %s", job.id, data)
+            await self._commit(job, self._failed(job, OutcomeBatch(), data))
+            return
         t_start = time.perf_counter()
-        try:
-            loaded = await asyncio.to_thread(self._load, queue_id)
-        except QueueError as exc:
-            log.error("processing %s failed: %s", queue_id, exc)
-            loaded = None
-            job = await asyncio.to_thread(self._job_only, queue_id)
-            if job is not None:
-                await self._commit(job, self._failed(job, OutcomeBatch(), exc))
-            return
-        if loaded is None:
-            return
-        job, data = loaded
         self.ctx.collect(job)
-        t_loaded = time.perf_counter()
         try:
             if job.origin == "inbound":
                 from gateway.process.inbound import process_inbound
@@ -290,24 +282,16 @@ class Workers:
 
                 await process_outbound(self.ctx, job, data)
         except Exception as exc:
-            log.exception("processing %s failed", queue_id)
+            log.exception("processing %s failed", job.id)
             batch = self._failed(job, self.ctx.collected(job), exc)
         else:
             batch = self.ctx.collected(job)
         t_processed = time.perf_counter()
         done = await self._commit(job, batch)
         t_end = time.perf_counter()
-        log.debug("processed queue_id=%s origin=%s outcomes=%d done=%s ms=%.1f load_ms=%.1f pipeline_ms=%.1f commit_ms=%.1f",
-                 job.id, job.origin, len(batch.outcomes), done, 1000 * (t_end - t_start), 1000 * (t_loaded - t_start),
-                 1000 * (t_processed - t_loaded), 1000 * (t_end - t_processed))  # fmt: skip
-
-    def _job_only(self, queue_id: str) -> Job | None:
-        with self.readers() as session:
-            msg = session.scalar(
-                select(QueuedMessage).options(selectinload(QueuedMessage.recipients))
-                .where(QueuedMessage.id == queue_id)
-            )  # fmt: skip
-            return Job.from_row(msg) if msg is not None and msg.claimed_by == self.worker_id else None
+        log.debug("processed queue_id=%s origin=%s outcomes=%d done=%s ms=%.1f pipeline_ms=%.1f commit_ms=%.1f",
+                  job.id, job.origin, len(batch.outcomes), done, 1000 * (t_end - t_start),
+                  1000 * (t_processed - t_start), 1000 * (t_end - t_processed))  # fmt: skip
 
     def _failed(self, job: Job, batch: OutcomeBatch, exc: Exception) -> OutcomeBatch:
         """Defer what is still pending after an unexpected error (never drop, never bounce for it)."""

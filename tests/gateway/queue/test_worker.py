@@ -131,6 +131,26 @@ async def test_unexpected_error_defers_and_is_audited(operator) -> None:  # type
         assert s.scalar(select(AuditRecord).where(AuditRecord.event == "worker-error")) is not None
 
 
+async def test_unreadable_spool_file_defers_and_is_audited(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    from sqlalchemy import select
+
+    from gateway.audit.models import AuditRecord
+
+    local = Recorder(asyncio.get_running_loop())
+    workers = Workers(settings, factory, store, local=local, crypto_executor="inline")
+    qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
+    store.spool_path(qid).unlink()  # the bytes vanished (disk trouble, a careless admin)
+    assert await workers.run_once() == 1
+    info = store.get(qid)
+    rcpt = info["recipient_states"][0]
+    assert rcpt["state"] == "deferred" and "QueueError" in rcpt["last_reply"]
+    assert info["claimed_by"] is None and not local.delivered
+    with factory() as s:
+        assert s.scalar(select(AuditRecord).where(AuditRecord.event == "worker-error",
+                                                  AuditRecord.queue_id == qid)) is not None  # fmt: skip
+
+
 async def test_next_attempt_never_after_expiry(operator) -> None:  # type: ignore[no-untyped-def]
     settings, factory, store = operator
     workers = Workers(settings, factory, store, local=Recorder(asyncio.get_running_loop()), relay=FailingRelay(),

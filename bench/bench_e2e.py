@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -187,26 +188,35 @@ def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its live descendants (Linux /proc; 0 elsewhere)."""
+def _task_cpu(path: Path, tick: int) -> float:
+    try:
+        fields = (path / "stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU of ``pid`` split into its event loop's thread, its other threads and its
+    live descendants (the crypto processes, their forkserver); Linux /proc, zeros elsewhere."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0.0
-    pids, todo = [], [pid]
+    split = {"loop": 0.0, "threads": 0.0, "crypto": 0.0}
+    todo = [pid]
     while todo:  # the forkserver's crypto workers are grandchildren
         current = todo.pop()
-        pids.append(current)
         try:
-            for task in Path(f"/proc/{current}/task").iterdir():
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(OSError):
                 todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            if current != pid:
+                continue
+            split["loop" if task.name == str(pid) else "threads"] += _task_cpu(task, tick)
+        if current != pid:
+            split["crypto"] += _task_cpu(Path(f"/proc/{current}"), tick)
+    return split
 
 
 class Watcher:
@@ -286,10 +296,12 @@ async def end_to_end(args: argparse.Namespace, ops: dict[str, dict[str, Any]],
         process.send_signal(signal.SIGINT)
         process.wait(60)
     t_end = max(watcher.times[m] for m in submitted)
-    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    cpu = {name: {k: v - cpu0[name][k] for k, v in cpu_seconds(pid).items()} for name, pid in pids.items()}
     latencies = sorted(watcher.times[m] - submitted[m] for m in submitted)
     return {
-        **{f"cpu_ms_{name}": 1000 * value / len(submitted) for name, value in cpu.items()},
+        **{f"cpu_ms_{name}": 1000 * sum(split.values()) / len(submitted) for name, split in cpu.items()},
+        **{f"cpu_ms_{name}_{part}": 1000 * value / len(submitted)
+           for name, split in cpu.items() for part, value in split.items()},
         "e2e_msgs_per_s": len(latencies) / (t_end - t0),
         "submit_msgs_per_s": len(submitted) / (t_submitted - t0),
         "p50_ms": 1000 * statistics.median(latencies),
@@ -342,6 +354,9 @@ def main() -> None:
     print(f"  throughput         {res['e2e_msgs_per_s']:8.1f} msg/s  (submission alone {res['submit_msgs_per_s']:.1f})")
     print(f"  latency p50 / p99  {res['p50_ms']:8.0f} ms / {res['p99_ms']:.0f} ms")
     print(f"  CPU per message    A {res['cpu_ms_a']:.1f} ms, B {res['cpu_ms_b']:.1f} ms  (gateway + its crypto processes)")
+    for name in ("a", "b"):
+        print(f"    {name.upper()}: event loop {res[f'cpu_ms_{name}_loop']:.1f} ms, other threads "
+              f"{res[f'cpu_ms_{name}_threads']:.1f} ms, crypto processes {res[f'cpu_ms_{name}_crypto']:.1f} ms")
     print(f"  crypto ceiling     {ceiling:8.1f} msg/s  (protect + open, {cores} processes)")
     print(f"  ratio e2e/ceiling  {res['e2e_msgs_per_s'] / ceiling:8.2f}  (target >= 0.5)")
 

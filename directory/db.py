@@ -8,11 +8,11 @@ Alembic history in ``directory/migrations``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,6 +101,19 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def read_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions for lookups only: on SQLite they do not take the write lock."""
     return sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
+
+
+def write_connection(factory: sessionmaker[Session]) -> AbstractContextManager[Connection]:
+    """``engine.begin()`` for the factory's engine: a Core transaction without the ORM session.
+
+    The queue's hot paths (group commit, claims, outcomes) only run Core statements; a bare
+    connection costs about half the CPU of a Session for the same statements.  Same BEGIN
+    (IMMEDIATE on SQLite) as the factory's sessions.
+    """
+    bind = factory.kw.get("bind")
+    if not isinstance(bind, Engine):
+        raise TypeError("the session factory has no engine bound")
+    return bind.begin()
 
 
 @contextmanager

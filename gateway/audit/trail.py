@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, text
+from sqlalchemy import Connection, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.models import AuditRecord
@@ -81,17 +81,24 @@ def _fields(row: AuditRecord) -> dict[str, Any]:
     }
 
 
-def _lock_chain(session: Session) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+def _lock_chain(db: Session | Connection) -> None:
+    dialect = db.dialect if isinstance(db, Connection) else db.get_bind().dialect
+    if dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
 
 
-def append(session: Session, events: Sequence[AuditEvent]) -> list[int]:
-    """Append ``events`` in the caller's transaction (committed with it); returns their seq numbers."""
+_LAST = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
+
+
+def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
+    """Append ``events`` in the caller's transaction (committed with it); returns their seq numbers.
+
+    ``db`` is an ORM session (admin commands) or a bare connection (the queue's hot paths).
+    """
     if not events:
         return []
-    _lock_chain(session)
-    last = session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)).first()
+    _lock_chain(db)
+    last = db.execute(_LAST).first()
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     out: list[int] = []
     rows: list[dict[str, Any]] = []
@@ -114,8 +121,9 @@ def append(session: Session, events: Sequence[AuditEvent]) -> list[int]:
         rows.append({"seq": seq, "ts": ts, **fields, "prev_hash": prev, "hash": digest})
         prev = digest
         out.append(seq)
-    session.flush()  # ORM changes of the caller's transaction first, then one bulk insert
-    session.execute(insert(AuditRecord.__table__), rows)  # type: ignore[arg-type]
+    if isinstance(db, Session):
+        db.flush()  # ORM changes of the caller's transaction first, then one bulk insert
+    db.execute(insert(AuditRecord.__table__), rows)
     return out
 
 

@@ -15,7 +15,6 @@ import asyncio
 import datetime as _dt
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -33,36 +32,12 @@ from gateway.delivery.relay import Attempt, Route
 from gateway.queue.models import QueuedMessage, RecipientState
 from gateway.queue.outcomes import Outcome, OutcomeBatch
 from gateway.queue.store import QueueStore, as_utc
+from gateway.ttlcache import TtlCache
 
 log = logging.getLogger("mssgw.process")
 T = TypeVar("T")
 
-PLAN_TTL = 5.0  # seconds a domain's route and recipients' protections are reused
-
-
-class TtlCache:
-    """A tiny time-bounded memo (routes and protection plans): a trust-list change shows within ``ttl``."""
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self._items: dict[Any, tuple[float, Any]] = {}
-
-    def get(self, key: Any) -> Any:
-        hit = self._items.get(key)
-        if hit is None or time.monotonic() - hit[0] > self.ttl:
-            return None
-        return hit[1]
-
-    def put(self, key: Any, value: Any) -> None:
-        if len(self._items) > 4096:
-            self._items.clear()
-        self._items[key] = (time.monotonic(), value)
-
-    def discard(self, key: Any) -> None:
-        self._items.pop(key, None)
-
-    def clear(self) -> None:
-        self._items.clear()
+PLAN_TTL = 5.0  # seconds a domain's route, recipients' protections and signer names are reused
 
 __all__ = ["Context", "Job", "LocalDelivery", "PipelineError", "Recipient", "RelayTransport"]
 

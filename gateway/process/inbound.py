@@ -143,12 +143,25 @@ def _with_banner(fields: list[tuple[str, str, bytes]], kept: list[bytes], body: 
 # --- the pipeline --------------------------------------------------------------------------------
 
 
-def _signer_label(ctx: Context, email: str) -> str | None:
-    """The signer as the directory knows them ("Dr Anne Martin (RPPS ...)"), or None."""
+async def _signer_label(ctx: Context, email: str) -> str | None:
+    """The signer as the directory knows them ("Dr Anne Martin (RPPS ...)"), or None.
+
+    Reused for ``PLAN_TTL`` seconds (``Context.plans``; a hit costs no thread hop): a peer's
+    messages come in bursts from the same few signers.
+    """
     from directory.service import signer_label
 
-    with ctx.read() as session:
-        return signer_label(session, email)
+    def read() -> str | None:
+        with ctx.read() as session:
+            return signer_label(session, email)
+
+    key = ("signer-label", email.strip().lower())
+    hit = ctx.plans.get(key)
+    if hit is not None:
+        return hit[0]  # type: ignore[no-any-return]
+    label = await ctx.io(read)
+    ctx.plans.put(key, (label,))
+    return label
 
 
 def _domain_bound(ctx: Context, result: SecurityResult) -> SecurityResult:
@@ -189,7 +202,7 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     banner = bool(ctx.settings.get("crypto", "banner"))
     signer = None
     if banner and result.signer_email:
-        signer = await ctx.io(_signer_label, ctx, result.signer_email)
+        signer = await _signer_label(ctx, result.signer_email)
     delivered_bytes = annotate(inner, result, authserv_id=ctx.settings.hostname, banner=banner, signer=signer)
     delivered: list[str] = []
     for addr in pending:

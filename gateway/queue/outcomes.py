@@ -32,6 +32,7 @@ from sqlalchemy import bindparam, update
 from sqlalchemy import select as _select
 from sqlalchemy.orm import Session, sessionmaker
 
+from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
 from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
 
@@ -94,18 +95,18 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> lis
     UPDATE on PostgreSQL), so an admin's concurrent ``queue delete`` is never overwritten.
     """
     now = _dt.datetime.now(_dt.UTC)
-    with factory() as session, session.begin():
+    with write_connection(factory) as conn:
         ids = list(dict.fromkeys(p.queue_id for p in items))
-        lock = session.get_bind().dialect.name == "postgresql"
+        lock = conn.dialect.name == "postgresql"
         claims = _select(_MESSAGES.c.id, _MESSAGES.c.claimed_by).where(_MESSAGES.c.id.in_(ids))
         rows = _select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id, _RECIPIENTS.c.address, _RECIPIENTS.c.state,
                        _RECIPIENTS.c.attempts, _RECIPIENTS.c.last_reply, _RECIPIENTS.c.protection)\
             .where(_RECIPIENTS.c.message_id.in_(ids)).order_by(_RECIPIENTS.c.id)  # fmt: skip
         if lock:
             claims, rows = claims.with_for_update(), rows.with_for_update()
-        claimed_by: dict[str, str | None] = {row[0]: row[1] for row in session.execute(claims)}
+        claimed_by: dict[str, str | None] = {row[0]: row[1] for row in conn.execute(claims)}
         recipients: dict[str, list[dict[str, Any]]] = {}
-        for row in session.execute(rows).mappings():
+        for row in conn.execute(rows).mappings():
             recipients.setdefault(row["message_id"], []).append(dict(row))
         changed: dict[int, dict[str, Any]] = {}
         messages: list[dict[str, Any]] = []
@@ -122,10 +123,10 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> lis
             events.extend(item.batch.events)
             results.append(done)
         if changed:
-            session.execute(_RECIPIENT_UPDATE, [{**row, "updated_at": now} for row in changed.values()])
+            conn.execute(_RECIPIENT_UPDATE, [{**row, "updated_at": now} for row in changed.values()])
         for keys, group in _by_keys(messages).items():
-            session.execute(_message_update(keys), group)
-        append(session, events)
+            conn.execute(_message_update(keys), group)
+        append(conn, events)
         return results
 
 

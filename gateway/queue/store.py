@@ -31,10 +31,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
 from gateway.durable import write_durably
 from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
@@ -116,8 +117,8 @@ class GroupCommit:
         factory = self._factory_of()
         if len(batch) > 1:
             try:
-                with factory() as session, session.begin():
-                    _write(session, batch)
+                with write_connection(factory) as conn:
+                    _write(conn, batch)
             except Exception:  # noqa: S110 - one member is at fault (e.g. a known dedupe key): each alone below
                 pass
             else:
@@ -125,8 +126,8 @@ class GroupCommit:
                 return
         for it in batch:
             try:
-                with factory() as session, session.begin():
-                    _write(session, [it])
+                with write_connection(factory) as conn:
+                    _write(conn, [it])
             except Exception as exc:
                 it.error = exc
                 it.done = True
@@ -141,17 +142,17 @@ class GroupCommit:
             it.done = True
 
 
-def _write(session: Session, batch: Sequence[_Pending]) -> None:
+def _write(conn: Connection, batch: Sequence[_Pending]) -> None:
     """Bulk inserts (Core executemany) of the batch's messages, recipients and audit records."""
     messages = [it.message for it in batch if it.message is not None]
     if messages:
-        session.execute(insert(QueuedMessage.__table__), messages)  # type: ignore[arg-type]
+        conn.execute(insert(QueuedMessage.__table__), messages)
     recipients = [r for it in batch for r in it.recipients]
     if recipients:
-        session.execute(insert(QueuedRecipient.__table__), recipients)  # type: ignore[arg-type]
+        conn.execute(insert(QueuedRecipient.__table__), recipients)
     events = [ev for it in batch for ev in it.events]
     if events:
-        append(session, events)
+        append(conn, events)
 
 
 class QueueStore:
@@ -292,7 +293,7 @@ class QueueStore:
         """
         now = now or now_utc()
         messages, recipients = QueuedMessage.__table__, QueuedRecipient.__table__
-        with self._factory() as session, session.begin():
+        with write_connection(self._factory) as conn:
             stmt = (
                 select(messages.c.id)
                 .where(
@@ -303,17 +304,17 @@ class QueueStore:
                 .order_by(messages.c.next_attempt_at)
                 .limit(limit)
             )
-            if session.get_bind().dialect.name == "postgresql":
+            if conn.dialect.name == "postgresql":
                 stmt = stmt.with_for_update(skip_locked=True)
-            ids = list(session.scalars(stmt))
+            ids = list(conn.scalars(stmt))
             if not ids:
                 return []
             lease_until = now + self.lease
-            session.execute(update(messages).where(messages.c.id.in_(ids))
+            conn.execute(update(messages).where(messages.c.id.in_(ids))
                             .values(claimed_by=worker, lease_until=lease_until))  # fmt: skip
             rows = {row["id"]: {**row, "recipients": []}
-                    for row in session.execute(select(messages).where(messages.c.id.in_(ids))).mappings()}  # fmt: skip
-            for row in session.execute(select(recipients).where(recipients.c.message_id.in_(ids))
+                    for row in conn.execute(select(messages).where(messages.c.id.in_(ids))).mappings()}  # fmt: skip
+            for row in conn.execute(select(recipients).where(recipients.c.message_id.in_(ids))
                                        .order_by(recipients.c.id)).mappings():  # fmt: skip
                 rows[row["message_id"]]["recipients"].append(dict(row))
         return [rows[i] for i in ids if i in rows]

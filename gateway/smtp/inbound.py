@@ -56,6 +56,7 @@ from gateway.smtp.server import (
     verdict,
 )
 from gateway.smtp.tls import certificate_names
+from gateway.ttlcache import TtlCache
 
 log = logging.getLogger("mssgw.smtp")
 
@@ -151,7 +152,7 @@ class InboundHandler(EdgeHandler):
     def __init__(self, deps: EdgeDeps) -> None:
         super().__init__(deps)
         self._keystore = KeyStore(deps.settings, deps.readers or deps.sessions)
-        self._peer_cache: dict[tuple[bytes, str], tuple[float, Decision, str | None]] = {}
+        self._peer_cache = TtlCache(RCPT_CACHE_SECONDS, PEER_CACHE_SIZE)
 
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -187,10 +188,9 @@ class InboundHandler(EdgeHandler):
         """
         null_path = address == NULL_PATH
         key = (der, "" if null_path else address.strip().lower())
-        now = time.monotonic()
         hit = self._peer_cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1], hit[2]
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
         names, subject = certificate_names(der)
         peer_domain: str | None = None
         revoked = revocation_decision(await self._check_revocation(der))
@@ -206,11 +206,7 @@ class InboundHandler(EdgeHandler):
             decision = decide_peer(PeerFacts(facts.domain, facts.domain_kind, facts.operator_dn,
                                              tuple(names), subject))  # fmt: skip
             peer_domain = address.rpartition("@")[2].lower()
-        if len(self._peer_cache) >= PEER_CACHE_SIZE:
-            self._peer_cache = {k: v for k, v in self._peer_cache.items() if v[0] > now}
-            if len(self._peer_cache) >= PEER_CACHE_SIZE:
-                self._peer_cache.clear()
-        self._peer_cache[key] = (now + RCPT_CACHE_SECONDS, decision, peer_domain)
+        self._peer_cache.put(key, (decision, peer_domain))
         return decision, peer_domain
 
     async def _check_revocation(self, der: bytes) -> ChainResult:

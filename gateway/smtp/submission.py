@@ -138,7 +138,8 @@ class SubmissionHandler(EdgeHandler):
             decision = auth_required()
         else:
             try:
-                decision = await self.lookup(lambda db: decide_sender(sender_facts(db, identity, address)))
+                decision = await self.cached_lookup(("mail", identity.lower(), address.strip().lower()),
+                                                    lambda db: decide_sender(sender_facts(db, identity, address)))
             except Outage as exc:
                 return str(exc.reply)
         self.metrics.inc("mssgw_mail_total", listener=self.listener, decision=verdict(decision), rule=decision.rule)

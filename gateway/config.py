@@ -82,6 +82,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mdn_processed": True,
         "dsn_on_quarantine": True,
     },
+    "runtime": {
+        "event_loop": "uvloop",  # uvloop (TLS and sockets in C: about half the CPU per message) or asyncio
+    },
 }
 
 
@@ -228,6 +231,8 @@ def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = N
         settings.listen(name)
     if values["tls"]["min_version"] not in {"TLSv1.2", "TLSv1.3"}:
         raise ConfigError("tls.min_version: must be TLSv1.2 or TLSv1.3")
+    if values["runtime"]["event_loop"] not in {"uvloop", "asyncio"}:
+        raise ConfigError("runtime.event_loop: must be uvloop or asyncio")
     return settings
 
 

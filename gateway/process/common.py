@@ -15,7 +15,7 @@ import asyncio
 import datetime as _dt
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
@@ -129,6 +129,17 @@ class Context:
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking I/O (database, Maildir fsync) in a thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def cached_io(self, key: Hashable, fn: Callable[..., T], *args: Any) -> T:
+        """``io`` for a lookup that may lag the directory by ``PLAN_TTL`` seconds (keys, certificates,
+        the trust anchors): a hit is answered on the event loop, without a thread hop.  Errors are
+        not cached."""
+        hit = self.plans.get(key)
+        if hit is not None:
+            return hit[0]  # type: ignore[no-any-return]
+        value = await self.io(fn, *args)
+        self.plans.put(key, (value,))
+        return value
 
     @property
     def local_domains(self) -> set[str]:

@@ -232,8 +232,8 @@ async def _open(ctx: Context, data: bytes, pending: list[str], now: _dt.datetime
     try:
         candidates: list[KeyRef] = []
         for addr in pending:
-            candidates.extend(await ctx.io(ctx.keys.decryption_keys, addr))
-        trust = await ctx.io(ctx.keys.trust)
+            candidates.extend(await ctx.cached_io(("decrypt", addr), ctx.keys.decryption_keys, addr))
+        trust = await ctx.cached_io(("trust",), ctx.keys.trust)
     except KeyStoreError as exc:
         return None, SecurityResult().with_failure("wrong-recipient", str(exc))
     unique = tuple(dict.fromkeys(candidates))

@@ -80,9 +80,9 @@ async def process_outbound(ctx: Context, job: Job, data: bytes) -> None:
     try:
         # Receipts (null reverse-path) are signed by the operator, everything else by its sender.
         if job.sender:
-            signer = await ctx.io(ctx.keys.signer_for, job.sender)
+            signer = await ctx.cached_io(("sign", job.sender), ctx.keys.signer_for, job.sender)
         else:
-            signer = await ctx.io(ctx.keys.organisation_signer)
+            signer = await ctx.cached_io(("sign-organisation",), ctx.keys.organisation_signer)
     except KeyStoreError as exc:
         await defer_or_bounce(ctx, job, data, [Attempt(r.address, 451, "4.7.0", str(exc)) for r in pending], None)
         return
@@ -199,7 +199,7 @@ async def _protect(ctx: Context, job: Job, data: bytes, signer: KeyRef, kind: st
     if kind in ("smime", "smime-domain"):
         pems: list[bytes] = []
         for a in addrs:
-            pems.extend(await ctx.io(ctx.keys.recipient_certs, a))
+            pems.extend(await ctx.cached_io(("encrypt", a), ctx.keys.recipient_certs, a))
         return await ctx.crypto(
             protect_job, data, signer, tuple(dict.fromkeys(pems)),
             bool(settings.get("crypto", "encrypt_for_sender")), str(settings.get("crypto", "outer_subject")),

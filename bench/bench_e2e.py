@@ -198,11 +198,11 @@ def _task_cpu(path: Path, tick: int) -> float:
 
 def cpu_seconds(pid: int) -> dict[str, float]:
     """User + system CPU of ``pid`` split into its event loop's thread, its other threads and its
-    live descendants (the crypto processes, their forkserver); Linux /proc, zeros elsewhere."""
+    live descendants (the crypto processes); Linux /proc, zeros elsewhere."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     split = {"loop": 0.0, "threads": 0.0, "crypto": 0.0}
     todo = [pid]
-    while todo:  # the forkserver's crypto workers are grandchildren
+    while todo:
         current = todo.pop()
         try:
             tasks = list(Path(f"/proc/{current}/task").iterdir())

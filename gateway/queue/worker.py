@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -70,8 +71,24 @@ def backoff_delay(attempts: int, base: float, maximum: float, rng: random.Random
     return max(1.0, min(maximum, delay * factor))
 
 
+def exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """Pool initializer: this crypto process exits within ``interval`` seconds of its gateway.
+
+    A gateway killed with SIGKILL cannot shut its pool down, and a pool worker blocked on its
+    call queue never sees EOF (it holds the queue's write end too): without this watch it
+    would outlive the gateway forever.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)  # a daemon thread polling the parent: no signal reaches us otherwise
+        os._exit(0)
+
+    threading.Thread(target=watch, name="mssgw-parent-watch", daemon=True).start()
+
+
 def _make_executor(kind: str | Executor | None, size: int) -> tuple[Executor | None, bool]:
-    """(executor, owned): ``process`` (forkserver workers), ``thread``, ``inline`` or a given one."""
+    """(executor, owned): ``process`` (spawned workers), ``thread``, ``inline`` or a given one."""
     if kind is None or kind == "inline":
         return None, False
     if isinstance(kind, Executor):
@@ -79,8 +96,10 @@ def _make_executor(kind: str | Executor | None, size: int) -> tuple[Executor | N
     if kind == "thread":
         return ThreadPoolExecutor(max_workers=size, thread_name_prefix="mssgw-crypto"), True
     if kind == "process":
-        # forkserver: never fork a process that runs an event loop and database threads.
-        return ProcessPoolExecutor(max_workers=size, mp_context=get_context("forkserver")), True
+        # spawn: never fork a process that runs an event loop and database threads, and the
+        # workers are our own children, so ``exit_with_parent`` sees us go.
+        return ProcessPoolExecutor(max_workers=size, mp_context=get_context("spawn"),
+                                   initializer=exit_with_parent, initargs=(os.getpid(),)), True  # fmt: skip
     raise ValueError(f"unknown crypto executor {kind!r} (process, thread or inline)")
 
 

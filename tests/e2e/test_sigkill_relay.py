@@ -4,7 +4,8 @@ Both operators run as real ``mssgw serve`` processes. A's queue holds N prescrip
 before it starts; once B has received a few, A is killed with SIGKILL (claims, pooled
 connections and half-done transactions die with it), then started again. A's workers take
 the abandoned claims back when their lease expires and resend; B acknowledges the resent
-copies without queueing them twice (dedupe by peer and Message-ID).
+copies without queueing them twice (dedupe by peer and Message-ID). A's crypto processes
+do not outlive it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from gateway.config import CONFIG_NAME, load_settings, render_toml
 from gateway.delivery.maildir import MaildirDelivery
 from gateway.queue.store import QueueStore
 
-N = 24
+N = 80
 
 
 def _serve(home: Path) -> subprocess.Popen[bytes]:
@@ -54,6 +55,22 @@ async def _until(predicate, what: str, timeout: float = 120.0) -> None:  # type:
         if loop.time() > end:
             raise TimeoutError(what)
         await asyncio.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live child processes of ``pid`` and theirs (Linux /proc)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
 
 
 def _listening(port: int) -> bool:
@@ -100,9 +117,14 @@ async def test_sigkill_while_relaying_then_restart_delivers_each_message_once(
     try:
         await _until(lambda: _listening(ports["b"]["inbound"]), "B listening")
         await _until(lambda: len(delivered()) >= 3, "B received the first messages")
+        crypto = _descendants(a.pid)
+        assert crypto, "A relays signed and encrypted mail: its crypto processes should be running"
         a.send_signal(signal.SIGKILL)
         a.wait(30)
         at_kill = len(delivered())
+        # The crypto processes go with A (they watch their parent), so none is left behind.
+        await _until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in crypto),
+                     "A's crypto processes exit after A was killed", timeout=30)
         assert at_kill < N, "A finished before it could be killed; raise N"
         a = _serve(homes["a"])
         await _until(lambda: len(delivered()) >= N, "every message at B after A's restart")

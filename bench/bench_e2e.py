@@ -8,7 +8,9 @@ once per session, connection reused) send 20 KB messages to B's practitioner; ea
 queued, signed and encrypted by A's workers, relayed over mutual TLS to B's inbound listener,
 queued, decrypted, verified and delivered to B's Maildir.  Completion is detected by polling
 the ``new/`` folder of B's INBOX; latency is submission start -> file seen (poll granularity
-``--poll`` seconds).  The ceiling is ``protect_job`` + ``open_job`` (the same crypto calls the
+``--poll`` seconds).  The protocol floor (``bench_protocol_floor.py``: the same load through a
+bare aiosmtpd/aiosmtplib relay over STARTTLS, no crypto, database or disk) is measured in the
+same run: no gateway built on these libraries can beat it.  The ceiling is ``protect_job`` + ``open_job`` (the same crypto calls the
 workers make) in a tight loop on a process pool with one process per core, run after the
 gateways have stopped.  Compare the ratio, not absolute figures across runs (see
 /work/shared/PERFORMANCE.md); the target is e2e / ceiling >= 0.5.
@@ -40,6 +42,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_protocol_floor import run_floor  # noqa: E402
 
 PASSWORD = "bench-password-0123456789"
 
@@ -331,6 +336,7 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.02, help="seconds between scans of B's Maildir")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--no-floor", action="store_true", help="skip the protocol floor (bench_protocol_floor.py)")
     parser.add_argument("--keep", type=Path, help="build the homes here and keep them (logs, databases)")
     parser.add_argument("--profile", choices=["cprofile", "yappi", "py-spy"], default="",
                         help="cProfile of the event loop or yappi CPU time of every thread (DIR/a/serve.prof), or py-spy samples of every thread and "
@@ -348,6 +354,7 @@ def main() -> None:
         data, _ = message(args.size, CLINICIAN, PRACTITIONER)
         ceiling = crypto_ceiling(ops["a"]["home"], ops["b"]["home"], data, CLINICIAN, PRACTITIONER,
                                  args.ceiling_seconds, cores)  # fmt: skip
+    floor = run_floor(args.messages, args.submitters, args.size) if not args.no_floor else None
     print(f"end to end A->B ({args.messages} x {args.size // 1000} KB, {args.submitters} submitters, "
           f"{cores} cores, A and B as `mssgw serve` processes)")  # fmt: skip
     print(f"  delivered          {res['delivered']:.0f}")
@@ -359,6 +366,14 @@ def main() -> None:
               f"{res[f'cpu_ms_{name}_threads']:.1f} ms, crypto processes {res[f'cpu_ms_{name}_crypto']:.1f} ms")
     print(f"  crypto ceiling     {ceiling:8.1f} msg/s  (protect + open, {cores} processes)")
     print(f"  ratio e2e/ceiling  {res['e2e_msgs_per_s'] / ceiling:8.2f}  (target >= 0.5)")
+    if floor is not None:
+        total = floor["floor_cpu_ms_a"] + floor["floor_cpu_ms_b"] + floor["floor_cpu_ms_client"]
+        print(f"  protocol floor     {floor['floor_msgs_per_s']:8.1f} msg/s  (bare aiosmtpd/aiosmtplib relay bench->A->B "
+              f"over STARTTLS, no crypto, no disk: bench/bench_protocol_floor.py)")  # fmt: skip
+        print(f"    CPU per message  A {floor['floor_cpu_ms_a']:.1f} ms, B {floor['floor_cpu_ms_b']:.1f} ms, "
+              f"load {floor['floor_cpu_ms_client']:.1f} ms (total {total:.1f} ms)")  # fmt: skip
+        print(f"  ratio floor/ceiling {floor['floor_msgs_per_s'] / ceiling:7.2f}  (what the SMTP stack alone allows)")
+        print(f"  ratio e2e/floor    {res['e2e_msgs_per_s'] / floor['floor_msgs_per_s']:8.2f}")
 
 
 if __name__ == "__main__":

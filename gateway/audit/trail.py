@@ -88,6 +88,7 @@ def _lock_chain(db: Session | Connection) -> None:
 
 
 _LAST = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
+_INSERT = insert(AuditRecord.__table__)
 
 
 def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
@@ -123,7 +124,7 @@ def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
         out.append(seq)
     if isinstance(db, Session):
         db.flush()  # ORM changes of the caller's transaction first, then one bulk insert
-    db.execute(insert(AuditRecord.__table__), rows)
+    db.execute(_INSERT, rows)
     return out
 
 

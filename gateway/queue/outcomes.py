@@ -22,6 +22,7 @@ skipped rather than failing the whole batch.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -98,15 +99,11 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> lis
     with write_connection(factory) as conn:
         ids = list(dict.fromkeys(p.queue_id for p in items))
         lock = conn.dialect.name == "postgresql"
-        claims = _select(_MESSAGES.c.id, _MESSAGES.c.claimed_by).where(_MESSAGES.c.id.in_(ids))
-        rows = _select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id, _RECIPIENTS.c.address, _RECIPIENTS.c.state,
-                       _RECIPIENTS.c.attempts, _RECIPIENTS.c.last_reply, _RECIPIENTS.c.protection)\
-            .where(_RECIPIENTS.c.message_id.in_(ids)).order_by(_RECIPIENTS.c.id)  # fmt: skip
-        if lock:
-            claims, rows = claims.with_for_update(), rows.with_for_update()
-        claimed_by: dict[str, str | None] = {row[0]: row[1] for row in conn.execute(claims)}
+        claims, rows = (_CLAIMS_FOR_UPDATE, _ROWS_FOR_UPDATE) if lock else (_CLAIMS, _ROWS)
+        params = {"ids": ids}
+        claimed_by: dict[str, str | None] = {row[0]: row[1] for row in conn.execute(claims, params)}
         recipients: dict[str, list[dict[str, Any]]] = {}
-        for row in conn.execute(rows).mappings():
+        for row in conn.execute(rows, params).mappings():
             recipients.setdefault(row["message_id"], []).append(dict(row))
         changed: dict[int, dict[str, Any]] = {}
         messages: list[dict[str, Any]] = []
@@ -132,6 +129,14 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> lis
 
 _MESSAGES = QueuedMessage.__table__
 _RECIPIENTS = QueuedRecipient.__table__
+_CLAIMS = _select(_MESSAGES.c.id, _MESSAGES.c.claimed_by).where(_MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+_ROWS = (
+    _select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id, _RECIPIENTS.c.address, _RECIPIENTS.c.state,
+            _RECIPIENTS.c.attempts, _RECIPIENTS.c.last_reply, _RECIPIENTS.c.protection)
+    .where(_RECIPIENTS.c.message_id.in_(bindparam("ids", expanding=True)))
+    .order_by(_RECIPIENTS.c.id)
+)  # fmt: skip
+_CLAIMS_FOR_UPDATE, _ROWS_FOR_UPDATE = _CLAIMS.with_for_update(), _ROWS.with_for_update()
 _RECIPIENT_UPDATE = (
     update(_RECIPIENTS)
     .where(_RECIPIENTS.c.id == bindparam("rid"))
@@ -143,7 +148,9 @@ _RECIPIENT_UPDATE = (
 )  # fmt: skip
 
 
+@functools.cache
 def _message_update(keys: tuple[str, ...]) -> Any:
+    """The UPDATE setting ``keys`` (a handful of combinations: built once each)."""
     return update(_MESSAGES).where(_MESSAGES.c.id == bindparam("mid")).values(
         {key: bindparam(f"new_{key}", type_=_MESSAGES.c[key].type) for key in keys}
     )

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Integer, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -74,6 +74,10 @@ class _Pending:
     events: list[AuditEvent] = field(default_factory=list)
     done: bool = False
     error: BaseException | None = None
+
+
+_INSERT_MESSAGES = insert(QueuedMessage.__table__)
+_INSERT_RECIPIENTS = insert(QueuedRecipient.__table__)
 
 
 class GroupCommit:
@@ -146,13 +150,39 @@ def _write(conn: Connection, batch: Sequence[_Pending]) -> None:
     """Bulk inserts (Core executemany) of the batch's messages, recipients and audit records."""
     messages = [it.message for it in batch if it.message is not None]
     if messages:
-        conn.execute(insert(QueuedMessage.__table__), messages)
+        conn.execute(_INSERT_MESSAGES, messages)
     recipients = [r for it in batch for r in it.recipients]
     if recipients:
-        conn.execute(insert(QueuedRecipient.__table__), recipients)
+        conn.execute(_INSERT_RECIPIENTS, recipients)
     events = [ev for it in batch for ev in it.events]
     if events:
         append(conn, events)
+
+
+_MESSAGES, _RECIPIENTS = QueuedMessage.__table__, QueuedRecipient.__table__
+#: Ready messages: not done, due, and not leased (or the lease ran out), oldest due first.
+_READY = (
+    select(_MESSAGES.c.id)
+    .where(
+        _MESSAGES.c.done.is_(False),
+        _MESSAGES.c.next_attempt_at <= bindparam("now", type_=_MESSAGES.c.next_attempt_at.type),
+        or_(_MESSAGES.c.lease_until.is_(None),
+            _MESSAGES.c.lease_until < bindparam("now", type_=_MESSAGES.c.lease_until.type)),
+    )
+    .order_by(_MESSAGES.c.next_attempt_at)
+    .limit(bindparam("limit", type_=Integer))
+)  # fmt: skip
+_READY_FOR_UPDATE = _READY.with_for_update(skip_locked=True)  # PostgreSQL: nodes share the queue
+_LEASE = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+    .values(claimed_by=bindparam("worker", type_=_MESSAGES.c.claimed_by.type),
+            lease_until=bindparam("lease_until", type_=_MESSAGES.c.lease_until.type))
+    .returning(*_MESSAGES.c)
+)  # fmt: skip
+_RECIPIENTS_OF = (
+    select(_RECIPIENTS).where(_RECIPIENTS.c.message_id.in_(bindparam("ids", expanding=True))).order_by(_RECIPIENTS.c.id)
+)
 
 
 class QueueStore:
@@ -289,33 +319,20 @@ class QueueStore:
         """``claim``, returning each claimed message's columns with its ``recipients`` (lists of dicts).
 
         The worker needs the rows anyway: reading them in the claim's transaction saves a
-        query and a thread hop per message.
+        query and a thread hop per message.  Three prebuilt statements (the ready ids, the
+        lease with ``UPDATE ... RETURNING`` the rows, their recipients): claims run for every
+        few messages, and building statements cost more CPU than running them.
         """
         now = now or now_utc()
-        messages, recipients = QueuedMessage.__table__, QueuedRecipient.__table__
         with write_connection(self._factory) as conn:
-            stmt = (
-                select(messages.c.id)
-                .where(
-                    messages.c.done.is_(False),
-                    messages.c.next_attempt_at <= now,
-                    (messages.c.lease_until.is_(None)) | (messages.c.lease_until < now),
-                )
-                .order_by(messages.c.next_attempt_at)
-                .limit(limit)
-            )
-            if conn.dialect.name == "postgresql":
-                stmt = stmt.with_for_update(skip_locked=True)
-            ids = list(conn.scalars(stmt))
+            ready = _READY_FOR_UPDATE if conn.dialect.name == "postgresql" else _READY
+            ids = list(conn.scalars(ready, {"now": now, "limit": limit}))
             if not ids:
                 return []
-            lease_until = now + self.lease
-            conn.execute(update(messages).where(messages.c.id.in_(ids))
-                            .values(claimed_by=worker, lease_until=lease_until))  # fmt: skip
             rows = {row["id"]: {**row, "recipients": []}
-                    for row in conn.execute(select(messages).where(messages.c.id.in_(ids))).mappings()}  # fmt: skip
-            for row in conn.execute(select(recipients).where(recipients.c.message_id.in_(ids))
-                                       .order_by(recipients.c.id)).mappings():  # fmt: skip
+                    for row in conn.execute(_LEASE, {"ids": ids, "worker": worker,
+                                                     "lease_until": now + self.lease}).mappings()}  # fmt: skip
+            for row in conn.execute(_RECIPIENTS_OF, {"ids": ids}).mappings():
                 rows[row["message_id"]]["recipients"].append(dict(row))
         return [rows[i] for i in ids if i in rows]
 

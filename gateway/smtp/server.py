@@ -147,7 +147,8 @@ class GatewaySMTP(SMTP):
 
         A plain ``<dot-atom@dot-atom>`` (nearly every MAIL and RCPT) is split by one regular
         expression with aiosmtpd's answer; anything else (quoted local parts, comments, address
-        literals) goes through aiosmtpd's RFC 5322 parser, which costs ~50 times more.
+        literals) goes through aiosmtpd's RFC 5322 parser, which costs ~50 times more, and a path
+        that makes that parser fail is a syntax error (501), not a local error.
         """
         stripped = arg.lstrip()
         if stripped.startswith("<>"):
@@ -158,7 +159,10 @@ class GatewaySMTP(SMTP):
             if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
                 return None, None
             return address, plain.group(2) or ""
-        return super()._getaddr(arg)
+        try:
+            return super()._getaddr(arg)
+        except Exception:  # the stdlib parser trips on some malformed paths ("<a@[>"): a syntax error
+            return None, None
 
     def _create_session(self) -> Session:
         return GatewaySession(self.loop)

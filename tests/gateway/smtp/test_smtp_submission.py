@@ -150,6 +150,17 @@ async def test_sender_spoofing_refused(world: World) -> None:
     await smtp.quit()
 
 
+async def test_malformed_paths_are_syntax_errors(world: World) -> None:
+    smtp = await world.submitter()
+    code, _ = await cmd(smtp, "MAIL FROM:<0@[>")  # trips the stdlib's RFC 5322 parser
+    assert code == 553
+    assert (await cmd(smtp, f"MAIL FROM:<sec@{DOMAIN}>"))[0] == 250
+    code, _ = await cmd(smtp, "RCPT TO:<0@[>")
+    assert code == 553
+    assert (await cmd(smtp, f"RCPT TO:<bob@{DOMAIN}>"))[0] == 250
+    await smtp.quit()
+
+
 RECIPIENT_CASES = [
     (f"bob@{DOMAIN}", 250, "2.1.5", "active local mailbox"),
     ("doc@b.mssante.test", 250, "2.1.5", "trusted operator"),

@@ -240,6 +240,31 @@ async def test_malformed_content_refused_560(world: World, case: str) -> None:
     await smtp.quit()
 
 
+async def test_plaintext_injected_after_starttls_is_dropped(world: World) -> None:
+    """RFC 3207 5 (the 2011 STARTTLS command-injection bugs): a command pipelined in clear text
+    after STARTTLS must not be run once TLS is up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port("submission"))
+
+    async def reply() -> bytes:
+        lines = [await reader.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(await reader.readline())
+        return b"".join(lines)
+
+    assert (await reply()).startswith(b"220")
+    writer.write(b"EHLO raw.test\r\n")
+    assert (await reply()).startswith(b"250")
+    writer.write(b"STARTTLS\r\nMAIL FROM:<sec@" + DOMAIN.encode() + b">\r\n")  # one segment
+    assert (await reply()).startswith(b"220")
+    await writer.start_tls(world.client_context(), server_hostname="localhost")
+    writer.write(b"NOOP\r\n")
+    first = await reply()
+    assert first.startswith(b"250"), first  # the NOOP's answer: the injected MAIL was never read
+    writer.write(b"QUIT\r\n")
+    assert (await reply()).startswith(b"221")
+    writer.close()
+
+
 async def raw_transaction(world: World, data: bytes) -> bytes:
     """One transaction over implicit TLS, written byte for byte (client libraries fix line endings)."""
     from base64 import b64encode

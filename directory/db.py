@@ -7,6 +7,7 @@ Alembic history in ``directory/migrations``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from directory.models import Base
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_ONLY_OPTION = "mssgw_read_only"
+_HOLDS_WRITE_LOCK = "mssgw_holds_write_lock"
 
 
 class DatabaseError(Exception):
@@ -58,10 +60,36 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         # SQLite's own BEGIN handling is replaced by ours. Writers use BEGIN IMMEDIATE, which
         # avoids the upgrade deadlock of a transaction that reads then writes; sessions from
         # ``read_session_factory`` use a deferred BEGIN, so lookups never wait for a writer (WAL).
+        # Writers of this process take turns on a lock of their own before BEGIN IMMEDIATE:
+        # SQLite's busy handler makes a waiting writer sleep 1, 2, 5, 10... ms between tries,
+        # which leaves the CPU idle while the queue's threads (enqueues, claims, outcomes,
+        # audit) wait for each other.  Other processes (the CLI) still meet the busy timeout.
+        writers = threading.Lock()
+
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
             read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            if not read_only:
+                if not writers.acquire(timeout=30):
+                    raise DatabaseError("the database stayed locked by another writer for 30 s")
+                conn.info[_HOLDS_WRITE_LOCK] = True
+            try:
+                conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            except BaseException:
+                _release(conn.info)
+                raise
+
+        def _release(info: dict[str, Any]) -> None:
+            if info.pop(_HOLDS_WRITE_LOCK, False):
+                writers.release()
+
+        # commit/rollback events come just before the statement: the next writer may meet
+        # SQLite's lock for the time of a COMMIT, at worst one short busy-handler sleep.  A
+        # connection going back to the pool never keeps the turn (``info`` is the pooled
+        # connection's, shared with the Connection).
+        event.listen(engine, "commit", lambda conn: _release(conn.info))
+        event.listen(engine, "rollback", lambda conn: _release(conn.info))
+        event.listen(engine.pool, "checkin", lambda _dbapi, record: record is not None and _release(record.info))
 
         @event.listens_for(engine, "connect")
         def _no_autobegin(dbapi_connection: Any, _record: Any) -> None:

@@ -373,6 +373,11 @@ def main() -> None:
         print(f"    CPU per message  A {floor['floor_cpu_ms_a']:.1f} ms, B {floor['floor_cpu_ms_b']:.1f} ms, "
               f"load {floor['floor_cpu_ms_client']:.1f} ms (total {total:.1f} ms)")  # fmt: skip
         print(f"  ratio floor/ceiling {floor['floor_msgs_per_s'] / ceiling:7.2f}  (what the SMTP stack alone allows)")
+        # Any gateway on these libraries does at least the floor's SMTP work and the ceiling's
+        # crypto for each message, on the same cores: its throughput cannot exceed this.
+        bound = 1000 * cores / (total + 1000 * cores / ceiling)
+        print(f"  bound              {bound:8.1f} msg/s  = {cores} cores / (floor CPU {total:.1f} ms + crypto CPU "
+              f"{1000 * cores / ceiling:.1f} ms per message); ratio bound/ceiling {bound / ceiling:.2f}")  # fmt: skip
         print(f"  ratio e2e/floor    {res['e2e_msgs_per_s'] / floor['floor_msgs_per_s']:8.2f}")
 
 

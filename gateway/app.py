@@ -105,7 +105,7 @@ class Gateway:
         self.audit.start()
         self.authenticator = Authenticator(self.sessions, self.settings, self.audit, readers=self.readers)
         deps = EdgeDeps(self.settings, self.sessions, self.store, self.audit, self.metrics, on_queued=self._wake,
-                        readers=self.readers, writer=self._writer)
+                        readers=self.readers, writer=self._writer, handoff=lambda: self.workers)
         submission = SubmissionHandler(deps, self.authenticator)
         inbound = InboundHandler(deps)
         self.handlers = [submission, inbound]

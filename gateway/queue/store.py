@@ -49,6 +49,8 @@ class QueueError(Exception):
 class Enqueued:
     queue_id: str
     duplicate: bool = False  # the dedupe key was already queued: nothing new was stored
+    #: The columns stored, with ``recipients``, as ``claim_rows`` returns them (a new message only).
+    row: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def new_queue_id() -> str:
@@ -226,11 +228,15 @@ class QueueStore:
         protections: dict[str, str] | None = None,
         audit_events: Sequence[AuditEvent] = (),
         queue_id: str | None = None,
+        claimed_by: str | None = None,
     ) -> Enqueued:
         """Store the message durably; returns only once bytes and rows are committed.
 
         ``queue_id`` may be chosen by the caller (``new_queue_id()``) so that a trace
         header written into the bytes can name it; by default a new one is drawn.
+        ``claimed_by`` stores the message already leased to that worker (a hand-off: the
+        worker of this process takes it from memory, without a claim transaction); if
+        that worker dies, the lease expires and any worker claims it as usual.
         """
         if not recipients:
             raise QueueError("a message needs at least one recipient")
@@ -250,7 +256,7 @@ class QueueStore:
                 "message_id": (message_id or "")[:998] or None, "dedupe_key": dedupe_key, "related_id": related_id,
                 "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "spool_name": queue_id,
                 "expires_at": now + self.lifetime, "warned_at": None, "next_attempt_at": now,
-                "claimed_by": None, "lease_until": None, "done": False,
+                "claimed_by": claimed_by, "lease_until": now + self.lease if claimed_by else None, "done": False,
                 "security": json.dumps(security, sort_keys=True) if security else None,
             },
             recipients=[
@@ -273,7 +279,8 @@ class QueueStore:
         if error is not None:
             path.unlink(missing_ok=True)
             raise QueueError(f"the queue database cannot store the message ({type(error).__name__})") from error
-        return Enqueued(queue_id)
+        assert item.message is not None
+        return Enqueued(queue_id, row={**item.message, "recipients": item.recipients})
 
     def append_audit(self, events: Sequence[AuditEvent]) -> None:
         """Commit audit records with the next group of messages (one write transaction for both)."""

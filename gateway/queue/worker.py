@@ -163,6 +163,7 @@ class Workers:
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mssgw-queue-db")
         self._to_commit: list[tuple[Pending, asyncio.Future[bool]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._reserved = 0  # slots promised to messages being enqueued by this process (hand-off)
 
     def now(self) -> _dt.datetime:
         return self._now_override or self.clock()
@@ -211,9 +212,42 @@ class Workers:
                 return
         loop.call_soon_threadsafe(self._kick.set)
 
+    # --- hand-off: a message enqueued by this process, processed without a claim -----------------
+
+    def reserve(self) -> str | None:
+        """A slot for a message this process is about to enqueue: our worker id (store it as
+        ``claimed_by``), or None when the workers are busy or not running (then it is
+        claimed from the queue as usual).  On the event loop."""
+        if self._stopping or self._task is None:
+            return None
+        if len(self._inflight) + self._reserved >= self.concurrency:
+            return None
+        self._reserved += 1
+        return self.worker_id
+
+    def cancel(self) -> None:
+        """The reserved message was not stored (an error, a duplicate): give the slot back."""
+        self._reserved = max(0, self._reserved - 1)
+        self._kick.set()
+
+    def take(self, row: dict[str, Any], data: bytes) -> None:
+        """Process a message just stored with ``claimed_by=reserve()``, from memory.
+
+        Saves the claim transaction and the spool read of every message this process
+        accepts while a slot is free; its lease protects it like a claimed one.
+        """
+        self._reserved = max(0, self._reserved - 1)
+        job = Job.from_columns(row)
+        if self._stopping:  # stopping meanwhile: give the lease back so that the next start takes it
+            self._db.submit(self.store.release, job.id, self.worker_id)
+            return
+        task = asyncio.create_task(self._handle((job, data)))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
     async def _loop(self) -> None:
         while not self._stopping:
-            free = self.concurrency - len(self._inflight)
+            free = self.concurrency - len(self._inflight) - self._reserved
             claimed: list[Claimed] = []
             # Claim in batches: with work in flight, wait until a quarter of the slots are free
             # (one claim transaction per several messages, not one per completion).

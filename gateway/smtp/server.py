@@ -31,7 +31,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 from sqlalchemy.orm import Session as DbSession
@@ -347,6 +347,16 @@ class GatewaySMTP(SMTP):
         self.transport.close()
 
 
+class Handoff(Protocol):
+    """The queue workers of this process, as the SMTP edge sees them (``gateway.queue.worker.Workers``)."""
+
+    def reserve(self) -> str | None: ...
+
+    def cancel(self) -> None: ...
+
+    def take(self, row: dict[str, Any], data: bytes) -> None: ...
+
+
 @dataclass
 class EdgeDeps:
     """What a handler needs; built once by ``gateway.app.Gateway``."""
@@ -359,6 +369,8 @@ class EdgeDeps:
     on_queued: Callable[[str], None] | None = None  # e.g. wake the queue workers
     readers: sessionmaker[DbSession] | None = None  # directory lookups (SQLite: never take the write lock)
     writer: Executor | None = None  # enqueue threads (SQLite: one, so writers queue here, not in busy-waits)
+    #: The workers to hand accepted messages to (None: they are claimed from the queue).
+    handoff: Callable[[], Handoff | None] | None = None
 
 
 class Outage(Exception):
@@ -534,14 +546,18 @@ class EdgeHandler:
         self._inflight += 1
         self._idle.clear()
         server.busy = True
+        workers = self.deps.handoff() if self.deps.handoff is not None else None
+        owner = workers.reserve() if workers is not None else None
         try:
             job = functools.partial(
                 self.deps.store.enqueue, data, sender=sender_of(envelope), recipients=list(envelope.rcpt_tos),
                 origin=self.origin, client_address=server.gw_session().client_ip, queue_id=queue_id,
-                protections=envelope.protections, audit_events=events, **kwargs,
+                protections=envelope.protections, audit_events=events, claimed_by=owner, **kwargs,
             )  # fmt: skip
             result = await asyncio.get_running_loop().run_in_executor(self.deps.writer, job)
         except QueueError as exc:
+            if workers is not None and owner is not None:
+                workers.cancel()
             no_space = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == 28
             log.error("listener=%s outcome=queue-unavailable error=%s", self.listener, exc)
             self.metrics.inc("mssgw_outages_total", listener=self.listener, kind="queue")
@@ -551,6 +567,12 @@ class EdgeHandler:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
+        if workers is not None and owner is not None:
+            if result.duplicate or result.row is None:
+                workers.cancel()
+            else:
+                workers.take(result.row, data)  # processed from memory, no claim needed
+                return result
         if self.deps.on_queued is not None and not result.duplicate:
             self.deps.on_queued(result.queue_id)
         return result

@@ -249,9 +249,15 @@ class AuditWriter:
 
     def __init__(self, factory: sessionmaker[Session], *, max_batch: int = 500,
                  executor: Executor | None = None,
-                 sink: Callable[[Sequence[AuditEvent]], None] | None = None) -> None:
+                 sink: Callable[[Sequence[AuditEvent]], None] | None = None, linger: float = 0.05) -> None:
         self._factory = factory
         self._max_batch = max_batch
+        # Events wait up to ``linger`` seconds for others: one write transaction per burst
+        # (an SMTP transaction submits several) rather than one per event.  Nothing is
+        # acknowledged on the strength of these records (acceptances are committed with the
+        # message), and ``flush`` cuts the wait short.
+        self._linger = linger
+        self._hurry = asyncio.Event()
         # The gateway passes ``QueueStore.append_audit``: batches then ride in the queue's
         # group commits instead of competing with them for the database's write lock.
         self._sink = sink
@@ -287,6 +293,7 @@ class AuditWriter:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)
                 self._idle.set()
             return
+        self._hurry.set()
         self._wakeup.set()
         await self._idle.wait()
 
@@ -302,6 +309,15 @@ class AuditWriter:
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
+            if self._linger > 0 and not self._hurry.is_set():
+                # A timer rather than asyncio.wait_for: on Python 3.11 wait_for can swallow the
+                # cancellation that ``close`` sends, and the writer would never end.
+                timer = asyncio.get_running_loop().call_later(self._linger, self._hurry.set)
+                try:
+                    await self._hurry.wait()
+                finally:
+                    timer.cancel()
+            self._hurry.clear()
             self._wakeup.clear()
             while self._pending:
                 batch = self._pending[: self._max_batch]

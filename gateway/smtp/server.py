@@ -548,6 +548,7 @@ class EdgeHandler:
         server.busy = True
         workers = self.deps.handoff() if self.deps.handoff is not None else None
         owner = workers.reserve() if workers is not None else None
+        result: Enqueued | None = None
         try:
             job = functools.partial(
                 self.deps.store.enqueue, data, sender=sender_of(envelope), recipients=list(envelope.rcpt_tos),
@@ -556,8 +557,6 @@ class EdgeHandler:
             )  # fmt: skip
             result = await asyncio.get_running_loop().run_in_executor(self.deps.writer, job)
         except QueueError as exc:
-            if workers is not None and owner is not None:
-                workers.cancel()
             no_space = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == 28
             log.error("listener=%s outcome=queue-unavailable error=%s", self.listener, exc)
             self.metrics.inc("mssgw_outages_total", listener=self.listener, kind="queue")
@@ -567,13 +566,12 @@ class EdgeHandler:
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
-        if workers is not None and owner is not None:
-            if result.duplicate or result.row is None:
-                workers.cancel()
-            else:
-                workers.take(result.row, data)  # processed from memory, no claim needed
-                return result
-        if self.deps.on_queued is not None and not result.duplicate:
+            if workers is not None and owner is not None:
+                if result is not None and not result.duplicate and result.row is not None:
+                    workers.take(result.row, data)  # processed from memory, no claim needed
+                else:  # not stored, a duplicate, or the wait was cancelled: the slot goes back
+                    workers.cancel()
+        if self.deps.on_queued is not None and not result.duplicate and owner is None:
             self.deps.on_queued(result.queue_id)
         return result
 

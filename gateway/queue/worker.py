@@ -10,14 +10,17 @@ later than the message's expiry (when it bounces with a DSN, RFC 3464).
 
 Database work stays small: lookups use deferred-BEGIN sessions (on SQLite they never take the
 write lock submissions need), claims are made for several messages at once (a quarter of the
-slots), and each message's outcomes, audit records and release are one transaction shared with
-whatever other messages finished meanwhile (``gateway.queue.outcomes``, group commit).  The
-worker's own writes go through one thread, one at a time.
+slots) and return the rows with the spool bytes, and each message's outcomes, audit records and
+release are one transaction shared with whatever other messages finished meanwhile
+(``gateway.queue.outcomes``, group commit).  The worker's own writes go through one thread, one
+at a time.  A message this process accepts while a slot is free skips the claim altogether: the
+SMTP edge stores it already leased to us (``reserve``) and hands it over from memory (``take``).
 
 Delivery is at least once: a worker that dies holding a lease loses it after
 ``queue.lease_seconds`` and another worker redoes the message; the peer's inbound listener
 drops the duplicate by its dedupe key.  CPU-bound crypto runs in a process pool
-(``crypto_executor="process"``, ARCHITECTURE rule 6), or in threads or inline for tests.
+(``crypto_executor="process"``, ARCHITECTURE rule 6; spawned processes that exit with the
+gateway), or in threads or inline for tests.
 
 ``run_once(now=...)`` does one claim-and-process round at an injected time: tests drive
 retries and expiry with it instead of sleeping.

@@ -89,7 +89,11 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         # connection's, shared with the Connection).
         event.listen(engine, "commit", lambda conn: _release(conn.info))
         event.listen(engine, "rollback", lambda conn: _release(conn.info))
-        event.listen(engine.pool, "checkin", lambda _dbapi, record: record is not None and _release(record.info))
+        def _checkin(_dbapi: Any, record: Any) -> None:
+            if record is not None:
+                _release(record.info)
+
+        event.listen(engine.pool, "checkin", _checkin)
 
         @event.listens_for(engine, "connect")
         def _no_autobegin(dbapi_connection: Any, _record: Any) -> None:

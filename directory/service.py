@@ -557,6 +557,7 @@ def recipient_facts(session: Session, address: str) -> RecipientFacts:
             domain_reason=reason,
             consumer_pattern=pattern or consumer_pattern_for(domain),
         )
+    assert kind is not None  # row is not None here
     trusted = kind == DomainKind.TRUSTED
     return RecipientFacts(
         address=addr,

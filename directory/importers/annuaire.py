@@ -275,7 +275,7 @@ def parse_mss_line(number: int, text: str) -> Box:
         display = f"{person.first_name} {person.last_name}".strip()
     else:
         display = f"{raison} ({service})" if raison and service else (raison or service or "")
-    for name, value in (("display_name", display), ("service", service)):
+    for name, value in (("display_name", display), ("service", service or "")):
         if value and len(value) > _BOX_LIMITS[name]:
             raise InvalidIdentifier(f"{name.replace('_', ' ')} longer than {_BOX_LIMITS[name]} characters")
     return Box(number, address, address.rpartition("@")[2], mtype, person, org, service, display or None)
@@ -333,7 +333,7 @@ class Bulk:
         if self.arrays:
             sql = head + f"{key} = ANY(%s)" + (f" AND {also[0]} = ANY(%s)" if also else "")
             params = (keys, list(also[1])) if also else (keys,)
-            return self.conn.exec_driver_sql(sql, params).fetchall()
+            return list(self.conn.exec_driver_sql(sql, params).fetchall())
         fixed: list[Any] = list(also[1]) if also else []
         extra = f" AND {also[0]} IN ({', '.join([self.ph] * len(fixed))})" if also else ""
         rows: list[Any] = []
@@ -386,7 +386,7 @@ class Bulk:
                 copy.write_row(row)
         result = self.conn.exec_driver_sql(
             f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {scratch}{tail}")
-        return result.fetchall() if " RETURNING " in tail else []
+        return list(result.fetchall()) if " RETURNING " in tail else []
 
     def update(self, table: Table, names: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
         """``UPDATE ... SET names WHERE id = ...`` for each row (tuples of ``names`` then the id)."""

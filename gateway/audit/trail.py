@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, text
+from sqlalchemy import Connection, Table, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.models import AuditRecord
@@ -88,7 +88,7 @@ def _lock_chain(db: Session | Connection) -> None:
 
 
 _LAST = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
-_INSERT = insert(AuditRecord.__table__)
+_INSERT = insert(cast(Table, AuditRecord.__table__))
 
 
 def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:

@@ -161,9 +161,9 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
         return
     for kind, addrs in groups.items():
         if kind == "none":
-            att = [Attempt(a, 550, "5.7.1", f"no certificate, OpenPGP key or operator identity for {a}: "
+            unprotectable = [Attempt(a, 550, "5.7.1", f"no certificate, OpenPGP key or operator identity for {a}: "
                            "mail cannot be protected") for a in addrs]  # fmt: skip
-            await _bounce(ctx, job, data, att, None)
+            await _bounce(ctx, job, data, unprotectable, None)
             continue
         try:
             wire = await _protect(ctx, job, data, signer, kind, addrs)

@@ -27,9 +27,9 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy import select as _select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -127,8 +127,8 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> lis
         return results
 
 
-_MESSAGES = QueuedMessage.__table__
-_RECIPIENTS = QueuedRecipient.__table__
+_MESSAGES = cast(Table, QueuedMessage.__table__)
+_RECIPIENTS = cast(Table, QueuedRecipient.__table__)
 _CLAIMS = _select(_MESSAGES.c.id, _MESSAGES.c.claimed_by).where(_MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
 _ROWS = (
     _select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id, _RECIPIENTS.c.address, _RECIPIENTS.c.state,

@@ -20,6 +20,7 @@ claimers. A lease held by a dead worker expires and the message is claimed again
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import secrets
@@ -29,9 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Integer, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Integer, Table, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -78,8 +79,10 @@ class _Pending:
     error: BaseException | None = None
 
 
-_INSERT_MESSAGES = insert(QueuedMessage.__table__)
-_INSERT_RECIPIENTS = insert(QueuedRecipient.__table__)
+_MESSAGES = cast(Table, QueuedMessage.__table__)
+_RECIPIENTS = cast(Table, QueuedRecipient.__table__)
+_INSERT_MESSAGES = insert(_MESSAGES)
+_INSERT_RECIPIENTS = insert(_RECIPIENTS)
 
 
 class GroupCommit:
@@ -161,7 +164,6 @@ def _write(conn: Connection, batch: Sequence[_Pending]) -> None:
         append(conn, events)
 
 
-_MESSAGES, _RECIPIENTS = QueuedMessage.__table__, QueuedRecipient.__table__
 #: Ready messages: not done, due, and not leased (or the lease ran out), oldest due first.
 _READY = (
     select(_MESSAGES.c.id)
@@ -449,7 +451,7 @@ class QueueStore:
         self.spool_path(name).unlink(missing_ok=True)
         return touched
 
-    def quarantined(self, limit: int = 200) -> list[dict[str, Any]]:
+    def quarantined(self, limit: int = 200) -> builtins.list[dict[str, Any]]:
         return self.list(state=RecipientState.QUARANTINED.value, limit=limit)
 
     def release_quarantine(self, queue_id: str, *, actor: str = "admin") -> int:

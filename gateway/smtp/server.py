@@ -294,8 +294,8 @@ class GatewaySMTP(SMTP):
         checked = 2  # buf[2:checked] are whole lines already measured
         dropped = 0  # content octets discarded after a failure (memory stays bounded)
         failure: str | None = None
-        saved_limit = reader._limit  # StreamReader pauses the socket at 2 x limit
-        reader._limit = max(saved_limit, DATA_CHUNK)
+        saved_limit = reader._limit  # type: ignore[attr-defined]  # StreamReader pauses the socket at 2 x limit
+        reader._limit = max(saved_limit, DATA_CHUNK)  # type: ignore[attr-defined]
         try:
             while True:
                 end = buf.find(b"\r\n.\r\n", search)
@@ -312,7 +312,7 @@ class GatewaySMTP(SMTP):
                 if end >= 0:
                     rest = buf[end + 5:]
                     if rest:
-                        reader._buffer[0:0] = rest  # pipelined commands after the data
+                        reader._buffer[0:0] = rest  # type: ignore[attr-defined]  # pipelined commands after the data
                     if failure is not None:
                         return b"", failure
                     del buf[end + 2:]
@@ -327,12 +327,13 @@ class GatewaySMTP(SMTP):
                     return None, None
                 buf += chunk
         finally:
-            reader._limit = saved_limit
+            reader._limit = saved_limit  # type: ignore[attr-defined]
 
     async def push(self, status: str | bytes) -> None:  # type: ignore[override]
         if isinstance(status, str):
-            status = translate(status)
-        await super().push(status)
+            await super().push(translate(status))
+        else:
+            await super().push(status)
 
     async def handle_exception(self, error: Exception) -> str:
         handler = self.event_handler

@@ -32,7 +32,7 @@ def trust(app: AppContext, domain: str, relay: str | None, use_mx: bool, operato
         row = service.trust_domain(session, domain, relay=relay, operator_dn=operator_dn, use_mx=use_mx,
                                    prefers_openpgp=prefers_openpgp)
         if row.relay is None and not row.use_mx:
-            click.echo(f"warning: {row.name} has no route yet (--relay HOST:PORT or --mx)", err=True)
+            click.echo(f"note: {row.name} has no --relay HOST:PORT: mail to it goes to its MX records", err=True)
     click.echo(f"{row.name} trusted")
 
 

@@ -11,6 +11,7 @@ else ``./mssgw-data``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -81,6 +82,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "receipts": {
         "mdn_processed": True,
         "dsn_on_quarantine": True,
+    },
+    "relay": {
+        "mx_port": 25,  # SMTP port of the MX hosts of domains routed by their MX records (RFC 5321 5.1)
+        "nameservers": [],  # "IP" or "IP:PORT" ("[v6]:PORT"); empty: the system resolver (/etc/resolv.conf)
+        "dns_timeout": 10.0,  # seconds allowed for one DNS lookup (all nameservers together)
     },
     "runtime": {
         "event_loop": "uvloop",  # uvloop (TLS and sockets in C: about half the CPU per message) or asyncio
@@ -161,6 +167,28 @@ def parse_hostport(raw: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_nameserver(raw: str, key: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT``, ``v6`` or ``[v6]:PORT`` to (address, port); port 53 by default."""
+    text = raw.strip()
+    port = "53"
+    if text.startswith("["):
+        address, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{key}: expected IP or IP:PORT, got {raw!r}")
+        port = rest[1:] if rest else port
+    elif text.count(":") == 1:
+        address, _, port = text.partition(":")
+    else:
+        address = text
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(f"{key}: {address!r} is not an IP address (in {raw!r})") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: bad port in {raw!r}")
+    return address, int(port)
+
+
 def resolve_home(data_dir: str | os.PathLike[str] | None) -> Path:
     """The operator's home folder: the option, else ``$MSSGW_HOME``, else ``./mssgw-data``."""
     chosen = data_dir or os.environ.get("MSSGW_HOME") or DEFAULT_HOME
@@ -231,6 +259,12 @@ def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = N
         settings.listen(name)
     if values["tls"]["min_version"] not in {"TLSv1.2", "TLSv1.3"}:
         raise ConfigError("tls.min_version: must be TLSv1.2 or TLSv1.3")
+    if not 0 < values["relay"]["mx_port"] < 65536:
+        raise ConfigError(f"relay.mx_port: must be a port between 1 and 65535, got {values['relay']['mx_port']}")
+    for raw_ns in values["relay"]["nameservers"]:
+        parse_nameserver(raw_ns, "relay.nameservers")
+    if values["relay"]["dns_timeout"] <= 0:
+        raise ConfigError("relay.dns_timeout: must be more than 0 seconds")
     if values["runtime"]["event_loop"] not in {"uvloop", "asyncio"}:
         raise ConfigError("runtime.event_loop: must be uvloop or asyncio")
     return settings

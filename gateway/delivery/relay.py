@@ -13,9 +13,19 @@ or over an unauthenticated channel:
   an ``operator_dn`` the host name is checked instead (RFC 6125).
 - We present our operator certificate (``tls.operator_cert``/``tls.operator_key``): mutual TLS.
 
-Connections are reused: a small pool per route (``POOL_SIZE``), each connection used by one
-transaction at a time, reset with RSET (RFC 5321 §4.1.1.5) before its next use, closed after
-``IDLE_SECONDS`` unused, after any network or protocol error, after a 421, and by ``close``.
+A route is either a fixed relay (``host:port``) or the domain's MX records (``Route.use_mx``,
+RFC 5321 §5.1, resolved by ``gateway.delivery.mx``): the hosts are tried in preference order on
+``relay.mx_port``, each of their addresses in turn.  A connection or TLS failure moves on to the
+next address or host; an SMTP reply from a host we reached (success, 4xx or 5xx) is the answer.
+Without an ``operator_dn`` an MX host's certificate must carry the MX host name (RFC 7672 §3.2.2
+style: the name from the MX record, never one taken from the connection).  DNS outcomes come back
+as attempts too: null MX (RFC 7505) 556 5.1.10 and NXDOMAIN 550 5.1.2 are permanent, a DNS
+timeout or SERVFAIL is 451 4.4.3.
+
+Connections are reused: a small pool per server (``POOL_SIZE``; each MX host has its own), each
+connection used by one transaction at a time, reset with RSET (RFC 5321 §4.1.1.5) before its next
+use, closed after ``IDLE_SECONDS`` unused, after any network or protocol error, after a 421, and
+by ``close``.
 The peer's certificate is checked when the connection is made.
 
 Replies follow RFC 5321 §4.2 and RFC 3463: 4xx (and connection, TLS and timeout problems) are
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import ssl
 import time
@@ -41,6 +52,7 @@ from cryptography import x509
 
 from gateway.config import Settings
 from gateway.crypto.trust import TrustStore
+from gateway.delivery.mx import MxFailure, MxResolver
 
 __all__ = ["Attempt", "Relay", "RelayConfigError", "Route", "dn_equal"]
 
@@ -52,6 +64,8 @@ IDLE_SECONDS = 30.0  # an unused pooled connection is closed after this
 
 _Key = tuple[str, int, str | None]
 
+log = logging.getLogger("mssgw.delivery")
+
 
 class RelayConfigError(Exception):
     """Our side of TLS cannot be set up (certificate, key or anchors unusable)."""
@@ -59,10 +73,46 @@ class RelayConfigError(Exception):
 
 @dataclass(frozen=True)
 class Route:
+    """Where mail for a peer domain goes: a fixed ``host:port``, or (``use_mx``) the domain's MX
+    hosts on ``relay.mx_port``, ``host`` and ``port`` then being unused."""
+
     domain: str
     host: str
     port: int
     operator_dn: str | None = None
+    use_mx: bool = False
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """One server to try: the name its certificate is checked against, and where to connect."""
+
+    domain: str
+    name: str
+    address: str
+    port: int
+    operator_dn: str | None
+
+    @property
+    def remote(self) -> str:
+        return f"{self.name}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return self.remote if self.name == self.address else f"{self.name}[{self.address}]:{self.port}"
+
+    @property
+    def key(self) -> _Key:
+        return (self.name, self.port, self.operator_dn)
+
+
+@dataclass(frozen=True)
+class _Unreached:
+    """No SMTP transaction happened with a server: why, as a temporary reply."""
+
+    code: int
+    enhanced: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -133,6 +183,7 @@ class Relay:
         self._idle: dict[_Key, list[tuple[aiosmtplib.SMTP, float]]] = {}
         self._sems: dict[_Key, asyncio.Semaphore] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._mx: MxResolver | None = None
 
     def _context(self, check_hostname: bool) -> ssl.SSLContext:
         ctx = self._contexts.get(check_hostname)
@@ -158,11 +209,12 @@ class Relay:
             sem = self._sems[key] = asyncio.Semaphore(self.pool_size)
         return sem
 
-    async def _open(self, route: Route, remote: str) -> tuple[aiosmtplib.SMTP | None, str | None, tuple[int, str]]:
+    async def _open(self, hop: _Hop) -> tuple[aiosmtplib.SMTP | None, str | None, tuple[int, str]]:
         """A connected, verified, post-TLS-EHLO client, or (None, why, (code, enhanced))."""
-        ctx = self._context(check_hostname=route.operator_dn is None)
+        ctx = self._context(check_hostname=hop.operator_dn is None)
+        remote = hop.label
         client = aiosmtplib.SMTP(
-            hostname=route.host, port=route.port, local_hostname=self.settings.hostname,
+            hostname=hop.address, port=hop.port, local_hostname=self.settings.hostname,
             start_tls=False, timeout=self.timeout,
         )  # fmt: skip
         try:
@@ -175,14 +227,14 @@ class Relay:
             if not client.supports_extension("starttls"):
                 await _quit(client)
                 return None, f"{remote} does not offer STARTTLS; nothing sent in clear", (454, "4.7.5")
-            await client.starttls(tls_context=ctx, server_hostname=route.host)
+            await client.starttls(tls_context=ctx, server_hostname=hop.name)
         except ssl.SSLCertVerificationError as exc:
             await _quit(client)
             return None, f"certificate of {remote} not trusted: {exc.verify_message}", (454, "4.7.5")
         except (ssl.SSLError, OSError, aiosmtplib.SMTPException, TimeoutError) as exc:
             await _quit(client)
             return None, f"TLS with {remote} failed: {_reason(exc)}", (454, "4.7.5")
-        problem = self._check_peer(client, route)
+        problem = self._check_peer(client, hop)
         if problem:
             await _quit(client)
             return None, problem, (454, "4.7.5")
@@ -242,37 +294,77 @@ class Relay:
     async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
         """Deliver ``data`` to ``recipients`` via ``route``; one ``Attempt`` per recipient.
 
-        Connections are pooled per route (at most ``pool_size``, each used by one transaction at
+        Connections are pooled per server (at most ``pool_size``, each used by one transaction at
         a time): an idle one is reset with RSET and reused, a new one is verified as above.  A
-        connection that had a network or protocol problem is closed, never given back."""
-        remote = f"{route.host}:{route.port}"
-        key: _Key = (route.host, route.port, route.operator_dn)
+        connection that had a network or protocol problem is closed, never given back.  For an
+        MX route the hosts are tried in order until one is reached (see the module docstring)."""
+        if route.use_mx:
+            return await self._send_mx(route, sender, recipients, data)
+        hop = _Hop(route.domain, route.host, route.host, route.port, route.operator_dn)
+        result = await self._try(hop, sender, recipients, data)
+        if isinstance(result, _Unreached):
+            return [Attempt(r, result.code, result.enhanced, result.why, hop.remote) for r in recipients]
+        return result
+
+    def _mx_resolver(self) -> MxResolver:
+        if self._mx is None:
+            self._mx = MxResolver(self.settings)
+        return self._mx
+
+    async def _send_mx(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+        found = await self._mx_resolver().hosts(route.domain)
+        if isinstance(found, MxFailure):
+            log.info("no MX route to %s: %s %s %s", route.domain, found.code, found.enhanced, found.text)
+            return [Attempt(r, found.code, found.enhanced, found.text) for r in recipients]
+        port = int(self.settings.get("relay", "mx_port"))
+        failures: list[tuple[_Hop, _Unreached]] = []
+        for host in found:
+            for address in host.addresses:
+                hop = _Hop(route.domain, host.name, address, port, route.operator_dn)
+                result = await self._try(hop, sender, recipients, data)
+                if not isinstance(result, _Unreached):
+                    return result
+                log.info("MX %s of %s not usable, trying the next one: %s", hop.label, route.domain, result.why)
+                failures.append((hop, result))
+        if not failures:
+            return [Attempt(r, 451, "4.4.4", f"no MX host of {route.domain} to try") for r in recipients]
+        # A TLS or certificate problem says more than a refused connection: report it first.
+        hop, worst = next(((h, f) for h, f in failures if f.enhanced == "4.7.5"), failures[-1])
+        text = "; ".join(f.why for _, f in failures)
+        if len(failures) > 1:
+            text = f"no MX host of {route.domain} could be used: {text}"
+        return [Attempt(r, worst.code, worst.enhanced, text[:900], hop.remote) for r in recipients]
+
+    async def _try(self, hop: _Hop, sender: str, recipients: Sequence[str],
+                   data: bytes) -> list[Attempt] | _Unreached:  # fmt: skip
+        """The attempts of one transaction with ``hop``, or why it could not be reached."""
+        key = hop.key
         async with self._slots(key):
             client = await self._reuse(key) if self.pool_size > 0 and self.idle_seconds > 0 else None
             if client is None:
-                client, why, (code, enhanced) = await self._open(route, remote)
+                client, why, (code, enhanced) = await self._open(hop)
                 if client is None:
-                    return [Attempt(r, code, enhanced, why or "", remote) for r in recipients]
-            attempts, healthy = await self._transaction(client, sender, recipients, data, remote)
+                    return _Unreached(code, enhanced, why or "")
+            attempts, healthy = await self._transaction(client, sender, recipients, data, hop.remote)
             if healthy and client.is_connected and self.idle_seconds > 0:
                 self._give_back(key, client)
             else:
                 await _quit(client)
             return attempts
 
-    def _check_peer(self, client: aiosmtplib.SMTP, route: Route) -> str | None:
+    def _check_peer(self, client: aiosmtplib.SMTP, hop: _Hop) -> str | None:
         ssl_object = client.get_transport_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
-            return f"{route.host}:{route.port} presented no certificate"
+            return f"{hop.label} presented no certificate"
         cert = x509.load_der_x509_certificate(der)
         subject = cert.subject.rfc4514_string()
-        if route.operator_dn and not dn_equal(subject, route.operator_dn):
-            return f"certificate subject {subject!r} of {route.domain}'s server does not match the operator DN {route.operator_dn!r}"
+        if hop.operator_dn and not dn_equal(subject, hop.operator_dn):
+            return f"certificate subject {subject!r} of {hop.domain}'s server does not match the operator DN {hop.operator_dn!r}"
         if self.trust is not None:
             result = self.trust.validate(cert, purpose="serverAuth")
             if result.revoked:
-                return f"certificate of {route.domain}'s server is revoked ({result.detail})"
+                return f"certificate of {hop.domain}'s server is revoked ({result.detail})"
         return None
 
     async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],

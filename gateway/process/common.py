@@ -240,7 +240,10 @@ class Context:
 
 
 def route_for(session: Session, domain: str) -> Route | None:
-    """The relay route of a trusted peer domain, or None when it is not in the trust list."""
+    """The relay route of a trusted peer domain, or None when it is not in the trust list.
+
+    A fixed relay (``domains trust --relay``) wins; a domain marked ``--mx`` (or with no route
+    at all) goes to its MX hosts (RFC 5321 §5.1), resolved at delivery time by the relay."""
     from directory.models import DomainKind
     from directory.service import get_domain
 
@@ -250,7 +253,7 @@ def route_for(session: Session, domain: str) -> Route | None:
     if row.relay:
         host, _, port = row.relay.rpartition(":")
         return Route(domain, host.strip("[]"), int(port), row.operator_dn)
-    return Route(domain, domain, 25, row.operator_dn)  # use_mx without a resolver: the domain's A record
+    return Route(domain, domain, 25, row.operator_dn, use_mx=True)  # host and port unused: MX lookup
 
 
 AsyncFn = Callable[[], Awaitable[None]]

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Protocol, TypeVar
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import MISSING, Envelope, Session, TLSSetupException, syntax
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
@@ -46,6 +46,7 @@ from gateway.policy.decision import Decision
 from gateway.policy.recipients import decide_recipient
 from gateway.queue.store import Enqueued, QueueError, QueueStore
 from gateway.smtp import replies as R
+from gateway.smtp.starttls import LoopTlsSMTP
 from gateway.smtp.tls import peer_certificate, tls_summary
 from gateway.ttlcache import TtlCache
 
@@ -132,7 +133,7 @@ class GatewayEnvelope(Envelope):
         self.started = time.monotonic()
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(LoopTlsSMTP):
     """One SMTP connection. ``registry`` holds live connections for shutdown."""
 
     def __init__(self, handler: EdgeHandler, *, implicit_tls: bool, registry: set[GatewaySMTP],
@@ -197,50 +198,11 @@ class GatewaySMTP(SMTP):
         self._registry.discard(self)
         super().connection_lost(error)
 
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        """STARTTLS (RFC 3207) through ``loop.start_tls``.
-
-        aiosmtpd wires asyncio's pure-Python ``SSLProtocol`` by hand, so every TLS record of a
-        STARTTLS session costs Python work even on uvloop.  ``loop.start_tls`` gives uvloop's
-        TLS transport (C) and the standard one on asyncio; afterwards the session is reset as
-        aiosmtpd does (RFC 3207 4.2: nothing learnt before TLS is kept).
-        """
-        if arg:
-            await self.push("501 Syntax: STARTTLS")
-            return
-        if not self.tls_context:
-            await self.push("454 TLS not available")
-            return
-        await self.push("220 Ready to start TLS")
-        plain = self.transport
-        assert plain is not None
-        # RFC 3207 5: plaintext pipelined after STARTTLS is dropped, now (what arrives once the
-        # handshake is done is already the client's first command under TLS).
-        self._reader._buffer.clear()  # type: ignore[attr-defined]
-        try:
-            secure = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)  # type: ignore[arg-type]
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            raise TLSSetupException() from error
-        if secure is None:  # the connection closed during the handshake
-            raise TLSSetupException()
-        self._set_rset_state()
-        self.session = self._create_session()
-        self._reset_timeout()
-        self._reader._transport = secure  # type: ignore[attr-defined]
-        self._writer._transport = secure  # type: ignore[attr-defined]
-        self.transport = secure
-        self._over_ssl = True  # asyncio.StreamReaderProtocol: no half-close on TLS
-        self._tls_protocol = secure  # type: ignore[assignment]  # aiosmtpd tests it for "TLS is on"
+    def tls_established(self, transport: asyncio.BaseTransport) -> None:
+        """After STARTTLS (``LoopTlsSMTP``): the new session's client address and TLS object."""
         session = self.gw_session()
-        session.peer = secure.get_extra_info("peername")
         session.client_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else None
-        session.ssl_object = secure.get_extra_info("ssl_object")
-        session.ssl = {"ssl_object": session.ssl_object, "peercert": secure.get_extra_info("peercert"),
-                       "sslcontext": self.tls_context}  # fmt: skip
-        hook = self._handle_hooks.get("STARTTLS")
-        self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
+        session.ssl_object = transport.get_extra_info("ssl_object")
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

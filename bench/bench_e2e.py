@@ -7,16 +7,22 @@ bench process only submits and watches: 20 concurrent submitters (aiosmtplib, ST
 once per session, connection reused) send 20 KB messages to B's practitioner; each message is
 queued, signed and encrypted by A's workers, relayed over mutual TLS to B's inbound listener,
 queued, decrypted, verified and delivered to B's Maildir.  Completion is detected by polling
-the ``new/`` folder of B's INBOX; latency is submission start -> file seen (poll granularity
-``--poll`` seconds).  The protocol floor (``bench_protocol_floor.py``: the same load through a
-bare aiosmtpd/aiosmtplib relay over STARTTLS, no crypto, database or disk) is measured in the
-same run: no gateway built on these libraries can beat it.  The ceiling is ``protect_job`` + ``open_job`` (the same crypto calls the
-workers make) in a tight loop on a process pool with one process per core, run after the
-gateways have stopped.  Compare the ratio, not absolute figures across runs (see
+the ``new/`` folder of B's INBOX all along (every ``--poll`` seconds); latency is submission
+start -> file seen.  By default the submitters send as fast as they can, so submission outruns
+delivery and latency is mostly queueing; ``--rate R`` paces them to R messages/s in all, for
+the latency of a gateway below saturation.
+
+The ceiling is ``protect_job`` + ``open_job`` (the same crypto calls the workers make) in a
+tight loop on a process pool with one process per core, run after the gateways have stopped.
+The protocol floor (``bench_protocol_floor.py``: the same load through a bare
+aiosmtpd/aiosmtplib relay over STARTTLS, no crypto, database or disk) is measured in the same
+run: with the ceiling's crypto added, it bounds what any gateway built on these libraries can do
+on these cores.  Compare ratios, not absolute figures across runs (see
 /work/shared/PERFORMANCE.md); the target is e2e / ceiling >= 0.5.
 
-    .venv/bin/python bench/bench_e2e.py [--messages N] [--submitters 20] [--size 20000]
-                                        [--ceiling-seconds S] [--log-level info] [--keep DIR]
+    .venv/bin/python bench/bench_e2e.py [--messages N] [--submitters 20] [--size 20000] [--rate R]
+                                        [--ceiling-seconds S] [--no-floor] [--log-level info]
+                                        [--keep DIR] [--profile cprofile|yappi|py-spy]
 """
 
 from __future__ import annotations
@@ -250,6 +256,13 @@ class Watcher:
                     self.times.setdefault(line.split(b":", 1)[1].strip().decode(), now)
                     break
 
+    async def watch(self) -> None:
+        """Scan every ``interval`` until cancelled: arrival times are taken while submitters are
+        still sending, not when the bench starts waiting."""
+        while True:
+            self.scan()
+            await asyncio.sleep(self.interval)
+
     async def until(self, wanted: set[str], timeout: float) -> None:
         end = time.perf_counter() + timeout
         while not wanted <= self.times.keys():
@@ -273,12 +286,14 @@ async def end_to_end(args: argparse.Namespace, ops: dict[str, dict[str, Any]],
     tls = ssl.create_default_context(cafile=str(a["home"] / "pki" / "ca.pem"))
     port = a["ports"]["submission"]
 
-    async def session(count: int, submitted: dict[str, float]) -> None:
+    async def session(count: int, submitted: dict[str, float], slot: int = 0, start: float = 0.0) -> None:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=tls, timeout=120)
         await client.connect()
         await client.login(CLINICIAN, PASSWORD)
-        for _ in range(count):
+        for k in range(count):
             data, msgid = message(args.size, CLINICIAN, PRACTITIONER)
+            if args.rate > 0:  # an open load: message k of this submitter leaves at its planned time
+                await asyncio.sleep(max(0.0, start + (k * args.submitters + slot) / args.rate - time.perf_counter()))
             submitted[msgid] = time.perf_counter()
             await client.sendmail(CLINICIAN, [PRACTITIONER], data)
         await client.quit()
@@ -294,9 +309,13 @@ async def end_to_end(args: argparse.Namespace, ops: dict[str, dict[str, Any]],
     spies = [spy(pid, ops[name]["home"]) for name, pid in pids.items()] if args.profile == "py-spy" else []
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
-    await asyncio.gather(*(session(n, submitted) for n in per if n))
+    if args.rate > 0:
+        t0 += 0.5  # paced: the first messages leave once every session has logged in
+    watching = asyncio.create_task(watcher.watch())
+    await asyncio.gather(*(session(n, submitted, i, t0) for i, n in enumerate(per) if n))
     t_submitted = time.perf_counter()
     await watcher.until(set(submitted), args.timeout)
+    watching.cancel()
     for process in spies:
         process.send_signal(signal.SIGINT)
         process.wait(60)
@@ -336,6 +355,8 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.02, help="seconds between scans of B's Maildir")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="submit at this many messages/s in all (latency below saturation); 0: as fast as possible")
     parser.add_argument("--no-floor", action="store_true", help="skip the protocol floor (bench_protocol_floor.py)")
     parser.add_argument("--keep", type=Path, help="build the homes here and keep them (logs, databases)")
     parser.add_argument("--profile", choices=["cprofile", "yappi", "py-spy"], default="",
@@ -355,7 +376,8 @@ def main() -> None:
         ceiling = crypto_ceiling(ops["a"]["home"], ops["b"]["home"], data, CLINICIAN, PRACTITIONER,
                                  args.ceiling_seconds, cores)  # fmt: skip
     floor = run_floor(args.messages, args.submitters, args.size) if not args.no_floor else None
-    print(f"end to end A->B ({args.messages} x {args.size // 1000} KB, {args.submitters} submitters, "
+    paced = f", paced at {args.rate:g} msg/s" if args.rate > 0 else ""
+    print(f"end to end A->B ({args.messages} x {args.size // 1000} KB, {args.submitters} submitters{paced}, "
           f"{cores} cores, A and B as `mssgw serve` processes)")  # fmt: skip
     print(f"  delivered          {res['delivered']:.0f}")
     print(f"  throughput         {res['e2e_msgs_per_s']:8.1f} msg/s  (submission alone {res['submit_msgs_per_s']:.1f})")

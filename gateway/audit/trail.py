@@ -278,6 +278,13 @@ class AuditWriter:
         self._idle.clear()
         self._wakeup.set()
 
+    def take_pending(self) -> list[AuditEvent]:
+        """The events not yet being written, for a caller that commits them in its own transaction
+        (the SMTP edge, with the message it accepts: one write instead of two).  A caller whose
+        transaction fails gives them back with ``submit``."""
+        events, self._pending = self._pending, []
+        return events
+
     def write_now(self, events: Iterable[AuditEvent]) -> None:
         """Synchronous append in its own transaction (for callers outside the event loop)."""
         if self._sink is not None:
@@ -321,11 +328,12 @@ class AuditWriter:
             self._wakeup.clear()
             while self._pending:
                 batch = self._pending[: self._max_batch]
+                del self._pending[: len(batch)]  # out of reach of ``take_pending`` while written
                 try:
                     await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)
                 except Exception as exc:  # database hiccup: keep the events, retry shortly
                     log.error("audit write failed (%s); %d events kept for retry", type(exc).__name__, len(batch))
+                    self._pending[0:0] = batch
                     await asyncio.sleep(1.0)
                     continue
-                del self._pending[: len(batch)]
             self._idle.set()

@@ -115,6 +115,7 @@ class Context:
     readers: sessionmaker[Session] | None = None  # lookups: no write lock on SQLite (deferred BEGIN)
     batches: dict[str, OutcomeBatch] = field(default_factory=dict)
     plans: TtlCache = field(default_factory=lambda: TtlCache(PLAN_TTL))
+    wake: Callable[[], None] | None = None  # the workers' ``wake``: a receipt was queued
 
     def read(self) -> Session:
         """A session for lookups (directory, queue rows): never takes SQLite's write lock."""
@@ -219,6 +220,8 @@ class Context:
             related_id=job.id, audit_events=[ev],
             dedupe_key=None,
         )  # fmt: skip
+        if self.wake is not None:
+            self.wake()
         return enq.queue_id
 
     async def send_dsn(self, job: Job, original: bytes, recipients: Sequence[DsnRecipient]) -> str | None:

@@ -231,6 +231,7 @@ class QueueStore:
         audit_events: Sequence[AuditEvent] = (),
         queue_id: str | None = None,
         claimed_by: str | None = None,
+        riders: Sequence[AuditEvent] = (),
     ) -> Enqueued:
         """Store the message durably; returns only once bytes and rows are committed.
 
@@ -239,6 +240,8 @@ class QueueStore:
         ``claimed_by`` stores the message already leased to that worker (a hand-off: the
         worker of this process takes it from memory, without a claim transaction); if
         that worker dies, the lease expires and any worker claims it as usual.
+        ``riders`` are audit records of earlier decisions committed in the same transaction as
+        they are (``audit_events`` are this message's and get its queue id).
         """
         if not recipients:
             raise QueueError("a message needs at least one recipient")
@@ -249,7 +252,7 @@ class QueueStore:
             raise QueueError(f"cannot write the spool file ({exc.strerror or exc})") from exc
         now = now_utc()
         events = [
-            AuditEvent(**{**ev.__dict__, "queue_id": ev.queue_id or queue_id}) for ev in audit_events
+            *riders, *(AuditEvent(**{**ev.__dict__, "queue_id": ev.queue_id or queue_id}) for ev in audit_events)
         ]
         item = _Pending(
             message={

@@ -167,6 +167,11 @@ class Workers:
         self._to_commit: list[tuple[Pending, asyncio.Future[bool]]] = []
         self._committer: asyncio.Task[None] | None = None
         self._reserved = 0  # slots promised to messages being enqueued by this process (hand-off)
+        # Whether the queue may hold ready messages we have not claimed: set by ``wake`` and by a
+        # claim that filled every slot asked for; a completion then claims again.  Otherwise a
+        # completion does not (each would be an empty claim transaction) and only the poll does.
+        self._backlog = True
+        self.ctx.wake = self.wake  # receipts queued by the pipelines
 
     def now(self) -> _dt.datetime:
         return self._now_override or self.clock()
@@ -211,9 +216,13 @@ class Workers:
             return
         with contextlib.suppress(RuntimeError):  # no running loop: called from a thread
             if asyncio.get_running_loop() is loop:
-                self._kick.set()
+                self._wake_now()
                 return
-        loop.call_soon_threadsafe(self._kick.set)
+        loop.call_soon_threadsafe(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._backlog = True
+        self._kick.set()
 
     # --- hand-off: a message enqueued by this process, processed without a claim -----------------
 
@@ -249,14 +258,16 @@ class Workers:
         task.add_done_callback(self._done)
 
     async def _loop(self) -> None:
+        polled = True
         while not self._stopping:
             free = self.concurrency - len(self._inflight) - self._reserved
             claimed: list[Claimed] = []
             # Claim in batches: with work in flight, wait until a quarter of the slots are free
             # (one claim transaction per several messages, not one per completion).
-            if free > 0 and (not self._inflight or free >= self.claim_batch):
+            if (self._backlog or polled) and free > 0 and (not self._inflight or free >= self.claim_batch):
                 try:
                     claimed = await self._claim(free)
+                    self._backlog = len(claimed) >= free
                 except Exception:  # database outage: keep the loop alive, try again at the next poll
                     log.exception("claiming from the queue failed")
             for item in claimed:
@@ -264,9 +275,13 @@ class Workers:
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
             # Fewer than asked: nothing else is ready. As many as asked: wait for a free slot.
-            # Either way the next event (enqueue, completion) or the poll interval wakes us.
-            with contextlib.suppress(TimeoutError):
+            # Either way the next event (enqueue, completion) or the poll interval wakes us; the
+            # poll also finds retries that came due and messages other nodes queued.
+            polled = False
+            try:
                 await asyncio.wait_for(self._kick.wait(), self.poll_interval)
+            except TimeoutError:
+                polled = True
             self._kick.clear()
 
     async def _claim(self, limit: int) -> list[Claimed]:

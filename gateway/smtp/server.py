@@ -512,11 +512,14 @@ class EdgeHandler:
         workers = self.deps.handoff() if self.deps.handoff is not None else None
         owner = workers.reserve() if workers is not None else None
         result: Enqueued | None = None
+        # Audit events still waiting in the writer (this session's MAIL and RCPT, others') ride
+        # in the message's transaction; given back if it does not commit.
+        riders = self.deps.audit.take_pending()
         try:
             job = functools.partial(
                 self.deps.store.enqueue, data, sender=sender_of(envelope), recipients=list(envelope.rcpt_tos),
                 origin=self.origin, client_address=server.gw_session().client_ip, queue_id=queue_id,
-                protections=envelope.protections, audit_events=events, claimed_by=owner, **kwargs,
+                protections=envelope.protections, audit_events=events, riders=riders, claimed_by=owner, **kwargs,
             )  # fmt: skip
             result = await asyncio.get_running_loop().run_in_executor(self.deps.writer, job)
         except QueueError as exc:
@@ -525,6 +528,8 @@ class EdgeHandler:
             self.metrics.inc("mssgw_outages_total", listener=self.listener, kind="queue")
             raise Outage(R.S452_4_3_1_STORAGE if no_space else R.S451_4_3_0_LOCAL_ERROR) from exc
         finally:
+            if riders and (result is None or result.duplicate):
+                self.deps.audit.submit(*riders)
             server.busy = False
             self._inflight -= 1
             if not self._inflight:

@@ -98,6 +98,34 @@ async def test_running_loop_delivers_after_wake(operator) -> None:  # type: igno
     assert b"multipart/signed" in local.delivered[0][2]
 
 
+async def test_no_claim_after_a_completion_when_nothing_else_is_queued(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    local = Recorder(asyncio.get_running_loop(), expect=2)
+    workers = Workers(settings, factory, store, local=local, crypto_executor="inline", poll_interval=30)
+    claims: list[int] = []
+    claim_rows = store.claim_rows
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rows = claim_rows(*args, **kwargs)
+        claims.append(len(rows))
+        return rows
+
+    store.claim_rows = counting
+    await workers.start()
+    try:
+        store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission")
+        workers.wake()
+        await asyncio.wait_for(local.arrived.wait(), 20)
+        await asyncio.gather(*list(workers._inflight))  # the outcome is committed, the loop kicked
+        for _ in range(5):  # let the loop take the kick and, if it would, hand a claim to its thread
+            await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(workers._db, lambda: None)  # after that claim
+    finally:
+        await workers.stop()
+    # The claim that found the message is the last one: its completion claimed nothing more.
+    assert claims[-1] == 1 and claims.count(1) == 1 and len(claims) <= 2
+
+
 async def test_crypto_in_worker_processes(operator) -> None:  # type: ignore[no-untyped-def]
     settings, factory, store = operator
     local = Recorder(asyncio.get_running_loop())

@@ -316,6 +316,27 @@ async def test_database_outage_answers_451_never_250(world: World) -> None:
     assert store.list(include_done=True) == []
     assert not any(p.is_file() for p in store.spool_dir.rglob("*"))
     await smtp.quit()
+    # The MAIL and RCPT records that were to ride with the message went back to the writer.
+    assert world.gateway.audit is not None
+    await world.gateway.audit.flush()
+    with world.gateway.sessions() as db:  # type: ignore[misc]
+        records = query(db, limit=100)
+    assert [r["outcome"] for r in records if r["event"] in ("mail", "rcpt")] == ["accept", "accept"]
+    assert not [r for r in records if r["event"] == "accept"]  # no message was accepted
+
+
+async def test_mail_and_rcpt_records_commit_with_the_message(world: World) -> None:
+    audit = world.gateway.audit
+    assert audit is not None
+    audit._linger = 3600.0  # the writer alone would not write them during this test
+    smtp = await world.submitter()
+    await smtp.sendmail(f"sec@{DOMAIN}", [f"bob@{DOMAIN}"], message())
+    with world.gateway.sessions() as db:  # type: ignore[misc]
+        records = {r["event"]: r for r in query(db, limit=100)}
+    assert records["mail"]["outcome"] == "accept" and records["rcpt"]["outcome"] == "accept"
+    assert records["mail"]["queue_id"] is None  # riders keep their own fields
+    assert records["accept"]["queue_id"] is not None
+    await smtp.quit()
 
 
 async def test_unexpected_error_is_451_without_details(world: World, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -149,7 +149,8 @@ class GatewaySMTP(LoopTlsSMTP):
         A plain ``<dot-atom@dot-atom>`` (nearly every MAIL and RCPT) is split by one regular
         expression with aiosmtpd's answer; anything else (quoted local parts, comments, address
         literals) goes through aiosmtpd's RFC 5322 parser, which costs ~50 times more, and a path
-        that makes that parser fail is a syntax error (501), not a local error.
+        that makes that parser fail is a syntax error (553, as aiosmtpd answers an unparsable
+        path), not a local error.
         """
         stripped = arg.lstrip()
         if stripped.startswith("<>"):

@@ -33,7 +33,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess  # nosec B404 - starts our own `mssgw serve`
@@ -41,7 +40,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +48,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_protocol_floor import run_floor  # noqa: E402
+from bench_protocol_floor import free_port, message, run_floor, wait_listening  # noqa: E402
 
 PASSWORD = "bench-password-0123456789"
-
-
-def message(size: int, sender: str, to: str) -> tuple[bytes, str]:
-    msgid = make_msgid(domain=sender.rpartition("@")[2])
-    head = (f"From: {sender}\r\nTo: {to}\r\nSubject: bench\r\nMessage-ID: {msgid}\r\n"
-            "Date: Tue, 03 Nov 2026 10:00:00 +0100\r\nMIME-Version: 1.0\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n\r\n").encode()  # fmt: skip
-    line = b"Compte rendu de consultation, ligne de texte pour le benchmark.\r\n"
-    body = (line * (size // len(line) + 1))[: max(0, size - len(head))]
-    return head + body, msgid
 
 
 # --- crypto-only ceiling -------------------------------------------------------------------------
@@ -111,12 +99,6 @@ def crypto_ceiling(a_home: Path, b_home: Path, data: bytes, sender: str, rcpt: s
 # --- the two gateways ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def prepare_homes(root: Path) -> dict[str, dict[str, Any]]:
     """Both homes from the e2e templates, with ports in mssgw.toml and relays pointing at each other."""
     from e2e_support import A_DOMAIN, B_DOMAIN, CLINICIAN, _write_config, build_templates
@@ -130,7 +112,7 @@ def prepare_homes(root: Path) -> dict[str, dict[str, Any]]:
     for name in ("a", "b"):
         home = root / name
         shutil.copytree(templates[name].home, home)
-        ports = {"submission": _free_port(), "inbound": _free_port()}
+        ports = {"submission": free_port(), "inbound": free_port()}
         _write_config(templates[name], home, ports)
         ops[name] = {"home": home, "ports": ports, "dn": templates[name].operator_dn}
     for name, peer, peer_domain in (("a", "b", B_DOMAIN), ("b", "a", A_DOMAIN)):
@@ -172,21 +154,6 @@ def spy(pid: int, home: Path) -> subprocess.Popen[bytes]:
     command = [exe, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "100",
                "--format", "raw", "--output", str(home / "serve.spy")]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # nosec B603
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mssgw serve exited with {proc.returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.1)
-            continue
-        writer.close()
-        return
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
@@ -339,7 +306,7 @@ async def run(args: argparse.Namespace, ops: dict[str, dict[str, Any]]) -> dict[
     try:
         for name, proc in zip(("a", "b"), procs, strict=True):
             for port in ops[name]["ports"].values():
-                await wait_listening(port, proc)
+                await wait_listening(port, proc, timeout=60.0)
         return await end_to_end(args, ops, {"a": procs[0].pid, "b": procs[1].pid})
     finally:
         for proc in procs:

@@ -23,10 +23,10 @@ delivers does strictly more work per message than this, so it cannot be faster. 
 ``bench_e2e.py`` (same machine, same run) and read the e2e figures against this floor: the gap
 is what our own code costs, the floor is what the protocol stack costs.
 
-TLS: one throwaway self-signed EC P-256 certificate (SAN ``IP:127.0.0.1``, ``DNS:localhost``)
-generated with ``cryptography`` in a temporary directory and served by both A and B; clients
-(the bench and A's pool) use ``ssl.create_default_context(cafile=that certificate)``, so the
-certificate and the host name are really verified.  No client certificate (the real A -> B hop
+TLS: one throwaway certificate for ``127.0.0.1`` and ``localhost`` from a trustme CA, in a
+temporary directory, served by both A and B; clients (the bench and A's pool) use
+``ssl.create_default_context(cafile=that chain)``, so the certificate and the host name are
+really verified.  No client certificate (the real A -> B hop
 is mutual TLS, which only changes the handshake, and handshakes happen only during warm-up here).
 TLS 1.3 and cipher suites are OpenSSL's defaults.
 
@@ -48,8 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import os
 import signal
 import socket
@@ -75,7 +73,7 @@ WARMUP = 3
 
 
 def message(size: int, sender: str, to: str) -> tuple[bytes, str]:
-    """Same construction as ``bench_e2e.message()``: headers plus repeated text lines, ``size`` bytes."""
+    """A plain-text message of ``size`` bytes (headers, then repeated text lines), and its Message-ID."""
     msgid = make_msgid(domain=sender.rpartition("@")[2])
     head = (f"From: {sender}\r\nTo: {to}\r\nSubject: bench\r\nMessage-ID: {msgid}\r\n"
             "Date: Tue, 03 Nov 2026 10:00:00 +0100\r\nMIME-Version: 1.0\r\n"
@@ -86,32 +84,18 @@ def message(size: int, sender: str, to: str) -> tuple[bytes, str]:
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed EC P-256 certificate for 127.0.0.1/localhost and its key, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    """A throwaway CA (trustme) and a certificate for 127.0.0.1/localhost: (chain with the CA, key).
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    The chain file serves both sides: the servers load it as their chain, the clients trust the
+    CA in it.
+    """
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
+    cert_path.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems) + ca.cert_pem.bytes())
+    leaf.private_key_pem.write_to_path(str(key_path))
     return cert_path, key_path
 
 
@@ -209,7 +193,7 @@ async def serve(args: argparse.Namespace) -> int:
 # --- the bench --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -319,7 +303,7 @@ async def floor(messages: int = 400, submitters: int = 20, size: int = 20_000) -
         raise ValueError("need at least one message and one submitter")
     with tempfile.TemporaryDirectory(prefix="mssgw-floor-") as tmp:
         cert, key = make_certificate(Path(tmp))
-        port_a, port_b = _free_port(), _free_port()
+        port_a, port_b = free_port(), free_port()
         procs: dict[str, subprocess.Popen[bytes]] = {}
         out_b = b""
         try:

@@ -199,11 +199,15 @@ class GatewaySMTP(LoopTlsSMTP):
         self._registry.discard(self)
         super().connection_lost(error)
 
-    def tls_established(self, transport: asyncio.BaseTransport) -> None:
-        """After STARTTLS (``LoopTlsSMTP``): the new session's client address and TLS object."""
-        session = self.gw_session()
-        session.client_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else None
-        session.ssl_object = transport.get_extra_info("ssl_object")
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """``LoopTlsSMTP``'s STARTTLS; the new session then gets the client address and TLS object."""
+        await super().smtp_STARTTLS(arg)
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is not None:
+            session = self.gw_session()
+            session.client_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else None
+            session.ssl_object = ssl_object
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -314,11 +318,14 @@ class GatewaySMTP(LoopTlsSMTP):
 class Handoff(Protocol):
     """The queue workers of this process, as the SMTP edge sees them (``gateway.queue.worker.Workers``)."""
 
-    def reserve(self) -> str | None: ...
+    def reserve(self) -> str | None:
+        """A worker id to store the next message leased to, or None (then it is claimed as usual)."""
 
-    def cancel(self) -> None: ...
+    def cancel(self) -> None:
+        """The reserved message was not stored: the slot goes back."""
 
-    def take(self, row: dict[str, Any], data: bytes) -> None: ...
+    def take(self, row: dict[str, Any], data: bytes) -> None:
+        """Process the message just stored with ``claimed_by=reserve()``, from memory."""
 
 
 @dataclass

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 
-from aiosmtpd.smtp import SMTP, TLSSetupException
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 __all__ = ["LoopTlsSMTP"]
 
 
 class LoopTlsSMTP(SMTP):
-    """``SMTP`` whose STARTTLS uses ``loop.start_tls``; ``tls_established`` is the subclass hook."""
+    """``SMTP`` whose STARTTLS uses ``loop.start_tls``."""
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if arg:
             await self.push("501 Syntax: STARTTLS")
@@ -51,9 +52,5 @@ class LoopTlsSMTP(SMTP):
         self.session.peer = secure.get_extra_info("peername")
         self.session.ssl = {"ssl_object": secure.get_extra_info("ssl_object"),
                             "peercert": secure.get_extra_info("peercert"), "sslcontext": self.tls_context}  # fmt: skip
-        self.tls_established(secure)
         hook = self._handle_hooks.get("STARTTLS")
         self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
-
-    def tls_established(self, transport: asyncio.BaseTransport) -> None:
-        """Called once TLS is up and the session reset, before the STARTTLS hook."""

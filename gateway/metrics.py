@@ -59,25 +59,28 @@ def _escape(value: str) -> str:
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        method, _, rest = head.partition(b" ")
+        path = rest.split(b" ", 1)[0]
+        if method != b"GET":
+            status, body, ctype = "405 Method Not Allowed", b"method not allowed\n", "text/plain"
+        elif path.split(b"?", 1)[0] != b"/metrics":
+            status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+        else:
+            status, body = "200 OK", metrics.render().encode()
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-            method, _, rest = head.partition(b" ")
-            path = rest.split(b" ", 1)[0]
-            if method != b"GET":
-                status, body, ctype = "405 Method Not Allowed", b"method not allowed\n", "text/plain"
-            elif path.split(b"?", 1)[0] != b"/metrics":
-                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
-            else:
-                status, body = "200 OK", metrics.render().encode()
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode() + body
-            )
-            await writer.drain()
+            await respond(reader, writer)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
+            return  # a client that went away or sent no whole request: nothing to answer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

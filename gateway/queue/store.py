@@ -124,15 +124,8 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Pending]) -> None:
         factory = self._factory_of()
-        if len(batch) > 1:
-            try:
-                with write_connection(factory) as conn:
-                    _write(conn, batch)
-            except Exception:  # noqa: S110 - one member is at fault (e.g. a known dedupe key): each alone below
-                pass
-            else:
-                self._finish(batch)
-                return
+        if len(batch) > 1 and self._together(factory, batch):
+            return
         for it in batch:
             try:
                 with write_connection(factory) as conn:
@@ -142,6 +135,16 @@ class GroupCommit:
                 it.done = True
             else:
                 self._finish([it])
+
+    def _together(self, factory: sessionmaker[Session], batch: list[_Pending]) -> bool:
+        """Commit the whole batch in one transaction; False when it failed (each is then tried alone)."""
+        try:
+            with write_connection(factory) as conn:
+                _write(conn, batch)
+        except Exception:  # one member is at fault (e.g. a known dedupe key): the caller retries each alone
+            return False
+        self._finish(batch)
+        return True
 
     def _finish(self, members: list[_Pending]) -> None:
         with self._cond:

@@ -1,0 +1,45 @@
+"""The external programs the suite uses as independent oracles are installed and capable.
+
+A tool that is present but crippled passes a ``which`` check and fails far away: swaks without
+Net::SSLeay has no STARTTLS, and its TLS tests then fail with an unrelated-looking error. These
+checks name the missing capability and the package that brings it (``scripts/install-system-deps``
+installs them all).
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import subprocess
+
+import pytest
+
+
+def _run(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    return done.stdout + done.stderr
+
+
+def test_swaks_speaks_tls() -> None:
+    assert shutil.which("swaks"), "swaks is missing (apt-get install swaks)"
+    support = _run("swaks", "--support")
+    assert "=== TLS supported" in support, f"swaks has no TLS (apt-get install libnet-ssleay-perl libio-socket-ssl-perl):\n{support}"
+
+
+@pytest.mark.parametrize(("tool", "argv", "expect"), [
+    ("gpg", ["gpg", "--version"], "gpg (GnuPG) 2."),
+    ("openssl", ["openssl", "version"], "OpenSSL 3"),
+    ("curl", ["curl", "--version"], "curl "),
+])
+def test_oracle_tool_present(tool: str, argv: list[str], expect: str) -> None:
+    assert shutil.which(tool), f"{tool} is missing (scripts/install-system-deps installs it)"
+    assert expect in _run(*argv)
+
+
+def test_openssl_cms_available() -> None:
+    assert "Usage: cms" in _run("openssl", "cms", "-help") or "cms" in _run("openssl", "list", "-commands")
+
+
+def test_postgresql_server_binaries_present() -> None:
+    assert glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"), \
+        "PostgreSQL server is missing (apt-get install postgresql)"

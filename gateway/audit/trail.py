@@ -28,6 +28,8 @@ from sqlalchemy import Connection, Table, delete, func, insert, or_, select, tex
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.models import AuditRecord
+from gateway.audit.seal import Sealer
+from gateway.audit.storable import storable
 
 log = logging.getLogger("mssgw.audit")
 
@@ -103,7 +105,7 @@ def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     out: list[int] = []
     rows: list[dict[str, Any]] = []
-    for ev in events:
+    for ev in map(storable, events):  # never trust a caller to have escaped and cut its values
         seq += 1
         ts = ev.ts or datetime.now(UTC)
         fields = {
@@ -238,18 +240,33 @@ def count(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(AuditRecord)) or 0)
 
 
+class AuditUnavailable(Exception):
+    """The database cannot take audit records now (``flush`` of a writer that was not started)."""
+
+
+def unwritable(ev: AuditEvent, exc: BaseException) -> AuditEvent:
+    """What stands in for a record the database refused: that one was lost, and why (no content)."""
+    return AuditEvent("audit", "fail", rule="audit-unwritable", ts=ev.ts,
+                      detail={"lost_event": ev.event[:32], "error": type(exc).__name__})
+
+
 class AuditWriter:
     """Batches audit events from the event loop and writes them from a thread.
 
-    ``submit`` never blocks the SMTP conversation; ``flush`` waits until all
-    submitted events are committed (used at shutdown and by tests). When the
-    database cannot be written, the events are logged (without content) and kept
-    for the next attempt.
+    ``submit`` never blocks the SMTP conversation and makes each event storable
+    first (``storable``); ``flush`` waits until all submitted events are committed.
+    One bad record never wedges the trail: when a batch fails, its events are written
+    one by one, and an event the database still refuses is replaced by an
+    ``audit-unwritable`` record (if that too fails, the database is down: the events
+    are kept and retried, logged without content). ``close`` always finishes: after
+    ``close_timeout`` seconds of outage the events left are counted in the log and
+    dropped. With a ``sealer``, the trail is sealed periodically and at close.
     """
 
     def __init__(self, factory: sessionmaker[Session], *, max_batch: int = 500,
                  executor: Executor | None = None,
-                 sink: Callable[[Sequence[AuditEvent]], None] | None = None, linger: float = 0.05) -> None:
+                 sink: Callable[[Sequence[AuditEvent]], None] | None = None, linger: float = 0.05,
+                 sealer: Sealer | None = None, retry_delay: float = 1.0, close_timeout: float = 10.0) -> None:
         self._factory = factory
         self._max_batch = max_batch
         # Events wait up to ``linger`` seconds for others: one write transaction per burst
@@ -262,19 +279,27 @@ class AuditWriter:
         # group commits instead of competing with them for the database's write lock.
         self._sink = sink
         self._executor = executor
+        self._sealer = sealer
+        self._retry_delay = retry_delay
+        self._close_timeout = close_timeout
         self._pending: list[AuditEvent] = []
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._seal_task: asyncio.Task[None] | None = None
         self._closing = False
+        self.replaced = 0  # records the database refused, replaced by ``audit-unwritable`` (tests, metrics)
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+        if self._sealer is not None and self._seal_task is None:
+            self._seal_task = asyncio.get_running_loop().create_task(
+                self._sealer.run(self._executor), name="audit-sealer")
 
     def submit(self, *events: AuditEvent) -> None:
-        self._pending.extend(events)
+        self._pending.extend(map(storable, events))
         self._idle.clear()
         self._wakeup.set()
 
@@ -293,25 +318,70 @@ class AuditWriter:
         with self._factory() as session, session.begin():
             append(session, list(events))
 
+    async def _write(self, batch: list[AuditEvent]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)
+
+    async def _write_each(self, batch: list[AuditEvent]) -> list[AuditEvent]:
+        """Write the events one by one, replacing any the database refuses; returns those left
+        unwritten because the database is down (the stand-in record could not be written either)."""
+        for i, ev in enumerate(batch):
+            try:
+                await self._write([ev])
+            except Exception:
+                try:  # once more: a refusal that persists is the record's fault, not a hiccup
+                    await self._write([ev])
+                    continue
+                except Exception as again:
+                    exc = again
+                try:
+                    await self._write([unwritable(ev, exc)])
+                except Exception:
+                    return batch[i:]
+                self.replaced += 1
+                log.error("audit record refused by the database (%s); replaced by an audit-unwritable record",
+                          type(exc).__name__)
+        return []
+
     async def flush(self) -> None:
         if self._task is None:
             if self._pending:
                 batch, self._pending = self._pending, []
-                await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)
-                self._idle.set()
+                left = await self._write_batch(batch)
+                self._pending[0:0] = left
+                if left:
+                    raise AuditUnavailable(f"the audit trail cannot be written now ({len(left)} events kept)")
+            self._idle.set()
             return
         self._hurry.set()
         self._wakeup.set()
         await self._idle.wait()
 
+    async def _write_batch(self, batch: list[AuditEvent]) -> list[AuditEvent]:
+        try:
+            await self._write(batch)
+        except Exception:
+            return await self._write_each(batch)
+        return []
+
     async def close(self) -> None:
+        """Write what is pending (for at most ``close_timeout`` s of outage), seal, stop."""
         self._closing = True
-        await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        try:
+            await asyncio.wait_for(self.flush(), timeout=self._close_timeout)
+        except (TimeoutError, AuditUnavailable):
+            log.error("audit writer closed with %d events unwritten (database unavailable)", len(self._pending))
+        for task in (self._task, self._seal_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._seal_task = None
+        if self._sealer is not None:
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._executor, self._sealer.seal),
+                                       timeout=self._close_timeout)
+            except Exception as exc:  # the trail stays verifiable; its tail is reported unsealed
+                log.error("audit seal at shutdown failed error=%s", type(exc).__name__)
 
     async def _run(self) -> None:
         while True:
@@ -329,11 +399,9 @@ class AuditWriter:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: len(batch)]  # out of reach of ``take_pending`` while written
-                try:
-                    await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)
-                except Exception as exc:  # database hiccup: keep the events, retry shortly
-                    log.error("audit write failed (%s); %d events kept for retry", type(exc).__name__, len(batch))
-                    self._pending[0:0] = batch
-                    await asyncio.sleep(1.0)
-                    continue
+                left = await self._write_batch(batch)
+                if left:  # the database is down: keep the events, retry shortly
+                    log.error("audit write failed; %d events kept for retry", len(left))
+                    self._pending[0:0] = left
+                    await asyncio.sleep(self._retry_delay)
             self._idle.set()

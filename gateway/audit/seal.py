@@ -1,0 +1,278 @@
+"""Seals: signed checkpoints of the audit trail, kept outside the database.
+
+The hash chain alone proves nothing to someone who owns the database: the last
+records can be deleted, or a record edited and every later hash recomputed, and
+the chain still verifies. A seal fixes the trail's head at one moment: the head's
+sequence number, hash and timestamp, the first sequence number and the number of
+records, signed with the operator's private key (``tls.operator_key``, by default
+``pki/operator.key``; RSA-PSS or ECDSA with SHA-256). Seals are appended, one JSON
+line each, to ``HOME/audit/seals.jsonl`` (folder 0700, file 0600, fsynced, under
+an exclusive ``flock`` so the gateway and ``mssgw audit seal`` never interleave).
+Each line carries the SHA-256 of the line before it (``prev``), so a seal removed
+from the middle or reordered is seen; the signer's certificate is copied once to
+``audit/signers/<sha256>.pem`` so seals made before a certificate renewal still
+verify.
+
+The running gateway seals through ``AuditWriter`` (``Sealer.run``): when
+``every_records`` records were added or ``every_seconds`` passed with new ones, and
+once more at clean shutdown. Reading the head is one indexed query every
+``poll`` seconds; nothing is sealed when nothing changed.
+
+What a seal cannot see: records added after the last seal (reported as the
+unsealed tail) and seal lines cut from the end of the file by someone who can
+write the operator's home.
+
+Errors: ``SealError`` (no readable key or certificate, the seal file cannot be
+written); the message names the file, never key material.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from directory.db import read_session_factory
+from gateway.audit.models import AuditRecord
+from gateway.durable import fsync_dir, write_durably
+
+log = logging.getLogger("mssgw.audit")
+
+SEAL_VERSION = 1
+GENESIS = "0" * 64
+EVERY_RECORDS = 1000
+EVERY_SECONDS = 60.0
+POLL_SECONDS = 5.0
+_TAIL_READ = 64 * 1024  # a seal line is well under 1 KiB: the last one is in the file's last 64 KiB
+
+
+class SealError(Exception):
+    """Sealing is impossible: key, certificate or seal file; the message names the file."""
+
+
+def seals_path(home: Path) -> Path:
+    return home / "audit" / "seals.jsonl"
+
+
+def ts_text(ts: datetime) -> str:
+    if ts.tzinfo is None:  # SQLite returns naive datetimes: they are UTC
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def canonical(fields: dict[str, Any]) -> bytes:
+    """The signed bytes: the seal's fields but ``sig``, sorted, compact."""
+    body = {k: v for k, v in fields.items() if k != "sig"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def line_digest(line: str) -> str:
+    return hashlib.sha256(line.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def sign(key: Any, data: bytes) -> bytes:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256())
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    raise SealError("the operator key is neither RSA nor EC")
+
+
+def signature_holds(cert: x509.Certificate, data: bytes, sig: bytes) -> bool:
+    public = cert.public_key()
+    try:
+        if isinstance(public, rsa.RSAPublicKey):
+            public.verify(sig, data, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256())
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(sig, data, ec.ECDSA(hashes.SHA256()))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Head:
+    """The trail as a seal records it."""
+
+    head_seq: int
+    head_hash: str
+    head_ts: str
+    first_seq: int
+    count: int
+
+
+def read_head(session: Session) -> Head | None:
+    last = session.execute(
+        select(AuditRecord.seq, AuditRecord.hash, AuditRecord.ts).order_by(AuditRecord.seq.desc()).limit(1)
+    ).first()
+    if last is None:
+        return None
+    first, count = session.execute(
+        select(func.min(AuditRecord.seq), func.count()).where(AuditRecord.seq <= last[0])
+    ).one()
+    return Head(int(last[0]), str(last[1]), ts_text(last[2]), int(first), int(count))
+
+
+def _last_line(fd: int) -> str | None:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None
+    start = max(0, size - _TAIL_READ)
+    data = os.pread(fd, size - start, start)
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    return lines[-1].decode("utf-8", "surrogateescape") if lines else None
+
+
+def _private_dir(path: Path) -> None:
+    created = not path.exists()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    if created:
+        fsync_dir(path.parent)
+
+
+class Sealer:
+    """Appends signed seals of the trail's head to the seal file; thread-safe, one process or several."""
+
+    def __init__(self, factory: sessionmaker[Session], path: Path, cert_path: Path, key_path: Path, *,
+                 every_records: int = EVERY_RECORDS, every_seconds: float = EVERY_SECONDS,
+                 poll: float = POLL_SECONDS) -> None:
+        bind = factory.kw.get("bind")
+        # Reads only: on SQLite a read-only session never waits for (nor holds) the write lock.
+        self._reader = read_session_factory(bind) if isinstance(bind, Engine) else factory
+        self.path = path
+        self._cert_path = cert_path
+        self._key_path = key_path
+        self.every_records = every_records
+        self.every_seconds = every_seconds
+        self.poll = poll
+        self._lock = threading.Lock()
+        self._signer: tuple[Any, x509.Certificate, str] | None = None
+        self._sealed_seq = -1  # head of the last seal this process made or read
+        self._sealed_at = 0.0
+
+    @classmethod
+    def for_settings(cls, settings: Any, factory: sessionmaker[Session], **kwargs: Any) -> Sealer:
+        pki = settings.pki_dir
+        return cls(factory, seals_path(settings.home),
+                   settings.path("tls", "operator_cert", pki / "operator.pem"),
+                   settings.path("tls", "operator_key", pki / "operator.key"), **kwargs)  # fmt: skip
+
+    def _load_signer(self) -> tuple[Any, x509.Certificate, str]:
+        if self._signer is None:
+            try:
+                cert = x509.load_pem_x509_certificate(self._cert_path.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise SealError(f"cannot read the operator certificate {self._cert_path}: "
+                                f"{type(exc).__name__}") from None  # fmt: skip
+            try:
+                key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
+            except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only
+                raise SealError(f"cannot read the operator key {self._key_path}: {type(exc).__name__}") from None
+            self._signer = (key, cert, fingerprint(cert))
+        return self._signer
+
+    def _keep_signer_cert(self, cert: x509.Certificate, fp: str) -> None:
+        """Seals name their signer by fingerprint; its certificate stays next to them after a renewal."""
+        folder = self.path.parent / "signers"
+        target = folder / f"{fp}.pem"
+        if target.exists():
+            return
+        _private_dir(folder)
+        tmp = folder / f".{fp}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        write_durably(tmp, target, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
+
+    def due(self, head: Head) -> bool:
+        if head.head_seq <= self._sealed_seq:
+            return False
+        return (head.head_seq - self._sealed_seq >= self.every_records
+                or time.monotonic() - self._sealed_at >= self.every_seconds)  # fmt: skip
+
+    def seal(self, *, force: bool = True) -> dict[str, Any] | None:
+        """Seal the current head; returns the seal written, None when the head was already sealed
+        (or, with ``force=False``, when no seal is due yet) or the trail is empty."""
+        key, cert, fp = self._load_signer()
+        with self._lock:
+            with self._reader() as session:
+                head = read_head(session)
+            if head is None or (not force and not self.due(head)):
+                return None
+            _private_dir(self.path.parent)
+            self._keep_signer_cert(cert, fp)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # another process (mssgw audit seal) may be sealing
+                os.fchmod(fd, 0o600)
+                last = _last_line(fd)
+                if last is not None:
+                    try:
+                        previous = json.loads(last)
+                    except ValueError:
+                        previous = {}
+                    if previous.get("head_seq") == head.head_seq and previous.get("head_hash") == head.head_hash:
+                        self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
+                        return None
+                fields: dict[str, Any] = {
+                    "v": SEAL_VERSION, "sealed_at": ts_text(datetime.now(UTC)),
+                    "head_seq": head.head_seq, "head_hash": head.head_hash, "head_ts": head.head_ts,
+                    "first_seq": head.first_seq, "count": head.count,
+                    "signer": fp, "prev": line_digest(last) if last is not None else GENESIS,
+                }  # fmt: skip
+                fields["sig"] = base64.b64encode(sign(key, canonical(fields))).decode("ascii")
+                line = json.dumps(fields, sort_keys=True, separators=(",", ":")) + "\n"
+                os.write(fd, line.encode("ascii"))
+                os.fsync(fd)
+            except OSError as exc:
+                raise SealError(f"cannot write the seal file {self.path}: {exc.strerror or exc}") from None
+            finally:
+                os.close(fd)  # also releases the flock
+            self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
+            return fields
+
+    async def run(self, executor: Any = None) -> None:
+        """Seal periodically (the writer's companion task); a failure is logged and tried again."""
+        loop = asyncio.get_running_loop()
+        self._sealed_at = time.monotonic()
+        while True:
+            try:
+                await loop.run_in_executor(executor, lambda: self.seal(force=False))
+            except Exception as exc:  # database or file unavailable: the next poll tries again
+                log.error("audit seal failed error=%s", type(exc).__name__)
+            await asyncio.sleep(self.poll)
+
+
+def read_seals(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-empty line of the seal file."""
+    try:
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                text = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+                if text.strip():
+                    yield number, text
+    except FileNotFoundError:
+        return

@@ -59,6 +59,7 @@ class Recipient:
     address: str
     state: RecipientState
     attempts: int
+    protection: str | None = None  # "released-by-admin": delivered as is, never judged again
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Job:
     message_id: str | None
     related_id: str | None
     recipients: tuple[Recipient, ...]
+    claim_gen: int = 0  # the claim's fencing token: outcomes count only while it is current
 
     @property
     def pending(self) -> list[Recipient]:
@@ -93,8 +95,9 @@ class Job:
             created_at=as_utc(msg["created_at"]), expires_at=as_utc(msg["expires_at"]),
             warned_at=as_utc(msg["warned_at"]) if msg["warned_at"] else None,
             peer_operator=msg["peer_operator"], message_id=msg["message_id"], related_id=msg["related_id"],
-            recipients=tuple(Recipient(r["address"], RecipientState(r["state"]), r["attempts"])
+            recipients=tuple(Recipient(r["address"], RecipientState(r["state"]), r["attempts"], r.get("protection"))
                              for r in msg["recipients"]),
+            claim_gen=int(msg.get("claim_gen") or 0),
         )  # fmt: skip
 
 
@@ -172,7 +175,7 @@ class Context:
                      detail: dict[str, Any] | None = None) -> None:  # fmt: skip
         ev = AuditEvent(
             event, outcome, actor=self.actor, sender=job.sender or "<>", recipient=address, queue_id=job.id,
-            reply=reply[:300], detail={"kind": job.kind, "origin": job.origin, **(detail or {})},
+            reply=audit_reply(reply), detail={"kind": job.kind, "origin": job.origin, **(detail or {})},
         )  # fmt: skip
         batch = self.batches.get(job.id)
         if batch is not None:
@@ -240,6 +243,21 @@ class Context:
         action = "delayed" if all(r.action == "delayed" for r in recipients) else "failed"
         return await self.enqueue_receipt(job, dsn, kind="dsn", to=job.sender, event=f"dsn-{action}",
                                           detail={"recipients": [r.address for r in recipients]})  # fmt: skip
+
+
+AUDIT_REPLY_LEN = 64  # gateway.audit.models.AuditRecord.reply: String(64)
+
+
+def audit_reply(reply: str) -> str:
+    """The reply as the audit's ``reply`` column holds it: code and enhanced status ("451 4.4.1").
+
+    The column is String(64): PostgreSQL refuses a longer value (StringDataRightTruncation),
+    which after a successful relay would roll back the outcome and resend the message.  The
+    full reply stays in the recipient's ``last_reply`` (Text).
+    """
+    parts = reply.split(None, 2)
+    short = " ".join(parts[:2]) if len(parts) >= 2 and parts[0].isdigit() else reply
+    return short[:AUDIT_REPLY_LEN]
 
 
 def route_for(session: Session, domain: str) -> Route | None:

@@ -33,7 +33,7 @@ from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_re
 from gateway.delivery.relay import Attempt, dn_equal
 from gateway.process.common import Context, Job
 from gateway.process.outbound import defer_or_bounce
-from gateway.queue.models import RecipientState
+from gateway.queue.models import RELEASED, RecipientState
 
 __all__ = ["annotate", "open_job", "process_inbound"]
 
@@ -184,17 +184,22 @@ def _domain_bound(ctx: Context, result: SecurityResult) -> SecurityResult:
 
 
 async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
-    pending = [r.address for r in job.pending]
-    if not pending:
+    released = [r.address for r in job.pending if r.protection == RELEASED]
+    pending = [r.address for r in job.pending if r.protection != RELEASED]
+    if not pending and not released:
         return
     now = ctx.now()
-    inner, result = await _open(ctx, data, pending, now)
+    inner, result = await _open(ctx, data, pending or released, now)
     if result.failure == "from-mismatch":
         result = await ctx.io(_domain_bound, ctx, result)
     accept = result.ok or (
         not ctx.settings.get("crypto", "require_signature_inbound")
         and result.failure == "not-signed" and result.decrypted_ok and inner is not None
     )  # fmt: skip
+    if released:
+        await _deliver_released(ctx, job, data, inner, result, released)
+    if not pending:
+        return
     await ctx.set_security(job, result.audit_fields())
     if not accept or inner is None:
         await _quarantine(ctx, job, data, inner, result, pending)
@@ -217,6 +222,27 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
                          detail={"verdict": result.verdict, "signer": result.signer_email})  # fmt: skip
         delivered.append(addr)
     await _processed_mdns(ctx, job, inner, delivered)
+
+
+async def _deliver_released(ctx: Context, job: Job, data: bytes, inner: bytes | None, result: SecurityResult,
+                            released: list[str]) -> None:  # fmt: skip
+    """An admin released these recipients from quarantine: deliver the message as it is, once.
+
+    No new verdict and no second failure notice: the quarantine's verification result goes
+    in the Authentication-Results header (what could be opened is delivered, else the bytes
+    received), no banner, and the release is in the audit trail (``quarantine-release``).
+    """
+    body = annotate(inner if inner is not None else data, result, authserv_id=ctx.settings.hostname, banner=False)
+    for addr in released:
+        try:
+            await ctx.io(ctx.local.deliver, addr, body, folder="INBOX")
+        except Exception as exc:
+            reason = f"local delivery failed: {type(exc).__name__}"
+            await defer_or_bounce(ctx, job, data, [Attempt(addr, 451, "4.3.0", reason)], RELEASED)
+            continue
+        await ctx.record(job, addr, RecipientState.DELIVERED, reply="250 2.0.0 released by an admin and delivered",
+                         event="delivered-released", outcome="accept", protection=RELEASED,
+                         detail={"verdict": result.verdict, "failure": result.failure})  # fmt: skip
 
 
 async def _open(ctx: Context, data: bytes, pending: list[str], now: _dt.datetime) -> tuple[bytes | None, SecurityResult]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from directory.models import Base, utcnow
@@ -29,6 +29,29 @@ class RecipientState(enum.StrEnum):
         return self in {RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.DELETED}
 
 
+_S = RecipientState
+#: THE table of recipient states: which state may follow which.  Final states have no way out;
+#: quarantine leaves only by an admin's release (back to queued) or delete.  Every writer of a
+#: recipient's state (worker outcomes, admin commands) asks ``may_move``.
+TRANSITIONS: dict[RecipientState, frozenset[RecipientState]] = {
+    _S.QUEUED: frozenset({_S.DEFERRED, _S.DELIVERED, _S.BOUNCED, _S.QUARANTINED, _S.DELETED}),
+    _S.DEFERRED: frozenset({_S.DEFERRED, _S.DELIVERED, _S.BOUNCED, _S.QUARANTINED, _S.DELETED}),
+    _S.QUARANTINED: frozenset({_S.QUEUED, _S.DELETED}),
+    _S.DELIVERED: frozenset(),
+    _S.BOUNCED: frozenset(),
+    _S.DELETED: frozenset(),
+}
+#: The protection of a recipient an admin released from quarantine: delivered as is, never re-judged.
+RELEASED = "released-by-admin"
+#: States a worker still has something to do for.
+PENDING = frozenset({_S.QUEUED, _S.DEFERRED})
+
+
+def may_move(old: RecipientState | str, new: RecipientState | str) -> bool:
+    """Whether a recipient in state ``old`` may be put in state ``new`` (``TRANSITIONS``)."""
+    return RecipientState(new) in TRANSITIONS[RecipientState(old)]
+
+
 class QueuedMessage(Base):
     __tablename__ = "queue_messages"
 
@@ -41,7 +64,7 @@ class QueuedMessage(Base):
     client_address: Mapped[str | None] = mapped_column(String(64))
     peer_operator: Mapped[str | None] = mapped_column(String(253))  # inbound: the sending domain
     message_id: Mapped[str | None] = mapped_column(String(998))  # the Message-ID header
-    dedupe_key: Mapped[str | None] = mapped_column(String(400), unique=True)
+    dedupe_key: Mapped[str | None] = mapped_column(String(400), index=True)  # per recipient: QueueDedupe
     related_id: Mapped[str | None] = mapped_column(String(32), index=True)  # receipts: the original
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -51,7 +74,13 @@ class QueuedMessage(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Bumped by every claim: the fencing token a worker's outcomes must still carry to be applied.
+    claim_gen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     done: Mapped[bool] = mapped_column(default=False)  # every recipient final
+    #: Nothing for a worker to do until an admin acts (every recipient final or quarantined): never claimed.
+    parked: Mapped[bool] = mapped_column(default=False, server_default=false())
+    #: When the spool bytes were removed (every recipient final); None while they are kept.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     security: Mapped[str | None] = mapped_column(Text)  # inbound: verification result (JSON)
 
     recipients: Mapped[list[QueuedRecipient]] = relationship(
@@ -59,6 +88,18 @@ class QueuedMessage(Base):
     )
 
     __table_args__ = (Index("ix_queue_ready", "done", "next_attempt_at"),)
+
+
+class QueueDedupe(Base):
+    """One row per (dedupe key, recipient) already accepted: a peer's retransmission is
+    stored for the recipients not yet accepted only (a key alone would drop the others)."""
+
+    __tablename__ = "queue_dedupe"
+
+    dedupe_key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    recipient: Mapped[str] = mapped_column(String(320), primary_key=True)  # lower-cased address
+    queue_id: Mapped[str] = mapped_column(ForeignKey("queue_messages.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class QueuedRecipient(Base):

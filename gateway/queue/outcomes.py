@@ -8,11 +8,18 @@ the messages of several workers at once (group commit: one lock and one fsync fo
 flag follows its recipients; the next attempt of what is still pending is asked of
 ``schedule(attempts)`` (the worker's backoff, capped at the expiry).
 
-Semantics are those of ``QueueStore.set_recipient_state`` then ``QueueStore.release``: outcomes
-are written even when the lease was lost in the meantime (what happened on the wire happened),
-the claim is only cleared when it is still ours.  A crash before the commit loses the outcomes
-and the lease expires: the message is redone (at least once; peers drop the duplicate by its
-dedupe key).
+Every state change obeys ``gateway.queue.models.TRANSITIONS``: a final state stays final (a late
+DEFERRED never overwrites DELIVERED or DELETED); a refused change is logged and skipped.  The
+claim generation is the fencing token: the outcomes of a worker whose lease was taken over
+(the row's ``claim_gen`` moved on) are discarded, since the new holder redoes the message; the
+claim is only cleared when it is still ours.  A crash before the commit loses the outcomes and
+the lease expires: the message is redone (at least once; peers drop the duplicate by its
+dedupe key, per recipient).
+
+A message whose recipients are all final is marked ``done`` and its spool bytes are removed
+(``purge``, after the commit: the row says done before the bytes go, so removed bytes are
+never claimable; a crash in between leaves a file ``QueueStore.sweep_orphans`` removes).
+Quarantined messages with nothing pending are ``parked``: never claimed until released.
 
 Errors: database errors propagate (the worker logs them; the lease then expires and the
 message is retried).  An outcome for an address the message does not have is logged and
@@ -35,13 +42,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
-from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
+from gateway.queue.models import PENDING, QueuedMessage, QueuedRecipient, RecipientState, may_move
 
-__all__ = ["Outcome", "OutcomeBatch", "Pending", "commit", "commit_many"]
+__all__ = ["Outcome", "OutcomeBatch", "Pending", "commit", "commit_many", "fold_state"]
 
 log = logging.getLogger("mssgw.outcomes")
 
-_PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
+Purge = Callable[[Sequence[str]], None]  # removes the spool files of these spool names
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,14 @@ class OutcomeBatch:
 
 
 def commit(factory: sessionmaker[Session], queue_id: str, worker: str | None, batch: OutcomeBatch, *,
-           schedule: Callable[[int], _dt.datetime] | None = None) -> bool:  # fmt: skip
+           schedule: Callable[[int], _dt.datetime] | None = None, gen: int | None = None,
+           purge: Purge | None = None) -> bool:  # fmt: skip
     """Write ``batch`` and, when ``worker`` still holds the claim, release it; one transaction.
 
     ``worker=None`` writes the batch and leaves the claim alone.  Returns whether the message is
     done (every recipient final).
     """
-    return commit_many(factory, [Pending(queue_id, worker, batch, schedule)])[0]
+    return commit_many(factory, [Pending(queue_id, worker, batch, schedule, gen)], purge=purge)[0]
 
 
 @dataclass(frozen=True)
@@ -85,9 +93,21 @@ class Pending:
     worker: str | None
     batch: OutcomeBatch
     schedule: Callable[[int], _dt.datetime] | None = None
+    gen: int | None = None  # the claim generation the worker holds (None: not fenced, e.g. an admin)
 
 
-def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> list[bool]:
+def fold_state(message: dict[str, Any], rows: Sequence[dict[str, Any]], now: _dt.datetime) -> dict[str, Any]:
+    """The message columns its recipients' states imply: ``done``, ``parked`` and, when done, ``purged_at``."""
+    states = [RecipientState(r["state"]) for r in rows]
+    done = all(s.final for s in states)
+    parked = not done and not any(s in PENDING for s in states)
+    out: dict[str, Any] = {"done": done, "parked": parked}
+    if done and message.get("purged_at") is None:
+        out["purged_at"] = now
+    return out
+
+
+def commit_many(factory: sessionmaker[Session], items: Sequence[Pending], *, purge: Purge | None = None) -> list[bool]:
     """``commit`` for several messages in one transaction (group commit: one fsync, one lock).
 
     Plain Core statements (two reads, two executemany updates, the audit insert): the worker
@@ -101,7 +121,7 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> lis
         lock = conn.dialect.name == "postgresql"
         claims, rows = (_CLAIMS_FOR_UPDATE, _ROWS_FOR_UPDATE) if lock else (_CLAIMS, _ROWS)
         params = {"ids": ids}
-        claimed_by: dict[str, str | None] = {row[0]: row[1] for row in conn.execute(claims, params)}
+        heads: dict[str, dict[str, Any]] = {row["id"]: dict(row) for row in conn.execute(claims, params).mappings()}
         recipients: dict[str, list[dict[str, Any]]] = {}
         for row in conn.execute(rows, params).mappings():
             recipients.setdefault(row["message_id"], []).append(dict(row))
@@ -110,26 +130,34 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending]) -> lis
         results: list[bool] = []
         events: list[AuditEvent] = []
         for item in items:
-            if item.queue_id not in claimed_by:
+            if item.queue_id not in heads:
                 log.warning("outcomes for %s dropped: no such message", item.queue_id)
                 results.append(True)
                 continue
-            done, update = _apply(recipients.get(item.queue_id, []), claimed_by[item.queue_id], item, changed)
-            claimed_by[item.queue_id] = update.get("claimed_by", claimed_by[item.queue_id])
+            done, update = _apply(recipients.get(item.queue_id, []), heads[item.queue_id], item, changed, now)
+            if item.gen is not None and heads[item.queue_id]["claim_gen"] != item.gen:
+                events.append(AuditEvent("outcome-fenced", "info", actor=item.worker or "", queue_id=item.queue_id,
+                                         detail={"claim_gen": item.gen}))  # fmt: skip
+            else:
+                events.extend(item.batch.events)
+            heads[item.queue_id] = {**heads[item.queue_id], **update}
             messages.append(update)
-            events.extend(item.batch.events)
             results.append(done)
         if changed:
             conn.execute(_RECIPIENT_UPDATE, [{**row, "updated_at": now} for row in changed.values()])
         for keys, group in _by_keys(messages).items():
             conn.execute(_message_update(keys), group)
         append(conn, events)
-        return results
+        purged = [h["spool_name"] for h in heads.values() if h.get("purged_at") == now]
+    if purged and purge is not None:
+        purge(purged)
+    return results
 
 
 _MESSAGES = cast(Table, QueuedMessage.__table__)
 _RECIPIENTS = cast(Table, QueuedRecipient.__table__)
-_CLAIMS = _select(_MESSAGES.c.id, _MESSAGES.c.claimed_by).where(_MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+_CLAIMS = _select(_MESSAGES.c.id, _MESSAGES.c.claimed_by, _MESSAGES.c.claim_gen, _MESSAGES.c.spool_name,
+                  _MESSAGES.c.purged_at).where(_MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
 _ROWS = (
     _select(_RECIPIENTS.c.id, _RECIPIENTS.c.message_id, _RECIPIENTS.c.address, _RECIPIENTS.c.state,
             _RECIPIENTS.c.attempts, _RECIPIENTS.c.last_reply, _RECIPIENTS.c.protection)
@@ -165,15 +193,24 @@ def _by_keys(messages: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[
     return groups
 
 
-def _apply(rows: list[dict[str, Any]], claimed_by: str | None, item: Pending,
-           changed: dict[int, dict[str, Any]]) -> tuple[bool, dict[str, Any]]:  # fmt: skip
+def _apply(rows: list[dict[str, Any]], head: dict[str, Any], item: Pending,
+           changed: dict[int, dict[str, Any]], now: _dt.datetime) -> tuple[bool, dict[str, Any]]:  # fmt: skip
     """Fold ``item``'s outcomes into its recipient ``rows``; returns (done, the message's new columns)."""
     batch = item.batch
+    claimed_by = head["claimed_by"]
+    fenced = item.gen is not None and head.get("claim_gen") != item.gen
+    if fenced:  # our lease was taken over: the new holder redoes the message, our verdict is void
+        log.warning("outcomes for %s discarded: claim generation %s, now %s", item.queue_id, item.gen,
+                    head.get("claim_gen"))
     by_address = {r["address"]: r for r in rows}
-    for out in batch.outcomes:
+    for out in () if fenced else batch.outcomes:
         row = by_address.get(out.address)
         if row is None:
             log.warning("no recipient %s on message %s: outcome skipped", out.address, item.queue_id)
+            continue
+        if not may_move(row["state"], out.state):
+            log.warning("recipient of %s stays %s: %s refused by the state table", item.queue_id,
+                        RecipientState(row["state"]).value, out.state.value)
             continue
         row["state"] = out.state
         if out.count_attempt:
@@ -181,17 +218,17 @@ def _apply(rows: list[dict[str, Any]], claimed_by: str | None, item: Pending,
         if out.reply is not None:
             row["last_reply"] = out.reply[:2000]
         if out.protection is not None:
-            row["protection"] = out.protection
+            row["protection"] = out.protection[:32]
         changed[row["id"]] = {"rid": row["id"], "new_state": RecipientState(row["state"]),
                               "new_attempts": row["attempts"], "new_reply": row["last_reply"],
                               "new_protection": row["protection"]}  # fmt: skip
-    done = all(RecipientState(r["state"]).final for r in rows)
-    update_: dict[str, Any] = {"mid": item.queue_id, "done": done}
-    if batch.security is not None:
+    update_: dict[str, Any] = {"mid": item.queue_id, **fold_state(head, rows, now)}
+    done = bool(update_["done"])
+    if batch.security is not None and not fenced:
         update_["security"] = json.dumps(batch.security, sort_keys=True, default=str)
-    if item.worker is not None and claimed_by == item.worker:
+    if item.worker is not None and claimed_by == item.worker and not fenced:
         update_.update(claimed_by=None, lease_until=None)
-        pending = [r for r in rows if RecipientState(r["state"]) in _PENDING]
+        pending = [r for r in rows if RecipientState(r["state"]) in PENDING]
         if pending and item.schedule is not None:
             update_["next_attempt_at"] = item.schedule(max(r["attempts"] or 0 for r in pending))
     return done, update_

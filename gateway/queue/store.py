@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -39,7 +40,17 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
 from gateway.durable import write_durably
-from gateway.queue.models import QueuedMessage, QueuedRecipient, RecipientState
+from gateway.queue.models import (
+    RELEASED,
+    QueueDedupe,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientState,
+    may_move,
+)
+from gateway.queue.outcomes import fold_state
+
+log = logging.getLogger("mssgw.queue")
 
 
 class QueueError(Exception):
@@ -77,12 +88,21 @@ class _Pending:
     events: list[AuditEvent] = field(default_factory=list)
     done: bool = False
     error: BaseException | None = None
+    #: Per-recipient dedupe: the recipients offered (``recipients`` keeps those not yet accepted
+    #: under ``message["dedupe_key"]``, decided anew in each transaction that writes the item).
+    offered: list[dict[str, Any]] = field(default_factory=list)
+    duplicate_of: str | None = None  # every recipient was already accepted, by this queue id
 
 
 _MESSAGES = cast(Table, QueuedMessage.__table__)
 _RECIPIENTS = cast(Table, QueuedRecipient.__table__)
+_DEDUPE = cast(Table, QueueDedupe.__table__)
 _INSERT_MESSAGES = insert(_MESSAGES)
 _INSERT_RECIPIENTS = insert(_RECIPIENTS)
+_INSERT_DEDUPE = insert(_DEDUPE)
+_DEDUPE_OF = select(_DEDUPE.c.dedupe_key, _DEDUPE.c.recipient, _DEDUPE.c.queue_id).where(
+    _DEDUPE.c.dedupe_key.in_(bindparam("keys", expanding=True))
+)
 
 
 class GroupCommit:
@@ -154,24 +174,64 @@ class GroupCommit:
             it.done = True
 
 
+def dedupe_recipient(address: str) -> str:
+    """The form of an address in ``queue_dedupe`` (domains and our mailboxes are case-blind)."""
+    return address.strip().lower()[:320]
+
+
+def _dedupe(conn: Connection, batch: Sequence[_Pending]) -> list[dict[str, Any]]:
+    """Keep, for each keyed item, the recipients not accepted yet; returns the dedupe rows to insert.
+
+    Read in the writing transaction, so a concurrent copy on another node either committed
+    first (its recipients are seen and dropped here) or meets the primary key and is retried.
+    """
+    keyed = [it for it in batch if it.message is not None and it.message.get("dedupe_key")]
+    if not keyed:
+        return []
+    keys = list({it.message["dedupe_key"] for it in keyed if it.message is not None})
+    seen: dict[tuple[str, str], str] = {
+        (row[0], row[1]): row[2] for row in conn.execute(_DEDUPE_OF, {"keys": keys})
+    }
+    rows: list[dict[str, Any]] = []
+    for it in keyed:
+        assert it.message is not None
+        key, queue_id = it.message["dedupe_key"], it.message["id"]
+        fresh = [r for r in it.offered if (key, dedupe_recipient(r["address"])) not in seen]
+        it.recipients = fresh
+        it.duplicate_of = None
+        if not fresh:
+            it.duplicate_of = next(seen[(key, dedupe_recipient(r["address"]))] for r in it.offered)
+            continue
+        for r in fresh:
+            seen[(key, dedupe_recipient(r["address"]))] = queue_id
+            rows.append({"dedupe_key": key, "recipient": dedupe_recipient(r["address"]), "queue_id": queue_id,
+                         "created_at": it.message["created_at"]})  # fmt: skip
+    return rows
+
+
 def _write(conn: Connection, batch: Sequence[_Pending]) -> None:
     """Bulk inserts (Core executemany) of the batch's messages, recipients and audit records."""
-    messages = [it.message for it in batch if it.message is not None]
+    dedupe_rows = _dedupe(conn, batch)
+    messages = [it.message for it in batch if it.message is not None and it.duplicate_of is None]
     if messages:
         conn.execute(_INSERT_MESSAGES, messages)
-    recipients = [r for it in batch for r in it.recipients]
+    if dedupe_rows:
+        conn.execute(_INSERT_DEDUPE, dedupe_rows)
+    recipients = [r for it in batch if it.duplicate_of is None for r in it.recipients]
     if recipients:
         conn.execute(_INSERT_RECIPIENTS, recipients)
-    events = [ev for it in batch for ev in it.events]
+    events = [ev for it in batch if it.duplicate_of is None for ev in it.events]
     if events:
         append(conn, events)
 
 
-#: Ready messages: not done, due, and not leased (or the lease ran out), oldest due first.
+#: Ready messages: not done, not parked (quarantine), due, and not leased (or the lease ran
+#: out), oldest due first.  A purged message is done (same transaction), so never ready.
 _READY = (
     select(_MESSAGES.c.id)
     .where(
         _MESSAGES.c.done.is_(False),
+        _MESSAGES.c.parked.is_(False),
         _MESSAGES.c.next_attempt_at <= bindparam("now", type_=_MESSAGES.c.next_attempt_at.type),
         or_(_MESSAGES.c.lease_until.is_(None),
             _MESSAGES.c.lease_until < bindparam("now", type_=_MESSAGES.c.lease_until.type)),
@@ -184,7 +244,8 @@ _LEASE = (
     update(_MESSAGES)
     .where(_MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
     .values(claimed_by=bindparam("worker", type_=_MESSAGES.c.claimed_by.type),
-            lease_until=bindparam("lease_until", type_=_MESSAGES.c.lease_until.type))
+            lease_until=bindparam("lease_until", type_=_MESSAGES.c.lease_until.type),
+            claim_gen=_MESSAGES.c.claim_gen + 1)
     .returning(*_MESSAGES.c)
 )  # fmt: skip
 _RECIPIENTS_OF = (
@@ -265,6 +326,7 @@ class QueueStore:
                 "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "spool_name": queue_id,
                 "expires_at": now + self.lifetime, "warned_at": None, "next_attempt_at": now,
                 "claimed_by": claimed_by, "lease_until": now + self.lease if claimed_by else None, "done": False,
+                "parked": False, "purged_at": None, "claim_gen": 0,
                 "security": json.dumps(security, sort_keys=True) if security else None,
             },
             recipients=[
@@ -274,19 +336,23 @@ class QueueStore:
             ],
             events=events,
         )  # fmt: skip
+        item.offered = list(item.recipients)
         self.group.run(item)
+        if isinstance(item.error, IntegrityError) and dedupe_key is not None:
+            # Another node accepted a copy for some of these recipients meanwhile: decide again
+            # against what it committed (the transaction re-reads the dedupe rows).
+            item.done, item.error = False, None
+            self.group.run(item)
         error = item.error
         if isinstance(error, IntegrityError):
             path.unlink(missing_ok=True)
-            if dedupe_key is not None:
-                with self._factory() as session:
-                    existing = session.scalar(select(QueuedMessage.id).where(QueuedMessage.dedupe_key == dedupe_key))
-                if existing is not None:
-                    return Enqueued(existing, duplicate=True)
             raise QueueError("the queue refused the message (conflict); try again") from None
         if error is not None:
             path.unlink(missing_ok=True)
             raise QueueError(f"the queue database cannot store the message ({type(error).__name__})") from error
+        if item.duplicate_of is not None:  # every recipient already accepted: stored nowhere
+            path.unlink(missing_ok=True)
+            return Enqueued(item.duplicate_of, duplicate=True)
         assert item.message is not None
         return Enqueued(queue_id, row={**item.message, "recipients": item.recipients})
 
@@ -304,6 +370,9 @@ class QueueStore:
             msg = session.get(QueuedMessage, queue_id)
             if msg is None:
                 raise QueueError(f"no message {queue_id} in the queue")
+            if msg.purged_at is not None:
+                raise QueueError(f"the bytes of {queue_id} were removed when it was finished "
+                                 f"({as_utc(msg.purged_at).isoformat(timespec='seconds')})")  # fmt: skip
             name = msg.spool_name
         try:
             return self.spool_path(name).read_bytes()
@@ -311,15 +380,18 @@ class QueueStore:
             raise QueueError(f"spool file of {queue_id} cannot be read ({exc.strerror})") from exc
 
     def sweep_orphans(self, older_than: float = 3600.0) -> int:
-        """Remove spool files with no queue row (a crash before commit); they were never acknowledged."""
+        """Remove spool files with no queue row (a crash before commit; never acknowledged) or
+        whose message is finished (a crash between the final commit and ``purge_spool``)."""
         removed = 0
         cutoff = time.time() - older_than
         with self._factory() as session:
             for path in self.spool_dir.glob("*/*"):
-                if path.stat().st_mtime > cutoff:
-                    continue
                 name = path.name.lstrip(".").removesuffix(".tmp")
-                if path.name.endswith(".tmp") or session.get(QueuedMessage, name) is None:
+                msg = None if path.name.endswith(".tmp") else session.get(QueuedMessage, name)
+                finished = msg is not None and msg.purged_at is not None
+                if not finished and path.stat().st_mtime > cutoff:
+                    continue
+                if msg is None or finished:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
@@ -351,6 +423,17 @@ class QueueStore:
                 rows[row["message_id"]]["recipients"].append(dict(row))
         return [rows[i] for i in ids if i in rows]
 
+    def renew(self, queue_id: str, worker: str, claim_gen: int, now: datetime | None = None) -> bool:
+        """Extend ``worker``'s lease on ``queue_id`` if it still holds claim ``claim_gen``; whether it does."""
+        now = now or now_utc()
+        with write_connection(self._factory) as conn:
+            result = conn.execute(
+                update(_MESSAGES)
+                .where(_MESSAGES.c.id == queue_id, _MESSAGES.c.claimed_by == worker, _MESSAGES.c.claim_gen == claim_gen)
+                .values(lease_until=now + self.lease)
+            )  # fmt: skip
+            return bool(result.rowcount)
+
     def release(self, queue_id: str, worker: str, *, next_attempt_at: datetime | None = None) -> None:
         """Give a claim back, done or to be retried at ``next_attempt_at``."""
         with self._factory() as session, session.begin():
@@ -359,9 +442,10 @@ class QueueStore:
                 return
             msg.claimed_by = None
             msg.lease_until = None
-            msg.done = all(r.state.final for r in msg.recipients)
+            purged = self._fold(msg)
             if next_attempt_at is not None:
                 msg.next_attempt_at = next_attempt_at
+        self.purge_spool(purged)
 
     def set_recipient_state(
         self,
@@ -380,6 +464,9 @@ class QueueStore:
             )
             if row is None:
                 raise QueueError(f"no recipient {address} on message {queue_id}")
+            if not may_move(row.state, state):
+                raise QueueError(f"recipient {address} of {queue_id} is {row.state.value}: it cannot become "
+                                 f"{RecipientState(state).value}")  # fmt: skip
             row.state = state
             if count_attempt:
                 row.attempts += 1
@@ -389,8 +476,29 @@ class QueueStore:
                 row.protection = protection
             append(session, list(audit_events))
             session.flush()
-            msg = row.message
-            msg.done = all(r.state.final for r in msg.recipients)
+            purged = self._fold(row.message)
+        self.purge_spool(purged)
+
+    def _fold(self, msg: QueuedMessage) -> list[str]:
+        """Set ``done``/``parked``/``purged_at`` from the recipients; the spool names to remove after commit."""
+        cols = fold_state({"purged_at": msg.purged_at}, [{"state": r.state} for r in msg.recipients], now_utc())
+        msg.done, msg.parked = cols["done"], cols["parked"]
+        if "purged_at" in cols:
+            msg.purged_at = cols["purged_at"]
+            return [msg.spool_name]
+        return []
+
+    def purge_spool(self, spool_names: Sequence[str]) -> None:
+        """Remove the bytes of finished messages (their rows already say ``purged_at``).
+
+        Called after the commit that made them final: a crash before this leaves files that
+        ``sweep_orphans`` removes; a message whose bytes are gone is never claimable.
+        """
+        for name in spool_names:
+            try:
+                self.spool_path(name).unlink(missing_ok=True)
+            except OSError as exc:  # left for sweep_orphans
+                log.warning("spool file %s could not be removed (%s)", name, exc.strerror)
 
     # --- admin -------------------------------------------------------------------------------
 
@@ -446,15 +554,14 @@ class QueueStore:
                 raise QueueError(f"no message {queue_id} in the queue")
             touched = 0
             for r in msg.recipients:
-                if not r.state.final:
+                if may_move(r.state, RecipientState.DELETED):
                     r.state = RecipientState.DELETED
                     r.last_reply = f"deleted by {actor}: {reason}"[:2000]
                     touched += 1
-            msg.done = True
+            purged = self._fold(msg)
             append(session, [AuditEvent("queue-delete", "info", queue_id=queue_id, actor=actor,
                                         detail={"reason": reason, "recipients": touched})])
-            name = msg.spool_name
-        self.spool_path(name).unlink(missing_ok=True)
+        self.purge_spool(purged)
         return touched
 
     def quarantined(self, limit: int = 200) -> builtins.list[dict[str, Any]]:
@@ -468,15 +575,19 @@ class QueueStore:
                 raise QueueError(f"no message {queue_id} in the queue")
             released = 0
             for r in msg.recipients:
-                if r.state == RecipientState.QUARANTINED:
+                if r.state == RecipientState.QUARANTINED and may_move(r.state, RecipientState.QUEUED):
                     r.state = RecipientState.QUEUED
-                    r.protection = "released-by-admin"
+                    r.protection = RELEASED
+                    r.last_reply = f"released from quarantine by {actor}"[:2000]
                     released += 1
             if not released:
                 raise QueueError(f"message {queue_id} is not in quarantine")
-            msg.done = False
+            self._fold(msg)
             msg.next_attempt_at = now_utc()
-            append(session, [AuditEvent("quarantine-release", "info", queue_id=queue_id, actor=actor)])
+            msg.claimed_by = None
+            msg.lease_until = None
+            append(session, [AuditEvent("quarantine-release", "info", queue_id=queue_id, actor=actor,
+                                        detail={"recipients": released})])  # fmt: skip
             return released
 
 
@@ -491,6 +602,7 @@ def message_dict(msg: QueuedMessage, *, detail: bool = False, receipts: Sequence
         "recipients": len(msg.recipients),
         "size": msg.size,
         "state": "done" if msg.done else ",".join(states),
+        "bytes": "removed" if msg.purged_at is not None else "kept",
     }
     if detail:
         data.update(
@@ -503,6 +615,8 @@ def message_dict(msg: QueuedMessage, *, detail: bool = False, receipts: Sequence
                 "expires_at": as_utc(msg.expires_at).isoformat(timespec="seconds"),
                 "next_attempt_at": as_utc(msg.next_attempt_at).isoformat(timespec="seconds"),
                 "claimed_by": msg.claimed_by,
+                "parked": msg.parked,
+                "bytes_removed_at": as_utc(msg.purged_at).isoformat(timespec="seconds") if msg.purged_at else None,
                 "related_id": msg.related_id,
                 "security": json.loads(msg.security) if msg.security else None,
                 "recipient_states": [

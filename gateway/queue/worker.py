@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as _dt
+import functools
 import logging
 import os
 import random
@@ -343,6 +344,7 @@ class Workers:
             return
         t_start = time.perf_counter()
         self.ctx.collect(job)
+        renewer = asyncio.create_task(self._renew(job), name=f"mssgw-renew-{job.id}")
         try:
             if job.origin == "inbound":
                 from gateway.process.inbound import process_inbound
@@ -357,12 +359,30 @@ class Workers:
             batch = self._failed(job, self.ctx.collected(job), exc)
         else:
             batch = self.ctx.collected(job)
+        finally:
+            renewer.cancel()
         t_processed = time.perf_counter()
         done = await self._commit(job, batch)
         t_end = time.perf_counter()
         log.debug("processed queue_id=%s origin=%s outcomes=%d done=%s ms=%.1f pipeline_ms=%.1f commit_ms=%.1f",
                   job.id, job.origin, len(batch.outcomes), done, 1000 * (t_end - t_start),
                   1000 * (t_processed - t_start), 1000 * (t_end - t_processed))  # fmt: skip
+
+    async def _renew(self, job: Job) -> None:
+        """Extend the lease while a long attempt runs (a third of the lease each time), so that no
+        other worker takes over a message we are still delivering; stops once the lease is lost."""
+        period = max(0.05, self.store.lease.total_seconds() / 3)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)  # a timer, not a wait for an event: the lease is time-based
+            try:
+                held = await loop.run_in_executor(self._db, self.store.renew, job.id, self.worker_id,
+                                                  job.claim_gen, self.now())  # fmt: skip
+            except Exception:  # database outage: the lease may run out and the message be redone
+                log.warning("renewing the lease of %s failed", job.id)
+                continue
+            if not held:
+                return
 
     def _failed(self, job: Job, batch: OutcomeBatch, exc: Exception) -> OutcomeBatch:
         """Defer what is still pending after an unexpected error (never drop, never bounce for it)."""
@@ -388,7 +408,7 @@ class Workers:
 
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
-        self._to_commit.append((Pending(job.id, self.worker_id, batch, schedule), done))
+        self._to_commit.append((Pending(job.id, self.worker_id, batch, schedule, job.claim_gen), done))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._group_commit(), name=f"mssgw-commit-{self.worker_id}")
         return await done
@@ -399,7 +419,8 @@ class Workers:
             items, self._to_commit = self._to_commit, []
             try:
                 results = await loop.run_in_executor(
-                    self._db, commit_many, self.factory, [p for p, _ in items])  # fmt: skip
+                    self._db, functools.partial(commit_many, self.factory, [p for p, _ in items],
+                                                purge=self.store.purge_spool))  # fmt: skip
             except Exception as exc:  # the lease expires and the messages are redone
                 for _, fut in items:
                     if not fut.done():

@@ -70,6 +70,11 @@ def _reports(messages: list[bytes], report_type: str) -> list:  # type: ignore[t
 async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair) -> None:
     a, b = pair.a, pair.b
     qid = a.enqueue(prescription(), CLINICIAN, [PRACTITIONER])
+    await a.workers.run_once()  # type: ignore[attr-defined]
+    # B stored only ciphertext (while it holds it: the bytes go once every recipient is final).
+    stored = b.store.read(b.store.list(include_done=True)[0]["id"])
+    assert b"application/pkcs7-mime" in stored
+    assert SUBJECT.encode() not in stored and base64.b64encode(PDF)[:60] not in stored
     await pair.flow()
 
     info = a.queue(qid)
@@ -92,9 +97,10 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
     assert b"STARTTLS" in wire
     for secret in (b"PRESCRIPTION-SECRET-7f3a", SUBJECT.encode(), base64.b64encode(PDF)[:60]):
         assert secret not in wire
-    stored = b.store.read(b.store.list(include_done=True)[0]["id"])
-    assert b"application/pkcs7-mime" in stored
-    assert SUBJECT.encode() not in stored and base64.b64encode(PDF)[:60] not in stored
+    # B kept the bytes only until every recipient was final: nothing left on disk.
+    held = b.store.list(include_done=True)[0]
+    assert held["state"] == "done" and held["bytes"] == "removed"
+    assert not b.store.spool_path(held["id"]).exists()
 
     # A's sender has its Sent copy and the processed MDN (verified: signed by B's operator).
     assert len(a.mailbox(CLINICIAN, "Sent")) == 1
@@ -366,6 +372,9 @@ async def test_openpgp_recipient_gets_pgp_mime_end_to_end(pair: Pair) -> None:
         certs.pgp_import(s, b.settings, CLINICIAN, clinician_pub)
 
     qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
+    await a.workers.run_once()  # type: ignore[attr-defined]
+    stored = b.store.read(b.store.list(include_done=True)[0]["id"])
+    assert b"multipart/encrypted" in stored and SUBJECT.encode() not in stored
     await pair.flow()
     info = a.queue(qid)
     assert _states(info) == {PRACTITIONER: "delivered"}, _reply(info, PRACTITIONER)
@@ -376,8 +385,7 @@ async def test_openpgp_recipient_gets_pgp_mime_end_to_end(pair: Pair) -> None:
     assert "pgp=pass" in str(got["Authentication-Results"])
     attachments = [p for p in got.iter_attachments() if p.get_content_type() == "application/pdf"]
     assert len(attachments) == 1 and attachments[0].get_content() == PDF
-    stored = b.store.read(b.store.list(include_done=True)[0]["id"])
-    assert b"multipart/encrypted" in stored and SUBJECT.encode() not in stored
+    assert b.store.list(include_done=True)[0]["bytes"] == "removed"
 
 
 def _export(op: Operator, fpr: str) -> bytes:

@@ -1,9 +1,11 @@
 """``mssgw audit``: read, verify and purge the hash-chained audit trail.
 
 ``list`` filters by time (ISO 8601 or relative: ``30m``, ``2h``, ``7d``), address,
-event and count; ``verify`` walks the chain and exits 0 when intact, 1 when broken
-(naming the first sequence number that does not fit); ``purge`` applies
-``audit.retention_days`` (``mssgw serve`` also runs it daily). Records hold
+event and count; ``verify`` walks the chain and checks it against the signed seals
+of ``audit/seals.jsonl``, exits 0 when both hold, 1 when broken (naming the first
+sequence number that does not fit, or the seal broken and how); ``seal`` seals the
+current head now (``mssgw serve`` seals periodically and at shutdown); ``purge``
+applies ``audit.retention_days`` (``mssgw serve`` also runs it daily). Records hold
 envelopes, identities and rules, never message content.
 """
 
@@ -16,6 +18,8 @@ import click
 
 from cli.context import AppContext, pass_app
 from cli.output import emit, emit_json
+from gateway.audit.seal import Sealer, SealError
+from gateway.audit.sealcheck import check_home
 from gateway.audit.trail import query, verify
 
 COLUMNS = ("seq", "ts", "event", "outcome", "actor", "client", "sender", "recipient", "queue_id", "rule", "reply")
@@ -60,15 +64,33 @@ def list_(app: AppContext, since: str | None, address: str | None, event: str | 
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def verify_(app: AppContext, as_json: bool) -> None:
-    """Check the hash chain; exit 0 when intact, 1 when broken (the first bad seq is named)."""
+    """Check the hash chain and the seals; exit 0 when both hold, 1 when broken (the seq or seal is named)."""
     with app.transaction() as session:
         result = verify(session)
+        seals = check_home(session, app.settings)
     if as_json:
-        emit_json({"ok": result.ok, "records": result.records, "first_seq": result.first_seq,
-                   "last_seq": result.last_seq, "broken_at": result.broken_at, "problem": result.problem})
+        emit_json({"ok": result.ok and seals.ok, "records": result.records, "first_seq": result.first_seq,
+                   "last_seq": result.last_seq, "broken_at": result.broken_at, "problem": result.problem,
+                   "seals": seals.as_dict()})  # fmt: skip
     else:
         click.echo(result.summary())
-    raise click.exceptions.Exit(0 if result.ok else 1)
+        for line in seals.lines():
+            click.echo(line)
+    raise click.exceptions.Exit(0 if result.ok and seals.ok else 1)
+
+
+@audit.command("seal")
+@pass_app
+def seal_(app: AppContext) -> None:
+    """Seal the trail's current head now (signed with the operator key, appended to audit/seals.jsonl)."""
+    try:
+        made = Sealer.for_settings(app.settings, app.sessions).seal()
+    except SealError as exc:
+        raise click.ClickException(str(exc)) from None
+    if made is None:
+        click.echo("nothing new to seal")
+    else:
+        click.echo(f"sealed seq {made['head_seq']} ({made['count']} records, head {made['head_hash'][:16]}...)")
 
 
 @audit.command("purge")

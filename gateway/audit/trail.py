@@ -206,9 +206,11 @@ def purge(session: Session, *, older_than: timedelta, now: datetime | None = Non
     ).first()
     if last_old is None:
         return 0
-    removed = session.execute(delete(AuditRecord).where(AuditRecord.seq <= last_old[0])).rowcount or 0  # type: ignore[attr-defined]
+    # The retention record first: it takes the next seq after the head even when every record
+    # goes (numbering never restarts, so seals of the removed records still place them).
     append(session, [AuditEvent("retention", "info", detail={
         "removed_through": last_old[0], "last_removed_hash": last_old[1], "cutoff": cutoff.isoformat()})])
+    removed = session.execute(delete(AuditRecord).where(AuditRecord.seq <= last_old[0])).rowcount or 0  # type: ignore[attr-defined]
     return int(removed)
 
 

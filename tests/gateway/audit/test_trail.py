@@ -74,3 +74,13 @@ async def test_writer_batches_and_flushes(factory: sessionmaker[Session]) -> Non
     with factory() as db:
         assert len(query(db, event="connect", limit=100)) == 50 and verify(db).ok
     await asyncio.sleep(0)
+
+
+def test_purging_every_record_keeps_the_numbering(factory: sessionmaker[Session]) -> None:
+    """The retention record continues the sequence: seals of the removed records still place them."""
+    fill(factory, 3, ts=datetime.now(UTC) - timedelta(days=400))
+    with factory() as db, db.begin():
+        assert purge(db, older_than=timedelta(days=183)) == 3
+    with factory() as db:
+        result = verify(db)
+        assert result.ok and (result.first_seq, result.last_seq) == (4, 4)

@@ -27,6 +27,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import DatabaseError, make_engine, migrate, session_factory
+from gateway.audit.seal import Sealer
 from gateway.audit.trail import AuditEvent, AuditWriter, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
@@ -101,7 +102,8 @@ class Gateway:
         self.store = QueueStore(self.sessions, self.settings.spool_dir,
                                 lifetime=timedelta(hours=float(q["lifetime_hours"])),
                                 lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
-        self.audit = AuditWriter(self.sessions, executor=self._writer, sink=self.store.append_audit)
+        self.audit = AuditWriter(self.sessions, executor=self._writer, sink=self.store.append_audit,
+                                 sealer=Sealer.for_settings(self.settings, self.sessions))  # sealed now and then
         self.audit.start()
         self.authenticator = Authenticator(self.sessions, self.settings, self.audit, readers=self.readers)
         deps = EdgeDeps(self.settings, self.sessions, self.store, self.audit, self.metrics, on_queued=self._wake,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -125,16 +126,27 @@ class Head:
     count: int
 
 
-def read_head(session: Session) -> Head | None:
-    last = session.execute(
-        select(AuditRecord.seq, AuditRecord.hash, AuditRecord.ts).order_by(AuditRecord.seq.desc()).limit(1)
-    ).first()
+_LAST = select(AuditRecord.seq, AuditRecord.hash, AuditRecord.ts).order_by(AuditRecord.seq.desc()).limit(1)
+
+
+def read_head(session: Session, hint: dict[str, Any] | None = None) -> Head | None:
+    """The trail's head and size. ``hint`` (the previous seal) turns the count into a count of the
+    records added since, when nothing was purged in between: a full ``count(*)`` of a large table
+    every minute would cost more than all the sealing."""
+    last = session.execute(_LAST).first()
     if last is None:
         return None
-    first, count = session.execute(
-        select(func.min(AuditRecord.seq), func.count()).where(AuditRecord.seq <= last[0])
-    ).one()
-    return Head(int(last[0]), str(last[1]), ts_text(last[2]), int(first), int(count))
+    seq = int(last[0])
+    first = int(session.scalar(select(func.min(AuditRecord.seq))) or seq)
+    since, base = 0, 0
+    try:
+        if hint is not None and int(hint["first_seq"]) == first and 0 < int(hint["head_seq"]) <= seq:
+            since, base = int(hint["head_seq"]), int(hint["count"])
+    except (KeyError, TypeError, ValueError):
+        since, base = 0, 0
+    added = session.scalar(select(func.count()).select_from(AuditRecord)
+                           .where(AuditRecord.seq > since, AuditRecord.seq <= seq))  # fmt: skip
+    return Head(seq, str(last[1]), ts_text(last[2]), first, base + int(added or 0))
 
 
 def _last_line(fd: int) -> str | None:
@@ -207,10 +219,10 @@ class Sealer:
         tmp.unlink(missing_ok=True)
         write_durably(tmp, target, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
 
-    def due(self, head: Head) -> bool:
-        if head.head_seq <= self._sealed_seq:
+    def due(self, head_seq: int) -> bool:
+        if head_seq <= self._sealed_seq:
             return False
-        return (head.head_seq - self._sealed_seq >= self.every_records
+        return (head_seq - self._sealed_seq >= self.every_records
                 or time.monotonic() - self._sealed_at >= self.every_seconds)  # fmt: skip
 
     def seal(self, *, force: bool = True) -> dict[str, Any] | None:
@@ -219,8 +231,8 @@ class Sealer:
         key, cert, fp = self._load_signer()
         with self._lock:
             with self._reader() as session:
-                head = read_head(session)
-            if head is None or (not force and not self.due(head)):
+                probe = session.execute(_LAST).first()
+            if probe is None or (not force and not self.due(int(probe[0]))):
                 return None
             _private_dir(self.path.parent)
             self._keep_signer_cert(cert, fp)
@@ -229,14 +241,18 @@ class Sealer:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # another process (mssgw audit seal) may be sealing
                 os.fchmod(fd, 0o600)
                 last = _last_line(fd)
+                previous: dict[str, Any] | None = None
                 if last is not None:
-                    try:
-                        previous = json.loads(last)
-                    except ValueError:
-                        previous = {}
-                    if previous.get("head_seq") == head.head_seq and previous.get("head_hash") == head.head_hash:
-                        self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
-                        return None
+                    with contextlib.suppress(ValueError):
+                        loaded = json.loads(last)
+                        previous = loaded if isinstance(loaded, dict) else None
+                with self._reader() as session:
+                    head = read_head(session, previous)
+                if head is None:
+                    return None
+                if previous and previous.get("head_seq") == head.head_seq and previous.get("head_hash") == head.head_hash:
+                    self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
+                    return None
                 fields: dict[str, Any] = {
                     "v": SEAL_VERSION, "sealed_at": ts_text(datetime.now(UTC)),
                     "head_seq": head.head_seq, "head_hash": head.head_hash, "head_ts": head.head_ts,

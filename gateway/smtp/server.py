@@ -43,10 +43,11 @@ from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.policy.content import ContentFacts, cheap_to_inspect, decide_content, inspect_content
 from gateway.policy.decision import Decision
+from gateway.policy.limits import EDGE_MAX_MESSAGE_BYTES
 from gateway.policy.recipients import decide_recipient
 from gateway.queue.store import Enqueued, QueueError, QueueStore
 from gateway.smtp import replies as R
-from gateway.smtp.starttls import LoopTlsSMTP
+from gateway.smtp.commands import GuardedSMTP
 from gateway.smtp.tls import peer_certificate, tls_summary
 from gateway.ttlcache import TtlCache
 
@@ -56,7 +57,7 @@ T = TypeVar("T")
 #: aiosmtpd's own reply texts (1.4.6) and the reply the gateway sends instead.
 BUILTIN_REPLIES: dict[str, R.Reply] = {
     "500 Error: bad syntax": R.S500_5_5_2_SYNTAX,
-    "500 Command line too long": R.S500_5_5_2_LINE_TOO_LONG,
+    "500 Command line too long": R.S500_5_5_6_LINE_TOO_LONG,
     "500 Line too long (see RFC5321 4.5.3.1.6)": R.S550_5_6_0_LINE_TOO_LONG,
     "500 Error: strict ASCII mode": R.S500_5_5_2_SYNTAX,
     "530 Must issue a STARTTLS command first": R.S530_5_7_0_TLS_REQUIRED,
@@ -133,7 +134,7 @@ class GatewayEnvelope(Envelope):
         self.started = time.monotonic()
 
 
-class GatewaySMTP(LoopTlsSMTP):
+class GatewaySMTP(GuardedSMTP):
     """One SMTP connection. ``registry`` holds live connections for shutdown."""
 
     def __init__(self, handler: EdgeHandler, *, implicit_tls: bool, registry: set[GatewaySMTP],
@@ -142,6 +143,12 @@ class GatewaySMTP(LoopTlsSMTP):
         self._implicit_tls = implicit_tls
         self._registry = registry
         self.busy = False  # inside a transaction's DATA processing
+        self.listener_name = handler.listener
+
+    def logged_in(self) -> bool:
+        """A password or certificate login (submission), or a sender accepted from a verified peer (inbound)."""
+        session = self.gw_session()
+        return bool(session.authenticated or session.identity or session.peer_domain)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """``<>`` (the null reverse-path, with or without parameters) is ``NULL_PATH``; the rest as aiosmtpd.
@@ -599,7 +606,8 @@ async def start_listener(
             registry=registry,
             hostname=settings.hostname,
             ident="mssgw ESMTP",
-            data_size_limit=int(settings.get("limits", "max_message_size")),
+            # The workers wrap at most EDGE_MAX_MESSAGE_BYTES (plus the fields we add): never accept more.
+            data_size_limit=min(int(settings.get("limits", "max_message_size")), EDGE_MAX_MESSAGE_BYTES),
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=None if implicit_tls else tls_context,

@@ -18,8 +18,8 @@ import click
 
 from cli.context import AppContext, pass_app
 from cli.output import emit, emit_json
-from gateway.audit.seal import Sealer, SealError
-from gateway.audit.sealcheck import check_home
+from gateway.audit.seal import Sealer, SealError, seals_path
+from gateway.audit.sealcheck import check_home, seal_lines
 from gateway.audit.trail import query, verify
 
 COLUMNS = ("seq", "ts", "event", "outcome", "actor", "client", "sender", "recipient", "queue_id", "rule", "reply")
@@ -65,9 +65,14 @@ def list_(app: AppContext, since: str | None, address: str | None, event: str | 
 @pass_app
 def verify_(app: AppContext, as_json: bool) -> None:
     """Check the hash chain and the seals; exit 0 when both hold, 1 when broken (the seq or seal is named)."""
-    with app.transaction() as session:
+    # The seal lines first, then one snapshot of the records (never the write lock: the
+    # gateway keeps writing while a long trail is checked).
+    lines = seal_lines(seals_path(app.settings.home))
+    with app.read() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         result = verify(session)
-        seals = check_home(session, app.settings)
+        seals = check_home(session, app.settings, lines=lines)
     if as_json:
         emit_json({"ok": result.ok and seals.ok, "records": result.records, "first_seq": result.first_seq,
                    "last_seq": result.last_seq, "broken_at": result.broken_at, "problem": result.problem,

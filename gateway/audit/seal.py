@@ -274,11 +274,16 @@ class Sealer:
         """Seal periodically (the writer's companion task); a failure is logged and tried again."""
         loop = asyncio.get_running_loop()
         self._sealed_at = time.monotonic()
+        failures = 0
         while True:
             try:
                 await loop.run_in_executor(executor, lambda: self.seal(force=False))
-            except Exception as exc:  # database or file unavailable: the next poll tries again
-                log.error("audit seal failed error=%s", type(exc).__name__)
+                failures = 0
+            except Exception as exc:  # database, key or file unavailable: the next poll tries again
+                if failures % 60 == 0:  # once, then every 60 polls: an alert, not a flood
+                    log.error("audit seal failed error=%s detail=%s", type(exc).__name__,
+                              exc if isinstance(exc, SealError) else "-")
+                failures += 1
             await asyncio.sleep(self.poll)
 
 

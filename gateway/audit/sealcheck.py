@@ -221,13 +221,19 @@ def _check_against_records(session: Session, seals: Sequence[tuple[int, dict[str
 
 
 def check_seals(session: Session, path: Path, *, current_cert: Path, retention: timedelta,
-                now: datetime | None = None) -> SealReport:
-    """Check every seal of ``path`` and the records against them."""
+                now: datetime | None = None, lines: Sequence[str] | None = None) -> SealReport:
+    """Check every seal of ``path`` (or its ``lines``, read earlier) and the records against them.
+
+    Read the lines BEFORE the session's snapshot begins (``seal_lines``): a seal made while
+    the check runs could otherwise name a head the snapshot does not see yet (a false
+    "truncated").
+    """
     report = SealReport()
     signers = _signers(path.parent / "signers", current_cert)
     prev = GENESIS
     good: list[tuple[int, dict[str, Any]]] = []
-    for ordinal, (_, text) in enumerate(read_seals(path), 1):
+    texts = lines if lines is not None else seal_lines(path)
+    for ordinal, text in enumerate(texts, 1):
         report.seals = ordinal
         fields = _parse(ordinal, text, prev, signers, report)
         prev = line_digest(text)
@@ -243,9 +249,15 @@ def check_seals(session: Session, path: Path, *, current_cert: Path, retention: 
     return report
 
 
-def check_home(session: Session, settings: Any, *, now: datetime | None = None) -> SealReport:
+def seal_lines(path: Path) -> list[str]:
+    return [text for _, text in read_seals(path)]
+
+
+def check_home(session: Session, settings: Any, *, now: datetime | None = None,
+               lines: Sequence[str] | None = None) -> SealReport:
     """``check_seals`` with an operator's seal file, certificate and retention period."""
     pki = settings.pki_dir
     return check_seals(session, seals_path(settings.home),
                        current_cert=settings.path("tls", "operator_cert", pki / "operator.pem"),
-                       retention=timedelta(days=int(settings.get("audit", "retention_days"))), now=now)  # fmt: skip
+                       retention=timedelta(days=int(settings.get("audit", "retention_days"))), now=now,
+                       lines=lines)  # fmt: skip

@@ -69,23 +69,52 @@ def _storable_detail(detail: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def storable(ev: Any) -> Any:
-    """An ``AuditEvent`` whose every field is storable; the same object when nothing had to change."""
+def _storable_as_is(text: str, limit: int) -> bool:
+    """The common case, cheaply: ASCII without NUL (or no unstorable character), within the limit."""
+    if limit and len(text) > limit:
+        return False
+    return "\x00" not in text if text.isascii() else _UNSTORABLE.search(text) is None
+
+
+def _dumps(detail: dict[str, Any]) -> str:
+    return json.dumps(detail, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def storable_with_detail(ev: Any) -> tuple[Any, str | None]:
+    """``storable(ev)`` and its detail as the JSON text stored (``append`` dumps it once, here).
+
+    Called for every event (``AuditWriter.submit`` and ``append``): the clean case costs a
+    few string checks and the one ``json.dumps`` of the detail, not a rebuild.
+    """
     changes: dict[str, Any] = {}
     cut: list[str] = []
     for name in _TEXT_FIELDS:
         value = getattr(ev, name)
-        if value is None:
+        if value is None or (type(value) is str and _storable_as_is(value, LENGTHS[name])):
             continue
         text, was_cut = storable_text(value, LENGTHS[name])
         if was_cut:
             cut.append(name)
-        if text != value:
-            changes[name] = text
-    detail = ev.detail if isinstance(ev.detail, dict) else {"detail": ev.detail}
+        changes[name] = text
+    detail = ev.detail
+    if not cut:
+        if not detail:
+            return (replace(ev, **changes) if changes else ev), None
+        if type(detail) is dict:
+            try:
+                raw = _dumps(detail)
+            except (TypeError, ValueError):  # keys that cannot be sorted, circular data: the walk copes
+                raw = None
+            if raw is not None and len(raw) <= DETAIL_MAX and _storable_as_is(raw, 0):
+                return (replace(ev, **changes) if changes else ev), raw
+    detail = detail if isinstance(detail, dict) else {"detail": detail}
     clean = _storable_detail(detail) if detail else {}
     if cut:
         clean = {**clean, "truncated": cut}
-    if clean != ev.detail:
-        changes["detail"] = clean
-    return replace(ev, **changes) if changes else ev
+    changes["detail"] = clean
+    return replace(ev, **changes), _dumps(clean)
+
+
+def storable(ev: Any) -> Any:
+    """An ``AuditEvent`` whose every field is storable; the same object when nothing had to change."""
+    return storable_with_detail(ev)[0]

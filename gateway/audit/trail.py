@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.models import AuditRecord
 from gateway.audit.seal import Sealer
-from gateway.audit.storable import storable
+from gateway.audit.storable import storable, storable_with_detail
 
 log = logging.getLogger("mssgw.audit")
 
@@ -105,7 +105,8 @@ def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     out: list[int] = []
     rows: list[dict[str, Any]] = []
-    for ev in map(storable, events):  # never trust a caller to have escaped and cut its values
+    for raw_event in events:
+        ev, detail = storable_with_detail(raw_event)  # never trust a caller to have escaped and cut its values
         seq += 1
         ts = ev.ts or datetime.now(UTC)
         fields = {
@@ -118,7 +119,7 @@ def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
             "queue_id": ev.queue_id,
             "rule": ev.rule,
             "reply": ev.reply,
-            "detail": json.dumps(ev.detail, sort_keys=True, ensure_ascii=False, default=str) if ev.detail else None,
+            "detail": detail,
         }
         digest = record_hash(seq, ts, fields, prev)
         rows.append({"seq": seq, "ts": ts, **fields, "prev_hash": prev, "hash": digest})

@@ -40,6 +40,7 @@ from gateway.crypto import _mime
 from gateway.crypto.cms import CmsError, SignatureInfo, decrypt_enveloped, verify_signed
 from gateway.crypto.result import SecurityResult
 from gateway.crypto.trust import TrustStore, fingerprint
+from gateway.policy.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 #: Largest message accepted by protect/open (bytes).  The SMTP listeners enforce their own SIZE.
-MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+MAX_MESSAGE_SIZE = MAX_MESSAGE_BYTES  # gateway.policy.limits: the SMTP edge accepts less
 OUTER_COPIED_HEADERS = ("from", "sender", "to", "cc", "date", "message-id", "in-reply-to", "references")
 DEFAULT_OUTER_SUBJECT = "Message securise"
 

@@ -4,7 +4,8 @@ A peer must say STARTTLS before MAIL (RFC 3207; else 530 5.7.0) and present a cl
 certificate that chains to our trust anchors (checked by the TLS layer,
 ``gateway.smtp.tls``). At MAIL FROM the certificate must belong to the operator of
 the sender's domain: that domain must be in the trust list, and the certificate must
-name it (a SAN dNSName, RFC 5280 4.2.1.6) or carry the subject recorded for it as
+name it (a SAN dNSName, exactly: a wildcard never stands for a mail domain, RFC 5280
+4.2.1.6, RFC 6125 7.2) or carry the subject recorded for it as
 ``operator_dn`` (the MSSanté whitelist's DNCertificatOperateur). Otherwise:
 530 5.7.0 (no certificate), 550 5.7.1 (not in the trust list, or mismatch).
 
@@ -82,9 +83,13 @@ def normalise_dn(dn: str) -> frozenset[tuple[str, str]]:
 
 
 def _name_matches(pattern: str, domain: str) -> bool:
-    if pattern == domain:
-        return True
-    return pattern.startswith("*.") and domain.count(".") >= 2 and domain.split(".", 1)[1] == pattern[2:]
+    """A certificate names a mail domain only by that exact dNSName (case aside).
+
+    A wildcard (``*.mssante.test``) may match a host name for a relay's host check, never a
+    mail domain identity: otherwise one operator's wildcard certificate would speak for every
+    sibling operator under the same parent domain.
+    """
+    return not pattern.startswith("*") and pattern.lower() == domain.lower()
 
 
 def _not_trusted(f: PeerFacts) -> Decision | None:
@@ -119,7 +124,7 @@ def decide_peer(facts: PeerFacts) -> Decision:
 
 def peer_domain_of(db: DbSession, names: tuple[str, ...], subject: str) -> tuple[str | None, str | None]:
     """The trust-list domain a peer certificate belongs to (SAN dNSName first, then operator DN)."""
-    candidates = {n.lower() for n in names} | {n[2:].lower() for n in names if n.startswith("*.")}
+    candidates = {n.lower() for n in names if not n.startswith("*")}  # a wildcard names no mail domain
     rows = db.execute(
         select(Domain.name, Domain.operator_dn).where(Domain.kind == DomainKind.TRUSTED, Domain.name.in_(candidates))
     ).all()

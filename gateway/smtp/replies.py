@@ -98,6 +98,9 @@ S550_5_7_1_PEER_NOT_TRUSTED = Reply(550, "5.7.1", "Sending operator is not in th
 S550_5_7_1_PEER_CERT_REVOKED = Reply(550, "5.7.1", "Client certificate revoked by its authority")
 S550_5_7_1_NO_PROTECTION = Reply(550, "5.7.1", "No way to protect mail for this recipient")
 S550_5_7_1_FROM_MISMATCH = Reply(550, "5.7.1", "From: header does not match an address you may send as")
+S550_5_7_1_SENDER_HEADER_MISMATCH = Reply(
+    550, "5.7.1", "Sender: or Resent- header does not match an address you may send as"
+)
 S552_5_3_4_TOO_BIG = Reply(552, "5.3.4", "Message too big for system")
 S550_5_6_0_LINE_TOO_LONG = Reply(550, "5.6.0", "Message has a line longer than 998 octets (RFC 5322 2.1.1)")
 S550_5_6_0_BAD_CONTENT = Reply(550, "5.6.0", "Malformed message content")

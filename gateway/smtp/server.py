@@ -37,7 +37,7 @@ from aiosmtpd.smtp import MISSING, Envelope, Session, TLSSetupException, syntax
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
-from directory.service import recipient_facts
+from directory.service import recipient_facts, sender_facts
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.config import Settings
 from gateway.metrics import Metrics
@@ -45,6 +45,7 @@ from gateway.policy.content import ContentFacts, cheap_to_inspect, decide_conten
 from gateway.policy.decision import Decision
 from gateway.policy.limits import EDGE_MAX_MESSAGE_BYTES
 from gateway.policy.recipients import decide_recipient
+from gateway.policy.senders import decide_sender
 from gateway.queue.store import Enqueued, QueueError, QueueStore
 from gateway.smtp import replies as R
 from gateway.smtp.commands import GuardedSMTP
@@ -461,6 +462,29 @@ class EdgeHandler:
             return run()
         return await asyncio.to_thread(run)
 
+    async def check_authors(self, sess: GatewaySession, envelope: Envelope, facts: ContentFacts) -> Decision:
+        """``From:``, ``Sender:``, ``Resent-From:`` and ``Resent-Sender:`` name only mailboxes the identity may send as.
+
+        The same sender rules as MAIL FROM (own mailbox or delegated, active), reused from the
+        decision cache; the envelope sender was checked at MAIL already. The first field that
+        names another mailbox refuses the message (550 5.7.1) and says which field it was.
+        """
+        identity = sess.identity
+        assert identity is not None
+        mail_from = (envelope.mail_from or "").lower()
+        for field, address in (("from", facts.from_addresses[0]), *facts.other_senders):
+            if address == mail_from:
+                continue
+            decision = await self.cached_lookup(
+                ("mail", identity.lower(), address.strip().lower()),
+                functools.partial(_sender_decision, identity=identity, address=address))
+            if not decision.accepted:
+                reply = R.S550_5_7_1_FROM_MISMATCH if field == "from" else R.S550_5_7_1_SENDER_HEADER_MISMATCH
+                name = "-".join(part.capitalize() for part in field.split("-"))
+                return Decision.refuse(reply, f"{field}-header-not-owned",
+                                       f"{identity} may not use {address} in the {name}: header")
+        return Decision.accept(R.S250_2_6_0_QUEUED, "from-header", "author and sender fields name mailboxes it may use")
+
     def refuse_content(self, sess: GatewaySession, envelope: Envelope, decision: Decision, size: int) -> str:
         assert isinstance(envelope, GatewayEnvelope)
         self.metrics.inc("mssgw_content_refused_total", rule=decision.rule)
@@ -577,6 +601,10 @@ def sender_of(envelope: Envelope) -> str:
 
 def verdict(decision: Decision) -> str:
     return "accept" if decision.accepted else "refuse"
+
+
+def _sender_decision(db: DbSession, *, identity: str, address: str) -> Decision:
+    return decide_sender(sender_facts(db, identity, address))
 
 
 def _rcpt_decision(db: DbSession, address: str, inbound: bool) -> tuple[str, Decision]:

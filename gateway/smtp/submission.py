@@ -179,16 +179,8 @@ class SubmissionHandler(EdgeHandler):
         return str(R.S250_2_6_0_QUEUED.with_text(f"Message accepted for delivery, queued as {result.queue_id}"))
 
     async def _check_from(self, sess: GatewaySession, envelope: Envelope, facts: ContentFacts) -> Decision:
-        author = facts.from_addresses[0]
-        identity = sess.identity
-        assert identity is not None
-        if author == (envelope.mail_from or "").lower():
-            return Decision.accept(R.S250_2_6_0_QUEUED, "from-header", "From: is the envelope sender")
-        decision = await self.lookup(lambda db: decide_sender(sender_facts(db, identity, author)))
-        if decision.accepted:
-            return decision
-        return Decision.refuse(R.S550_5_7_1_FROM_MISMATCH, "from-header-not-owned",
-                               f"{identity} may not use {author} in the From: header")
+        """From:, Sender:, Resent-From: and Resent-Sender: (``EdgeHandler.check_authors``)."""
+        return await self.check_authors(sess, envelope, facts)
 
 def _missing_headers(facts: ContentFacts, queue_id: str, hostname: str) -> bytes:
     """RFC 6409 8.2/8.3: a submission server may add Date and Message-ID when they are missing."""

@@ -10,14 +10,28 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from smtp_world import DOMAIN, PASSWORD, CertFiles, World, message
+from smtp_world import DOMAIN, PASSWORD, CertFiles, PeerCerts, World, message, write_settings
 
+from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
+from gateway.app import Gateway
 from gateway.audit.trail import query
+from gateway.config import load_settings
+from gateway.crypto import _mime
+from gateway.policy.content import decide_content, inspect_content
+from gateway.policy.limits import (
+    EDGE_MAX_HEADER_BYTES,
+    EDGE_MAX_HEADER_FIELDS,
+    MAX_HEADER_BYTES,
+    MAX_HEADER_FIELDS,
+    MAX_MIME_DEPTH,
+    MAX_PARTS,
+)
 from gateway.smtp.commands import GuardedSMTP
 
 pytestmark = pytest.mark.asyncio
@@ -219,3 +233,107 @@ async def test_a_good_message_still_goes_through(world: World) -> None:
         assert (await smtp.send(b"DATA"))[0] == 354
         code, _ = await smtp.send(message() + b".\r\n")
         assert code == 250
+
+
+# --- item 10: what DATA accepts never fails later for its shape ----------------------------------
+
+
+@pytest.fixture
+async def roomy_world(gateway_home: Path, peer_certs: PeerCerts) -> AsyncIterator[World]:
+    """The test world with messages up to 2 MB (a header block of 256 KiB fits)."""
+    write_settings(gateway_home, {"limits": {"max_message_size": 2_000_000}})
+    settings = load_settings(gateway_home)
+    gateway = Gateway(settings, workers=False, imap=False)
+    await gateway.start()
+    try:
+        yield World(gateway_home, settings, gateway, peer_certs)
+    finally:
+        await gateway.stop()
+
+
+async def submit(world: World, data: bytes) -> tuple[int, str]:
+    async with raw(world, login=True) as smtp:
+        assert (await smtp.send(f"MAIL FROM:<sec@{DOMAIN}>".encode()))[0] == 250
+        assert (await smtp.send(f"RCPT TO:<bob@{DOMAIN}>".encode()))[0] == 250
+        assert (await smtp.send(b"DATA"))[0] == 354
+        return await smtp.send(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+
+
+def with_headers(extra: bytes) -> bytes:
+    return message().replace(b"MIME-Version:", extra + b"MIME-Version:", 1)
+
+
+def nested(depth: int) -> bytes:
+    opening = b"".join(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i) for i in range(depth))
+    closing = b"".join(b"\r\n--b%d--\r\n" % i for i in reversed(range(depth)))
+    head = message().split(b"MIME-Version:")[0] + b"MIME-Version: 1.0\r\n"
+    return head + opening + b"Content-Type: text/plain\r\n\r\nfin\r\n" + closing
+
+
+def stored_shape_is_readable(world: World, reply: str) -> None:
+    """The workers' own header parser reads what was queued (no MimeError later)."""
+    queue_id = reply.rsplit(" ", 1)[1]
+    assert world.gateway.store is not None
+    stored = world.gateway.store.read(queue_id)
+    assert _mime.parse_headers(_mime.header_block(stored))
+
+
+async def test_header_limits_refused_at_data_and_what_passes_is_readable_later(roomy_world: World) -> None:
+    world = roomy_world
+    code, text = await submit(world, with_headers(b"X-Pad: x\r\n" * (MAX_HEADER_FIELDS + 100)))
+    assert (code, text[:5]) == (550, "5.6.0") and "header fields" in text
+    big = b"X-Pad: " + b"y" * 990 + b"\r\n"
+    code, text = await submit(world, with_headers(big * (MAX_HEADER_BYTES // len(big) + 1)))
+    assert (code, text[:5]) == (552, "5.3.4") and "header block" in text
+    code, text = await submit(world, with_headers(b"X-Pad: x\r\n" * (EDGE_MAX_HEADER_FIELDS - 10)))
+    assert code == 250, text
+    stored_shape_is_readable(world, text)
+    code, text = await submit(world, with_headers(big * (EDGE_MAX_HEADER_BYTES // len(big) - 1)))
+    assert code == 250, text
+    stored_shape_is_readable(world, text)
+
+
+async def test_deep_or_wide_mime_refused_for_good_not_451(world: World) -> None:
+    code, text = await submit(world, nested(1000))
+    assert (code, text[:5]) == (550, "5.6.0") and "nested" in text
+    parts = b"".join(b"--w\r\nContent-Type: text/plain\r\n\r\n%d\r\n" % i for i in range(MAX_PARTS + 1))
+    wide = message().split(b"MIME-Version:")[0] + (b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="w"'
+                                                  b"\r\n\r\n" + parts + b"--w--\r\n")
+    code, text = await submit(world, wide)
+    assert (code, text[:5]) == (550, "5.6.0") and "parts" in text
+    code, text = await submit(world, nested(MAX_MIME_DEPTH - 1))
+    assert code == 250, text
+
+
+async def test_shape_scan_is_linear() -> None:
+    """The pre-scan and the header checks take time in proportion to the bytes, not worse."""
+    for data in (nested(1000), b"Subject: x\r\n" + b" y\r\n" * 60_000 + b"\r\nbody\r\n"):
+        started = time.perf_counter()
+        facts = inspect_content(data)
+        assert time.perf_counter() - started < 1.0
+        assert not decide_content(facts).accepted or facts.mime_depth <= MAX_MIME_DEPTH
+
+
+# --- item 13: Sender:/Resent-*: and wildcard peer certificates -------------------------------------
+
+
+@pytest.mark.parametrize("field", [b"Sender", b"Resent-From", b"Resent-Sender"])
+async def test_sender_and_resent_fields_must_be_owned(world: World, field: bytes) -> None:
+    code, text = await submit(world, with_headers(field + f": Bob <bob@{DOMAIN}>\r\n".encode()))
+    assert (code, text[:5]) == (550, "5.7.1") and f"{field.decode()}: header" in text, text
+    code, text = await submit(world, with_headers(field + f": sec@{DOMAIN}\r\n".encode()))
+    assert code == 250, text
+
+
+async def test_wildcard_peer_certificate_speaks_for_no_operator(world: World, tmp_path: Path) -> None:
+    cert, key = issue_certificate(load_dev_pki(world.home / "pki"), kind="operator", dns_names=["*.mssante.test"],
+                                  common_name="wildcard-operator")  # fmt: skip
+    files = CertFiles(tmp_path / "wild.pem", tmp_path / "wild.key")
+    save_certificate_and_key(cert, key, files.cert, files.key)
+    async with raw(world, "inbound", cert=files) as smtp:
+        code, text = await smtp.send(b"MAIL FROM:<doc@b.mssante.test>")
+        assert (code, text[:5]) == (550, "5.7.1") and "does not belong" in text
+        code, text = await smtp.send(b"MAIL FROM:<>")
+        assert (code, text[:5]) == (550, "5.7.1")
+    async with raw(world, "inbound", cert=world.certs.peer_b) as smtp:  # the operator's own certificate
+        assert (await smtp.send(b"MAIL FROM:<doc@b.mssante.test>"))[0] == 250

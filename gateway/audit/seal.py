@@ -236,6 +236,7 @@ class Sealer:
                 return None
             _private_dir(self.path.parent)
             self._keep_signer_cert(cert, fp)
+            created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # another process (mssgw audit seal) may be sealing
@@ -263,6 +264,8 @@ class Sealer:
                 line = json.dumps(fields, sort_keys=True, separators=(",", ":")) + "\n"
                 os.write(fd, line.encode("ascii"))
                 os.fsync(fd)
+                if created:  # the new file's name must survive a crash too
+                    fsync_dir(self.path.parent)
             except OSError as exc:
                 raise SealError(f"cannot write the seal file {self.path}: {exc.strerror or exc}") from None
             finally:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, delete, func, insert, or_, select, text
+from sqlalchemy import Connection, Integer, Table, bindparam, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.models import AuditRecord
@@ -68,7 +68,8 @@ def record_hash(seq: int, ts: datetime, fields: dict[str, Any], prev_hash: str) 
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _fields(row: AuditRecord) -> dict[str, Any]:
+def _fields(row: Any) -> dict[str, Any]:
+    """The hashed fields of a record (an ``AuditRecord`` or a row of its table)."""
     return {
         "event": row.event,
         "outcome": row.outcome,
@@ -91,6 +92,12 @@ def _lock_chain(db: Session | Connection) -> None:
 
 _LAST = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
 _INSERT = insert(cast(Table, AuditRecord.__table__))
+_WALK = (
+    select(*cast(Table, AuditRecord.__table__).c)
+    .where(AuditRecord.seq > bindparam("after", type_=Integer))
+    .order_by(AuditRecord.seq)
+    .limit(bindparam("batch", type_=Integer))
+)
 
 
 def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
@@ -156,9 +163,8 @@ def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
     prev = GENESIS
     after = 0
     while True:
-        rows = list(
-            session.scalars(select(AuditRecord).where(AuditRecord.seq > after).order_by(AuditRecord.seq).limit(batch))
-        )
+        # Plain rows, not ORM objects: a long trail is walked several times faster.
+        rows = list(session.execute(_WALK, {"after": after, "batch": batch}))
         if not rows:
             break
         for row in rows:

@@ -1,6 +1,7 @@
 """``mssgw queue``: look at the durable queue and act on one message (never showing its body).
 
-``list`` and ``show`` print envelopes and states; ``retry`` makes waiting recipients
+``list`` and ``show`` print envelopes and states (and whether the message's bytes are still
+kept: they are removed once every recipient is final); ``retry`` makes waiting recipients
 due now; ``delete`` removes a message for good with a reason (audited);
 ``quarantine`` lists, releases or deletes inbound messages that failed verification.
 Errors (an unknown queue id, nothing to retry) are one line and exit status 2.
@@ -17,7 +18,7 @@ from cli.output import emit, emit_record
 from gateway.queue.models import RecipientState
 from gateway.queue.store import QueueError, QueueStore
 
-COLUMNS = ("id", "created_at", "origin", "sender", "recipients", "size", "state")
+COLUMNS = ("id", "created_at", "origin", "sender", "recipients", "size", "state", "bytes")  # bytes: kept|removed
 
 
 def open_store(app: AppContext) -> QueueStore:
@@ -90,7 +91,7 @@ def quarantine_list(app: AppContext, as_json: bool) -> None:
 def quarantine_release(app: AppContext, queue_id: str) -> None:
     """Deliver a quarantined message as it is (an admin vouches for it)."""
     n = open_store(app).release_quarantine(queue_id)
-    click.echo(f"{queue_id}: released ({n} recipient(s))")
+    click.echo(f"{queue_id}: released ({n} recipient(s)); delivered as is by the next worker round")
 
 
 @quarantine.command("delete")

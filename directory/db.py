@@ -7,6 +7,7 @@ Alembic history in ``directory/migrations``.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import gateway.audit.models
 import gateway.queue.models  # noqa: F401
 from directory.models import Base
+from gateway.durable import PRIVATE_FILE_MODE, private_dir, private_file, private_umask
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_ONLY_OPTION = "mssgw_read_only"
@@ -40,6 +42,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _private_sqlite_files(path: Path) -> None:
+    """The database holds password hashes: it and its ``-wal``/``-shm`` are 0600 (SQLite gives the
+    WAL and shared-memory files the database file's mode, so it is created 0600 before SQLite
+    opens it); files of an older install made under a wider umask are narrowed."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        private_file(name)
+
+
 def normalise_url(url: str) -> str:
     """Accept ``postgresql://`` and ``postgres://`` and use the psycopg 3 driver."""
     if url.startswith("postgres://"):
@@ -52,9 +66,10 @@ def normalise_url(url: str) -> str:
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     url = normalise_url(url)
     parsed = make_url(url)
+    private_umask()
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_files(Path(parsed.database))
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         # SQLite's own BEGIN handling is replaced by ours. Writers use BEGIN IMMEDIATE, which

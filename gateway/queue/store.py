@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
-from gateway.durable import write_durably
+from gateway.durable import PRIVATE_DIR_MODE, private_dir, write_durably
 from gateway.queue.models import (
     RELEASED,
     QueueDedupe,
@@ -261,7 +261,7 @@ class QueueStore:
         self.spool_dir = spool_dir
         self.lifetime = lifetime
         self.lease = lease
-        spool_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(spool_dir)  # plaintext of messages waiting: 0700 (files are 0600, write_durably)
 
     # --- writing ---------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ class QueueStore:
 
     def _write_spool(self, queue_id: str, data: bytes) -> Path:
         final = self.spool_path(queue_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
         if final.exists():  # a caller-chosen id already in use: never overwrite stored bytes
             raise FileExistsError(17, "queue id already in use", str(final))
         write_durably(final.with_name(f".{queue_id}.tmp"), final, data)

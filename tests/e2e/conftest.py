@@ -35,10 +35,17 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Template]:
 
 
 @pytest.fixture
-async def pair(templates: dict[str, Template], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Pair]:
+def b_settings() -> dict[str, dict[str, object]]:
+    """Settings B starts with beyond the defaults (a test overrides this fixture to change them)."""
+    return {}
+
+
+@pytest.fixture
+async def pair(templates: dict[str, Template], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               b_settings: dict[str, dict[str, object]]) -> AsyncIterator[Pair]:  # fmt: skip
     monkeypatch.delenv("MSSGW_DATABASE_URL", raising=False)
     a = await _start("a", templates["a"], tmp_path)
-    b = await _start("b", templates["b"], tmp_path)
+    b = await _start("b", templates["b"], tmp_path, b_settings)
     proxy = WireProxy(b.inbound_port)
     await proxy.start()
     a.set_relay(B_DOMAIN, proxy.port, templates["b"].operator_dn)

@@ -222,18 +222,21 @@ class Operator:
         return [r for r in rows if r["kind"] in ((kind,) if kind else ("dsn", "mdn"))]
 
 
-def _write_config(t: Template, home: Path, ports: dict[str, int]) -> None:
-    text = render_toml(_settings_overrides(t.domain, t.hostname, ports, str(home / "pki" / "clients.pem")))
-    (home / CONFIG_NAME).write_text(text, encoding="utf-8")
+def _write_config(t: Template, home: Path, ports: dict[str, int],
+                  extra: dict[str, dict[str, object]] | None = None) -> None:  # fmt: skip
+    overrides = _settings_overrides(t.domain, t.hostname, ports, str(home / "pki" / "clients.pem"))
+    for section, values in (extra or {}).items():
+        overrides.setdefault(section, {}).update(values)
+    (home / CONFIG_NAME).write_text(render_toml(overrides), encoding="utf-8")
 
 
-async def _start(name: str, t: Template, root: Path) -> Operator:
+async def _start(name: str, t: Template, root: Path, extra: dict[str, dict[str, object]] | None = None) -> Operator:
     from gateway.app import Gateway
     from gateway.queue.worker import Workers
 
     home = root / name
     shutil.copytree(t.home, home)
-    _write_config(t, home, {"submission": free_port(), "inbound": free_port()})
+    _write_config(t, home, {"submission": free_port(), "inbound": free_port()}, extra)
     settings = load_settings(home)
     gw = Gateway(settings, workers=False, imap=False)  # the tests drive the workers
     await gw.start()

@@ -1,11 +1,31 @@
 """Who is this client? Password and client-certificate logins, throttled and audited.
 
-SMTP AUTH and IMAP LOGIN share one ``Authenticator`` so a brute force against
-one is counted for both. Failures are counted per client address and per
-account: each failure delays the answer exponentially (``auth.base_delay`` doubling up to
-``auth.max_delay``), and ``auth.max_failures`` failures lock the key for
-``auth.lockout_seconds``. Unknown accounts cost the same Argon2 work as wrong
-passwords. The counters live in memory: a restart clears them (documented).
+SMTP AUTH and IMAP LOGIN share one ``Authenticator`` so a brute force against one is
+counted for both.
+
+Throttle (README "Security model"): every attempt is counted *before* its Argon2 check
+(in-flight checks count, so parallel connections cannot race past a limit), on the
+normalised address the login uses (``" <Dave@X>"`` is ``dave@x``), in three bounded tables:
+
+- per source (IPv4 address, IPv6 /64): ``SOURCE_FACTOR * auth.max_failures`` failures lock
+  that source out for ``auth.lockout_seconds``;
+- per (account, source): ``auth.max_failures`` failures lock that pair out as long;
+- per account, from all sources: never a lock. Past ``auth.max_failures`` failures, each
+  attempt from a source that has not logged in to the account before waits
+  ``auth.base_delay`` doubling per failure up to ``auth.max_delay`` before its check.
+
+So an attacker locks out only his own sources; the clinician logging in from elsewhere
+gets in (after at most ``auth.max_delay`` seconds). A failed answer is delayed
+exponentially on the pair's failures. Unknown accounts cost the same Argon2 work as wrong
+passwords. The counters live in memory (a restart clears them) and are bounded: the
+least recently touched entries are dropped first. ``Throttle.clock`` and
+``Authenticator.sleep`` are injectable so tests never wait on the wall clock.
+
+Client certificates: a certificate logs in only when its SHA-256 fingerprint is
+registered (``tls-client`` or ``smime``) and unrevoked for an active local APP/ORG
+mailbox, and the trust store validates it for clientAuth now (chain, validity period,
+the issuer's CRL). A stale or missing CRL is accepted with a warning when
+``crypto.crl_soft_fail`` is set and refused as a temporary failure otherwise.
 
 Verified credentials are remembered for ``CREDENTIAL_TTL`` seconds so that a client
 opening a connection per message does not pay Argon2 each time. The cache key is
@@ -22,10 +42,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
+import logging
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -33,73 +56,203 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory import service
+from directory.identifiers import InvalidIdentifier, normalise_address
 from directory.models import Certificate, Mailbox, MailboxType
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.config import Settings
+from gateway.crypto.keystore import KeyStore
+
+log = logging.getLogger("mssgw.auth")
 
 
 @dataclass(frozen=True)
 class AuthOutcome:
     ok: bool
     identity: str | None  # the mailbox address the login acts as
-    reason: str  # ok, bad-credentials, locked, unavailable, unknown-certificate, inactive
+    #: ok, bad-credentials, locked, unavailable; certificates: unknown-certificate, revoked, expired,
+    #: not-yet-valid, untrusted-certificate, certificate-not-for-software, inactive, crl-stale, crl-unavailable
+    reason: str
     retry_after: float = 0.0
+    warning: str | None = None  # accepted despite this (crl-stale, crl-unavailable under soft fail)
+
+
+#: The per-source limit is this many times ``auth.max_failures``: one source may be a NAT
+#: in front of a whole hospital, where a few users mistyping must not lock the others out.
+SOURCE_FACTOR = 4
+#: Entries per throttle table (sources, pairs, accounts, trusted pairs).
+THROTTLE_CAPACITY = 100_000
+#: How long a successful (account, source) pair skips the account-wide delay.
+TRUSTED_SECONDS = 30 * 86400.0
 
 
 @dataclass
 class _Counter:
     failures: int = 0
+    inflight: int = 0
+    last: float = 0.0  # time of the last failure
     locked_until: float = 0.0
-    last: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
+class Ticket:
+    """The throttle's answer to one attempt; an allowed ticket must be handed back to ``finish``."""
+
+    allowed: bool
+    account: str
+    source: str
+    wait: float = 0.0  # seconds to wait before checking (account-wide delay)
+    retry_after: float = 0.0  # when refused
+
+
+class _Table:
+    """Counters by key, least recently touched first; never more than ``capacity`` entries."""
+
+    def __init__(self, capacity: int, forget_after: float) -> None:
+        self.capacity = capacity
+        self.forget_after = forget_after
+        self.rows: OrderedDict[str, _Counter] = OrderedDict()
+
+    def touch(self, key: str, now: float) -> _Counter:
+        row = self.rows.get(key)
+        if row is None:
+            self._trim(now)
+            row = self.rows[key] = _Counter()
+        else:
+            self.rows.move_to_end(key)
+        if row.failures and now - row.last > self.forget_after:
+            row.failures = 0  # an old streak is forgotten
+        return row
+
+    def _trim(self, now: float) -> None:
+        """Make room for one entry: idle forgotten entries at the old end first, then the oldest."""
+        for _ in range(2):
+            if not self.rows:
+                return
+            key, oldest = next(iter(self.rows.items()))
+            if oldest.inflight or now - oldest.last <= self.forget_after or oldest.locked_until > now:
+                break
+            del self.rows[key]
+        while len(self.rows) >= self.capacity:
+            self.rows.popitem(last=False)
+
+
 class Throttle:
-    """Failure counters per key (``ip:1.2.3.4``, ``user:x@y``) with exponential delay and lockout."""
+    """Failure counters per source, per (account, source) and per account; see the module docstring."""
 
-    max_failures: int = 5
-    lockout_seconds: float = 900.0
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-    clock: Callable[[], float] = time.monotonic
-    _counters: dict[str, _Counter] = field(default_factory=dict)
+    def __init__(self, max_failures: int = 5, lockout_seconds: float = 900.0, base_delay: float = 0.5,
+                 max_delay: float = 8.0, clock: Callable[[], float] = time.monotonic, *,
+                 capacity: int = THROTTLE_CAPACITY, source_factor: int = SOURCE_FACTOR,
+                 trusted_seconds: float = TRUSTED_SECONDS) -> None:
+        self.max_failures = max_failures
+        self.source_limit = source_factor * max_failures
+        self.lockout_seconds = lockout_seconds
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.clock = clock
+        self.trusted_seconds = trusted_seconds
+        self._sources = _Table(capacity, lockout_seconds)
+        self._pairs = _Table(capacity, lockout_seconds)
+        self._accounts = _Table(capacity, lockout_seconds)
+        self._trusted: OrderedDict[str, float] = OrderedDict()  # pair key -> until
+        self._capacity = capacity
 
-    def locked_for(self, *keys: str) -> float:
+    @staticmethod
+    def source_key(client: str | None) -> str:
+        """``ip:ADDRESS`` for IPv4 (and IPv4-mapped IPv6), ``ip:PREFIX/64`` for IPv6: one host's share."""
+        if not client:
+            return "ip:unknown"
+        try:
+            ip = ipaddress.ip_address(client)
+        except ValueError:
+            return f"ip:{client[:64]}"
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return f"ip:{ip.ipv4_mapped}"
+            return f"ip:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+        return f"ip:{ip}"
+
+    @staticmethod
+    def _pair(account: str, source: str) -> str:
+        return f"pair:{account}|{source}"
+
+    def begin(self, account: str, client: str | None) -> Ticket:
+        """Count one attempt before its check: refused (locked or too many in flight) or allowed."""
         now = self.clock()
-        return max((c.locked_until - now for k in keys if (c := self._counters.get(k))), default=0.0)
+        source = self.source_key(client)
+        src = self._sources.touch(source, now)
+        pair = self._pairs.touch(self._pair(account, source), now)
+        locked = max(src.locked_until, pair.locked_until) - now
+        if locked > 0:
+            return Ticket(False, account, source, retry_after=locked)
+        if src.failures + src.inflight >= self.source_limit or pair.failures + pair.inflight >= self.max_failures:
+            return Ticket(False, account, source, retry_after=self.max_delay)  # the attempts in flight decide
+        acc = self._accounts.touch(f"user:{account}", now)
+        wait = 0.0 if self._is_trusted(account, source, now) else self._account_delay(acc.failures + acc.inflight)
+        for row in (src, pair, acc):
+            row.inflight += 1
+        return Ticket(True, account, source, wait=wait)
 
-    def failure(self, *keys: str) -> float:
-        """Count a failure; returns the delay to wait before answering."""
+    def finish(self, ticket: Ticket, ok: bool | None) -> float:
+        """Hand back an allowed ticket: ``True`` logged in, ``False`` a failed check, ``None`` no check
+        (outage, cancelled before checking). Returns the delay before answering a failure."""
         now = self.clock()
-        worst = 0
-        for key in keys:
-            c = self._counters.setdefault(key, _Counter())
-            if now - c.last > self.lockout_seconds:
-                c.failures = 0  # an old streak is forgotten
-            c.failures += 1
-            c.last = now
-            if c.failures >= self.max_failures:
-                c.locked_until = now + self.lockout_seconds
-            worst = max(worst, c.failures)
-        return min(self.base_delay * (2 ** (worst - 1)), self.max_delay)
+        rows = (self._sources.touch(ticket.source, now),
+                self._pairs.touch(self._pair(ticket.account, ticket.source), now),
+                self._accounts.touch(f"user:{ticket.account}", now))
+        src, pair, _acc = rows
+        for row in rows:
+            row.inflight = max(0, row.inflight - 1)
+        if ok is None:
+            return 0.0
+        if ok:
+            pair.failures, pair.locked_until = 0, 0.0
+            self._trust(self._pair(ticket.account, ticket.source), now)
+            return 0.0
+        for row in rows:
+            row.failures += 1
+            row.last = now
+        if src.failures >= self.source_limit:
+            src.locked_until = now + self.lockout_seconds
+        if pair.failures >= self.max_failures:
+            pair.locked_until = now + self.lockout_seconds
+        return min(self.base_delay * (2 ** (pair.failures - 1)), self.max_delay)
+
+    def _account_delay(self, failures: int) -> float:
+        if failures < self.max_failures:
+            return 0.0
+        return min(self.base_delay * (2 ** min(failures - self.max_failures, 32)), self.max_delay)
+
+    def _is_trusted(self, account: str, source: str, now: float) -> bool:
+        until = self._trusted.get(self._pair(account, source))
+        return until is not None and until > now
+
+    def _trust(self, pair: str, now: float) -> None:
+        self._trusted.pop(pair, None)
+        while len(self._trusted) >= self._capacity:
+            self._trusted.popitem(last=False)
+        self._trusted[pair] = now + self.trusted_seconds
 
     def success(self, *keys: str) -> None:
+        """Forget counters by key (``ip:ADDRESS``, ``user:ADDRESS``, ``pair:ADDRESS|ip:ADDRESS``): admin use."""
         for key in keys:
-            self._counters.pop(key, None)
+            for table in (self._sources, self._pairs, self._accounts):
+                table.rows.pop(key, None)
+
+    def size(self) -> int:
+        """Entries held in all tables (bounded by four times the capacity)."""
+        return len(self._sources.rows) + len(self._pairs.rows) + len(self._accounts.rows) + len(self._trusted)
+
+
+def account_key(username: str) -> str:
+    """The address a login acts as (what the directory looks up), so spelling variants count as one."""
+    try:
+        return normalise_address(username)
+    except InvalidIdentifier:
+        return "invalid:" + username.strip().lower()[:320]
 
 
 def certificate_fingerprint(der: bytes) -> str:
     return x509.load_der_x509_certificate(der).fingerprint(hashes.SHA256()).hex()
-
-
-def _emails_of(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        emails = [e.lower() for e in san.get_values_for_type(x509.RFC822Name)]
-    except x509.ExtensionNotFound:
-        emails = []
-    emails += [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(x509.NameOID.EMAIL_ADDRESS)]
-    return emails
 
 
 #: How long a verified (address, password) is remembered, and how many are kept.
@@ -155,7 +308,15 @@ class CredentialCache:
         self._entries.clear()
 
 
+#: Certificate outcomes that are temporary (retry later), not a refusal of the certificate.
+TEMPORARY_CERT_REASONS = frozenset({"unavailable", "crl-stale", "crl-unavailable"})
+_CHAIN_FAILURES = {"revoked": "revoked", "expired": "expired", "not-yet-valid": "not-yet-valid",
+                   "crl-stale": "crl-stale", "crl-unavailable": "crl-unavailable"}
+
+
 class Authenticator:
+    """Password and certificate logins for SMTP and IMAP: ``check_password``, ``check_certificate``."""
+
     def __init__(self, factory: sessionmaker[Session], settings: Settings, audit: AuditWriter | None = None,
                  *, readers: sessionmaker[Session] | None = None) -> None:
         self._factory = factory
@@ -168,43 +329,51 @@ class Authenticator:
             base_delay=float(settings.get("auth", "base_delay")),
             max_delay=float(settings.get("auth", "max_delay")),
         )
+        #: Anchors and CRLs for client certificates (cached 30 s: ``keystore.invalidate()`` to reload now).
+        self.keystore = KeyStore(settings, self._readers)
+        self.crl_soft_fail = bool(settings.get("crypto", "crl_soft_fail"))
+        #: How delays are waited (tests replace it to record them instead).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    def _record(self, outcome: AuthOutcome, *, username: str, client: str | None, protocol: str, method: str) -> None:
+    def _record(self, outcome: AuthOutcome, *, actor: str, client: str | None, protocol: str, method: str) -> None:
         if self._audit is not None:
-            self._audit.submit(
-                AuditEvent(
-                    "auth",
-                    "accept" if outcome.ok else "refuse",
-                    actor=(outcome.identity or username.lower())[:320],
-                    client=client,
-                    rule=outcome.reason,
-                    detail={"protocol": protocol, "method": method},
-                )
-            )
+            detail = {"protocol": protocol, "method": method}
+            if outcome.warning:
+                detail["warning"] = outcome.warning
+            self._audit.submit(AuditEvent("auth", "accept" if outcome.ok else "refuse",
+                                          actor=(outcome.identity or actor)[:320], client=client,
+                                          rule=outcome.reason, detail=detail))  # fmt: skip
 
     async def check_password(self, username: str, password: str, *, client: str | None, protocol: str) -> AuthOutcome:
-        keys = (f"ip:{client}", f"user:{username.lower()}")
-        locked = self.throttle.locked_for(*keys)
-        if locked > 0:
-            outcome = AuthOutcome(False, None, "locked", locked)
-            self._record(outcome, username=username, client=client, protocol=protocol, method="password")
+        account = account_key(username)
+        ticket = self.throttle.begin(account, client)
+        if not ticket.allowed:
+            outcome = AuthOutcome(False, None, "locked", ticket.retry_after)
+            self._record(outcome, actor=account, client=client, protocol=protocol, method="password")
             return outcome
-        key = self.credentials.key(username, password)
+        checked: bool | None = None  # None until a check ran: a cancelled wait is not a guess
         try:
-            identity = await asyncio.to_thread(self._verify_cached, key, username, password)
-        except Exception:  # the directory cannot answer: temporary, not a wrong password
-            outcome = AuthOutcome(False, None, "unavailable")
-            self._record(outcome, username=username, client=client, protocol=protocol, method="password")
-            return outcome
+            if ticket.wait > 0:
+                await self.sleep(ticket.wait)
+            checked = False  # from here on, a cancellation counts as a failure
+            key = self.credentials.key(account, password)
+            try:
+                identity = await asyncio.to_thread(self._verify_cached, key, account, password)
+            except Exception:  # the directory cannot answer: temporary, not a wrong password
+                checked = None
+                outcome = AuthOutcome(False, None, "unavailable")
+                self._record(outcome, actor=account, client=client, protocol=protocol, method="password")
+                return outcome
+            checked = identity is not None
+        finally:
+            delay = self.throttle.finish(ticket, checked)
         if identity is None:
-            delay = self.throttle.failure(*keys)
             outcome = AuthOutcome(False, None, "bad-credentials")
-            self._record(outcome, username=username, client=client, protocol=protocol, method="password")
-            await asyncio.sleep(delay)
+            self._record(outcome, actor=account, client=client, protocol=protocol, method="password")
+            await self.sleep(delay)
             return outcome
-        self.throttle.success(*keys)
         outcome = AuthOutcome(True, identity, "ok")
-        self._record(outcome, username=username, client=client, protocol=protocol, method="password")
+        self._record(outcome, actor=account, client=client, protocol=protocol, method="password")
         return outcome
 
     def _verify_cached(self, key: bytes, username: str, password: str) -> str | None:
@@ -230,35 +399,44 @@ class Authenticator:
         return address
 
     async def check_certificate(self, der: bytes, *, client: str | None, protocol: str) -> AuthOutcome:
-        """Map a verified TLS client certificate to an active local APP or ORG mailbox."""
+        """The APP/ORG mailbox whose registered certificate this verified TLS client certificate is."""
         try:
-            identity, reason = await asyncio.to_thread(self._match_certificate, der)
-        except Exception:
-            identity, reason = None, "unavailable"
-        outcome = AuthOutcome(identity is not None, identity, reason)
-        self._record(outcome, username=identity or "(certificate)", client=client, protocol=protocol,
-                     method="certificate")
+            outcome = await asyncio.to_thread(self._match_certificate, der)
+        except Exception as exc:  # directory or trust store unreadable: temporary
+            log.warning("certificate login outcome=unavailable error=%s", type(exc).__name__)
+            outcome = AuthOutcome(False, None, "unavailable")
+        if outcome.warning:
+            log.warning("certificate login of %s accepted with crl_status=%s (crypto.crl_soft_fail)",
+                        outcome.identity, outcome.warning.removeprefix("crl-"))
+        self._record(outcome, actor="(certificate)", client=client, protocol=protocol, method="certificate")
         return outcome
 
-    def _match_certificate(self, der: bytes) -> tuple[str | None, str]:
+    def _match_certificate(self, der: bytes) -> AuthOutcome:
         cert = x509.load_der_x509_certificate(der)
         fingerprint = cert.fingerprint(hashes.SHA256()).hex()
-        with self._factory() as session, session.begin():
-            by_fpr = session.scalars(
-                select(Certificate.address).where(
-                    Certificate.fingerprint == fingerprint,
-                    Certificate.purpose.in_(["tls-client", "smime", "sign"]),
-                    Certificate.revoked_at.is_(None),
-                )
+        with self._readers() as session, session.begin():
+            rows = session.execute(
+                select(Certificate.address, Certificate.revoked_at).where(
+                    Certificate.fingerprint == fingerprint, Certificate.purpose.in_(["tls-client", "smime"]),
+                    Certificate.address.is_not(None))
             ).all()
-            candidates = [a for a in by_fpr if a] or _emails_of(cert)
-            for address in candidates:
-                box = session.scalar(select(Mailbox).where(Mailbox.address == address.lower()))
-                if box is None or not box.local:
-                    continue
-                if box.type not in (MailboxType.APP, MailboxType.ORG):
-                    return None, "certificate-not-for-software"
-                if not box.active:
-                    return None, "inactive"
-                return box.address, "ok"
-        return None, "unknown-certificate"
+            live = sorted({r.address for r in rows if r.revoked_at is None and r.address})
+            if not live:
+                return AuthOutcome(False, None, "revoked" if rows else "unknown-certificate")
+            boxes = [b for b in session.scalars(select(Mailbox).where(Mailbox.address.in_(live))) if b.local]
+            software = [b for b in boxes if b.type in (MailboxType.APP, MailboxType.ORG)]
+            if not software:
+                return AuthOutcome(False, None, "certificate-not-for-software" if boxes else "unknown-certificate")
+            active = [b.address for b in software if b.active]
+            if not active:
+                return AuthOutcome(False, None, "inactive")
+            identity = active[0]
+        result = self.keystore.trust_store().validate(cert, purpose="clientAuth")
+        if not result.valid:
+            return AuthOutcome(False, None, _CHAIN_FAILURES.get(result.failure or "", "untrusted-certificate"))
+        if result.crl_status in ("stale", "unavailable"):
+            reason = f"crl-{result.crl_status}"
+            if not self.crl_soft_fail:
+                return AuthOutcome(False, None, reason)
+            return AuthOutcome(True, identity, "ok", warning=reason)
+        return AuthOutcome(True, identity, "ok")

@@ -5,7 +5,9 @@ NOOP and QUIT before it) and implicit TLS on ``listen.submissions`` (RFC 8314).
 AUTH PLAIN and LOGIN (RFC 4954, RFC 4616) are offered only under TLS and checked by
 ``gateway.auth.Authenticator`` (throttled, locked after repeated failures: 454 4.7.0).
 Software may instead present a TLS client certificate registered for an APP or ORG
-mailbox: it is mapped to that mailbox at MAIL FROM when no AUTH happened.
+mailbox: it is mapped to that mailbox at MAIL FROM when no AUTH happened, only while it
+is unrevoked (directory and CRL) and valid; otherwise MAIL FROM answers 530 5.7.0 with
+the reason (454 4.7.0 when the CRL is stale or missing and ``crypto.crl_soft_fail`` is off).
 
 Each step asks policy and sends the ``Decision``'s reply: MAIL FROM the sender rules
 (550 5.7.1), each RCPT TO the recipient rules exactly as ``mssgw domains check``,
@@ -112,27 +114,35 @@ class SubmissionHandler(EdgeHandler):
             await server.push(str(R.S501_5_5_4_SYNTAX_ARGS.with_text("Cannot decode base64")))
             return None
 
-    async def _certificate_login(self, server: GatewaySMTP, sess: GatewaySession) -> None:
-        """Map a verified TLS client certificate to its APP/ORG mailbox (once per TLS session)."""
+    async def _certificate_login(self, server: GatewaySMTP, sess: GatewaySession) -> R.Reply | None:
+        """Map a TLS client certificate to the APP/ORG mailbox it is registered for (once per TLS
+        session when it succeeds); a refusal is the reply for this MAIL FROM, and AUTH stays possible."""
         if sess.cert_checked or sess.identity is not None:
-            return
-        sess.cert_checked = True
+            return None
         der = self.peer_der(server)
         if der is None:
-            return
+            sess.cert_checked = True
+            return None
         outcome = await self.auth.check_certificate(der, client=sess.client_ip, protocol="smtp")
         self.metrics.inc("mssgw_auth_total", result=outcome.reason, method="certificate")
-        if outcome.ok:
-            sess.authenticated = True
-            sess.identity = outcome.identity
-            sess.auth_method = "certificate"
+        if not outcome.ok:
+            return _certificate_refusal(outcome.reason)
+        sess.cert_checked = True
+        sess.authenticated = True
+        sess.identity = outcome.identity
+        sess.auth_method = "certificate"
+        return None
 
     # --- MAIL, RCPT --------------------------------------------------------------------------
 
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         sess = server.gw_session()
-        await self._certificate_login(server, sess)
+        refused = await self._certificate_login(server, sess)
+        if refused is not None:
+            self.audit(AuditEvent("mail", "refuse", client=sess.client_ip, sender=address, rule="client-certificate",
+                                  reply=refused.short))  # fmt: skip
+            return str(refused)
         identity = sess.identity
         if identity is None:
             decision = auth_required()
@@ -181,6 +191,29 @@ class SubmissionHandler(EdgeHandler):
     async def _check_from(self, sess: GatewaySession, envelope: Envelope, facts: ContentFacts) -> Decision:
         """From:, Sender:, Resent-From: and Resent-Sender: (``EdgeHandler.check_authors``)."""
         return await self.check_authors(sess, envelope, facts)
+
+#: Why a client certificate did not log in, as the reply to MAIL FROM (RFC 4954 6: 530 5.7.0
+#: "authentication required", 454 4.7.0 temporary; an outage answers 451 4.3.5).
+_CERTIFICATE_REFUSALS = {
+    "unknown-certificate": "Client certificate not registered for a mailbox: use AUTH",
+    "revoked": "Client certificate revoked: use AUTH or a valid certificate",
+    "expired": "Client certificate expired: use AUTH or a valid certificate",
+    "not-yet-valid": "Client certificate not valid yet: use AUTH or a valid certificate",
+    "untrusted-certificate": "Client certificate not valid for client authentication: use AUTH",
+    "certificate-not-for-software": "Client certificate login is for APP and ORG mailboxes: use AUTH",
+    "inactive": "Mailbox of this client certificate is deactivated",
+}
+
+
+def _certificate_refusal(reason: str) -> R.Reply:
+    if reason in ("crl-stale", "crl-unavailable"):
+        status = "stale" if reason == "crl-stale" else "unavailable"
+        return R.S454_4_7_0_AUTH_UNAVAILABLE.with_text(
+            f"Revocation list of the client certificate's issuer {status}, try again later")
+    if reason == "unavailable":
+        return R.S451_4_3_5_POLICY_UNAVAILABLE
+    return R.S530_5_7_0_AUTH_REQUIRED.with_text(_CERTIFICATE_REFUSALS.get(reason, "Client certificate refused: use AUTH"))
+
 
 def _missing_headers(facts: ContentFacts, queue_id: str, hostname: str) -> bytes:
     """RFC 6409 8.2/8.3: a submission server may add Date and Message-ID when they are missing."""

@@ -249,6 +249,9 @@ def count(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(AuditRecord)) or 0)
 
 
+_LENT_MAX = 100_000
+
+
 class AuditUnavailable(Exception):
     """The database cannot take audit records now (``flush`` of a writer that was not started)."""
 
@@ -292,6 +295,11 @@ class AuditWriter:
         self._retry_delay = retry_delay
         self._close_timeout = close_timeout
         self._pending: list[AuditEvent] = []
+        # Events a caller took (``take_pending``) and gave back after its transaction failed:
+        # written by this writer only, never lent again, so that a record the database
+        # refuses cannot make message after message fail with it.
+        self._held: list[AuditEvent] = []
+        self._lent: dict[int, None] = {}  # ids of events lent out (bounded; see ``take_pending``)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -308,15 +316,26 @@ class AuditWriter:
                 self._sealer.run(self._executor), name="audit-sealer")
 
     def submit(self, *events: AuditEvent) -> None:
-        self._pending.extend(map(storable, events))
+        for ev in events:
+            if self._lent.pop(id(ev), False) is None:  # given back by a caller whose transaction failed
+                self._held.append(ev)
+            else:
+                self._pending.append(storable(ev))
         self._idle.clear()
         self._wakeup.set()
 
     def take_pending(self) -> list[AuditEvent]:
         """The events not yet being written, for a caller that commits them in its own transaction
         (the SMTP edge, with the message it accepts: one write instead of two).  A caller whose
-        transaction fails gives them back with ``submit``."""
+        transaction fails gives them back with ``submit``; those are then written by the writer
+        alone (one of them may be why the transaction failed)."""
         events, self._pending = self._pending, []
+        lent = self._lent
+        for ev in events:
+            lent[id(ev)] = None
+        if len(lent) > _LENT_MAX:  # committed events never come back: forget the oldest half
+            for key in list(lent)[: len(lent) // 2]:
+                del lent[key]
         return events
 
     def write_now(self, events: Iterable[AuditEvent]) -> None:
@@ -351,12 +370,19 @@ class AuditWriter:
                           type(exc).__name__)
         return []
 
+    def _next_batch(self) -> list[AuditEvent]:
+        """Given-back events first, then the others, at most ``max_batch``; out of reach of
+        ``take_pending`` while written."""
+        source = self._held if self._held else self._pending
+        batch = source[: self._max_batch]
+        del source[: len(batch)]
+        return batch
+
     async def flush(self) -> None:
         if self._task is None:
-            if self._pending:
-                batch, self._pending = self._pending, []
-                left = await self._write_batch(batch)
-                self._pending[0:0] = left
+            while self._held or self._pending:
+                left = await self._write_batch(self._next_batch())
+                self._held[0:0] = left
                 if left:
                     raise AuditUnavailable(f"the audit trail cannot be written now ({len(left)} events kept)")
             self._idle.set()
@@ -378,7 +404,8 @@ class AuditWriter:
         try:
             await asyncio.wait_for(self.flush(), timeout=self._close_timeout)
         except (TimeoutError, AuditUnavailable):
-            log.error("audit writer closed with %d events unwritten (database unavailable)", len(self._pending))
+            log.error("audit writer closed with %d events unwritten (database unavailable)",
+                      len(self._pending) + len(self._held))
         for task in (self._task, self._seal_task):
             if task is not None:
                 task.cancel()
@@ -405,12 +432,10 @@ class AuditWriter:
                     timer.cancel()
             self._hurry.clear()
             self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: len(batch)]  # out of reach of ``take_pending`` while written
-                left = await self._write_batch(batch)
+            while self._held or self._pending:
+                left = await self._write_batch(self._next_batch())
                 if left:  # the database is down: keep the events, retry shortly
                     log.error("audit write failed; %d events kept for retry", len(left))
-                    self._pending[0:0] = left
+                    self._held[0:0] = left
                     await asyncio.sleep(self._retry_delay)
             self._idle.set()

@@ -23,7 +23,7 @@ from directory.db import make_engine, session_factory
 from gateway.audit.storable import LENGTHS, storable
 from gateway.audit.trail import AuditEvent, AuditWriter, append, query, verify
 from gateway.config import load_settings
-from gateway.queue.store import QueueStore
+from gateway.queue.store import QueueError, QueueStore
 
 BAD_PATH = b"\xff@x.example".decode("utf-8", "surrogateescape")  # what aiosmtpd hands over for the bytes
 
@@ -143,3 +143,35 @@ async def test_close_finishes_when_nothing_can_be_written(engine: Engine, factor
 def test_every_text_column_has_a_known_length() -> None:
     """A new ``String`` column without a length would escape the cut: PostgreSQL VARCHAR(n) raises."""
     assert all(length > 0 for length in LENGTHS.values())
+
+
+async def test_a_refused_rider_fails_one_message_only(engine: Engine, factory: sessionmaker[Session],
+                                                       tmp_path: Path) -> None:
+    """The SMTP edge's way: MAIL/RCPT records ride in the accepted message's transaction and are
+    given back when it fails. A given-back record is written by the writer alone, never lent again."""
+    _refuse_sender(engine, "refused@x.example")
+    store = QueueStore(factory, tmp_path / "spool")
+    writer = AuditWriter(factory, sink=store.append_audit, linger=3600)  # nothing written unless flushed
+
+    def accept(riders: list[AuditEvent]) -> bool:
+        try:
+            store.enqueue(b"Subject: x\r\n\r\nx\r\n", sender="a@a.mssante.test", recipients=["b@a.mssante.test"],
+                          origin="submission", riders=riders)
+        except QueueError:
+            writer.submit(*riders)  # as gateway.smtp.server gives them back
+            return False
+        return True
+
+    writer.start()
+    writer.submit(AuditEvent("mail", "accept", sender="refused@x.example"), AuditEvent("rcpt", "accept"))
+    assert not accept(writer.take_pending())  # the refused record fails this message...
+    writer.submit(AuditEvent("mail", "accept", sender="c@a.mssante.test"))
+    riders = writer.take_pending()
+    assert [ev.sender for ev in riders] == ["c@a.mssante.test"] and accept(riders)  # ...and not the next
+    await writer.close()
+    with factory() as db:
+        rows = query(db, limit=100)
+        assert verify(db).ok
+    assert sorted((r["event"], r["rule"]) for r in rows) == [
+        ("audit", "audit-unwritable"), ("mail", None), ("rcpt", None)]
+    assert writer.replaced == 1

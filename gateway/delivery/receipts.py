@@ -98,12 +98,15 @@ class MdnRequest:
     subject: str
 
 
+MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3: a path is at most 256 octets with its angle brackets
+
+
 def mdn_request(message: bytes) -> MdnRequest | None:
     """What the message asks for (RFC 8098 §2.1, Direct guide §3), or None when no MDN is asked."""
     fields = _fields(message)
     dnt = _mime.header_value(fields, "disposition-notification-to")
     addr = _mime.first_address(dnt) if dnt else None
-    if not addr:
+    if not addr or len(addr) > MAX_ADDRESS:  # a longer one is no SMTP path (and no queue column holds it)
         return None
     options = (_mime.header_value(fields, "disposition-notification-options") or "").upper()
     dispatched = DIRECT_FINAL_DELIVERY in options and "TRUE" in options.split(DIRECT_FINAL_DELIVERY, 1)[1][:40]

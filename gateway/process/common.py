@@ -177,6 +177,8 @@ class Context:
             event, outcome, actor=self.actor, sender=job.sender or "<>", recipient=address, queue_id=job.id,
             reply=audit_reply(reply), detail={"kind": job.kind, "origin": job.origin, **(detail or {})},
         )  # fmt: skip
+        relay = str((detail or {}).get("remote") or ("local" if self.is_local(address) else "none"))
+        log_attempt(job, address, state, reply, relay=relay, now=self.now())
         batch = self.batches.get(job.id)
         if batch is not None:
             batch.add(Outcome(address, state, reply, protection), [ev])
@@ -243,6 +245,24 @@ class Context:
         action = "delayed" if all(r.action == "delayed" for r in recipients) else "failed"
         return await self.enqueue_receipt(job, dsn, kind="dsn", to=job.sender, event=f"dsn-{action}",
                                           detail={"recipients": [r.address for r in recipients]})  # fmt: skip
+
+
+_STATUS = {RecipientState.DELIVERED: "sent", RecipientState.DEFERRED: "deferred", RecipientState.BOUNCED: "bounced",
+           RecipientState.QUARANTINED: "quarantined", RecipientState.DELETED: "deleted",
+           RecipientState.QUEUED: "queued"}  # fmt: skip
+delivery_log = logging.getLogger("mssgw.delivery")
+
+
+def log_attempt(job: Job, address: str, state: RecipientState, reply: str, *, relay: str,
+                now: _dt.datetime) -> None:  # fmt: skip
+    """One line per delivery attempt, as Postfix's ``smtp``/``local`` write them, without content.
+
+    ``queue_id=... to=<...> relay=host:port delay=1.2 status=sent (250 2.0.0)``: the reply is
+    reduced to its code and enhanced status (``audit_reply``), so no text a peer chose is logged.
+    """
+    delay = max(0.0, (now - job.created_at).total_seconds())
+    delivery_log.info("queue_id=%s to=<%s> relay=%s delay=%.2f status=%s (%s)", job.id, address, relay or "none",
+                      delay, _STATUS.get(state, state.value), audit_reply(reply))  # fmt: skip
 
 
 AUDIT_REPLY_LEN = 64  # gateway.audit.models.AuditRecord.reply: String(64)

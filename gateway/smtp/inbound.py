@@ -20,8 +20,11 @@ trust store cannot be loaded: 451 4.3.5.
 
 RCPT TO accepts only our own active mailboxes (``decide_recipient(..., inbound=True)``).
 An accepted message is queued with ``origin="inbound"``, the peer's domain, and the
-dedupe key ``"{peer domain}|{Message-ID}"``: a message resent after a lost 250 is
-acknowledged again with its first queue id and not queued twice. There is no AUTH.
+dedupe key ``"{peer domain}|{Message-ID}"``, deduplicated per recipient by the queue: a
+recipient already accepted is acknowledged again and not queued twice (a transaction whose
+recipients all were is answered 250 with the first queue id and stored nowhere); one not
+yet accepted (another protection group, a retry after a 4xx at RCPT) is always queued.
+There is no AUTH.
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import select
 
 from cli.main import cli
 from directory import service
 from directory.db import make_engine, session_factory, transaction
+from gateway.audit.models import AuditRecord
 from gateway.config import load_settings
 from gateway.delivery.relay import Attempt, Route
 from gateway.queue.models import QueuedMessage, RecipientState, may_move
@@ -286,3 +288,52 @@ def test_database_and_spool_are_private(operator, operator_home: Path) -> None: 
     assert stat.S_IMODE(spool.stat().st_mode) == 0o600
     for folder in (spool.parent, settings.spool_dir):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+# --- items 7 and 8: a long reply fits the audit, one log line per attempt -------------------------------
+
+
+class LongReplyRelay:
+    """A peer whose 250 reply is long (queue ids, greetings): more than the audit's 64 characters."""
+
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+        text = "2.0.0 Ok: queued as " + "Q" * 200 + " thanks"
+        return [Attempt(r, 250, "2.0.0", f"250 {text}", "mx.b.mssante.test:25") for r in recipients]
+
+
+async def test_long_peer_reply_is_recorded_once_and_logged_postfix_style(operator, caplog) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE], origin="submission").queue_id
+    workers = Workers(settings, factory, store, local=Recorder(), relay=LongReplyRelay(), crypto_executor="inline")
+    caplog.set_level("INFO", logger="mssgw.delivery")
+    try:
+        assert await workers.run_once() == 1
+        assert await workers.run_once(now=dt.datetime.now(dt.UTC) + timedelta(hours=1)) == 0  # not resent
+    finally:
+        await workers.stop()
+    info = store.get(qid)
+    assert info["recipient_states"][0]["state"] == "delivered"
+    assert info["recipient_states"][0]["last_reply"].endswith("thanks")  # the whole reply, in a Text column
+    with factory() as s:
+        replies = list(s.scalars(select(AuditRecord.reply).where(AuditRecord.queue_id == qid,
+                                                                 AuditRecord.event == "relayed")))  # fmt: skip
+    assert replies == ["250 2.0.0"]  # what the String(64) column is for, written as such by the caller
+    lines = [r.getMessage() for r in caplog.records if r.name == "mssgw.delivery"]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"queue_id={qid} to=<{REMOTE}> relay=mx.b.mssante.test:25 delay=")
+    assert lines[0].endswith("status=sent (250 2.0.0)") and "QQQ" not in lines[0]
+
+
+async def test_deferred_and_local_attempts_are_logged(operator, caplog) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE, LOCAL], origin="submission")
+    workers = Workers(settings, factory, store, local=Recorder(), relay=DeferringRelay(), crypto_executor="inline")
+    caplog.set_level("INFO", logger="mssgw.delivery")
+    try:
+        await workers.run_once()
+    finally:
+        await workers.stop()
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == "mssgw.delivery")
+    assert any(f"to=<{REMOTE}>" in ln and "status=deferred (451 4.4.1)" in ln for ln in lines), lines
+    assert any(f"to=<{LOCAL}> relay=local" in ln and "status=sent (250 2.0.0)" in ln for ln in lines), lines
+    assert all("Subject" not in ln and "body" not in ln for ln in lines)

@@ -99,6 +99,8 @@ class GuardedSMTP(LoopTlsSMTP):
     pre_auth_seconds = L.PRE_AUTH_SECONDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("proxy_protocol_timeout") is not None:
+            raise ValueError("the PROXY protocol is not read by this command loop")
         super().__init__(*args, **kwargs)
         self.counts = SessionCounts()
         self._closing = False

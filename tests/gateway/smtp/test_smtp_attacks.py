@@ -206,6 +206,18 @@ async def test_login_and_tls_deadlines(world: World, monkeypatch: pytest.MonkeyP
         assert (await smtp.closed())[-1].startswith(b"421 4.7.0")
 
 
+async def test_idle_session_is_told_421_4_4_2(gateway_home: Path, peer_certs: PeerCerts) -> None:
+    write_settings(gateway_home, {"limits": {"session_timeout": 1}})
+    settings = load_settings(gateway_home)
+    gateway = Gateway(settings, workers=False, imap=False)
+    await gateway.start()
+    try:
+        async with raw(World(gateway_home, settings, gateway, peer_certs), login=True) as smtp:
+            assert (await smtp.closed())[-1].startswith(b"421 4.4.2")  # aiosmtpd only hung up
+    finally:
+        await gateway.stop()
+
+
 # --- item 11: no client text in the logs ----------------------------------------------------
 
 

@@ -37,6 +37,12 @@ class CertError(Exception):
     """A certificate operation cannot be done; the message says why."""
 
 
+class CertNotFound(CertError):
+    """No such certificate, anchor or key: the CLI exits 1 (not found), not 2 (usage)."""
+
+    exit_code = 1
+
+
 _KIND_FOR_TYPE = {MailboxType.PER: "user", MailboxType.ORG: "org", MailboxType.APP: "app"}
 
 
@@ -163,7 +169,7 @@ def _row(session: Session, fingerprint: str, address: str | None, purpose: str |
         stmt = stmt.where(Certificate.purpose == purpose)
     row = session.scalars(stmt).first()
     if row is None:
-        raise CertError(f"no certificate {fingerprint[:16]}... for {address}")
+        raise CertNotFound(f"no certificate {fingerprint[:16]}... for {address}")
     return row
 
 
@@ -205,7 +211,7 @@ def find(session: Session, selector: str) -> list[Certificate]:
             return rows
     rows = list(session.scalars(select(Certificate).where(Certificate.address == sel).order_by(Certificate.not_after)))
     if not rows:
-        raise CertError(f"no certificate for {selector}")
+        raise CertNotFound(f"no certificate for {selector}")
     return rows
 
 
@@ -213,7 +219,7 @@ def revoke(session: Session, settings: Settings, selector: str, *, reason: str =
     """Mark certificates revoked; those issued by our development CA also go into its CRL."""
     rows = [r for r in find(session, selector) if r.purpose != "anchor"]
     if not rows:
-        raise CertError(f"no revocable certificate for {selector}")
+        raise CertNotFound(f"no revocable certificate for {selector}")
     try:
         flag = x509.ReasonFlags[reason.replace("-", "_")]
     except KeyError:
@@ -235,7 +241,14 @@ def revoke(session: Session, settings: Settings, selector: str, *, reason: str =
     return done
 
 
-def add_trust_anchor(session: Session, data: bytes) -> dict[str, Any]:
+def add_trust_anchor(session: Session, data: bytes, *, peer: str | None = None) -> dict[str, Any]:
+    """Trust a CA for S/MIME signatures and for operators' TLS certificates (both directions).
+
+    ``peer`` records which peer operator's domain brought the anchor (``mssgw peers add``), so
+    ``peers remove`` takes it away again; an anchor without one (IGC-Santé, our own CA) stays
+    until ``certs trust-anchor remove``. Every anchor is accepted for mutual TLS on the inbound
+    port: the running gateway picks it up within seconds (``gateway.app``'s trust watch).
+    """
     cert = load_material(data).certificate
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -243,14 +256,26 @@ def add_trust_anchor(session: Session, data: bytes) -> dict[str, Any]:
         bc = None
     if bc is None or not bc.ca:
         raise CertError("a trust anchor must be a CA certificate (basicConstraints CA:TRUE)")
-    fpr = register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=None, purpose="anchor")
-    return certificate_dict(_row(session, fpr, None, "anchor"))
+    if cert.not_valid_after_utc < datetime.now(UTC):
+        raise CertError(f"the CA certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    owner = peer.strip().lower().rstrip(".") if peer else None
+    fpr = register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=owner, purpose="anchor")
+    return certificate_dict(_row(session, fpr, owner, "anchor"))
+
+
+def anchor_pems(session: Session) -> list[bytes]:
+    """PEM of every unrevoked trust anchor: the client CAs of the inbound port and the relay's CAs."""
+    rows = session.scalars(
+        select(Certificate.pem).where(Certificate.purpose == "anchor", Certificate.revoked_at.is_(None))
+        .order_by(Certificate.id)
+    )
+    return list(dict.fromkeys(pem.encode("ascii") for pem in rows))
 
 
 def remove_trust_anchor(session: Session, selector: str) -> None:
     rows = [r for r in find(session, selector) if r.purpose == "anchor"]
     if not rows:
-        raise CertError(f"no trust anchor {selector}")
+        raise CertNotFound(f"no trust anchor {selector}")
     for row in rows:
         session.delete(row)
 
@@ -357,7 +382,7 @@ def pgp_revoke(session: Session, settings: Settings, fingerprint: str) -> None:
     fpr = fingerprint.replace(" ", "").upper()
     rows = list(session.scalars(select(PgpKey).where(PgpKey.fingerprint == fpr)))
     if not rows:
-        raise CertError(f"no OpenPGP key {fingerprint}")
+        raise CertNotFound(f"no OpenPGP key {fingerprint}")
     ring = _keyring(settings)
     try:
         for row in rows:

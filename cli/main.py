@@ -3,6 +3,11 @@
 Each command is a thin shell over a service function (``directory.service``,
 ``gateway.*``) that tests call too. Any failure prints one clear line on stderr
 and exits non-zero; a traceback is never shown to the admin.
+
+Exit status, the same for every command: 0 done; 1 refused or not found (an error whose
+class sets ``exit_code = 1``, e.g. ``directory.service.NotFoundError``, or a decision such
+as ``domains check`` refusing); 2 usage or configuration error (click's own usage errors
+too). A database that cannot be reached exits 2 as well.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ COMMAND_MODULES = (
     "cli.audit",
     "cli.serve",
     "cli.clients",
+    "cli.peers",
 )
 
-#: Exit status for each kind of failure (1 is also "refused" for ``domains check``).
+#: Exit status of usage and configuration errors; "refused / not found" errors carry ``exit_code = 1``.
 EXIT_ERROR = 2
 
 
@@ -46,6 +52,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("certs.pki", "PkiError"),
         ("certs.service", "CertError"),
+        ("certs.peers", "PeerError"),
         ("gateway.queue.store", "QueueError"),
         ("gateway.process.manual", "ManualError"),
     ):
@@ -92,7 +99,7 @@ class SafeGroup(click.Group):
             raise
         except _expected_errors() as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_ERROR)
+            ctx.exit(int(getattr(exc, "exit_code", EXIT_ERROR)))
         except Exception as exc:  # last resort: one line, never a traceback
             from sqlalchemy.exc import OperationalError, SQLAlchemyError
 

@@ -42,6 +42,16 @@ class DirectoryError(Exception):
     """A directory operation cannot be done; the message says why, for a person."""
 
 
+class NotFoundError(DirectoryError):
+    """What was named (mailbox, practitioner, domain) is not in the directory.
+
+    ``exit_code`` is the CLI's convention: 1 for refused or not found, 2 for usage or
+    configuration errors (every other ``DirectoryError``).
+    """
+
+    exit_code = 1
+
+
 #: Argon2id with RFC 9106 / OWASP parameters sized for a mail server that checks a
 #: password on every new connection (19 MiB, 2 passes, 1 lane: tens of ms, not hundreds).
 #: Hashes made with other parameters verify as before and are rehashed with these on the
@@ -101,7 +111,7 @@ def find_practitioner(session: Session, identifier: str) -> Practitioner:
         value = value[1:]
     row = session.scalar(select(Practitioner).where(Practitioner.identifier == value))
     if row is None:
-        raise DirectoryError(f"no practitioner with identifier {identifier}")
+        raise NotFoundError(f"no practitioner with identifier {identifier}")
     return row
 
 
@@ -201,7 +211,7 @@ def block_domain(session: Session, name: str, *, reason: str, source: str = "adm
 def remove_domain(session: Session, name: str) -> None:
     row = get_domain(session, name)
     if row is None:
-        raise DirectoryError(f"no domain {name} in the trust list")
+        raise NotFoundError(f"no domain {name} in the trust list")
     if row.kind == DomainKind.LOCAL:
         raise DirectoryError(f"{name} is one of our own domains")
     session.delete(row)
@@ -238,6 +248,33 @@ def list_domains(session: Session, kind: str | None = None) -> list[dict[str, An
     if kind:
         query = query.where(Domain.kind == DomainKind(kind))
     return [domain_dict(row) for row in session.scalars(query)]
+
+
+#: The key of ``trust_signature`` under which the trust anchors are summed up.
+ANCHORS_KEY = "*anchors*"
+
+
+def trust_signature(session: Session) -> dict[str, str]:
+    """A digest per domain of what decides exchanges with it, and one for the trust anchors.
+
+    The running gateway compares two of these every few seconds (``gateway.app``): a
+    changed digest means an admin changed that domain's trust, route, pinned identity or
+    certificates (``mssgw peers``, ``domains``, ``certs import``, ``certs trust-anchor``),
+    so TLS contexts and caches are rebuilt and that domain's deferred mail is retried now,
+    without a restart. Two small indexed reads; no row is changed.
+    """
+    import hashlib
+
+    parts: dict[str, list[str]] = {}
+    for d in session.execute(select(Domain.name, Domain.kind, Domain.relay, Domain.operator_dn, Domain.use_mx,
+                                    Domain.prefers_openpgp, Domain.reason)):  # fmt: skip
+        parts.setdefault(d.name, []).append(repr(tuple(d)))
+    for c in session.execute(select(Certificate.address, Certificate.purpose, Certificate.fingerprint,
+                                    Certificate.revoked_at, Certificate.key_path)
+                             .order_by(Certificate.fingerprint, Certificate.purpose)):  # fmt: skip
+        owner = ANCHORS_KEY if c.purpose == "anchor" else (c.address or "").rpartition("@")[2]
+        parts.setdefault(owner, []).append(repr(tuple(c)))
+    return {k: hashlib.sha256("\n".join(sorted(v)).encode()).hexdigest() for k, v in parts.items()}
 
 
 # --- mailboxes -------------------------------------------------------------------------
@@ -306,7 +343,7 @@ def get_mailbox(session: Session, address: str) -> Mailbox:
     addr = normalise_address(address)
     row = session.scalar(select(Mailbox).where(Mailbox.address == addr))
     if row is None:
-        raise DirectoryError(f"no mailbox {addr} in the directory")
+        raise NotFoundError(f"no mailbox {addr} in the directory")
     return row
 
 

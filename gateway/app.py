@@ -8,6 +8,13 @@ the IMAP service when their modules are present. ``stop()`` (SIGTERM, SIGINT) st
 accepting connections, lets transactions already in DATA finish committing, says
 421 4.3.2 to the other sessions, stops workers and IMAP, and flushes the audit writer.
 The audit retention purge runs at start and then daily.
+
+Live reload: every ``RELOAD_INTERVAL`` seconds a digest of the trust list, certificates and
+anchors (``directory.service.trust_signature``) and of the TLS files' mtimes is compared with
+the last one. On a change (``mssgw peers``, ``domains``, ``certs import``, ``certs
+trust-anchor``), the listeners' TLS context and the relay's are rebuilt for new connections,
+the key caches are dropped, deferred mail to the changed domains is made due now, and one
+line ``trust reloaded generation=N ...`` is logged. No restart.
 """
 
 from __future__ import annotations
@@ -32,17 +39,18 @@ from gateway.audit.trail import AuditEvent, AuditWriter, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.metrics import Metrics, serve_metrics
-from gateway.queue.store import QueueStore
+from gateway.queue.store import QueueError, QueueStore
 from gateway.smtp.inbound import InboundHandler
 from gateway.smtp.server import EdgeDeps, EdgeHandler, GatewaySMTP, start_listener
 from gateway.smtp.submission import SubmissionHandler
-from gateway.smtp.tls import TlsConfigError, server_context
+from gateway.smtp.tls import ReloadableServerTls, TlsConfigError, server_context, server_files
 
 log = logging.getLogger("mssgw.app")
 
 PURGE_INTERVAL = 24 * 3600.0
 SHUTDOWN_GRACE = 30.0  # seconds given to transactions in DATA to commit
 WRITER_THREADS = 16  # enqueue threads (spool writes in parallel, database commits grouped)
+RELOAD_INTERVAL = 2.0  # seconds between two looks at the trust list, anchors and TLS files
 
 
 class GatewayStartError(Exception):
@@ -79,6 +87,8 @@ class Gateway:
         self._connections: set[GatewaySMTP] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._services: list[tuple[str, Callable[[], Awaitable[Any]]]] = []  # (name, async close)
+        self.tls: ReloadableServerTls | None = None
+        self._trust_seen: tuple[dict[str, str], tuple[float, ...]] | None = None
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -94,6 +104,12 @@ class Gateway:
             raise GatewayStartError(str(exc)) from None
         self.sessions = session_factory(self.engine)
         self.readers = self._reader_factory()
+        try:
+            self._trust_seen = await asyncio.to_thread(self._trust_state)
+            tls = server_context(self.settings, await asyncio.to_thread(self._anchors))
+        except TlsConfigError as exc:
+            raise GatewayStartError(str(exc)) from None
+        self.tls = ReloadableServerTls(tls)
         # Enqueue threads: they write and fsync spool files side by side; the database writes
         # of new messages and audit batches are group-committed by one of them at a time
         # (``QueueStore.group``), so even SQLite sees one writer and no busy-waits.
@@ -127,6 +143,7 @@ class Gateway:
         if self.with_imap:
             await self._start_imap()
         self._tasks.append(asyncio.create_task(self._purge_daily(), name="audit-purge"))
+        self._tasks.append(asyncio.create_task(self._watch_trust(), name="trust-watch"))
         self.audit.submit(AuditEvent("start", "info", actor=self.settings.hostname,
                                      detail={k: f"{h}:{p}" for k, (h, p) in self.addresses.items()}))
 
@@ -207,6 +224,90 @@ class Gateway:
             self.addresses[name] = (host, port)
             log.info("listening name=%s address=%s:%d", name, host, port)
         self._services.append(("imap", service.close))
+
+    # --- live reload of trust and TLS ----------------------------------------------------------
+
+    def _anchors(self) -> list[bytes]:
+        from certs.service import anchor_pems
+
+        assert self.readers is not None
+        with self.readers() as session:
+            return anchor_pems(session)
+
+    def _trust_state(self) -> tuple[dict[str, str], tuple[float, ...]]:
+        from directory.service import trust_signature
+
+        assert self.readers is not None
+        with self.readers() as session:
+            digest = trust_signature(session)
+        files = server_files(self.settings)
+        stamps = tuple(p.stat().st_mtime if p.is_file() else -1.0 for p in (files.cert, files.key, files.client_ca))
+        return digest, stamps
+
+    async def _watch_trust(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            try:
+                await self.reload_trust()
+            except Exception as exc:  # a locked database or a half-written file: the next look retries
+                log.warning("trust reload failed error=%s", type(exc).__name__)
+
+    async def reload_trust(self, *, force: bool = False) -> bool:
+        """Apply what admins changed since the last look; returns whether anything changed."""
+        seen = await asyncio.to_thread(self._trust_state)
+        before = self._trust_seen
+        if before == seen and not force:
+            return False
+        digest, stamps = seen
+        old_digest, old_stamps = before if before is not None else ({}, ())
+        changed = {k for k in digest.keys() | old_digest.keys() if digest.get(k) != old_digest.get(k)}
+        from directory.service import ANCHORS_KEY
+
+        anchors = await asyncio.to_thread(self._anchors)
+        if self.tls is not None and (force or ANCHORS_KEY in changed or stamps != old_stamps):
+            try:
+                self.tls.replace(server_context(self.settings, anchors))
+            except TlsConfigError as exc:  # keep serving with the last good context
+                log.warning("trust reload: TLS context kept error=%s", exc)
+        relay = getattr(getattr(self.workers, "ctx", None), "relay", None)
+        keys = getattr(self.workers, "keys", None)
+        if keys is not None:
+            keys.invalidate()
+        if relay is not None and hasattr(relay, "reload") and keys is not None:
+            # Read in a thread, applied on the loop: the relay's pooled connections live here.
+            trust = await asyncio.to_thread(lambda: (keys.trust().anchors, keys.trust_store()))
+            relay.reload(*trust)
+        for handler in self.handlers:
+            store = getattr(handler, "_keystore", None)
+            if store is not None:
+                store.invalidate()
+        domains = None if (ANCHORS_KEY in changed or stamps != old_stamps) else changed
+        retried = await asyncio.to_thread(self._retry_deferred, domains)
+        self._trust_seen = seen
+        if retried:
+            self._wake("")
+        generation = self.tls.generation if self.tls is not None else 0
+        log.info("trust reloaded generation=%d anchors=%d changed=%s retried=%d", generation, len(anchors),
+                 ",".join(sorted(changed)) or "-", retried)  # fmt: skip
+        return True
+
+    def _retry_deferred(self, domains: set[str] | None) -> int:
+        """Make deferred messages to ``domains`` (None: any domain) due now; returns how many."""
+        if self.store is None:
+            return 0
+        retried = 0
+        for row in self.store.list(state="deferred", limit=1000):
+            info = self.store.get(row["id"])
+            waiting = [r["address"] for r in info["recipient_states"] if r["state"] == "deferred"]
+            if domains is not None and not any(a.rpartition("@")[2] in domains for a in waiting):
+                continue
+            try:
+                self.store.retry(row["id"])
+            except QueueError:  # delivered or bounced meanwhile: nothing to retry
+                log.debug("trust reload: %s no longer waiting", row["id"])
+                continue
+            retried += 1
+        return retried
 
     async def _purge_daily(self) -> None:
         assert self.sessions is not None

@@ -185,6 +185,19 @@ class Relay:
         self._reaper: asyncio.Task[None] | None = None
         self._mx: MxResolver | None = None
 
+    def reload(self, anchors_pem: Sequence[bytes], trust: TrustStore | None) -> None:
+        """New trust anchors (an admin ran ``mssgw peers add``): new connections use them.
+
+        Pooled connections were verified with the old anchors and are closed when next taken.
+        """
+        self.anchors_pem = b"\n".join(p.strip() for p in anchors_pem).decode("ascii")
+        self.trust = trust
+        self._contexts = {}
+        stale, self._idle = self._idle, {}
+        for clients in stale.values():
+            for client, _since in clients:
+                client.close()
+
     def _context(self, check_hostname: bool) -> ssl.SSLContext:
         ctx = self._contexts.get(check_hostname)
         if ctx is None:

@@ -3,10 +3,16 @@
 Servers (submission, submissions, inbound) use TLS 1.2 or newer (``tls.min_version``)
 with ECDHE key exchange and AEAD suites (AES-GCM, ChaCha20-Poly1305) plus the two
 ECDHE-RSA SHA-2 CBC suites of the MSSanté client profile. Client certificates are
-requested on every listener and verified against ``tls.client_ca`` (default: the
-development CA, ``DATA/pki/ca.pem``): software may log in with one on submission,
+requested on every listener and verified against the directory's trust anchors
+(``mssgw peers add``, ``mssgw certs trust-anchor add``) plus ``tls.client_ca`` (default:
+the development CA, ``DATA/pki/ca.pem``): software may log in with one on submission,
 and peer operators must present one on inbound (checked by ``gateway.smtp.inbound``).
 RFC 8314 (implicit TLS for submission), RFC 3207 (STARTTLS), RFC 7525 (TLS BCP).
+
+Live reload: the listeners keep one ``ReloadableServerTls.context`` for their whole life;
+its SNI callback (run on every ClientHello, with or without SNI) hands the handshake to the
+newest context built by ``replace``, so a new anchor or certificate applies to the next
+connection and a removed anchor stops being accepted, without a restart.
 
 Errors: ``TlsConfigError`` names the setting and the file when a certificate or key is
 missing, unreadable, expired, or does not match its key.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,34 +114,69 @@ def _load_chain(ctx: ssl.SSLContext, files: TlsFiles, cert_setting: str, key_set
         raise TlsConfigError(f"{key_setting}: cannot load {files.key} for {files.cert} ({exc})") from None
 
 
-def _load_ca(ctx: ssl.SSLContext, path: Path) -> None:
-    try:
-        ctx.load_verify_locations(cafile=str(path))
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsConfigError(f"tls.client_ca: cannot load CA file {path} ({exc})") from None
+def _load_ca(ctx: ssl.SSLContext, settings: Settings, path: Path, anchors: Sequence[bytes] = ()) -> None:
+    """``tls.client_ca`` (when set, it must load; the default file may be absent) plus ``anchors``."""
+    explicit = bool(str(settings.get("tls", "client_ca")))
+    if explicit or path.is_file() or not anchors:
+        try:
+            ctx.load_verify_locations(cafile=str(path))
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsConfigError(f"tls.client_ca: cannot load CA file {path} ({exc})") from None
+    for pem in anchors:
+        try:
+            ctx.load_verify_locations(cadata=pem.decode("ascii"))
+        except (ssl.SSLError, ValueError, UnicodeDecodeError):
+            continue  # an anchor the directory holds but OpenSSL refuses: the others still apply
 
 
-def server_context(settings: Settings) -> ssl.SSLContext:
+def server_context(settings: Settings, anchors: Sequence[bytes] = ()) -> ssl.SSLContext:
     """The listeners' context: our certificate; client certificates requested and verified if sent.
 
     ``CERT_OPTIONAL`` on every listener: a client certificate, when presented, must chain
-    to ``tls.client_ca`` or the handshake fails. The inbound listener then *requires* one
-    before MAIL (with a reply the peer can log), rather than failing the handshake blindly.
+    to a trust anchor (``anchors``, from the directory) or ``tls.client_ca``, or the handshake
+    fails. The inbound listener then *requires* one before MAIL (with a reply the peer can
+    log), rather than failing the handshake blindly.
     """
     files = server_files(settings)
     ctx = _base_context(settings, ssl.Purpose.CLIENT_AUTH)
     _load_chain(ctx, files, "tls.cert", "tls.key")
-    _load_ca(ctx, files.client_ca)
+    _load_ca(ctx, settings, files.client_ca, anchors)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.check_hostname = False
     return ctx
 
 
-def client_context(settings: Settings, *, with_certificate: bool = True) -> ssl.SSLContext:
+class ReloadableServerTls:
+    """One context for the listeners' lifetime, whose handshakes use the newest ``replace``d context.
+
+    Why not hand the listeners a new context: aiosmtpd and ``loop.create_server`` keep the
+    object they were given. The SNI callback is the one OpenSSL hook that runs on every
+    ClientHello before the certificate is chosen and the client's is verified, and switching
+    ``SSLObject.context`` there makes both use the new context's certificate and CA store.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.current = context
+        self.context = context
+        self.generation = 0
+        context.sni_callback = self._switch
+
+    def _switch(self, ssl_object: ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not self.context:
+            ssl_object.context = current
+
+    def replace(self, context: ssl.SSLContext) -> None:
+        """New connections from now on use ``context``; sessions already in TLS keep theirs."""
+        self.current = context
+        self.generation += 1
+
+
+def client_context(settings: Settings, *, with_certificate: bool = True, anchors: Sequence[bytes] = ()) -> ssl.SSLContext:
     """The relay's context towards peer operators: verify their server, present our operator certificate."""
     files = client_files(settings)
     ctx = _base_context(settings, ssl.Purpose.SERVER_AUTH)
-    _load_ca(ctx, files.client_ca)
+    _load_ca(ctx, settings, files.client_ca, anchors)
     if with_certificate:
         _load_chain(ctx, files, "tls.operator_cert", "tls.operator_key")
     ctx.check_hostname = True

@@ -27,7 +27,8 @@ def run(home: Path, *args: str, stdin: str | None = None) -> Result:
 
 
 def assert_one_line_error(result: Result, text: str) -> None:
-    assert result.exit_code == 2, result.output
+    not_found = text.startswith("no mailbox")  # exit 1: refused / not found; 2: usage or bad input
+    assert result.exit_code == (1 if not_found else 2), result.output
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr

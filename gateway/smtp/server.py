@@ -2,7 +2,9 @@
 
 aiosmtpd parses commands and DATA (RFC 5321; RFC 3207 STARTTLS; RFC 4954 AUTH;
 RFC 1870 SIZE; RFC 6152 8BITMIME; RFC 6531 SMTPUTF8) and, since 1.4.5, ends DATA
-only on ``CRLF.CRLF``. This subclass adds what the gateway needs around it:
+only on ``CRLF.CRLF``. The command loop under it is ours (``gateway.smtp.commands``:
+bounded lines, UTF-8-only arguments, error and time budgets, no client text in logs). This
+subclass adds what the gateway needs around it:
 
 * every reply aiosmtpd writes by itself is translated to our named reply (with an
   enhanced status code, RFC 3463) through one table, ``BUILTIN_REPLIES``;

@@ -50,7 +50,6 @@ cost more per idling client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from argparse import Namespace
 from collections.abc import AsyncIterator, Coroutine
@@ -68,18 +67,12 @@ from pymap.backend.maildir import Session as MaildirSession
 from pymap.concurrent import Subsystem
 from pymap.context import connection_exit, socket_info, subsystem
 from pymap.exceptions import AuthorizationFailure, InvalidAuth, NotAllowedError
-from pymap.imap import IMAPConnection, IMAPServer
-from pymap.imap.state import ConnectionState
+from pymap.imap import IMAPServer
 from pymap.interfaces.login import IdentityInterface, LoginInterface
 from pymap.interfaces.token import TokenCredentials
-from pymap.parsing.command.select import IdleCommand
 from pymap.parsing.response import (
-    CommandResponse,
-    ResponseBad,
     ResponseCode,
-    ResponseContinuation,
     ResponseNo,
-    ResponseOk,
 )
 from pymap.token import AllTokens
 from pymap.user import UserMetadata
@@ -93,12 +86,12 @@ from directory.identifiers import InvalidIdentifier, normalise_address
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.delivery.maildir import DeliveryError, MaildirDelivery
+from gateway.imap.connection import IDLE_POLL_SECONDS, Connection, SessionState
+from gateway.imap.limits import MAX_LINE, install_parser_guards
 from gateway.imap.storage import RawMailboxSet, RawMaildir, SafeLayout, write_metadata_beside_target
 
 __all__ = ["IDLE_POLL_SECONDS", "ImapService", "server_tls_context", "start_imap"]
 
-#: How often an IDLE client's folder is re-read for new, expunged or re-flagged messages.
-IDLE_POLL_SECONDS = 1.0
 #: Pool threads for Maildir work (disk reads, FETCH parsing); IDLE does not hold one.
 IO_THREADS = 16
 GREETING = b"mssgw IMAP4rev1 service ready"
@@ -253,45 +246,7 @@ class _Unavailable(InvalidAuth):
         return ResponseNo(tag, self._raw, ResponseCode.of(b"UNAVAILABLE"))
 
 
-# --- protocol: pymap's connection, with TLS-only login and a thread-free IDLE ----------
-
-
-class _State(ConnectionState):
-    def __init__(self, login: LoginInterface, config: _Config, *, implicit_tls: bool) -> None:
-        super().__init__(login, config)
-        if implicit_tls:
-            with contextlib.suppress(ValueError):
-                self._capability.remove(b"STARTTLS")
-            self.auth = config.tls_auth
-
-    async def do_greeting(self) -> CommandResponse:
-        # pymap enables login in clear text for loopback peers; we never do.
-        return ResponseOk(b"*", self.config.greeting, self.capability)
-
-
-class _Connection(IMAPConnection):
-    async def idle(self, state: ConnectionState, cmd: IdleCommand) -> CommandResponse:
-        response = await self._exec(state.do_command(cmd))
-        if not isinstance(response, ResponseOk):
-            return response
-        await self.write_response(ResponseContinuation(b"Idling."))
-        stop = asyncio.Event()
-        poller = asyncio.create_task(self._poll(state, cmd, stop))
-        try:
-            ok = await self.read_idle_done(cmd)
-        finally:
-            stop.set()
-            await poller
-        return response if ok else ResponseBad(cmd.tag, b'Expected "DONE".')
-
-    async def _poll(self, state: ConnectionState, cmd: IdleCommand, stop: asyncio.Event) -> None:
-        no_wait = subsystem.get().new_event()
-        no_wait.set()  # pymap's backend would otherwise block a pool thread on it
-        while not stop.is_set():
-            untagged = await self._exec(state.receive_updates(cmd, no_wait))
-            await asyncio.shield(self.write_updates(untagged))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), IDLE_POLL_SECONDS)
+# --- protocol: pymap's connection, bounded (connection.py) -----------------------------
 
 
 class _Server(IMAPServer):
@@ -306,8 +261,8 @@ class _Server(IMAPServer):
             self._service._connections.add(task)
         subsystem.set(self._config.subsystem)  # pymap reads it from a context variable
         try:
-            conn = _Connection(self.commands, self._config, reader, writer, sock_info)
-            state = _State(self._login, self._config, implicit_tls=self._implicit)  # type: ignore[arg-type]
+            conn = Connection(self.commands, self._config, reader, writer, sock_info)
+            state = SessionState(self._login, self._config, implicit_tls=self._implicit)
             async with AsyncExitStack() as stack:
                 connection_exit.set(stack)
                 stack.enter_context(closing(conn))
@@ -374,6 +329,7 @@ async def start_imap(
     """
     del factory  # see docstring
     write_metadata_beside_target()
+    install_parser_guards()
     tls = server_tls_context(settings)
     executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="imap-io")
     config = _make_config(settings, tls, executor)
@@ -388,7 +344,7 @@ async def start_imap(
                 continue
             callback = reader.get_callback(_Server(login, config, implicit_tls=implicit, service=service))
             server = await asyncio.start_server(
-                callback, host=where[0], port=where[1], ssl=tls if implicit else None
+                callback, host=where[0], port=where[1], ssl=tls if implicit else None, limit=MAX_LINE
             )
             service._servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]

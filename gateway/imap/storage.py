@@ -14,7 +14,11 @@ is often signed: its bytes are what a signature covers (RFC 8551), so here
 * pymap's metadata files are written beside their target, not in /tmp
   (``write_metadata_beside_target``: pymap's rename from /tmp fails across file systems),
 * ``SafeLayout`` refuses folder names that could alias or leave the mailbox
-  (see ``gateway.delivery.maildir.folder_subdir``) with ``NO [CANNOT]``.
+  (see ``gateway.delivery.maildir.folder_subdir``) with ``NO [CANNOT]``, and names
+  longer than ``limits.FOLDER_NAME_MAX`` bytes with ``NO [LIMIT]`` (the file
+  system's ENAMETOOLONG would otherwise end the connection),
+* messages written by APPEND, COPY and MOVE are 0600 from their creation, folders
+  0700 (Python's ``mailbox`` honours the umask: 0644 files usually).
 
 Everything else (UID list, keywords, subscriptions, Maildir++ layout) is pymap's,
 so the tree stays the one ``gateway.delivery.maildir`` writes.
@@ -43,8 +47,13 @@ from pymap.parsing.response import ResponseCode
 from pymap.parsing.specials import ObjectId
 
 from gateway.delivery.maildir import DeliveryError, folder_subdir
+from gateway.imap.limits import FOLDER_NAME_MAX
 
-__all__ = ["RawMailboxSet", "RawMaildir", "SafeLayout", "write_metadata_beside_target"]
+__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "RawMailboxSet", "RawMaildir", "SafeLayout", "write_metadata_beside_target"]
+
+#: Modes of what IMAP writes in a Maildir: messages and markers, and folders (owner only).
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
 
 
 def _file_write_beside(self: FileWriteable) -> None:
@@ -95,6 +104,13 @@ class RawMaildir(Maildir):
         msg.set_date(os.path.getmtime(path))
         return msg
 
+    def _create_tmp(self) -> Any:
+        """Python's ``mailbox`` creates messages 0666 less the umask (0644 usually): a health
+        message is private to its owner, so the still-empty file is made 0600 at once."""
+        tmp = super()._create_tmp()  # type: ignore[misc]
+        os.fchmod(tmp.fileno(), PRIVATE_FILE)
+        return tmp
+
     def _dump_message(self, message: Any, target: Any, mangle_from_: bool = False) -> None:
         if isinstance(message, _RawMessage):
             target.write(message.raw)
@@ -107,11 +123,21 @@ class SafeLayout(DefaultLayout[RawMaildir]):
 
     def _get_path(self, parts: Any) -> str:
         name = "/".join(parts) if parts else "INBOX"
+        if len(self._get_subdir(parts).encode("utf-8", "surrogatepass")) > FOLDER_NAME_MAX:
+            raise MailboxError(name, b"Mailbox name too long.", ResponseCode.of(b"LIMIT"))
         try:
             folder_subdir(name)
         except DeliveryError:
             raise MailboxError(name, b"Invalid mailbox name.", ResponseCode.of(b"CANNOT")) from None
         return super()._get_path(parts)
+
+    def add_folder(self, name: str, delimiter: str) -> None:
+        """pymap's, with the folder's ``maildirfolder`` marker 0600 like every other file
+        (the Maildir directories themselves are created 0700 by ``mailbox.Maildir``)."""
+        super().add_folder(name, delimiter)
+        path = self.get_path(name, delimiter)
+        os.chmod(os.path.join(path, "maildirfolder"), PRIVATE_FILE)
+        os.chmod(path, PRIVATE_DIR)
 
     def rename_folder(self, source_name: str, dest_name: str, delimiter: str) -> None:
         for name in (source_name, dest_name):

@@ -1,0 +1,451 @@
+"""Attacks on the IMAP listener, replayed byte for byte against the real service (issue 10).
+
+Each test sends the exact bytes of a finding to a real listener on loopback and
+checks the answer (tagged ``BAD``/``NO``, ``BYE``), that the event loop kept
+serving others meanwhile, and that nothing was logged with a traceback. Every
+wait is bounded (``asyncio.wait_for`` and the ``timeout`` mark), so a regression
+fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import stat
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from pathlib import Path
+
+import pytest
+from conftest import ALICE, PASSWORD, Imap, lab_report
+
+from gateway.imap import connection, limits
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+WAIT = 10.0  # seconds: far above any honest answer, far below the test timeout
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (the service runs in the test's process)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _open(imap: Imap, *, tls: bool) -> Streams:
+    if tls:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", imap.tls_port, ssl=imap.client_context(), server_hostname="localhost"
+        )
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", imap.starttls_port)
+    greeting = await reader.readline()
+    assert greeting.startswith(b"* OK"), greeting
+    return reader, writer
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+@asynccontextmanager
+async def plain(imap: Imap) -> AsyncIterator[Streams]:
+    """A clear-text connection on the STARTTLS port, greeting read."""
+    streams = await _open(imap, tls=False)
+    try:
+        yield streams
+    finally:
+        await _close(streams[1])
+
+
+@asynccontextmanager
+async def logged_in(imap: Imap, user: str = ALICE) -> AsyncIterator[Streams]:
+    """An implicit-TLS connection, logged in as ``user``."""
+    streams = await _open(imap, tls=True)
+    try:
+        lines = await command(streams, b"L0", f'LOGIN "{user}" "{PASSWORD}"'.encode())
+        assert lines[-1].startswith(b"L0 OK"), lines
+        yield streams
+    finally:
+        await _close(streams[1])
+
+
+async def until_tagged(reader: asyncio.StreamReader, tag: bytes) -> list[bytes]:
+    """Lines read up to and including the one tagged ``tag`` (untagged lines and literals included)."""
+    lines: list[bytes] = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise EOFError(f"connection closed before {tag!r}; got {lines!r}")
+        lines.append(line)
+        if line.startswith(tag + b" "):
+            return lines
+
+
+async def command(streams: Streams, tag: bytes, line: bytes) -> list[bytes]:
+    reader, writer = streams
+    writer.write(tag + b" " + line + b"\r\n")
+    return await asyncio.wait_for(until_tagged(reader, tag), WAIT)
+
+
+async def refused(streams: Streams, tag: bytes, line: bytes) -> list[bytes]:
+    """``command``, then a NOOP so that pymap's limit of consecutive BADs does not end the session."""
+    answer = await command(streams, tag, line)
+    assert (await command(streams, tag + b"n", b"NOOP"))[-1].startswith(tag + b"n OK")
+    return answer
+
+
+async def assert_loop_responsive(imap: Imap) -> None:
+    """Another client gets its greeting and a NOOP answered: the event loop is not stuck."""
+    async def probe() -> None:
+        async with plain(imap) as streams:
+            assert (await command(streams, b"p1", b"NOOP"))[-1].startswith(b"p1 OK")
+
+    await asyncio.wait_for(probe(), WAIT)
+
+
+def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+# --- 1. CPU: malformed mailbox names and parser bombs -------------------------------
+
+
+MALFORMED_NAMES = [b'"&AB"', b'"&"', b'"a&Jjo"', b"&AB", b'"&AAA-"', b'"&2D0-"', b'"&!!!-"', b"{3}\r\n&AB"]
+
+
+@pytest.mark.timeout(60)
+async def test_malformed_mailbox_name_before_login_answers_at_once(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``x SELECT "&AB"`` froze the loop in pymap's modified UTF-7 decoder (finding 1)."""
+    async with plain(imap) as streams:
+        streams[1].write(b'x SELECT "&AB"\r\n')
+        answer = await asyncio.wait_for(until_tagged(streams[0], b"x"), WAIT)
+        assert answer[-1].startswith(b"x BAD"), answer
+        await assert_loop_responsive(imap)
+        for n, name in enumerate(MALFORMED_NAMES):
+            tag = b"s%d" % n
+            assert (await refused(streams, tag, b"SELECT " + name))[-1].startswith(tag + b" BAD")
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+async def test_malformed_mailbox_names_after_login_answer_at_once(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with logged_in(imap) as streams:
+        for n, name in enumerate(MALFORMED_NAMES):
+            for verb, rest in ((b"SELECT", b""), (b"CREATE", b""), (b"LIST", b""), (b"STATUS", b" (MESSAGES)")):
+                tag = b"m%d%s" % (n, verb)
+                args = b'"" ' + name if verb == b"LIST" else name
+                answer = await refused(streams, tag, verb + b" " + args + rest)
+                allowed = (tag + b" BAD", tag + b" NO") + ((tag + b" OK",) if verb == b"LIST" else ())
+                assert answer[-1].startswith(allowed), answer  # LIST of a well-formed odd name: nothing
+        assert (await command(streams, b"ok", b"NOOP"))[-1].startswith(b"ok OK")
+    await assert_loop_responsive(imap)
+    assert_no_traceback(caplog)
+
+
+def _nested(depth: int) -> bytes:
+    return b"(" * depth + b"ALL" + b")" * depth
+
+
+#: Lines that made pymap's parser or its LIST matcher burn CPU, recurse without bound or raise.
+PARSER_BOMBS: list[tuple[str, bytes]] = [
+    ("search nesting", b"SEARCH " + _nested(20_000)),
+    ("search OR chain", b"SEARCH " + b"OR " * 8_000 + b"ALL ALL" + b" ALL" * 8_000),
+    ("search NOT chain", b"SEARCH " + b"NOT " * 15_000 + b"ALL"),
+    ("fetch nesting", b"FETCH 1 " + b"(" * 20_000 + b"FLAGS" + b")" * 20_000),
+    ("huge number", b"FETCH 1:" + b"9" * 20_000 + b" (FLAGS)"),
+    ("huge uid", b"UID SEARCH UID 1:" + b"9" * 20_000),
+    ("partial overflow", b"FETCH 1 (BODY[]<" + b"9" * 5_000 + b"." + b"9" * 5_000 + b">)"),
+    ("section parts", b"FETCH 1 (BODY[" + b"1." * 20_000 + b"1])"),
+    ("list percent", b'LIST "" "' + b"%" * 30_000 + b'x"'),
+    ("list star pattern", b'LIST "" "' + b"*I" * 20_000 + b'x"'),
+    ("sequence set", b"FETCH " + b",".join([b"1:*"] * 8_000) + b" (FLAGS)"),
+    ("flag list", b"STORE 1 +FLAGS (" + b" ".join(b"\\Seen" for _ in range(10_000)) + b")"),
+    ("quoted escapes", b'SEARCH SUBJECT "' + b"\\\\" * 25_000 + b'"'),
+]
+
+
+@pytest.mark.timeout(120)
+async def test_parser_bombs_after_login_are_bounded(imap: Imap, caplog: pytest.LogCaptureFixture) -> None:
+    imap.delivery.deliver(ALICE, lab_report())
+    async with logged_in(imap) as streams:
+        assert (await command(streams, b"s", b"SELECT INBOX"))[-1].startswith(b"s OK")
+        for n, (name, line) in enumerate(PARSER_BOMBS):
+            assert len(line) < limits.MAX_LINE, name
+            tag = b"b%d" % n
+            answer = await refused(streams, tag, line)
+            assert answer[-1].startswith((tag + b" BAD", tag + b" NO", tag + b" OK")), (name, answer[-1][:200])
+            await assert_loop_responsive(imap)
+        assert (await command(streams, b"ok", b"NOOP"))[-1].startswith(b"ok OK")
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+async def test_many_synchronizing_literals_are_refused(imap: Imap, caplog: pytest.LogCaptureFixture) -> None:
+    """Each continuation re-parses the whole command: their number per command is bounded."""
+    async with logged_in(imap) as streams:
+        reader, writer = streams
+        writer.write(b"lit SEARCH")
+        answers: list[bytes] = []
+        for _ in range(limits.MAX_LITERALS + 5):
+            writer.write(b" SUBJECT {1}\r\n")
+            line = await asyncio.wait_for(reader.readline(), WAIT)
+            answers.append(line)
+            if not line.startswith(b"+"):
+                break
+            writer.write(b"x")
+        assert answers[-1].startswith(b"lit BAD"), answers[-3:]
+        assert len(answers) == limits.MAX_LITERALS + 1
+        writer.write(b"\r\n")
+        assert (await command(streams, b"ok", b"NOOP"))[-1].startswith(b"ok OK")
+    assert_no_traceback(caplog)
+
+
+# --- 3. STARTTLS: nothing sent in clear after STARTTLS runs inside TLS --------------
+
+
+@pytest.mark.timeout(60)
+async def test_plaintext_pipelined_after_starttls_is_discarded(imap: Imap) -> None:
+    async with plain(imap) as streams:
+        reader, writer = streams
+        # The injected command would run inside the TLS session, as the victim.
+        writer.write(b"a STARTTLS\r\ninjected CAPABILITY\r\n")
+        answer = await asyncio.wait_for(until_tagged(reader, b"a"), WAIT)
+        assert answer[-1].startswith(b"a OK")
+        await asyncio.wait_for(writer.start_tls(imap.client_context(), server_hostname="localhost"), WAIT)
+        writer.write(b"b NOOP\r\n")
+        lines = await asyncio.wait_for(until_tagged(reader, b"b"), WAIT)
+        assert not any(line.startswith(b"injected") for line in lines), lines
+        assert lines[-1].startswith(b"b OK")
+
+
+# --- 7. Memory: literals and lines are bounded before and after login ----------------
+
+
+async def _stream_literal(imap: Imap, header: bytes, size: int, *, tls: bool) -> list[bytes]:
+    """Send ``header`` then up to ``size`` bytes of literal; return what the server said."""
+    reader, writer = await _open(imap, tls=tls)
+    try:
+        if tls:
+            assert (await command((reader, writer), b"L0", f'LOGIN "{ALICE}" "{PASSWORD}"'.encode()))[-1].startswith(
+                b"L0 OK"
+            )
+        writer.write(header)
+        chunk = b"x" * 65536
+        sent = 0
+        answer = asyncio.ensure_future(reader.readline())
+        while sent < size and not answer.done():
+            writer.write(chunk)
+            sent += len(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), WAIT)
+            except (ConnectionError, ssl.SSLError):
+                break
+        lines = [await asyncio.wait_for(answer, WAIT)]
+        while lines[-1]:
+            lines.append(await asyncio.wait_for(reader.readline(), WAIT))
+        return lines
+    finally:
+        await _close(writer)
+
+
+@pytest.mark.timeout(60)
+async def test_pre_login_literal_plus_gets_bad_toobig_and_bye(imap: Imap, caplog: pytest.LogCaptureFixture) -> None:
+    lines = await _stream_literal(imap, b"a LOGIN {300000000+}\r\n", 1024, tls=False)
+    assert lines[0].startswith(b"a BAD [TOOBIG]"), lines
+    assert lines[1].startswith(b"* BYE") and lines[-1] == b"", lines  # then the connection is closed
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(120)
+async def test_pre_login_literal_plus_is_not_buffered(imap: Imap, caplog: pytest.LogCaptureFixture) -> None:
+    """``a LOGIN {300000000+}`` plus data: three such connections took +1.1 GB (finding 7)."""
+    async def attack() -> int:
+        """Stream 40 MiB after the announcement; return how much the server took before closing."""
+        _, writer = await _open(imap, tls=False)
+        writer.write(b"a LOGIN {300000000+}\r\n")
+        sent = 0
+        try:
+            while sent < 40 * 2**20:
+                writer.write(b"x" * 65536)
+                await asyncio.wait_for(writer.drain(), WAIT)
+                sent += 65536
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            await _close(writer)
+        return sent
+
+    before = _rss()
+    taken = await asyncio.wait_for(asyncio.gather(*(attack() for _ in range(3))), 60)
+    grown = _rss() - before
+    assert all(sent < 40 * 2**20 for sent in taken), taken  # the server closed before taking it all
+    assert grown < 30 * 2**20, f"RSS grew by {grown} bytes"
+    await assert_loop_responsive(imap)
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+async def test_pre_login_synchronizing_literal_is_bounded(imap: Imap) -> None:
+    async with plain(imap) as streams:
+        size = limits.PRE_AUTH_LITERAL_MAX + 1
+        answer = await refused(streams, b"a", b"LOGIN {%d}" % size)
+        assert answer[-1].startswith(b"a BAD"), answer
+        assert (await command(streams, b"b", b"NOOP"))[-1].startswith(b"b OK")
+
+
+@pytest.mark.timeout(60)
+async def test_append_beyond_appendlimit_is_refused_at_once(imap: Imap) -> None:
+    limit = int(imap.settings.get("limits", "max_message_size"))
+    async with logged_in(imap) as streams:
+        caps = await command(streams, b"c", b"CAPABILITY")
+        assert b"APPENDLIMIT=%d" % limit in caps[0]
+        # Synchronizing: refused before the client sends a byte of it; the session goes on.
+        answer = await command(streams, b"s", b"APPEND INBOX {%d}" % (limit + 1))
+        assert answer[-1].startswith(b"s BAD") or answer[-1].startswith(b"s NO"), answer
+        assert b"TOOBIG" in answer[-1]
+        assert (await command(streams, b"n", b"NOOP"))[-1].startswith(b"n OK")
+    # Non-synchronizing: refused at once and the connection closed (RFC 7888 section 4).
+    lines = await _stream_literal(imap, b"a APPEND INBOX {%d+}\r\n" % (limit + 1), 4 * 2**20, tls=True)
+    assert lines[0].startswith(b"a BAD [TOOBIG]"), lines
+    assert lines[-1] == b""
+
+
+@pytest.mark.timeout(60)
+async def test_append_within_limit_with_literal_plus_is_stored(imap: Imap) -> None:
+    raw = lab_report()
+    async with logged_in(imap) as streams:
+        reader, writer = streams
+        writer.write(b"a APPEND INBOX (\\Seen) {%d+}\r\n" % len(raw) + raw + b"\r\n")
+        answer = await asyncio.wait_for(until_tagged(reader, b"a"), WAIT)
+        assert answer[-1].startswith(b"a OK"), answer
+        assert (await command(streams, b"s", b"SELECT INBOX"))[0:]
+        fetched = await command(streams, b"f", b"FETCH 1 (BODY.PEEK[])")
+        assert raw in b"".join(fetched)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("authenticated", [False, True])
+async def test_overlong_line_gets_bad_and_the_session_goes_on(
+    imap: Imap, caplog: pytest.LogCaptureFixture, authenticated: bool
+) -> None:
+    """A 3 MB line dropped the connection with a traceback (finding 12)."""
+    opener = logged_in(imap) if authenticated else plain(imap)
+    async with opener as streams:
+        reader, writer = streams
+        writer.write(b"long NOOP " + b"x" * (3 * 2**20) + b"\r\n")
+        answer = await asyncio.wait_for(until_tagged(reader, b"long"), WAIT)
+        assert answer[-1].startswith(b"long BAD"), answer
+        assert (await command(streams, b"n", b"NOOP"))[-1].startswith(b"n OK")
+    assert_no_traceback(caplog)
+
+
+# --- 12. Folder operations answer NO, never a dropped connection ------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_bad_folder_names_get_no_and_the_session_goes_on(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    names = [b'"a/../../b"', b'"../x"', b'"a//b"', b'"' + b"d" * 300 + b'"', b'"' + b"e/" * 100 + b'e"',
+             b'"' + b"\xc3\xa9" * 200 + b'"']
+    async with logged_in(imap) as streams:
+        for n, name in enumerate(names):
+            for verb in (b"CREATE", b"SELECT", b"DELETE", b"RENAME Drafts", b"RENAME Junk/x"):
+                tag = b"f%d%s" % (n, verb.replace(b" ", b"_").replace(b"/", b"_"))
+                answer = await refused(streams, tag, verb + b" " + name)
+                assert answer[-1].startswith((tag + b" NO", tag + b" BAD")), answer
+        assert (await command(streams, b"ok", b"LIST \"\" *"))[-1].startswith(b"ok OK")
+    tree = imap.delivery.mailbox_path(ALICE)
+    assert not any(p.name == "b" or "d" * 50 in p.name for p in tree.parent.parent.rglob("*"))
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(120)
+async def test_concurrent_create_rename_delete_of_one_folder(imap: Imap, caplog: pytest.LogCaptureFixture) -> None:
+    async def churn(k: int, streams: Streams) -> set[bytes]:
+        seen: set[bytes] = set()
+        for i in range(25):
+            for verb in (b"CREATE Race", b"RENAME Race Race2", b"RENAME Race2 Race", b"DELETE Race",
+                         b"CREATE Race/sub", b"DELETE Race2", b"STATUS Race (MESSAGES)"):
+                tag = b"t%d_%d" % (k, i)
+                answer = await command(streams, tag, verb)
+                seen.add(answer[-1].split(b" ")[1])
+        assert (await command(streams, b"ok", b"NOOP"))[-1].startswith(b"ok OK")
+        return seen
+
+    async with AsyncExitStack() as stack:
+        # Logged in one after the other: concurrent logins of one account count as attempts in flight.
+        sessions = [await stack.enter_async_context(logged_in(imap)) for _ in range(4)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*(churn(k, s) for k, s in enumerate(sessions))), 100)
+    assert set().union(*outcomes) <= {b"OK", b"NO"}, outcomes
+    assert_no_traceback(caplog)
+
+
+# --- 13. Private files 0600, folders 0700 ----------------------------------------------
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.timeout(60)
+async def test_append_copy_move_and_create_write_private_modes(imap: Imap) -> None:
+    raw = lab_report()
+    async with logged_in(imap) as streams:
+        for tag, line in ((b"c1", b"CREATE Dossiers"), (b"c2", b"CREATE Dossiers/Patients")):
+            assert (await command(streams, tag, line))[-1].startswith(tag + b" OK")
+        reader, writer = streams
+        writer.write(b"a APPEND INBOX {%d+}\r\n" % len(raw) + raw + b"\r\n")
+        assert (await asyncio.wait_for(until_tagged(reader, b"a"), WAIT))[-1].startswith(b"a OK")
+        assert (await command(streams, b"s", b"SELECT INBOX"))[-1].startswith(b"s OK")
+        assert (await command(streams, b"cp", b"COPY 1 Dossiers"))[-1].startswith(b"cp OK")
+        assert (await command(streams, b"mv", b"MOVE 1 Dossiers/Patients"))[-1].startswith(b"mv OK")
+    root = imap.delivery.mailbox_path(ALICE)
+    modes = _modes(root)
+    messages = [p for p in modes if "/cur/" in f"/{p}" or "/new/" in f"/{p}"]
+    messages = [p for p in messages if (root / p).is_file()]
+    assert len(messages) >= 2, modes
+    wrong_files = {p: oct(m) for p, m in modes.items() if (root / p).is_file() and m != 0o600}
+    wrong_dirs = {p: oct(m) for p, m in modes.items() if (root / p).is_dir() and m != 0o700}
+    created = {p: m for p, m in wrong_dirs.items() if "Dossiers" in p}
+    assert not created, created
+    assert not {p: m for p, m in wrong_files.items() if "Dossiers" in p or "/cur/" in f"/{p}"}, wrong_files
+
+
+# --- inactivity timeout ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_idle_sessions_are_closed_with_bye(imap: Imap, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connection, "PRE_AUTH_TIMEOUT", 0.3)
+    monkeypatch.setattr(connection, "POST_AUTH_TIMEOUT", 0.6)
+    reader, writer = await _open(imap, tls=False)
+    try:
+        lines = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        assert lines.startswith(b"* BYE"), lines
+    finally:
+        await _close(writer)
+    async with logged_in(imap) as (reader, writer):
+        lines = await asyncio.wait_for(reader.read(), WAIT)
+        assert lines.startswith(b"* BYE"), lines
+    # A slow trickle does not keep a pre-login session alive either: the bound is per command.
+    reader, writer = await _open(imap, tls=False)
+    try:
+        closed = asyncio.ensure_future(reader.read())
+        for _ in range(20):
+            if closed.done():
+                break
+            writer.write(b"N")
+            await asyncio.wait([closed], timeout=0.1)
+        assert (await asyncio.wait_for(closed, WAIT)).startswith(b"* BYE")
+    finally:
+        await _close(writer)

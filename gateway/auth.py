@@ -4,7 +4,8 @@ SMTP AUTH and IMAP LOGIN share one ``Authenticator`` so a brute force against on
 counted for both.
 
 Throttle (README "Security model"): every attempt is counted *before* its Argon2 check
-(in-flight checks count, so parallel connections cannot race past a limit), on the
+(in-flight checks count: parallel attempts beyond a limit wait for those in flight to
+finish, then are checked or refused, so they cannot race past it), on the
 normalised address the login uses (``" <Dave@X>"`` is ``dave@x``), in three bounded tables:
 
 - per source (IPv4 address, IPv6 /64): ``SOURCE_FACTOR * auth.max_failures`` failures lock
@@ -102,6 +103,7 @@ class Ticket:
     source: str
     wait: float = 0.0  # seconds to wait before checking (account-wide delay)
     retry_after: float = 0.0  # when refused
+    busy: bool = False  # refused only because of attempts in flight: ask again when one finishes
 
 
 class _Table:
@@ -185,7 +187,9 @@ class Throttle:
         if locked > 0:
             return Ticket(False, account, source, retry_after=locked)
         if src.failures + src.inflight >= self.source_limit or pair.failures + pair.inflight >= self.max_failures:
-            return Ticket(False, account, source, retry_after=self.max_delay)  # the attempts in flight decide
+            # Under the limit without the attempts in flight: those decide (they may all fail).
+            busy = src.failures < self.source_limit and pair.failures < self.max_failures
+            return Ticket(False, account, source, retry_after=self.max_delay, busy=busy)
         acc = self._accounts.touch(f"user:{account}", now)
         wait = 0.0 if self._is_trusted(account, source, now) else self._account_delay(acc.failures + acc.inflight)
         for row in (src, pair, acc):
@@ -334,6 +338,8 @@ class Authenticator:
         self.crl_soft_fail = bool(settings.get("crypto", "crl_soft_fail"))
         #: How delays are waited (tests replace it to record them instead).
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        #: Set (and replaced) each time a password check finishes: attempts waiting on ``Ticket.busy``.
+        self._finished = asyncio.Event()
 
     def _record(self, outcome: AuthOutcome, *, actor: str, client: str | None, protocol: str, method: str) -> None:
         if self._audit is not None:
@@ -346,7 +352,12 @@ class Authenticator:
 
     async def check_password(self, username: str, password: str, *, client: str | None, protocol: str) -> AuthOutcome:
         account = account_key(username)
-        ticket = self.throttle.begin(account, client)
+        while True:
+            finished = self._finished  # taken with begin(), no await between: no finish is missed
+            ticket = self.throttle.begin(account, client)
+            if not ticket.busy:
+                break
+            await finished.wait()  # a burst of right passwords waits its turn instead of being refused
         if not ticket.allowed:
             outcome = AuthOutcome(False, None, "locked", ticket.retry_after)
             self._record(outcome, actor=account, client=client, protocol=protocol, method="password")
@@ -367,6 +378,8 @@ class Authenticator:
             checked = identity is not None
         finally:
             delay = self.throttle.finish(ticket, checked)
+            self._finished.set()
+            self._finished = asyncio.Event()
         if identity is None:
             outcome = AuthOutcome(False, None, "bad-credentials")
             self._record(outcome, actor=account, client=client, protocol=protocol, method="password")

@@ -268,6 +268,12 @@ async def test_username_variants_count_as_one_account(sqlite_home: Path, peer_ce
         assert (await auth_from(world, "127.0.0.1", SEC, PASSWORD))[0] == 454  # this source, this account
 
 
+async def test_a_burst_of_right_logins_from_one_source_all_get_in(world: World) -> None:
+    """Attempts in flight count against the limit (3 here), but the ones beyond it wait, not fail."""
+    results = await asyncio.gather(*(auth_from(world, "127.0.0.1", SEC, PASSWORD) for _ in range(12)))
+    assert [code for code, _ in results] == [235] * 12
+
+
 # --- item 6: no lockout as a weapon ---------------------------------------------------------------
 
 
@@ -346,7 +352,10 @@ def test_source_and_pair_locks_expire() -> None:
 def test_in_flight_attempts_count() -> None:
     t = throttle(FakeClock())
     tickets = [t.begin(SEC, "192.0.2.1") for _ in range(100)]
-    assert sum(tk.allowed for tk in tickets) == 5
+    assert sum(tk.allowed for tk in tickets) == 5 and all(tk.busy for tk in tickets if not tk.allowed)
+    for tk in tickets[:5]:
+        t.finish(tk, ok=False)
+    assert not t.begin(SEC, "192.0.2.1").busy  # now locked for good: refused, not waiting
 
 
 def test_ipv6_sources_share_their_64() -> None:

@@ -12,7 +12,8 @@ terminator, IMAP commands with their literals) to know how many replies to wait 
 * a **short** is a step that got some but not all the replies it expected;
 * a **drop** is the server closing the connection while replies were still expected
   without saying goodbye first (421, 221, IMAP BYE);
-* a **leak** is a reply carrying Python exception text.
+* a **leak** is a reply carrying Python exception text; a **serverbug** is IMAP's
+  ``[SERVERBUG]`` answer to an exception nobody handled (``local-error``: SMTP's 451 4.3.0).
 
 Whatever is found keeps the session index, the mutations and the bytes sent, so a
 finding replays with the same seed and index. A protocol that hangs
@@ -124,7 +125,7 @@ class Stats:
             f"smtp replies {fmt(self.smtp)}",
             f"imap replies {fmt(self.imap)}",
             f"events drops={self.events['drop']} hangs={self.events['hang']} shorts={self.events['short']} "
-            f"leaks={self.events['leak']} crashes={self.events['crash']} harness-errors={self.events['harness']} "
+            f"leaks={self.events['leak']} serverbugs={self.events['serverbug']} crashes={self.events['crash']} harness-errors={self.events['harness']} "
             f"({fmt(self.events)})",
             f"accepted {len(self.accepted)} known-issue sessions ({fmt(self.known)}) "
             f"wedged {','.join(sorted(self.wedged)) or '-'}",
@@ -251,7 +252,10 @@ class Session:
         await asyncio.wait_for(self.writer.start_tls(ctx, server_hostname="localhost"), timeout)
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        try:
+            self.writer.transport.abort()
+        except TypeError:  # "SSLProtocol._abort() takes 1 positional argument" (CPython 3.11, seen under fuzz)
+            self.writer.transport.close()
 
 
 class Fuzzer:
@@ -343,6 +347,10 @@ class Fuzzer:
             self.trace(script.index, "<", line)
         if LEAK.search(line):
             self._found("leak", script, f"reply {line[:200]!r}")
+        elif b"[SERVERBUG]" in line:  # pymap's answer to an exception it did not expect
+            self._found("serverbug", script, f"reply {line[:200]!r}")
+        elif line.startswith(b"451 4.3.0"):  # the SMTP edge's answer to an unexpected exception
+            self._found("local-error", script, f"reply {line[:200]!r}")
 
     async def _exchange(self, script: Script, session: Session, model: SmtpModel | ImapModel,
                         data: bytes, read_one: Callable[[], object]) -> list[bytes]:
@@ -425,7 +433,7 @@ class Fuzzer:
         try:
             await session.upgrade(self._ctx[script.client_cert], self.step_timeout)
             return True
-        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+        except (ssl.SSLError, ConnectionError, TimeoutError, TypeError) as exc:  # TypeError: as in abort()
             self.stats.events["tls-failed"] += 1
             self._found("tls", script, f"upgrade failed {type(exc).__name__}")
             return False

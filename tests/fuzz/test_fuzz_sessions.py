@@ -7,8 +7,8 @@ with STARTTLS, submissions (implicit TLS), inbound (plain and with a trusted pee
 certificate), IMAP before and after login, 40 at a time. Afterwards the gateway must:
 be alive; serve a legitimate client (AUTH + submission, IMAP LOGIN + SELECT) within
 1 s; have stayed under its starting RSS + 300 MB; have logged no traceback and no
-client text (the canary); have sent no exception text in a reply; have hung no
-session; and hold in its queue every message it answered 250.
+client text (the canary); have sent no exception text in a reply and no IMAP
+``[SERVERBUG]``; have hung no session; and hold in its queue every message it answered 250.
 
 The seed is random unless ``MSSGW_FUZZ_SEED`` is set; it is printed, and in every
 failure message, with each finding's session index: replay one session with
@@ -96,6 +96,7 @@ async def test_fuzzed_sessions_leave_the_gateway_healthy(tmp_path: Path, pki_tem
                         f"(wedged: {sorted(stats.wedged) or 'none'}, budget {FUZZ_BUDGET:.0f}s, load average "
                         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     for category, what in (("hang", "sessions hung"), ("leak", "replies carried exception text"),
+                           ("serverbug", "IMAP sessions ended by an unhandled server error ([SERVERBUG])"),
                            ("harness", "sessions broke the fuzzer itself")):
         if stats.events[category]:
             problems.append(f"{stats.events[category]} {what}:\n{findings_text(stats, s, (category,))}")

@@ -312,8 +312,7 @@ class CredentialCache:
         self._entries.clear()
 
 
-#: Certificate outcomes that are temporary (retry later), not a refusal of the certificate.
-TEMPORARY_CERT_REASONS = frozenset({"unavailable", "crl-stale", "crl-unavailable"})
+#: ``ChainResult.failure`` -> login reason; any other failure is "untrusted-certificate".
 _CHAIN_FAILURES = {"revoked": "revoked", "expired": "expired", "not-yet-valid": "not-yet-valid",
                    "crl-stale": "crl-stale", "crl-unavailable": "crl-unavailable"}
 

@@ -254,6 +254,19 @@ def list_domains(session: Session, kind: str | None = None) -> list[dict[str, An
 ANCHORS_KEY = "*anchors*"
 
 
+def trust_counter(session: Session) -> tuple[object, ...]:
+    """A cheap summary that changes whenever ``trust_signature`` may have: two aggregate reads.
+
+    Counts and maxima of the domain and certificate tables (a row added, removed, updated,
+    revoked, or given a key changes one of them); the running gateway reads this every few
+    seconds and computes the per-domain ``trust_signature`` only when it moved.
+    """
+    domains = session.execute(select(func.count(), func.max(Domain.updated_at)).select_from(Domain)).one()
+    certs = session.execute(select(func.count(), func.max(Certificate.id), func.count(Certificate.revoked_at),
+                                   func.count(Certificate.key_path)).select_from(Certificate)).one()  # fmt: skip
+    return (*domains, *certs)
+
+
 def trust_signature(session: Session) -> dict[str, str]:
     """A digest per domain of what decides exchanges with it, and one for the trust anchors.
 

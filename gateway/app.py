@@ -9,10 +9,11 @@ accepting connections, lets transactions already in DATA finish committing, says
 421 4.3.2 to the other sessions, stops workers and IMAP, and flushes the audit writer.
 The audit retention purge runs at start and then daily.
 
-Live reload: every ``RELOAD_INTERVAL`` seconds a digest of the trust list, certificates and
-anchors (``directory.service.trust_signature``) and of the TLS files' mtimes is compared with
-the last one. On a change (``mssgw peers``, ``domains``, ``certs import``, ``certs
-trust-anchor``), the listeners' TLS context and the relay's are rebuilt for new connections,
+Live reload: every ``RELOAD_INTERVAL`` seconds a cheap summary of the trust list, certificates
+and anchors (``directory.service.trust_counter``) and the TLS files' mtimes are compared with
+the last ones; when they moved, per-domain digests (``trust_signature``) say what changed. On a
+change (``mssgw peers``, ``domains``, ``certs import``, ``certs trust-anchor``), the
+listeners' TLS context and the relay's are rebuilt for new connections,
 the key caches are dropped, deferred mail to the changed domains is made due now, and one
 line ``trust reloaded generation=N ...`` is logged. No restart.
 """
@@ -88,7 +89,8 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self._services: list[tuple[str, Callable[[], Awaitable[Any]]]] = []  # (name, async close)
         self.tls: ReloadableServerTls | None = None
-        self._trust_seen: tuple[dict[str, str], tuple[float, ...]] | None = None
+        self._trust_seen: tuple[tuple[object, ...], tuple[float, ...]] | None = None  # (counter, file stamps)
+        self._trust_digest: dict[str, str] = {}
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -106,6 +108,7 @@ class Gateway:
         self.readers = self._reader_factory()
         try:
             self._trust_seen = await asyncio.to_thread(self._trust_state)
+            self._trust_digest = await asyncio.to_thread(self._trust_digest_now)
             tls = server_context(self.settings, await asyncio.to_thread(self._anchors))
         except TlsConfigError as exc:
             raise GatewayStartError(str(exc)) from None
@@ -234,15 +237,24 @@ class Gateway:
         with self.readers() as session:
             return anchor_pems(session)
 
-    def _trust_state(self) -> tuple[dict[str, str], tuple[float, ...]]:
+    def _trust_state(self) -> tuple[tuple[object, ...], tuple[float, ...]]:
+        """Cheap: two aggregate reads and three stats (every ``RELOAD_INTERVAL``)."""
+        from directory.service import trust_counter
+
+        assert self.readers is not None
+        with self.readers() as session:
+            counter = trust_counter(session)
+        files = server_files(self.settings)
+        stamps = tuple(p.stat().st_mtime if p.is_file() else -1.0 for p in (files.cert, files.key, files.client_ca))
+        return counter, stamps
+
+    def _trust_digest_now(self) -> dict[str, str]:
+        """Per-domain digests (reads every domain and certificate row): only when the counter moved."""
         from directory.service import trust_signature
 
         assert self.readers is not None
         with self.readers() as session:
-            digest = trust_signature(session)
-        files = server_files(self.settings)
-        stamps = tuple(p.stat().st_mtime if p.is_file() else -1.0 for p in (files.cert, files.key, files.client_ca))
-        return digest, stamps
+            return trust_signature(session)
 
     async def _watch_trust(self) -> None:
         while True:
@@ -258,8 +270,9 @@ class Gateway:
         before = self._trust_seen
         if before == seen and not force:
             return False
-        digest, stamps = seen
-        old_digest, old_stamps = before if before is not None else ({}, ())
+        stamps = seen[1]
+        old_stamps = before[1] if before is not None else ()
+        digest, old_digest = await asyncio.to_thread(self._trust_digest_now), self._trust_digest
         changed = {k for k in digest.keys() | old_digest.keys() if digest.get(k) != old_digest.get(k)}
         from directory.service import ANCHORS_KEY
 
@@ -283,7 +296,7 @@ class Gateway:
                 store.invalidate()
         domains = None if (ANCHORS_KEY in changed or stamps != old_stamps) else changed
         retried = await asyncio.to_thread(self._retry_deferred, domains)
-        self._trust_seen = seen
+        self._trust_seen, self._trust_digest = seen, digest
         if retried:
             self._wake("")
         generation = self.tls.generation if self.tls is not None else 0

@@ -187,6 +187,13 @@ class Workers:
         self._ensure_executor()
         self._stopping = False
         self._loop_ref = asyncio.get_running_loop()
+        try:  # after a crash: spool files of finished messages (purge interrupted) or never committed
+            removed = await self._loop_ref.run_in_executor(self._db, self.store.sweep_orphans)
+        except Exception:  # the database is not answering: the next start sweeps
+            log.exception("sweeping the spool failed")
+        else:
+            if removed:
+                log.info("spool sweep removed %d file(s) of finished or never-accepted messages", removed)
         self._task = asyncio.create_task(self._loop(), name=f"mssgw-workers-{self.worker_id}")
 
     async def stop(self) -> None:

@@ -167,16 +167,45 @@ async def test_bytes_removed_once_final_kept_while_a_retry_needs_them(operator, 
     assert store.get(retry_id)["bytes"] == "removed"
 
 
-def test_crash_between_final_commit_and_purge_is_never_claimable(operator) -> None:  # type: ignore[no-untyped-def]
-    _settings, factory, store = operator
+async def test_crash_between_final_commit_and_purge_is_never_claimable(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
     qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
     [row] = store.claim_rows("w1")
     batch = OutcomeBatch([Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok")])
     assert commit_many(factory, [Pending(qid, "w1", batch, None, row["claim_gen"])]) == [True]  # no purge: "crashed"
     assert store.spool_path(qid).exists()  # the row says done and removed; the file lingers
     assert store.claim("w2", now=dt.datetime.now(dt.UTC) + timedelta(days=9)) == []
-    assert store.sweep_orphans(older_than=3600) == 1  # finished: removed at once, whatever its age
+    workers = Workers(settings, factory, store, local=Recorder(), crypto_executor="inline", poll_interval=30)
+    await workers.start()  # the restart after the crash sweeps: finished, so removed whatever its age
+    await workers.stop()
     assert not store.spool_path(qid).exists()
+
+
+def test_concurrent_copies_on_two_nodes_store_each_recipient_once(operator) -> None:  # type: ignore[no-untyped-def]
+    """Nodes with their own engines race to accept the same (key, recipient): exactly one stores it."""
+    import threading
+
+    settings, _factory, _store = operator
+    nodes = [make_engine(settings.database_url) for _ in range(4)]
+    stores = [QueueStore(session_factory(e), settings.spool_dir) for e in nodes]
+    start = threading.Barrier(len(stores))
+    results: list[bool] = []
+
+    def accept(store: QueueStore) -> None:
+        start.wait()
+        results.append(store.enqueue(MESSAGE, sender=REMOTE, recipients=[LOCAL, OTHER], origin="inbound",
+                                     dedupe_key="b|<race>").duplicate)  # fmt: skip
+
+    threads = [threading.Thread(target=accept, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = stores[0].list(limit=100)
+    for e in nodes:
+        e.dispose()
+    assert sorted(results) == [False, True, True, True]
+    assert len(held) == 1
 
 
 # --- item 5: one state table, fencing, lease renewal --------------------------------------------------

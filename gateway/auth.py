@@ -45,7 +45,9 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -317,6 +319,12 @@ _CHAIN_FAILURES = {"revoked": "revoked", "expired": "expired", "not-yet-valid": 
                    "crl-stale": "crl-stale", "crl-unavailable": "crl-unavailable"}
 
 
+#: Full Argon2 checks running at once, process-wide. Each holds ``m`` (19 MiB) of memory and a
+#: core: without a bound, a burst of first logins to many accounts (nothing cached yet) grew
+#: the gateway by hundreds of MB while answering no faster than the cores allow.
+_FULL_CHECKS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+
+
 class Authenticator:
     """Password and certificate logins for SMTP and IMAP: ``check_password``, ``check_certificate``."""
 
@@ -401,7 +409,7 @@ class Authenticator:
                     row.password_hash, cached.password_hash):
                 return cached.address
             self.credentials.discard(key)  # deactivated, removed or a new password: verify in full
-        with self._factory() as session, session.begin():
+        with _FULL_CHECKS, self._factory() as session, session.begin():
             box = service.verify_password(session, username, password)
             if box is None:
                 return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import threading
 from base64 import b64encode
 from collections.abc import AsyncIterator
@@ -372,3 +373,44 @@ def test_counters_are_bounded() -> None:
     for i in range(5_000):  # rotating usernames and addresses
         fail(t, f"u{i}@{DOMAIN}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
     assert t.size() <= 4 * 200
+
+
+class PeakHasher(CountingHasher):
+    """Also records how many Argon2 checks ran at the same moment."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.running = 0
+        self.peak = 0
+
+    def verify(self, stored: str, password: str) -> bool:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            return super().verify(stored, password)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_a_burst_of_first_logins_runs_a_bounded_number_of_argon2_checks_at_once(
+        operator_home: Path, peer_certs: PeerCerts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 first logins to 40 accounts from 40 sources (no throttle applies, nothing cached): each
+    full check holds 19 MiB, so only a few run at once, process-wide. (On SQLite the checks
+    also take turns on the write lock; PostgreSQL runs them side by side.)"""
+    async with running(operator_home, peer_certs) as world:
+        await _burst_of_first_logins(world, monkeypatch)
+
+
+async def _burst_of_first_logins(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    hasher = PeakHasher(service._HASHER)
+    service._dummy_hash()
+    monkeypatch.setattr(service, "_HASHER", hasher)
+    authenticator(world).sleep = Sleeps()
+    users = [f"nobody{i}@{DOMAIN}" for i in range(39)] + [SEC]
+    results = await asyncio.gather(*(auth_from(world, f"127.0.0.{10 + i}", u, "wrong password!!")
+                                     for i, u in enumerate(users)))
+    assert {code for code, _ in results} == {535}
+    assert hasher.verifies == 40
+    assert hasher.peak <= max(2, os.cpu_count() or 2), f"{hasher.peak} Argon2 checks at once"

@@ -250,11 +250,15 @@ class Throttle:
 
 
 def account_key(username: str) -> str:
-    """The address a login acts as (what the directory looks up), so spelling variants count as one."""
+    """The address a login acts as (what the directory looks up), so spelling variants count as one.
+
+    A username that is no address at all is often a password typed in the wrong field: it is
+    kept (for the throttle and the audit trail) only as a digest, never as text.
+    """
     try:
         return normalise_address(username)
     except InvalidIdentifier:
-        return "invalid:" + username.strip().lower()[:320]
+        return "invalid:" + hashlib.sha256(username.strip().lower().encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def certificate_fingerprint(der: bytes) -> str:

@@ -414,3 +414,15 @@ async def _burst_of_first_logins(world: World, monkeypatch: pytest.MonkeyPatch) 
     assert {code for code, _ in results} == {535}
     assert hasher.verifies == 40
     assert hasher.peak <= max(2, os.cpu_count() or 2), f"{hasher.peak} Argon2 checks at once"
+
+
+async def test_a_password_typed_as_the_username_is_never_recorded(world: World) -> None:
+    """A username that is no address is kept only as a digest: the audit trail never holds it."""
+    from gateway.audit.trail import query
+
+    code, _ = await auth_from(world, "127.0.0.1", "my secret passphrase", "whatever it was")
+    assert code == 535
+    await world.gateway.audit.flush()  # type: ignore[union-attr]
+    with world.gateway.sessions() as db:  # type: ignore[misc]
+        records = list(query(db, event="auth", limit=100))
+    assert records and all("passphrase" not in repr(r) for r in records), records

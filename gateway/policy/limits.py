@@ -63,3 +63,9 @@ PRE_TLS_SECONDS = 30.0
 #: Seconds a client has from connecting to log in (submission: AUTH or a client certificate;
 #: inbound: a sender accepted under a verified peer certificate).
 PRE_AUTH_SECONDS = 60.0
+
+#: Message content held in memory by all SMTP transactions of one process at once. Past it a
+#: DATA in progress stops buffering, reads the rest to its end and answers 452 4.3.1 (try
+#: again later): eight authenticated clients sending 40 MiB each in parallel once grew the
+#: gateway by 590 MB. Four messages of the largest size fit.
+MAX_BUFFERED_DATA_BYTES = 256 * 1024 * 1024

@@ -45,7 +45,7 @@ from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.policy.content import ContentFacts, cheap_to_inspect, decide_content, inspect_content
 from gateway.policy.decision import Decision
-from gateway.policy.limits import EDGE_MAX_MESSAGE_BYTES
+from gateway.policy.limits import EDGE_MAX_MESSAGE_BYTES, MAX_BUFFERED_DATA_BYTES
 from gateway.policy.recipients import decide_recipient
 from gateway.policy.senders import decide_sender
 from gateway.queue.store import Enqueued, QueueError, QueueStore
@@ -106,6 +106,32 @@ CALL_LIMITS = {"AUTH": 8, "STARTTLS": 3, "EHLO": 16, "HELO": 16, "NOOP": 50, "VR
                "*": 1_000_000}  # fmt: skip
 
 
+class DataBudget:
+    """Octets of message content buffered by the DATA readers of this process (one event loop).
+
+    Each reader takes what it buffers and gives it back when its transaction is over (stored,
+    refused or cut off); a reader that would go over the total stops buffering instead.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.held = 0
+
+    def take(self, octets: int) -> bool:
+        if self.held + octets > self.total:
+            return False
+        self.held += octets
+        return True
+
+    def give_back(self, octets: int) -> None:
+        self.held = max(0, self.held - octets)
+
+
+#: Shared by every listener of the process (submission, inbound): memory is one resource.
+DATA_BUDGET = DataBudget(MAX_BUFFERED_DATA_BYTES)
+OVER_BUDGET = str(R.S452_4_3_1_STORAGE)
+
+
 def translate(status: str) -> str:
     """Our reply for one of aiosmtpd's built-in texts; other replies pass unchanged."""
     reply = BUILTIN_REPLIES.get(status)
@@ -147,6 +173,7 @@ class GatewaySMTP(GuardedSMTP):
         self._registry = registry
         self.busy = False  # inside a transaction's DATA processing
         self.listener_name = handler.listener
+        self._held = 0  # octets of DATA_BUDGET this connection's transaction holds
 
     def logged_in(self) -> bool:
         """A password or certificate login (submission), or a sender accepted from a verified peer (inbound)."""
@@ -241,24 +268,29 @@ class GatewaySMTP(GuardedSMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._held = 0
         try:
-            content, failure = await self._read_data()
-        except asyncio.CancelledError:
-            log.info("Connection lost during DATA")
-            self._writer.close()
-            raise
-        if content is None:  # the client closed the connection mid-DATA
-            self._writer.close()
-            return
-        if failure is not None:
-            await self.push(failure)
+            try:
+                content, failure = await self._read_data()
+            except asyncio.CancelledError:
+                log.info("Connection lost during DATA")
+                self._writer.close()
+                raise
+            if content is None:  # the client closed the connection mid-DATA
+                self._writer.close()
+                return
+            if failure is not None:
+                await self.push(failure)
+                self._set_post_data_state()
+                return
+            self.envelope.content = content
+            self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
             self._set_post_data_state()
-            return
-        self.envelope.content = content
-        self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            DATA_BUDGET.give_back(self._held)  # the content is stored (or refused) by now
+            self._held = 0
 
     async def _read_data(self) -> tuple[bytes | None, str | None]:
         """The unstuffed content (None on EOF) and aiosmtpd's failure reply, if any."""
@@ -302,6 +334,10 @@ class GatewaySMTP(GuardedSMTP):
                 chunk = await reader.read(DATA_CHUNK)
                 if not chunk:
                     return None, None
+                if failure is None and not DATA_BUDGET.take(len(chunk)):
+                    failure = OVER_BUDGET  # too much content in memory process-wide: discard, try later
+                elif failure is None:
+                    self._held += len(chunk)
                 buf += chunk
         finally:
             reader._limit = saved_limit  # type: ignore[attr-defined]
@@ -320,7 +356,7 @@ class GatewaySMTP(GuardedSMTP):
     async def close_for_shutdown(self) -> None:
         if self.transport is None:
             return
-        with contextlib.suppress(RuntimeError, OSError):  # already closing
+        with contextlib.suppress(RuntimeError, OSError, AttributeError):  # already closing (or TLS torn down)
             self._writer.write(f"{R.S421_4_3_2_SHUTTING_DOWN}\r\n".encode())
         self.transport.close()
 

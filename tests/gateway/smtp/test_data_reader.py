@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.smtp.server import GatewaySMTP
+from gateway.smtp.server import DATA_BUDGET, GatewaySMTP
 
 
 async def read(wire: bytes, *, limit: int = 10_000, eof: bool = False, pieces: int = 1) -> tuple[object, bytes]:
@@ -22,9 +22,12 @@ async def read(wire: bytes, *, limit: int = 10_000, eof: bool = False, pieces: i
         if eof:
             reader.feed_eof()
 
-    fake = SimpleNamespace(_reader=reader, data_size_limit=limit, line_length_limit=1001)
+    fake = SimpleNamespace(_reader=reader, data_size_limit=limit, line_length_limit=1001, _held=0)
     feeder = asyncio.ensure_future(feed())
-    result = await GatewaySMTP._read_data(fake)  # type: ignore[arg-type]
+    try:
+        result = await GatewaySMTP._read_data(fake)  # type: ignore[arg-type]
+    finally:
+        DATA_BUDGET.give_back(fake._held)  # smtp_DATA's part, once the content is handled
     await feeder
     rest = bytes(reader._buffer)
     return result, rest

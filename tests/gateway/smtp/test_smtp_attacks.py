@@ -349,3 +349,24 @@ async def test_wildcard_peer_certificate_speaks_for_no_operator(world: World, tm
         assert (code, text[:5]) == (550, "5.7.1")
     async with raw(world, "inbound", cert=world.certs.peer_b) as smtp:  # the operator's own certificate
         assert (await smtp.send(b"MAIL FROM:<doc@b.mssante.test>"))[0] == 250
+
+
+async def test_content_in_memory_is_bounded_process_wide(roomy_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel large DATA transactions share one memory budget: past it, 452 4.3.1 (try later),
+    what was buffered is let go, and the next message that fits is accepted."""
+    from gateway.smtp import server
+
+    world = roomy_world
+    monkeypatch.setattr(server.DATA_BUDGET, "total", 256 * 1024)
+    body = b"x" * 990 + b"\r\n"
+    big = message().replace(b"\r\n\r\n", b"\r\n\r\n" + body * 400, 1)  # ~400 KiB
+    code, text = await submit(world, big)
+    assert (code, text[:5]) == (452, "4.3.1"), text
+    assert server.DATA_BUDGET.held == 0
+    results = await asyncio.gather(*(submit(world, message().replace(b"\r\n\r\n", b"\r\n\r\n" + body * 100, 1))
+                                     for _ in range(5)))
+    assert {code for code, _ in results} <= {250, 452}
+    assert 250 in {code for code, _ in results}
+    assert server.DATA_BUDGET.held == 0
+    code, text = await submit(world, message())
+    assert code == 250, text

@@ -35,6 +35,12 @@ layout ``gateway.delivery.maildir`` writes. What is ours:
 * **Authenticator on its own loop.** Storage commands run in pool threads with
   their own event loops; the login hops back to the service's loop so the
   authenticator's counters and audit writer are only touched there.
+* **Bounded input** (``connection.py``, ``limits.py``): command lines, literals
+  (before login a few KiB; after login the advertised APPENDLIMIT), nesting and
+  continuations are bounded per command; pymap's modified UTF-7 decoder and LIST
+  matcher are replaced by linear ones; plaintext pipelined after STARTTLS is
+  discarded; a session silent for ``PRE_AUTH_TIMEOUT`` (before login) or
+  ``POST_AUTH_TIMEOUT`` (after) gets ``* BYE``.
 
 Errors: pymap answers protocol errors itself (``BAD``/``NO`` with RFC 5530
 codes). A refused login is ``NO [AUTHENTICATIONFAILED]``; a locked account or a
@@ -42,9 +48,8 @@ directory that cannot answer is ``NO [UNAVAILABLE]`` (try later). ``start_imap``
 raises ``OSError`` when a port cannot be bound and ``ssl.SSLError``/``OSError``
 when the certificate or key cannot be loaded.
 
-Limits (documented, not bugs): no session inactivity timeout beyond TCP's; pymap
-re-reads a selected folder's directory at each IDLE poll, so very large folders
-cost more per idling client.
+Limits (documented, not bugs): pymap re-reads a selected folder's directory at
+each IDLE poll, so very large folders cost more per idling client.
 """
 
 from __future__ import annotations

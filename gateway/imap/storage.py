@@ -47,13 +47,14 @@ from pymap.parsing.response import ResponseCode
 from pymap.parsing.specials import ObjectId
 
 from gateway.delivery.maildir import DeliveryError, folder_subdir
+from gateway.durable import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 from gateway.imap.limits import FOLDER_NAME_MAX
 
 __all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "RawMailboxSet", "RawMaildir", "SafeLayout", "write_metadata_beside_target"]
 
-#: Modes of what IMAP writes in a Maildir: messages and markers, and folders (owner only).
-PRIVATE_FILE = 0o600
-PRIVATE_DIR = 0o700
+#: Modes of what IMAP writes in a Maildir (whatever the umask): messages and markers, folders.
+PRIVATE_FILE = PRIVATE_FILE_MODE
+PRIVATE_DIR = PRIVATE_DIR_MODE
 
 
 def _file_write_beside(self: FileWriteable) -> None:
@@ -133,7 +134,10 @@ class SafeLayout(DefaultLayout[RawMaildir]):
 
     def add_folder(self, name: str, delimiter: str) -> None:
         """pymap's, with the folder's ``maildirfolder`` marker 0600 like every other file
-        (the Maildir directories themselves are created 0700 by ``mailbox.Maildir``)."""
+        (the Maildir directories themselves are created 0700 by ``mailbox.Maildir``). The whole
+        name is checked first: pymap looks at the parents before it, so ``a/../../b`` would be
+        answered "no such parent" rather than "invalid name"."""
+        self.get_path(name, delimiter)
         super().add_folder(name, delimiter)
         path = self.get_path(name, delimiter)
         os.chmod(os.path.join(path, "maildirfolder"), PRIVATE_FILE)

@@ -40,7 +40,9 @@ from fuzz_world import (
 SMTP_SESSIONS = 3_000
 IMAP_SESSIONS = 2_000
 CONCURRENCY = 40
-FUZZ_BUDGET = 170.0  # seconds of fuzzing at most; sessions not started by then count as missing
+#: A guard against a wedged gateway, not a speed target: every session must run (sessions not
+#: started by then count as missing). On a quiet 2-core machine the run takes about 3 minutes.
+FUZZ_BUDGET = 780.0
 RSS_GROWTH_KIB = 300 * 1024
 
 
@@ -56,7 +58,7 @@ def findings_text(stats: Stats, seed: int, categories: tuple[str, ...]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(330)
+@pytest.mark.timeout(900)
 async def test_fuzzed_sessions_leave_the_gateway_healthy(tmp_path: Path, pki_template: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MSSGW_DATABASE_URL", raising=False)

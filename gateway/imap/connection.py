@@ -22,6 +22,14 @@ the lot on the event loop. Here, per command (``limits`` names the bounds):
 * **Inactivity**: a command must arrive within ``PRE_AUTH_TIMEOUT`` before login
   and ``POST_AUTH_TIMEOUT`` after (RFC 3501 5.4: at least 30 minutes), else
   ``* BYE`` and the connection is closed. IDLE counts as a command being read.
+* **Total time before login**: ``PRE_AUTH_TOTAL`` from the connection, however many
+  NOOPs are sent, then ``* BYE`` (a parked pre-login session holds a socket and a task).
+* **SASL PLAIN** whose identity or password is not UTF-8 answers ``NO [AUTHENTICATIONFAILED]``
+  (pysasl raised ``UnicodeDecodeError``, which pymap answered with ``* BYE [SERVERBUG]``).
+* **Too many errors**: pymap closes after consecutive ``BAD`` answers but adds its
+  ``* BYE`` (RFC 3501 7.1.5) once the answer is written; it is written here before closing.
+* **A client gone mid-command**: the answer to a command that finishes after the
+  client reset the connection is dropped quietly (a debug line), not a traceback.
 * **Storage races and disk errors** (two sessions creating or renaming one
   folder) answer ``NO`` with an RFC 5530 code, not a dropped connection.
 
@@ -35,10 +43,12 @@ import contextlib
 import errno
 import logging
 import re
+import time
 from typing import Any
 
 from pymap.config import IMAPConfig
 from pymap.context import subsystem
+from pymap.exceptions import InvalidAuth
 from pymap.imap import IMAPConnection
 from pymap.imap.state import ConnectionState
 from pymap.interfaces.login import LoginInterface
@@ -77,6 +87,8 @@ __all__ = ["POST_AUTH_TIMEOUT", "PRE_AUTH_TIMEOUT", "Connection", "SessionState"
 PRE_AUTH_TIMEOUT = 60.0
 #: Seconds a logged-in client may stay silent (RFC 3501 5.4: at least 30 minutes).
 POST_AUTH_TIMEOUT = 30 * 60.0
+#: Seconds from connect to login, whatever the client sends meanwhile (NOOPs do not extend it).
+PRE_AUTH_TOTAL = 120.0
 #: How often an IDLE client's folder is re-read for new, expunged or re-flagged messages.
 IDLE_POLL_SECONDS = 1.0
 
@@ -251,25 +263,52 @@ class Connection(IMAPConnection):
         self._budget = self._new_budget()
         self._head: bytes | None = None  # the start of the command being read, for its tag
         self._said_bye = False
+        self._connected_at = time.monotonic()
+        self._last_written: Response | None = None
+        self._last_was_terminal = False
 
     async def run(self, state: ConnectionState) -> None:
         self._state = state
         await super().run(state)
+        last = self._last_written
+        if last is not None and last.is_terminal and not self._last_was_terminal and not self._said_bye:
+            # pymap's bad-command limit added its BYE after writing the tagged BAD.
+            self._said_bye = True
+            await self.write_response(ResponseBye(b"Too many errors, disconnecting."))
+
+    async def write_response(self, resp: Response) -> None:
+        """pymap's write, silent when the client has gone (a reset transport raises ``RuntimeError``)."""
+        self._last_written = resp
+        self._last_was_terminal = resp.is_terminal
+        if self.writer.transport.is_closing():
+            _log.debug("imap answer dropped: client gone")
+            return
+        try:
+            await super().write_response(resp)
+        except (RuntimeError, OSError):
+            _log.debug("imap answer dropped: client gone")
 
     def _new_budget(self) -> _Budget:
         authenticated = isinstance(self._state, SessionState) and self._state.authenticated
         return _Budget(authenticated=authenticated, append_limit=int(self.params.max_append_len or 0))
 
-    def _timeout(self) -> float:
-        return POST_AUTH_TIMEOUT if self._budget.authenticated else PRE_AUTH_TIMEOUT
+    def _timeout(self) -> tuple[float, bytes]:
+        """Seconds the next read may take, and the BYE text if it does not come in time."""
+        if self._budget.authenticated:
+            return POST_AUTH_TIMEOUT, b"Autologout; idle for too long."
+        left = PRE_AUTH_TOTAL - (time.monotonic() - self._connected_at)
+        if left < PRE_AUTH_TIMEOUT:
+            return max(left, 0.0), b"Autologout; no login in time."
+        return PRE_AUTH_TIMEOUT, b"Autologout; idle for too long."
 
     async def _timed(self, read: Any) -> bytes:
+        seconds, why = self._timeout()
         try:
-            async with asyncio.timeout(self._timeout()):
+            async with asyncio.timeout(seconds):
                 return bytes(await read)
         except TimeoutError:
             self._said_bye = True
-            await self.write_response(ResponseBye(b"Autologout; idle for too long."))
+            await self.write_response(ResponseBye(why))
             raise EOFError() from None
 
     async def _piece(self) -> bytes:
@@ -352,6 +391,8 @@ class Connection(IMAPConnection):
             return await super().authenticate(state, mech_name)
         except _Refusal as refusal:
             raise AuthenticationError(refusal.text.decode("ascii")) from None
+        except UnicodeError:  # pysasl decodes identities and password as UTF-8
+            raise InvalidAuth() from None
 
     async def read_idle_done(self, cmd: IdleCommand) -> bool:
         try:

@@ -55,6 +55,7 @@ each IDLE poll, so very large folders cost more per idling client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from argparse import Namespace
 from collections.abc import AsyncIterator, Coroutine
@@ -102,6 +103,7 @@ IO_THREADS = 16
 GREETING = b"mssgw IMAP4rev1 service ready"
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext:
@@ -220,8 +222,11 @@ class _DirectoryLogin(LoginInterface):
         credentials.verify(capture)  # type: ignore[arg-type]
         if capture.secret is None:
             raise InvalidAuth()
-        info = socket_info.get()
-        client = str(info.peername_ip) if info.peername_ip is not None else None
+        try:
+            peer = socket_info.get().peername_ip
+        except (AttributeError, OSError):  # proxyprotocol reads the socket, gone once the client reset
+            raise ConnectionResetError() from None
+        client = str(peer) if peer is not None else None
         outcome = await self._on_service_loop(
             self._authenticator.check_password(credentials.authcid, capture.secret, client=client, protocol="imap")
         )
@@ -274,6 +279,10 @@ class _Server(IMAPServer):
                 await conn.run(state)
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception as exc:
+            if not writer.transport.is_closing():
+                raise
+            _log.debug("imap session ended after the client went away (%s)", type(exc).__name__)
         finally:
             if task is not None:
                 self._service._connections.discard(task)

@@ -10,10 +10,13 @@ fails instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
+import socket
 import ssl
 import stat
+import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
@@ -463,3 +466,94 @@ async def test_idle_sessions_are_closed_with_bye(imap: Imap, monkeypatch: pytest
         assert (await asyncio.wait_for(closed, WAIT)).startswith(b"* BYE")
     finally:
         await _close(writer)
+
+
+# --- fuzz findings (bench/FUZZ_FINDINGS.md 2, 3, 5) and the pre-login total ----------
+
+
+async def test_authenticate_plain_with_non_utf8_password_is_refused(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 2: ``\\0alice\\0\\xff\\xb4`` made pysasl raise UnicodeDecodeError -> ``* BYE [SERVERBUG]``."""
+    caplog.set_level(logging.DEBUG)
+    async with AsyncExitStack() as stack:
+        streams = await _open(imap, tls=True)
+        stack.push_async_callback(_close, streams[1])
+        reader, writer = streams
+        writer.write(b"a1 AUTHENTICATE PLAIN\r\n")
+        assert (await asyncio.wait_for(reader.readline(), WAIT)).startswith(b"+")
+        writer.write(base64.b64encode(b"\x00" + ALICE.encode() + b"\x00\xff\xb4") + b"\r\n")
+        lines = await asyncio.wait_for(until_tagged(reader, b"a1"), WAIT)
+        assert lines[-1].startswith(b"a1 NO [AUTHENTICATIONFAILED]"), lines
+        assert not any(b"BYE" in line for line in lines), lines
+        # The session is still usable: a good login follows on the same connection.
+        answer = await command(streams, b"a2", f'LOGIN "{ALICE}" "{PASSWORD}"'.encode())
+        assert answer[-1].startswith(b"a2 OK"), answer
+    assert_no_traceback(caplog)
+
+
+async def _reset_after(imap: Imap, line: bytes, *, tls: bool) -> asyncio.Task[object]:
+    """Send ``line`` then reset the connection (SO_LINGER 0); return the server's session task."""
+    before = set(imap.service._connections)
+    _reader, writer = await _open(imap, tls=tls)
+    (task,) = set(imap.service._connections) - before
+    writer.write(line)
+    await writer.drain()
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    return task
+
+
+@pytest.mark.timeout(60)
+async def test_command_finishing_after_client_reset_leaves_no_traceback(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 3: a LOGIN answered after an RST raised from the write or from ``peername_ip``."""
+    caplog.set_level(logging.DEBUG)
+    wrong = f'a1 LOGIN "{ALICE}" "wrong password"\r\n'.encode()
+    tasks = []
+    for tls in (False, True, False, True, True):
+        tasks.append(await _reset_after(imap, wrong, tls=tls))
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    await assert_loop_responsive(imap)
+    assert_no_traceback(caplog)
+
+
+async def test_too_many_bad_commands_end_with_bye(imap: Imap, caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 5 (RFC 3501 7.1.5): the fifth consecutive BAD is followed by ``* BYE``, then EOF."""
+    async with logged_in(imap) as streams:
+        reader, writer = streams
+        for n in range(4):
+            answer = await command(streams, b"b%d" % n, b"FROBNICATE")
+            assert answer[-1].startswith(b"b%d BAD" % n), answer
+        writer.write(b"b4 FROBNICATE\r\n")
+        rest = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        lines = rest.splitlines()
+        assert lines[0].startswith(b"b4 BAD"), lines
+        assert lines[1:] == [b"* BYE Too many errors, disconnecting."], lines
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+async def test_pre_login_total_time_is_bounded_whatever_noops(
+    imap: Imap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "PRE_AUTH_TOTAL", 0.5)
+    reader, writer = await _open(imap, tls=False)
+    try:
+        closed = asyncio.ensure_future(reader.read())
+        for n in range(100):  # a NOOP every 0.05 s: never idle, never logged in
+            if closed.done():
+                break
+            writer.write(b"n%d NOOP\r\n" % n)
+            await asyncio.wait([closed], timeout=0.05)
+        data = await asyncio.wait_for(closed, WAIT)
+        assert b"* BYE Autologout; no login in time." in data, data
+        assert n < 100
+    finally:
+        await _close(writer)
+    # A client that logs in in time is not affected afterwards.
+    async with logged_in(imap) as streams:
+        assert (await command(streams, b"x1", b"NOOP"))[-1].startswith(b"x1 OK")

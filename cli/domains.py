@@ -74,6 +74,11 @@ def list_(app: AppContext, kind: str | None, as_json: bool) -> None:
 @pass_app
 def import_whitelist(app: AppContext, file: Path, as_json: bool) -> None:
     """Load the MSSanté whitelist XML: every listed domain becomes trusted with its operator's identity."""
+    load_whitelist(app, file, as_json)
+
+
+def load_whitelist(app: AppContext, file: Path, as_json: bool) -> None:
+    """The import and its report, for 'domains import-whitelist' and 'peers import-whitelist'."""
     from directory.importers import import_whitelist as run_import
 
     report = run_import(app.sessions, file, local_domains=app.settings.domains)

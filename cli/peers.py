@@ -114,15 +114,9 @@ def import_whitelist(app: AppContext, file: Path, as_json: bool) -> None:
     The whitelist names operators, not their CAs: they chain to IGC-Santé, added once with
     'mssgw certs trust-anchor add'.
     """
-    from directory.importers import import_whitelist as run_import
+    from cli.domains import load_whitelist
 
-    report = run_import(app.sessions, file, local_domains=app.settings.domains)
-    if as_json:
-        emit_json(report.as_dict())
-        return
-    click.echo(report.summary())
-    for line_no, reason in report.skipped:
-        click.echo(f"  line {line_no}: {reason}", err=True)
+    load_whitelist(app, file, as_json)
 
 
 @peers.command("export")

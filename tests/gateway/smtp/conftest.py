@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from smtp_world import DOMAIN, CertFiles, PeerCerts, World, populate, write_settings
+from smtp_world import DOMAIN, CertFiles, PeerCerts, World, populate, started, write_settings
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from gateway.app import Gateway
 from gateway.config import load_settings
 
 
@@ -46,13 +45,8 @@ def gateway_home(sqlite_home: Path, peer_certs: PeerCerts) -> Path:
 
 @pytest.fixture
 async def world(gateway_home: Path, peer_certs: PeerCerts) -> AsyncIterator[World]:
-    settings = load_settings(gateway_home)
-    gateway = Gateway(settings, workers=False, imap=False)
-    await gateway.start()
-    try:
-        yield World(gateway_home, settings, gateway, peer_certs)
-    finally:
-        await gateway.stop()
+    async with started(gateway_home, peer_certs) as running_world:
+        yield running_world
 
 
 
@@ -61,11 +55,6 @@ async def world(gateway_home: Path, peer_certs: PeerCerts) -> AsyncIterator[Worl
 async def world_any_db(operator_home: Path, peer_certs: PeerCerts) -> AsyncIterator[World]:
     """The same world on SQLite and on PostgreSQL (``operator_home`` is parametrised)."""
     write_settings(operator_home)
-    settings = load_settings(operator_home)
-    populate(settings, peer_certs)
-    gateway = Gateway(settings, workers=False, imap=False)
-    await gateway.start()
-    try:
-        yield World(operator_home, settings, gateway, peer_certs)
-    finally:
-        await gateway.stop()
+    populate(load_settings(operator_home), peer_certs)
+    async with started(operator_home, peer_certs) as running_world:
+        yield running_world

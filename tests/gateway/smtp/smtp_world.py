@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from directory import service
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
-from gateway.config import Settings
+from gateway.config import Settings, load_settings
 from gateway.operator import register_certificate
 
 PASSWORD = "correct horse battery staple"
@@ -97,6 +99,18 @@ def write_settings(home: Path, extra: dict[str, dict[str, object]] | None = None
     for section, values in (extra or {}).items():
         raw[section].update(values)
     (home / "mssgw.toml").write_text(render_toml(raw))
+
+
+@asynccontextmanager
+async def started(home: Path, certs: PeerCerts) -> AsyncIterator[World]:
+    """The listeners (no workers, no IMAP) of the gateway whose home is ready, stopped afterwards."""
+    settings = load_settings(home)
+    gateway = Gateway(settings, workers=False, imap=False)
+    await gateway.start()
+    try:
+        yield World(home, settings, gateway, certs)
+    finally:
+        await gateway.stop()
 
 
 def populate(settings: Settings, certs: PeerCerts) -> None:

@@ -29,14 +29,23 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from smtp_world import DOMAIN, PASSWORD, CertFiles, PeerCerts, World, message, populate, write_settings
+from smtp_world import (
+    DOMAIN,
+    PASSWORD,
+    CertFiles,
+    PeerCerts,
+    World,
+    message,
+    populate,
+    started,
+    write_settings,
+)
 
 from certs.pki import issue_certificate, load_certificate, load_dev_pki, load_private_key, revoke_certificate
 from certs.pki import save_certificate_and_key as save_pair
 from cli.main import cli
 from directory import service
 from directory.db import transaction
-from gateway.app import Gateway
 from gateway.auth import Authenticator, Throttle
 from gateway.config import load_settings
 from gateway.operator import register_certificate
@@ -50,14 +59,9 @@ async def running(home: Path, certs: PeerCerts, extra: dict[str, dict[str, objec
                   ) -> AsyncIterator[World]:
     """A gateway like the ``world`` fixture's, with settings overridden by ``extra``."""
     write_settings(home, extra)
-    settings = load_settings(home)
-    populate(settings, certs)
-    gateway = Gateway(settings, workers=False, imap=False)
-    await gateway.start()
-    try:
-        yield World(home, settings, gateway, certs)
-    finally:
-        await gateway.stop()
+    populate(load_settings(home), certs)
+    async with started(home, certs) as world:
+        yield world
 
 
 def authenticator(world: World) -> Authenticator:

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from smtp_world import DOMAIN, PASSWORD, CertFiles, PeerCerts, World, message, write_settings
+from smtp_world import DOMAIN, PASSWORD, CertFiles, PeerCerts, World, message, started, write_settings
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
 from gateway.app import Gateway
@@ -254,13 +254,8 @@ async def test_a_good_message_still_goes_through(world: World) -> None:
 async def roomy_world(gateway_home: Path, peer_certs: PeerCerts) -> AsyncIterator[World]:
     """The test world with messages up to 2 MB (a header block of 256 KiB fits)."""
     write_settings(gateway_home, {"limits": {"max_message_size": 2_000_000}})
-    settings = load_settings(gateway_home)
-    gateway = Gateway(settings, workers=False, imap=False)
-    await gateway.start()
-    try:
-        yield World(gateway_home, settings, gateway, peer_certs)
-    finally:
-        await gateway.stop()
+    async with started(gateway_home, peer_certs) as world:
+        yield world
 
 
 async def submit(world: World, data: bytes) -> tuple[int, str]:

@@ -81,8 +81,14 @@ def quarantine() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def quarantine_list(app: AppContext, as_json: bool) -> None:
-    """Quarantined messages."""
-    emit(open_store(app).quarantined(), COLUMNS, as_json)
+    """Quarantined messages, with why each was held (our verdict's reply, never content)."""
+    store = open_store(app)
+    rows = []
+    for row in store.quarantined():
+        states = store.get(row["id"])["recipient_states"]
+        held = [r for r in states if r["state"] == RecipientState.QUARANTINED.value]
+        rows.append({**row, "reason": (held[0]["last_reply"] or "") if held else ""})
+    emit(rows, (*COLUMNS, "reason"), as_json)
 
 
 @quarantine.command("release")

@@ -121,6 +121,7 @@ class Gateway:
         self.store = QueueStore(self.sessions, self.settings.spool_dir,
                                 lifetime=timedelta(hours=float(q["lifetime_hours"])),
                                 lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
+        self.metrics.gauge("mssgw_quarantined_messages", self.store.quarantined_count)
         self.audit = AuditWriter(self.sessions, executor=self._writer, sink=self.store.append_audit,
                                  sealer=Sealer.for_settings(self.settings, self.sessions))  # sealed now and then
         self.audit.start()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import defaultdict
+from collections.abc import Callable
 
 HELP = {
     "mssgw_sessions_total": "SMTP connections accepted, by listener",
@@ -26,7 +28,10 @@ HELP = {
     "mssgw_outages_total": "Temporary failures answered 4xx, by kind",
     "mssgw_tls_failures_total": "Failed TLS handshakes, by listener",
     "mssgw_errors_total": "Unexpected errors answered 451, by listener",
+    "mssgw_quarantined_messages": "Messages with a recipient held in quarantine now (read from the queue)",
 }
+
+log = logging.getLogger("mssgw.metrics")
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -34,6 +39,22 @@ Labels = tuple[tuple[str, str], ...]
 class Metrics:
     def __init__(self) -> None:
         self._values: dict[str, dict[Labels, float]] = defaultdict(dict)
+        self._gauges: dict[str, Callable[[], float]] = {}
+
+    def gauge(self, name: str, read: Callable[[], float]) -> None:
+        """A value read at scrape time (e.g. from the queue database), so it is right after a
+        restart and across nodes; ``read`` may block: ``read_gauges`` runs off the event loop."""
+        self._gauges[name] = read
+
+    def read_gauges(self) -> dict[str, float]:
+        """Every gauge's current value; one that cannot be read (database outage) is left out."""
+        values: dict[str, float] = {}
+        for name, read in list(self._gauges.items()):
+            try:
+                values[name] = float(read())
+            except Exception as exc:
+                log.warning("metrics: gauge %s unreadable (%s)", name, type(exc).__name__)
+        return values
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -43,7 +64,7 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
-    def render(self) -> str:
+    def render(self, gauges: dict[str, float] | None = None) -> str:
         out: list[str] = []
         for name in sorted(self._values):
             out.append(f"# HELP {name} {HELP.get(name, name)}")
@@ -51,6 +72,8 @@ class Metrics:
             for labels, value in sorted(self._values[name].items()):
                 text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
                 out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+        for name, value in sorted((gauges or {}).items()):
+            out += [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} gauge", f"{name} {value:g}"]
         return "\n".join(out) + "\n"
 
 
@@ -68,7 +91,8 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
         elif path.split(b"?", 1)[0] != b"/metrics":
             status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
         else:
-            status, body = "200 OK", metrics.render().encode()
+            gauges = await asyncio.to_thread(metrics.read_gauges)
+            status, body = "200 OK", metrics.render(gauges).encode()
             ctype = "text/plain; version=0.0.4; charset=utf-8"
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"

@@ -211,8 +211,13 @@ class Context:
     # --- receipts ----------------------------------------------------------------------
 
     async def enqueue_receipt(self, job: Job, data: bytes, *, kind: str, to: str, event: str,
-                              detail: dict[str, Any] | None = None) -> str | None:  # fmt: skip
+                              detail: dict[str, Any] | None = None,
+                              dedupe_key: str | None = None) -> str | None:  # fmt: skip
         """Queue a receipt about ``job`` for ``to``.
+
+        ``dedupe_key`` makes it once per (key, recipient) for good: the receipt is queued before the
+        job's verdict commits, so a worker dying in between redoes the job, and the queue's dedupe
+        table then answers "already queued" instead of storing a second copy.
 
         DSNs use the null reverse-path (RFC 3461 §6.2).  MDNs come from our postmaster, as
         Direct Project HISPs send them, so that peers' MAIL FROM checks accept them; loops are
@@ -223,7 +228,7 @@ class Context:
         enq = await self.io(
             self.store.enqueue, data, sender=sender, recipients=[to], origin="receipt", kind=kind,
             related_id=job.id, audit_events=[ev],
-            dedupe_key=None,
+            dedupe_key=dedupe_key,
         )  # fmt: skip
         if self.wake is not None:
             self.wake()

@@ -13,9 +13,17 @@ The job, for a claimed message of origin ``inbound``:
    (text/plain body prefix, or a first text part of a multipart/mixed: attachments untouched).
    An MDN ``processed`` (RFC 8098) answers a ``Disposition-Notification-To``, plus
    ``dispatched`` when the Direct final-delivery option asks for it.
-3. Not verified: every recipient is QUARANTINED (never delivered), audited with the verdict,
-   and the sender gets an MDN ``failed`` (when it asked for MDNs) or a DSN (per
-   ``receipts.dsn_on_quarantine``).  Receipts never answer receipts.
+3. A report (DSN RFC 3464 / MDN RFC 8098) that is neither signed nor encrypted, from the null
+   reverse-path, over the inbound listener from a verified peer operator (``peer_operator`` is
+   only set once the peer's certificate matched the trust list) and addressed to our own
+   mailboxes, is delivered (``gateway.process.reports``): peers' MTAs (Postfix bounces) send
+   their reports in clear, and quarantining them would hide from our senders that their
+   message failed.  Its Authentication-Results says: transport authenticated, content unsigned.
+4. Not verified: every recipient is QUARANTINED (never delivered), audited with the verdict,
+   each recipient gets a notice without content (who sent it, why it is held; queued once per
+   message via a dedupe key), one log line names the reason, and the sender gets an MDN
+   ``failed`` (when it asked for MDNs) or a DSN (per ``receipts.dsn_on_quarantine``).
+   Receipts never answer receipts.
 
 Errors: nothing raised for bad input (the verdict says why); local delivery problems defer.
 """
@@ -33,6 +41,7 @@ from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_re
 from gateway.delivery.relay import Attempt, dn_equal
 from gateway.process.common import Context, Job
 from gateway.process.outbound import defer_or_bounce
+from gateway.process.reports import PEER_TLS, peer_report_results, quarantine_notice, transport_report
 from gateway.queue.models import RELEASED, RecipientState
 
 __all__ = ["annotate", "open_job", "process_inbound"]
@@ -104,8 +113,10 @@ def _banner_text(result: SecurityResult, signer: str | None = None) -> str:
 
 
 def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: bool,
-             signer: str | None = None) -> bytes:
-    """Prepend Authentication-Results (removing forged ones for ``authserv_id``) and maybe a banner."""
+             signer: str | None = None, results: str | None = None) -> bytes:
+    """Prepend Authentication-Results (removing forged ones for ``authserv_id``) and maybe a banner.
+
+    ``results`` replaces the header value built from ``result`` (a report trusted for its transport)."""
     inner = _mime.to_crlf(inner)
     block, body = _mime.split_entity(inner)
     fields = _mime.parse_headers(block)
@@ -114,7 +125,8 @@ def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: 
         if name == "authentication-results" and value.split(";", 1)[0].strip().lower() == authserv_id.lower():
             continue
         kept.append(raw)
-    header = _fold("Authentication-Results", result.auth_results_header(authserv_id)).encode("utf-8")
+    value = results if results is not None else result.auth_results_header(authserv_id)
+    header = _fold("Authentication-Results", value).encode("utf-8")
     if banner and result.ok:
         body, kept = _with_banner(fields, kept, body, _banner_text(result, signer))
     return header + b"".join(kept) + b"\r\n" + body
@@ -201,6 +213,9 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     if not pending:
         return
     await ctx.set_security(job, result.audit_fields())
+    if not accept and transport_report(job, data, result, pending, ctx.is_local):
+        await _deliver_report(ctx, job, data, result, pending)
+        return
     if not accept or inner is None:
         await _quarantine(ctx, job, data, inner, result, pending)
         return
@@ -245,6 +260,26 @@ async def _deliver_released(ctx: Context, job: Job, data: bytes, inner: bytes | 
                          detail={"verdict": result.verdict, "failure": result.failure})  # fmt: skip
 
 
+async def _deliver_report(ctx: Context, job: Job, data: bytes, result: SecurityResult, pending: list[str]) -> None:
+    """A verified peer's clear report about our mail: delivered as received, marked for what it is.
+
+    Never answered (it is a report), never bannered; a local delivery problem defers it."""
+    results = peer_report_results(ctx.settings.hostname, result, job.peer_operator or "")
+    body = annotate(data, result, authserv_id=ctx.settings.hostname, banner=False, results=results)
+    for addr in pending:
+        try:
+            await ctx.io(ctx.local.deliver, addr, body, folder="INBOX")
+        except Exception as exc:
+            reason = f"local delivery failed: {type(exc).__name__}"
+            await defer_or_bounce(ctx, job, data, [Attempt(addr, 451, "4.3.0", reason)], PEER_TLS)
+            continue
+        await ctx.record(job, addr, RecipientState.DELIVERED,
+                         reply="250 2.0.0 report from a verified peer delivered (content unsigned)",
+                         event="delivered-peer-report", outcome="accept", protection=PEER_TLS,
+                         detail={"verdict": result.verdict, "failure": result.failure,
+                                 "peer": job.peer_operator})  # fmt: skip
+
+
 async def _open(ctx: Context, data: bytes, pending: list[str], now: _dt.datetime) -> tuple[bytes | None, SecurityResult]:
     if _is_pgp(data):
         def pgp_open() -> tuple[bytes | None, SecurityResult]:
@@ -272,6 +307,14 @@ async def _quarantine(ctx: Context, job: Job, data: bytes, inner: bytes | None, 
     for addr in pending:
         await ctx.record(job, addr, RecipientState.QUARANTINED, reply=reply, event="quarantined",
                          outcome="refuse", detail={"security": result.audit_fields()})  # fmt: skip
+    log.warning("quarantined queue_id=%s from=<%s> peer=%s recipients=%d reason=%s", job.id, job.sender,
+                job.peer_operator or "-", len(pending), result.failure or "not-verified")  # fmt: skip
+    for addr in pending:
+        notice = quarantine_notice(hostname=ctx.settings.hostname, postmaster=ctx.postmaster, to=addr, job=job,
+                                   failure=result.failure, now=ctx.now())  # fmt: skip
+        await ctx.enqueue_receipt(job, notice, kind="notice", to=addr, event="quarantine-notice",
+                                  detail={"failure": result.failure},
+                                  dedupe_key=f"quarantine-notice|{job.id}")  # fmt: skip
     if not job.sender or is_report(data, envelope_sender=job.sender) or (inner and is_report(inner)):
         return
     req = mdn_request(inner) if inner else None

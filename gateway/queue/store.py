@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Connection, Integer, Table, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Integer, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -566,6 +566,13 @@ class QueueStore:
 
     def quarantined(self, limit: int = 200) -> builtins.list[dict[str, Any]]:
         return self.list(state=RecipientState.QUARANTINED.value, limit=limit)
+
+    def quarantined_count(self) -> int:
+        """How many messages have a recipient held in quarantine now (the ``/metrics`` gauge)."""
+        with self._factory() as session:
+            stmt = select(func.count(func.distinct(QueuedRecipient.message_id))).where(
+                QueuedRecipient.state == RecipientState.QUARANTINED)
+            return int(session.scalar(stmt) or 0)
 
     def release_quarantine(self, queue_id: str, *, actor: str = "admin") -> int:
         """An admin vouches for a quarantined message: its recipients are delivered as is."""

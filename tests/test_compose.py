@@ -1,20 +1,38 @@
-"""docker-compose.yml and the Dockerfile use only commands, options and settings that exist.
+"""docker-compose.yml: two operators that exchange mail out of the box, checked against the code.
 
-No Docker engine here: the check is static. Every ``command:`` of the compose file is
-a JSON list (valid YAML); each ``mssgw`` invocation in it, and the Dockerfile's CMD,
-is resolved against the click tree of ``cli.main.cli`` (subcommands, then options);
-every ``MSSGW_*`` variable set must name a key of ``gateway.config.DEFAULTS`` (or be
-``MSSGW_HOME``) and its value must pass the settings validation.
+There is no YAML parser among the dependencies and usually no Docker engine, so the compose file
+is read with a small reader of its own (services are the two-space keys under ``services:``,
+every ``command``/``test`` is a JSON list, anchors are resolved by name). When ``docker compose``
+is installed, ``docker compose config`` must accept the file too; when it is not, the test does
+not skip: the same structure is checked statically.
+
+What is checked is what made the old file unable to exchange mail: every ``mssgw`` command line
+(compose file, Dockerfile, setup script with its arguments filled in) parses with the real click
+CLI; every ``MSSGW_*`` variable is a settings key with a valid value; the names peers relay to
+are services (or their network aliases) and are the names their certificates carry; the setup
+steps exchange peer bundles through a shared volume in the right order; ports are published on
+127.0.0.1 only; each gateway has a healthcheck on its own listeners. Finally the setup script
+itself runs, with the compose file's arguments, on two temporary homes, and each side must trust
+the other with the right route, CA and operator DN.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from cli.main import cli
 from gateway.config import DEFAULTS, validate
@@ -22,97 +40,348 @@ from gateway.config import DEFAULTS, validate
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-COMMAND = re.compile(r"^\s*(?:command|CMD)\s*:?\s*(\[.*\])\s*$")
-ENV_LINE = re.compile(r"^\s*(MSSGW_[A-Z_]+)\s*:\s*(.*?)\s*$")
+SETUP = ROOT / "deploy" / "compose-setup.sh"
+SETUP_IN_IMAGE = "mssgw-compose-setup"
+SETTING_KEYS = {f"MSSGW_{s.upper()}_{k.upper()}" for s, keys in DEFAULTS.items() for k in keys}
 
 
-def compose_commands() -> list[list[str]]:
-    commands = []
-    for line in COMPOSE.read_text(encoding="utf-8").splitlines():
-        match = COMMAND.match(line)
-        if match:
-            commands.append(json.loads(match.group(1)))
-    return commands
+@dataclass
+class Service:
+    """What the checks need of one compose service (anchors and merges already resolved)."""
+
+    name: str
+    text: str
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    volumes: dict[str, str] = field(default_factory=dict)  # mount point -> volume name
+    ports: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    depends_on: list[str] = field(default_factory=list)
+    healthcheck: list[str] = field(default_factory=list)
+
+    def names(self) -> set[str]:
+        return {self.name, *self.aliases}
 
 
-def dockerfile_commands() -> list[list[str]]:
-    return [json.loads(m.group(1)) for line in DOCKERFILE.read_text(encoding="utf-8").splitlines()
-            if (m := COMMAND.match(line))]
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def mssgw_invocations() -> list[list[str]]:
-    return [argv[1:] for argv in compose_commands() + dockerfile_commands() if argv and argv[0] == "mssgw"]
+def _items(block: str, key: str) -> list[str]:
+    """The ``- item`` lines of ``key:`` in a service block."""
+    match = re.search(rf"^    {key}:\n((?:      - .*\n)+)", block, re.M)
+    return [line.strip()[2:].strip("\"'") for line in match.group(1).splitlines()] if match else []
 
 
-def resolve(argv: list[str]) -> tuple[click.Command, list[str]]:
-    """The click command an argv names, and the option names it uses; fails on anything unknown."""
-    command: click.Command = cli
-    used: list[str] = []
-    global_opts = {o for p in cli.params for o in p.opts}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith("-"):
-            name = token.split("=", 1)[0]
-            known = {o for p in command.params for o in (*p.opts, *getattr(p, "secondary_opts", []))}
-            assert name in known | global_opts, f"{' '.join(argv)}: {name} is not an option of {command.name}"
-            used.append(name)
-            param = next((p for p in (*command.params, *cli.params) if name in p.opts), None)
-            if param is not None and not getattr(param, "is_flag", False) and "=" not in token:
-                i += 1  # its value
-        elif isinstance(command, click.Group):
-            assert token in command.commands, f"{' '.join(argv)}: no subcommand {token!r} in {command.name}"
-            command = command.commands[token]
-        i += 1
-    assert not isinstance(command, click.Group), f"{' '.join(argv)}: names a group, not a command"
-    return command, used
+def _anchor_block(text: str, anchor: str) -> str:
+    """The lines indented under the key that defines ``&anchor``."""
+    match = re.search(rf"^( *)\S[^\n]*&{re.escape(anchor)}\n((?:\1  .*\n)+)", text, re.M)
+    assert match, f"anchor &{anchor} is not defined"
+    return match.group(2)
 
 
-def test_compose_has_the_expected_services() -> None:
-    text = COMPOSE.read_text(encoding="utf-8")
-    for service in ("postgres:", "init-a:", "gateway-a1:", "gateway-a2:", "init-b:", "gateway-b:"):
-        assert f"\n  {service}\n" in text
-    assert "build: ." in text and DOCKERFILE.exists()
-    assert "pip install" in DOCKERFILE.read_text(encoding="utf-8")
-
-
-def test_every_mssgw_command_exists() -> None:
-    invocations = mssgw_invocations()
-    names = {" ".join(t for t in argv if (not t.startswith("-") and t.isidentifier()) or t in ("init", "serve"))
-             for argv in invocations}
-    assert any(argv[0] == "init" for argv in invocations) and any(argv[0] == "serve" for argv in invocations)
-    assert names
-    for argv in invocations:
-        resolve(argv)
-        assert "--data-dir" in argv
-
-
-def test_resolver_refuses_what_does_not_exist() -> None:
-    with pytest.raises(AssertionError, match="no subcommand"):
-        resolve(["servee"])
-    with pytest.raises(AssertionError, match="not an option"):
-        resolve(["init", "--domian", "x"])
-
-
-def env_settings(text: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in text.splitlines():
-        match = ENV_LINE.match(line)
-        if match:
-            found[match.group(1)] = match.group(2).strip("\"'")
-    for match in re.finditer(r"^ENV\s+(MSSGW_[A-Z_]+)=(\S+)", text, re.M):
-        found[match.group(1)] = match.group(2)
+def _env(block: str, text: str) -> dict[str, str]:
+    alias = re.search(r"^    environment: \*(\S+)$", block, re.M)
+    body = _anchor_block(text, alias.group(1)) if alias else block
+    found = {}
+    for m in re.finditer(r"^ +(MSSGW_[A-Z_]+|[A-Z][A-Z_]*): *(.*?) *$", body, re.M):
+        if alias or m.group(0).startswith("      "):
+            found[m.group(1)] = m.group(2).strip("\"'")
     return found
 
 
+def services(text: str | None = None) -> dict[str, Service]:
+    text = text if text is not None else COMPOSE.read_text(encoding="utf-8")
+    body = text[text.index("\nservices:\n") : text.index("\nvolumes:\n")]
+    found: dict[str, Service] = {}
+    for m in re.finditer(r"^  ([a-z0-9-]+):\n((?:(?:    .*)?\n)+)", body, re.M):
+        name, block = m.group(1), m.group(2)
+        service = Service(name, block, env=_env(block, text))
+        if cmd := re.search(r"^    command: (\[.*\])$", block, re.M):
+            service.command = json.loads(cmd.group(1))
+        for volume in _items(block, "volumes"):
+            source, target = volume.split(":")[:2]
+            service.volumes[target] = source
+        service.ports = _items(block, "ports")
+        if aliases := re.search(r"^        aliases: (\[.*\])$", block, re.M):
+            service.aliases = [a.strip() for a in aliases.group(1).strip("[]").split(",")]
+        if deps := re.search(r"^    depends_on:\n((?:      .*\n)+)", block, re.M):
+            service.depends_on = re.findall(r"^      ([a-z0-9-]+):$", deps.group(1), re.M)
+        health = re.search(r"^    healthcheck: \*(\S+)$", block, re.M)
+        health_block = _anchor_block(text, health.group(1)) if health else block
+        if test := re.search(r"^ +test: (\[.*\])$", health_block, re.M):
+            service.healthcheck = json.loads(test.group(1))
+        found[name] = service
+    return found
+
+
+def declared_volumes() -> set[str]:
+    text = COMPOSE.read_text(encoding="utf-8")
+    return set(re.findall(r"^  ([a-z0-9-]+):$", text[text.index("\nvolumes:\n") :], re.M))
+
+
+def gateways() -> list[Service]:
+    return [s for s in services().values() if s.command[:2] == ["mssgw", "serve"]]
+
+
+def setup_calls(step: str) -> list[tuple[Service, list[str]]]:
+    """(service, arguments) of every compose service running the setup script's ``step``."""
+    return [(s, s.command[2:]) for s in services().values() if s.command[:2] == [SETUP_IN_IMAGE, step]]
+
+
+def script_mssgw_lines(home: str, bundles: str, args: list[str]) -> list[list[str]]:
+    """The ``mssgw`` lines of the setup script's branch for ``args``, with variables filled in."""
+    text = SETUP.read_text(encoding="utf-8")
+    branch = re.search(rf"^    {args[0]}\)\n(.*?)^        ;;", text, re.M | re.S)
+    assert branch, f"compose-setup.sh has no {args[0]!r} step"
+    values = {"home": home, "bundles": bundles} | {str(i + 1): a for i, a in enumerate(args)}
+    lines = []
+    for line in branch.group(1).splitlines():
+        if line.strip().startswith("mssgw "):
+            filled = re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], line)
+            lines.append(shlex.split(filled)[1:])
+    return lines
+
+
+def parse(argv: list[str]) -> click.Command:
+    """Parse ``mssgw ARGV`` with the real click tree, down to the leaf command (nothing is run)."""
+    command: click.Command = cli
+    ctx = cli.make_context("mssgw", list(argv))
+    while isinstance(command, click.Group):
+        rest = [*ctx._protected_args, *ctx.args]
+        name, sub, rest = command.resolve_command(ctx, rest)
+        assert sub is not None and name is not None
+        command, ctx = sub, sub.make_context(name, rest, parent=ctx)
+    return command
+
+
+def all_mssgw_invocations() -> list[list[str]]:
+    found = [s.command[1:] for s in services().values() if s.command[:1] == ["mssgw"]]
+    found += [
+        json.loads(m.group(1))[1:] for m in re.finditer(r"^CMD (\[.*\])$", DOCKERFILE.read_text(), re.M)
+    ]
+    for step in ("init", "peer"):
+        for _, args in setup_calls(step):
+            found += script_mssgw_lines("/data", "/bundles", [step, *args])
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compose_file_is_well_formed() -> None:
+    """``docker compose config`` when docker compose exists; the same structure statically always."""
+    found = services()
+    assert {
+        "postgres",
+        "init-a",
+        "init-b",
+        "peers-a",
+        "peers-b",
+        "gateway-a1",
+        "gateway-a2",
+        "gateway-b",
+    } <= set(found)
+    volumes = declared_volumes()
+    assert "bundles" in volumes
+    for service in found.values():
+        assert service.command, f"{service.name}: no command as a JSON list"
+        assert re.search(r"^    (image: \S+|<<: \*gateway)$", service.text, re.M), service.name
+        for source in service.volumes.values():
+            assert source in volumes, f"{service.name}: volume {source} is not declared"
+        for dep in service.depends_on:
+            assert dep in found, f"{service.name} depends on {dep}, which is no service"
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        done = subprocess.run(
+            [docker, "compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_every_mssgw_command_line_parses_with_the_real_cli() -> None:
+    invocations = all_mssgw_invocations()
+    subcommands = {parse(argv).name for argv in invocations}  # raises click's UsageError when wrong
+    assert {"init", "serve", "export", "add", "show"} <= subcommands
+    for argv in invocations:
+        assert "--data-dir" in argv, f"mssgw {' '.join(argv)}: which home?"
+
+
+def test_the_parser_refuses_what_does_not_exist() -> None:
+    with pytest.raises(click.UsageError):
+        parse(["servee"])
+    with pytest.raises(click.NoSuchOption):
+        parse(["init", "--domian", "x"])
+    with pytest.raises(click.NoSuchOption):
+        parse(["peers", "add", "--form", "x.json"])
+
+
+def test_the_setup_script_is_what_the_image_runs() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert f"COPY deploy/compose-setup.sh /usr/local/bin/{SETUP_IN_IMAGE}" in text
+    assert "mkdir /data /bundles" in text and "chown mssgw:mssgw /data /bundles" in text
+
+
 def test_every_setting_exists_and_is_valid(tmp_path: Path) -> None:
-    known = {f"MSSGW_{section.upper()}_{key.upper()}" for section, keys in DEFAULTS.items() for key in keys}
-    for path in (COMPOSE, DOCKERFILE):
-        env = env_settings(path.read_text(encoding="utf-8"))
-        assert env or path == DOCKERFILE
-        unknown = set(env) - known - {"MSSGW_HOME"}
-        assert not unknown, f"{path.name} sets variables no setting reads: {sorted(unknown)}"
-        values = {k: v for k, v in env.items() if k != "MSSGW_HOME"}
-        validate({}, tmp_path, environ=values)  # raises ConfigError naming the key when a value is wrong
-    urls = [v for k, v in env_settings(COMPOSE.read_text(encoding="utf-8")).items() if k == "MSSGW_DATABASE_URL"]
-    assert urls and all(u.startswith("postgresql+psycopg://") for u in urls)
+    for service in services().values():
+        env = {k: v for k, v in service.env.items() if k.startswith("MSSGW_")}
+        unknown = set(env) - SETTING_KEYS - {"MSSGW_HOME"}
+        assert not unknown, f"{service.name} sets variables no setting reads: {sorted(unknown)}"
+        validate({}, tmp_path, environ=env)  # raises ConfigError naming the key when a value is wrong
+        if url := env.get("MSSGW_DATABASE_URL"):
+            assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url
+    docker_env = dict(re.findall(r"^ENV\s+(MSSGW_[A-Z_]+)=(\S+)", DOCKERFILE.read_text(), re.M))
+    assert docker_env == {"MSSGW_HOME": "/data"}
+    # The script reads MSSGW_HOME and PEER_BUNDLES only; PEER_BUNDLES is not a setting.
+    assert set(re.findall(r"\$\{(\w+):-", SETUP.read_text())) == {"MSSGW_HOME", "PEER_BUNDLES"}
+
+
+def test_certificates_name_the_hosts_peers_relay_to() -> None:
+    """Each init's --hostname is a network name of the gateways on that home, and is the relay."""
+    by_name = services()
+    inits = setup_calls("init")
+    assert len(inits) == 2
+    domains = {}
+    for service, (domain, hostname, inbound) in inits:
+        home = service.volumes["/data"]
+        assert service.volumes.get("/bundles") == "bundles", f"{service.name} cannot publish its bundle"
+        serving = [g for g in gateways() if g.volumes.get("/data") == home]
+        assert serving, f"no gateway serves {home}"
+        for gateway in serving:
+            assert hostname in gateway.names(), f"{gateway.name} is not reachable as {hostname}"
+            assert gateway.env["MSSGW_OPERATOR_HOSTNAME"] == hostname
+            assert gateway.env["MSSGW_OPERATOR_DOMAINS"] == domain
+            assert gateway.env["MSSGW_DATABASE_URL"] == service.env["MSSGW_DATABASE_URL"]
+            assert inbound == f"{hostname}:{gateway.env['MSSGW_LISTEN_INBOUND'].rsplit(':', 1)[1]}"
+        assert hostname not in by_name or by_name[hostname] in serving  # not shadowed by another service
+        domains[domain] = (service, home)
+    # Each operator adds the other, after both bundles exist, before its gateways start.
+    peers = setup_calls("peer")
+    assert sorted(args[0] for _, args in peers) == sorted(domains)
+    for service, (peer_domain,) in peers:
+        own = next(init for d, (init, home) in domains.items() if home == service.volumes["/data"])
+        assert domains[peer_domain][0] is not own, f"{service.name} adds itself"
+        assert {own.name, domains[peer_domain][0].name} <= set(service.depends_on)
+        assert service.volumes.get("/bundles") == "bundles"
+        for gateway in gateways():
+            if gateway.volumes["/data"] == service.volumes["/data"]:
+                assert service.name in gateway.depends_on, (
+                    f"{gateway.name} may start before it trusts its peer"
+                )
+
+
+def test_ports_are_published_on_loopback_only() -> None:
+    published = []
+    for service in services().values():
+        for port in service.ports:
+            assert port.startswith("127.0.0.1:"), f"{service.name} publishes {port} beyond this machine"
+            published.append((service.name, port.rsplit(":", 1)[1]))
+        if service.command[:2] != ["mssgw", "serve"]:
+            assert not service.ports, f"{service.name} publishes ports"
+    for name, inside in published:  # peers reach the inbound port on the compose network
+        assert inside not in {"1025", "5432"}, f"{name} publishes {inside}"
+    assert ("gateway-a1", "1587") in published and ("gateway-b", "1587") in published
+    assert ("gateway-a1", "1993") in published and ("gateway-b", "1993") in published
+
+
+def test_each_gateway_has_a_healthcheck_on_its_own_listeners() -> None:
+    for gateway in gateways():
+        assert gateway.healthcheck[:2] == ["CMD", "python"], gateway.name
+        code = gateway.healthcheck[-1]
+        compile(code, f"{gateway.name} healthcheck", "exec")
+        listening = {
+            v.rsplit(":", 1)[1] for k, v in gateway.env.items() if k.startswith("MSSGW_LISTEN_") and v
+        }
+        checked = set(re.findall(r"\b\d{4}\b", code))
+        assert checked and checked <= listening, f"{gateway.name} checks {checked}, listens on {listening}"
+
+
+@pytest.mark.timeout(300)  # ten CLI start-ups
+def test_the_setup_script_connects_two_homes(tmp_path: Path) -> None:
+    """deploy/compose-setup.sh, with the compose file's arguments, in its depends_on order."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSSGW_")}  # each home its own SQLite
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PEER_BUNDLES"] = str(tmp_path / "bundles")
+    (tmp_path / "bundles").mkdir()
+    homes: dict[str, Path] = {}
+
+    def run(service: Service, args: list[str]) -> str:
+        home = homes.setdefault(service.volumes["/data"], tmp_path / service.volumes["/data"])
+        done = subprocess.run(["sh", str(SETUP), *args], env=env | {"MSSGW_HOME": str(home)},
+                              capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert done.returncode == 0, f"{service.name}: {done.stdout}{done.stderr}"
+        assert "Traceback" not in done.stderr
+        return done.stdout
+
+    inits, peers = setup_calls("init"), setup_calls("peer")
+    for service, args in inits:
+        run(service, ["init", *args])
+    for service, args in peers:
+        run(service, ["peer", *args])
+    # Run again, as a second `docker compose up` does: every step is idempotent.
+    for service, args in inits[:1] + peers:
+        run(service, [service.command[1], *args])
+
+    identity = {}
+    for service, (domain, hostname, _) in inits:
+        home = homes[service.volumes["/data"]]
+        server = x509.load_pem_x509_certificate((home / "pki" / "server.pem").read_bytes())
+        names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert hostname in names.get_values_for_type(x509.DNSName), (
+            f"{domain}'s certificate does not name {hostname}"
+        )
+        operator = x509.load_pem_x509_certificate((home / "pki" / "operator.pem").read_bytes())
+        ca = x509.load_pem_x509_certificate((home / "pki" / "ca.pem").read_bytes())
+        dn = ",".join(reversed([a.rfc4514_string() for a in operator.subject]))  # MSSanté order: C first
+        identity[domain] = (dn, ca.fingerprint(hashes.SHA256()).hex())
+        assert "PRIVATE KEY" not in (tmp_path / "bundles" / f"{domain}.peer.json").read_text()
+    assert not list((tmp_path / "bundles").glob(".*"))  # no half-written bundle left behind
+    for service, (peer_domain,) in peers:
+        done = subprocess.run(["mssgw", "--data-dir", str(homes[service.volumes["/data"]]), "peers", "list", "--json"],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        rows = json.loads(done.stdout)
+        assert [row["domain"] for row in rows] == [peer_domain], service.name  # the peer, not ourselves
+        relay_host = next(hostname for _, (domain, hostname, _) in inits if domain == peer_domain)
+        operator_dn, ca_fingerprint = identity[peer_domain]
+        assert rows[0]["route"] == f"relay {relay_host}:1025"
+        assert rows[0]["operator_dn"] == operator_dn
+        assert [anchor["fingerprint"] for anchor in rows[0]["anchors"]] == [ca_fingerprint]
+
+
+@pytest.mark.timeout(180)
+def test_the_healthcheck_passes_on_a_live_gateway_and_fails_without(tmp_path: Path) -> None:
+    """The healthcheck code itself, on a real ``mssgw serve`` (ports swapped for free ones)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSSGW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    home = tmp_path / "home"
+    init = subprocess.run(["mssgw", "--data-dir", str(home), "init", "--hostname", "gateway-a"],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    submission, inbound = free_port(), free_port()
+    listen = {f"MSSGW_LISTEN_{name}": "" for name in ("SUBMISSIONS", "IMAP", "IMAPS", "METRICS")}
+    listen |= {
+        "MSSGW_LISTEN_SUBMISSION": f"127.0.0.1:{submission}",
+        "MSSGW_LISTEN_INBOUND": f"127.0.0.1:{inbound}",
+    }
+    code = gateways()[0].healthcheck[-1].replace("1587", str(submission)).replace("1025", str(inbound))
+
+    def healthcheck() -> int:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+
+    serve = subprocess.Popen(["mssgw", "--data-dir", str(home), "serve", "--no-workers"], env=env | listen,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert serve.stderr is not None
+        for line in serve.stderr:  # wait on the event: the gateway says when every listener is bound
+            if "gateway started" in line:
+                break
+        else:
+            pytest.fail(f"mssgw serve ended before it started (status {serve.wait()})")
+        assert healthcheck() == 0
+    finally:
+        serve.terminate()
+        serve.communicate(timeout=60)
+    assert healthcheck() != 0  # nothing listening any more: unhealthy

@@ -30,6 +30,7 @@ the lot on the event loop. Here, per command (``limits`` names the bounds):
   ``* BYE`` (RFC 3501 7.1.5) once the answer is written; it is written here before closing.
 * **A client gone mid-command**: the answer to a command that finishes after the
   client reset the connection is dropped quietly (a debug line), not a traceback.
+* **SEARCH** waits for its turn (``search.SearchGate``) before it reaches the pool.
 * **Storage races and disk errors** (two sessions creating or renaming one
   folder) answer ``NO`` with an RFC 5530 code, not a dropped connection.
 
@@ -47,14 +48,14 @@ import time
 from typing import Any
 
 from pymap.config import IMAPConfig
-from pymap.context import subsystem
+from pymap.context import current_command, subsystem
 from pymap.exceptions import InvalidAuth
 from pymap.imap import IMAPConnection
 from pymap.imap.state import ConnectionState
 from pymap.interfaces.login import LoginInterface
 from pymap.parsing import Params
 from pymap.parsing.command import Command
-from pymap.parsing.command.select import IdleCommand
+from pymap.parsing.command.select import IdleCommand, SearchCommand
 from pymap.parsing.commands import InvalidCommand
 from pymap.parsing.response import (
     CommandResponse,
@@ -275,6 +276,15 @@ class Connection(IMAPConnection):
             # pymap's bad-command limit added its BYE after writing the tagged BAD.
             self._said_bye = True
             await self.write_response(ResponseBye(b"Too many errors, disconnecting."))
+
+    def _exec(self, future: Any) -> Any:
+        """pymap runs storage work here; a SEARCH first waits for its turn (``search.SearchGate``)."""
+        gate = getattr(self.config, "search_gate", None)
+        if gate is None or not isinstance(current_command.get(None), SearchCommand):
+            return super()._exec(future)
+        session = getattr(self._state, "_session", None)
+        account = str(getattr(session, "owner", ""))
+        return gate.run(account, super()._exec(future), also_close=future)
 
     async def write_response(self, resp: Response) -> None:
         """pymap's write, silent when the client has gone (a reset transport raises ``RuntimeError``)."""

@@ -27,6 +27,9 @@ layout ``gateway.delivery.maildir`` writes. What is ours:
   Delegation governs sending as the ORG mailbox (SMTP), not reading.
 * **Folders.** INBOX, Sent, Drafts, Trash and Junk exist (and are subscribed)
   from the first login.
+* **Bounded SEARCH** (``search.py``): cheap paths for size and header keys, a time
+  and parse budget per command (``NO [LIMIT]``), at most two at once in the process
+  and one per account, so searches over big folders cannot starve the event loop.
 * **IDLE without a parked thread.** pymap's Maildir backend runs storage work in
   a thread pool; its IDLE blocks a pool thread between polls, so idling clients
   beyond the pool size delay every other command (20 idlers on 16 threads:
@@ -69,7 +72,6 @@ from proxyprotocol.reader import ProxyProtocolReader
 from proxyprotocol.sock import SocketInfo
 from pymap.backend.maildir import Config as MaildirConfig
 from pymap.backend.maildir import FilterSet
-from pymap.backend.maildir import Session as MaildirSession
 from pymap.concurrent import Subsystem
 from pymap.context import connection_exit, socket_info, subsystem
 from pymap.exceptions import AuthorizationFailure, InvalidAuth, NotAllowedError
@@ -94,6 +96,7 @@ from gateway.config import Settings
 from gateway.delivery.maildir import DeliveryError, MaildirDelivery
 from gateway.imap.connection import IDLE_POLL_SECONDS, Connection, SessionState
 from gateway.imap.limits import MAX_LINE, install_parser_guards
+from gateway.imap.search import BoundedSearchSession, SearchGate
 from gateway.imap.storage import RawMailboxSet, RawMaildir, SafeLayout, write_metadata_beside_target
 
 __all__ = ["IDLE_POLL_SECONDS", "ImapService", "server_tls_context", "start_imap"]
@@ -122,7 +125,9 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext:
 
 
 class _Config(MaildirConfig):
-    """pymap settings: PLAIN only, and only once TLS is up."""
+    """pymap settings: PLAIN only, and only once TLS is up; the service's turns for SEARCH."""
+
+    search_gate: SearchGate | None = None
 
     @property
     def tls_auth(self) -> SASLAuth:
@@ -150,7 +155,7 @@ class _Identity(IdentityInterface):
         return frozenset()
 
     @asynccontextmanager
-    async def new_session(self) -> AsyncIterator[MaildirSession]:
+    async def new_session(self) -> AsyncIterator[BoundedSearchSession]:
         try:
             self._delivery.ensure_folders(self._name)
             path = str(self._delivery.mailbox_path(self._name))
@@ -158,7 +163,7 @@ class _Identity(IdentityInterface):
             raise NotAllowedError(f"Mailbox unavailable: {exc}") from None
         layout = SafeLayout(path, RawMaildir)
         mailbox_set = RawMailboxSet(RawMaildir(path, create=False), layout)
-        yield MaildirSession(self._name, self._config, mailbox_set, FilterSet(path))
+        yield BoundedSearchSession(self._name, self._config, mailbox_set, FilterSet(path))
 
     async def new_token(self, *, expiration: datetime | None = None) -> str | None:
         return None
@@ -347,6 +352,7 @@ async def start_imap(
     tls = server_tls_context(settings)
     executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="imap-io")
     config = _make_config(settings, tls, executor)
+    config.search_gate = SearchGate()
     delivery = MaildirDelivery(settings.mail_dir)
     login = _DirectoryLogin(config, authenticator, delivery, asyncio.get_running_loop())
     service = ImapService(_executor=executor)

@@ -22,9 +22,9 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, PASSWORD, Imap, lab_report
+from conftest import ALICE, BOB, PASSWORD, Imap, lab_report
 
-from gateway.imap import connection, limits
+from gateway.imap import connection, limits, search
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 WAIT = 10.0  # seconds: far above any honest answer, far below the test timeout
@@ -557,3 +557,126 @@ async def test_pre_login_total_time_is_bounded_whatever_noops(
     # A client that logs in in time is not affected afterwards.
     async with logged_in(imap) as streams:
         assert (await command(streams, b"x1", b"NOOP"))[-1].startswith(b"x1 OK")
+
+
+# --- SEARCH: cheap paths, a budget per command, turns (FUZZ_FINDINGS 1) --------------
+
+
+def _heavy(n: int, *, depth: int = 30, headers: int = 150) -> bytes:
+    """A message pymap is slow to MIME-parse (many headers, deep nesting), as the fuzzer APPENDs."""
+    head = [f"From: labo{n}@b.mssante.test", f"To: {ALICE}", f"Subject: report {n}",
+            f"Message-ID: <m{n}@b.mssante.test>", "Date: Tue, 02 Jun 2026 10:00:00 +0200", "MIME-Version: 1.0"]
+    head += [f"X-Trace-{i}: hop {i} of message {n}" for i in range(headers)]
+    body = f"Bonjour {'needle ' if n % 3 == 0 else ''}compte rendu {n}\r\n" + "lorem ipsum\r\n" * (n % 50)
+    part = f"Content-Type: text/plain\r\n\r\n{body}"
+    for d in range(depth):
+        b = f"b{d}x{n}"
+        part = f'Content-Type: multipart/mixed; boundary="{b}"\r\n\r\n--{b}\r\n{part}\r\n--{b}--\r\n'
+    return ("\r\n".join(head) + "\r\n" + part).encode()
+
+
+def _fill_inbox(imap: Imap, user: str, count: int) -> list[bytes]:
+    """``count`` messages written straight into ``user``'s INBOX (sequence number = index + 1)."""
+    imap.delivery.ensure_folders(user)
+    cur = imap.delivery.mailbox_path(user) / "cur"
+    messages = [_heavy(n) for n in range(count)]
+    for n, data in enumerate(messages):
+        (cur / f"{1_700_000_000 + n}.M{n}P1Q{n}.test:2,S").write_bytes(data)
+    return messages
+
+
+def _found(lines: list[bytes]) -> list[int]:
+    (line,) = [x for x in lines if x.startswith(b"* SEARCH")]
+    return sorted(int(x) for x in line.split()[2:])
+
+
+class _ParseSpy:
+    """Counts the bytes the search MIME-parses (pymap's parser itself does the work)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        real = search.MessageContent.parse
+
+        def parse(data: bytes) -> object:
+            self.sizes.append(len(data))
+            return real(data)
+
+        monkeypatch.setattr(search.MessageContent, "parse", staticmethod(parse))
+
+
+@pytest.mark.timeout(120)
+async def test_search_reads_only_what_its_keys_need(imap: Imap, monkeypatch: pytest.MonkeyPatch) -> None:
+    messages = _fill_inbox(imap, ALICE, 60)
+    spy = _ParseSpy(monkeypatch)
+    async with logged_in(imap) as streams:
+        assert (await command(streams, b"s0", b"SELECT INBOX"))[-1].startswith(b"s0 OK")
+        lines = await command(streams, b"s1", b"SEARCH LARGER 9000")
+        assert lines[-1].startswith(b"s1 OK"), lines
+        assert _found(lines) == [n + 1 for n, m in enumerate(messages) if len(m) > 9000]
+        assert spy.sizes == []  # sizes come from the bytes, nothing parsed
+        lines = await command(streams, b"s2", b'SEARCH SUBJECT "report 17"')
+        assert _found(lines) == [18]
+        assert len(spy.sizes) == 60 and max(spy.sizes) < 8000, spy.sizes  # header blocks only
+        spy.sizes.clear()
+        lines = await command(streams, b"s3", b"UID SEARCH TEXT NEEDLE")
+        assert lines[-1].startswith(b"s3 OK"), lines
+        assert len(_found(lines)) == 20
+        assert len(spy.sizes) == 20  # only where the value occurs in the raw bytes
+        lines = await command(streams, b"s4", b"SEARCH NOT TEXT needle SMALLER 8000")
+        assert _found(lines) == [n + 1 for n, m in enumerate(messages) if n % 3 and len(m) < 8000]
+
+
+@pytest.mark.timeout(60)
+async def test_search_beyond_its_budget_answers_no_limit(
+    imap: Imap, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fill_inbox(imap, ALICE, 30)
+    async with logged_in(imap) as streams:
+        assert (await command(streams, b"s0", b"SELECT INBOX"))[-1].startswith(b"s0 OK")
+        monkeypatch.setattr(search, "SEARCH_PARSE_BYTES", 20_000)
+        lines = await command(streams, b"s1", b"SEARCH TEXT needle")
+        assert lines[-1].startswith(b"s1 NO [LIMIT]"), lines
+        monkeypatch.setattr(search, "SEARCH_PARSE_BYTES", 1 << 30)
+        monkeypatch.setattr(search, "SEARCH_SECONDS", 0.0)
+        lines = await command(streams, b"s2", b"SEARCH HEADER X-Trace-3 hop")
+        assert lines[-1].startswith(b"s2 NO [LIMIT]"), lines
+        assert (await command(streams, b"s3", b"NOOP"))[-1].startswith(b"s3 OK")
+        monkeypatch.setattr(search, "SEARCH_SECONDS", 10.0)
+        assert len(_found(await command(streams, b"s4", b"SEARCH TEXT needle"))) == 10
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(180)
+async def test_concurrent_searches_on_a_big_folder_do_not_stall_the_service(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before the fix 20 sessions searching a 300-message folder held every pool thread (and the
+    GIL): a greeting and NOOP from another client waited for them. Speed is not asserted."""
+    for user in (ALICE, BOB):
+        _fill_inbox(imap, user, 300)
+    keys = [b"SEARCH LARGER 100", b"SEARCH TEXT needle", b"UID SEARCH TEXT x", b"SEARCH HEADER X-Trace-9 hop"]
+
+    async def searcher(n: int, ready: asyncio.Event) -> list[bytes]:
+        async with logged_in(imap, ALICE if n % 2 else BOB) as streams:
+            assert (await command(streams, b"s0", b"SELECT INBOX"))[-1].startswith(b"s0 OK")
+            ready.set()
+            streams[1].write(b"s1 " + keys[n % len(keys)] + b"\r\n")
+            lines = await asyncio.wait_for(until_tagged(streams[0], b"s1"), 120)
+            return [lines[-1]]
+
+    ready = [asyncio.Event() for _ in range(20)]
+    searches = [asyncio.create_task(searcher(n, ev)) for n, ev in enumerate(ready)]
+    await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in ready)), 60)
+    probes = 0
+    while not all(t.done() for t in searches) and probes < 10:
+        async def probe() -> None:
+            async with plain(imap) as streams:
+                assert (await command(streams, b"p1", b"NOOP"))[-1].startswith(b"p1 OK")
+
+        await asyncio.wait_for(probe(), 3.0)  # a hang fails; 3 s is generous for a NOOP
+        probes += 1
+    answers = [line for lines in await asyncio.wait_for(asyncio.gather(*searches), 150) for line in lines]
+    assert probes >= 1
+    assert all(a.startswith((b"s1 OK", b"s1 NO [LIMIT]")) for a in answers), answers
+    assert any(a.startswith(b"s1 OK") for a in answers), answers
+    assert_no_traceback(caplog)

@@ -22,9 +22,16 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, BOB, PASSWORD, Imap, lab_report
+from conftest import ALICE, BOB, PASSWORD, Imap, _free_port, lab_report, rpps
 
+from directory import service as directory
+from directory.db import make_engine, session_factory, transaction
+from gateway.audit.trail import AuditWriter
+from gateway.auth import Authenticator
+from gateway.config import load_settings
+from gateway.delivery.maildir import MaildirDelivery
 from gateway.imap import connection, limits, search
+from gateway.imap.server import start_imap
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 WAIT = 10.0  # seconds: far above any honest answer, far below the test timeout
@@ -679,4 +686,47 @@ async def test_concurrent_searches_on_a_big_folder_do_not_stall_the_service(
     assert probes >= 1
     assert all(a.startswith((b"s1 OK", b"s1 NO [LIMIT]")) for a in answers), answers
     assert any(a.startswith(b"s1 OK") for a in answers), answers
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+def test_client_reset_mid_command_on_uvloop_leaves_no_traceback(
+    sqlite_home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 3 as the gateway runs it (uvloop): there the write after the reset raised
+    ``RuntimeError`` (the handler is closed) instead of asyncio's quiet drop."""
+    uvloop = pytest.importorskip("uvloop")
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("MSSGW_LISTEN_IMAP", f"127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MSSGW_LISTEN_IMAPS", f"127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MSSGW_AUTH_BASE_DELAY", "0.01")
+    monkeypatch.setenv("MSSGW_AUTH_MAX_DELAY", "0.02")
+    settings = load_settings(sqlite_home)
+    engine = make_engine(settings.database_url)
+    factory = session_factory(engine)
+    with transaction(factory) as session:
+        directory.add_practitioner(session, identifier=rpps(1), first_name="Alice", last_name="Martin")
+        directory.add_mailbox(session, ALICE, type="PER", rpps=rpps(1), password=PASSWORD)
+
+    async def main() -> list[object]:
+        audit = AuditWriter(factory)
+        audit.start()
+        service = await start_imap(settings, factory, Authenticator(factory, settings, audit))
+        try:
+            imap = Imap(settings, factory, service, Authenticator(factory, settings, audit), audit,
+                        MaildirDelivery(settings.mail_dir), settings.pki_dir / "ca.pem")
+            wrong = f'a1 LOGIN "{ALICE}" "wrong password"\r\n'.encode()
+            tasks = [await _reset_after(imap, wrong, tls=tls) for tls in (False, True, False, True)]
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT)
+            await assert_loop_responsive(imap)
+            return list(outcomes)
+        finally:
+            await service.close()
+            await audit.close()
+
+    try:
+        outcomes = uvloop.run(main())
+    finally:
+        engine.dispose()
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
     assert_no_traceback(caplog)

@@ -26,6 +26,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,18 +300,52 @@ def test_each_gateway_has_a_healthcheck_on_its_own_listeners() -> None:
         assert checked and checked <= listening, f"{gateway.name} checks {checked}, listens on {listening}"
 
 
+@pytest.fixture
+def operator_databases() -> Iterator[dict[str, str]]:
+    """One fresh PostgreSQL database per operator, as in compose, when the suite has a server
+    (``MSSGW_TEST_PG_URL``, set by scripts/test); without one, each home keeps its own SQLite."""
+    server = os.environ.get("MSSGW_TEST_PG_URL")
+    if not server:
+        yield {}
+        return
+    from sqlalchemy import create_engine, text
+
+    homes = {s.volumes["/data"] for s, _ in setup_calls("init")}
+    names = {home: f"mssgw_compose_{home.replace('-', '_')}_{uuid.uuid4().hex[:8]}" for home in homes}
+    admin = create_engine(
+        server.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
+    base = server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    with admin.connect() as conn:
+        for name in names.values():
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield {home: f"{base}/{name}" for home, name in names.items()}
+    finally:
+        with admin.connect() as conn:
+            for name in names.values():
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.mark.timeout(300)  # ten CLI start-ups
-def test_the_setup_script_connects_two_homes(tmp_path: Path) -> None:
+def test_the_setup_script_connects_two_homes(tmp_path: Path, operator_databases: dict[str, str]) -> None:
     """deploy/compose-setup.sh, with the compose file's arguments, in its depends_on order."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MSSGW_")}  # each home its own SQLite
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PEER_BUNDLES"] = str(tmp_path / "bundles")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("MSSGW_")}
+    base_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base_env.get('PATH', '')}"
+    base_env["PEER_BUNDLES"] = str(tmp_path / "bundles")
     (tmp_path / "bundles").mkdir()
     homes: dict[str, Path] = {}
 
+    def env_of(service: Service) -> dict[str, str]:
+        """The service's home volume as a folder, and its database as compose gives it (or SQLite)."""
+        volume = service.volumes["/data"]
+        home = homes.setdefault(volume, tmp_path / volume)
+        url = operator_databases.get(volume)
+        return base_env | {"MSSGW_HOME": str(home)} | ({"MSSGW_DATABASE_URL": url} if url else {})
+
     def run(service: Service, args: list[str]) -> str:
-        home = homes.setdefault(service.volumes["/data"], tmp_path / service.volumes["/data"])
-        done = subprocess.run(["sh", str(SETUP), *args], env=env | {"MSSGW_HOME": str(home)},
+        done = subprocess.run(["sh", str(SETUP), *args], env=env_of(service),
                               capture_output=True, text=True, timeout=240)  # fmt: skip
         assert done.returncode == 0, f"{service.name}: {done.stdout}{done.stderr}"
         assert "Traceback" not in done.stderr
@@ -327,6 +363,7 @@ def test_the_setup_script_connects_two_homes(tmp_path: Path) -> None:
     identity = {}
     for service, (domain, hostname, _) in inits:
         home = homes[service.volumes["/data"]]
+        assert (home / "mssgw.db").exists() == (service.volumes["/data"] not in operator_databases)
         server = x509.load_pem_x509_certificate((home / "pki" / "server.pem").read_bytes())
         names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert hostname in names.get_values_for_type(x509.DNSName), (
@@ -339,8 +376,8 @@ def test_the_setup_script_connects_two_homes(tmp_path: Path) -> None:
         assert "PRIVATE KEY" not in (tmp_path / "bundles" / f"{domain}.peer.json").read_text()
     assert not list((tmp_path / "bundles").glob(".*"))  # no half-written bundle left behind
     for service, (peer_domain,) in peers:
-        done = subprocess.run(["mssgw", "--data-dir", str(homes[service.volumes["/data"]]), "peers", "list", "--json"],
-                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(["mssgw", "peers", "list", "--json"], env=env_of(service),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, done.stderr
         rows = json.loads(done.stdout)
         assert [row["domain"] for row in rows] == [peer_domain], service.name  # the peer, not ourselves

@@ -1,10 +1,9 @@
 """docker-compose.yml: two operators that exchange mail out of the box, checked against the code.
 
-There is no YAML parser among the dependencies and usually no Docker engine, so the compose file
-is read with a small reader of its own (services are the two-space keys under ``services:``,
-every ``command``/``test`` is a JSON list, anchors are resolved by name). When ``docker compose``
-is installed, ``docker compose config`` must accept the file too; when it is not, the test does
-not skip: the same structure is checked statically.
+The file is read with PyYAML (anchors and ``<<`` merges resolved as compose resolves them). There
+is usually no Docker engine here: when ``docker compose`` is installed, ``docker compose config``
+must accept the file too; when it is not, the test does not skip: the same structure is checked
+statically.
 
 What is checked is what made the old file unable to exchange mail: every ``mssgw`` command line
 (compose file, Dockerfile, setup script with its arguments filled in) parses with the real click
@@ -30,9 +29,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
@@ -52,7 +53,7 @@ class Service:
     """What the checks need of one compose service (anchors and merges already resolved)."""
 
     name: str
-    text: str
+    spec: dict[str, Any]
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     volumes: dict[str, str] = field(default_factory=dict)  # mount point -> volume name
@@ -71,57 +72,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _items(block: str, key: str) -> list[str]:
-    """The ``- item`` lines of ``key:`` in a service block."""
-    match = re.search(rf"^    {key}:\n((?:      - .*\n)+)", block, re.M)
-    return [line.strip()[2:].strip("\"'") for line in match.group(1).splitlines()] if match else []
+def _compose(text: str | None = None) -> dict[str, Any]:
+    """The compose file as data, anchors and ``<<`` merges resolved by PyYAML."""
+    data = yaml.safe_load(text if text is not None else COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), "docker-compose.yml is not a mapping"
+    return data
 
 
-def _anchor_block(text: str, anchor: str) -> str:
-    """The lines indented under the key that defines ``&anchor``."""
-    match = re.search(rf"^( *)\S[^\n]*&{re.escape(anchor)}\n((?:\1  .*\n)+)", text, re.M)
-    assert match, f"anchor &{anchor} is not defined"
-    return match.group(2)
-
-
-def _env(block: str, text: str) -> dict[str, str]:
-    alias = re.search(r"^    environment: \*(\S+)$", block, re.M)
-    body = _anchor_block(text, alias.group(1)) if alias else block
-    found = {}
-    for m in re.finditer(r"^ +(MSSGW_[A-Z_]+|[A-Z][A-Z_]*): *(.*?) *$", body, re.M):
-        if alias or m.group(0).startswith("      "):
-            found[m.group(1)] = m.group(2).strip("\"'")
-    return found
+def _as_list(value: Any) -> list[str]:
+    """A compose string-or-list field (command, healthcheck test) as a list."""
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def services(text: str | None = None) -> dict[str, Service]:
-    text = text if text is not None else COMPOSE.read_text(encoding="utf-8")
-    body = text[text.index("\nservices:\n") : text.index("\nvolumes:\n")]
     found: dict[str, Service] = {}
-    for m in re.finditer(r"^  ([a-z0-9-]+):\n((?:(?:    .*)?\n)+)", body, re.M):
-        name, block = m.group(1), m.group(2)
-        service = Service(name, block, env=_env(block, text))
-        if cmd := re.search(r"^    command: (\[.*\])$", block, re.M):
-            service.command = json.loads(cmd.group(1))
-        for volume in _items(block, "volumes"):
-            source, target = volume.split(":")[:2]
+    for name, spec in (_compose(text).get("services") or {}).items():
+        env = spec.get("environment") or {}
+        if isinstance(env, list):
+            env = dict(item.split("=", 1) for item in env)
+        service = Service(name, spec, command=_as_list(spec.get("command")),
+                          env={str(k): str(v) for k, v in env.items()})
+        for volume in spec.get("volumes") or []:
+            source, target = str(volume).split(":")[:2]
             service.volumes[target] = source
-        service.ports = _items(block, "ports")
-        if aliases := re.search(r"^        aliases: (\[.*\])$", block, re.M):
-            service.aliases = [a.strip() for a in aliases.group(1).strip("[]").split(",")]
-        if deps := re.search(r"^    depends_on:\n((?:      .*\n)+)", block, re.M):
-            service.depends_on = re.findall(r"^      ([a-z0-9-]+):$", deps.group(1), re.M)
-        health = re.search(r"^    healthcheck: \*(\S+)$", block, re.M)
-        health_block = _anchor_block(text, health.group(1)) if health else block
-        if test := re.search(r"^ +test: (\[.*\])$", health_block, re.M):
-            service.healthcheck = json.loads(test.group(1))
+        service.ports = [str(p) for p in spec.get("ports") or []]
+        for network in (spec.get("networks") or {}).values() if isinstance(spec.get("networks"), dict) else []:
+            service.aliases += list((network or {}).get("aliases") or [])
+        deps = spec.get("depends_on") or []
+        service.depends_on = list(deps) if isinstance(deps, (list, dict)) else []
+        service.healthcheck = _as_list((spec.get("healthcheck") or {}).get("test"))
         found[name] = service
     return found
 
 
 def declared_volumes() -> set[str]:
-    text = COMPOSE.read_text(encoding="utf-8")
-    return set(re.findall(r"^  ([a-z0-9-]+):$", text[text.index("\nvolumes:\n") :], re.M))
+    return set(_compose().get("volumes") or {})
 
 
 def gateways() -> list[Service]:
@@ -190,7 +177,7 @@ def test_compose_file_is_well_formed() -> None:
     assert "bundles" in volumes
     for service in found.values():
         assert service.command, f"{service.name}: no command as a JSON list"
-        assert re.search(r"^    (image: \S+|<<: \*gateway)$", service.text, re.M), service.name
+        assert service.spec.get("image") or service.spec.get("build"), f"{service.name}: no image"
         for source in service.volumes.values():
             assert source in volumes, f"{service.name}: volume {source} is not declared"
         for dep in service.depends_on:

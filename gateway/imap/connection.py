@@ -6,6 +6,8 @@ the lot on the event loop. Here, per command (``limits`` names the bounds):
 
 * **Lines** longer than ``MAX_LINE`` (``PRE_AUTH_LINE_MAX`` before login) are
   read through and thrown away; the command gets ``BAD`` and the session goes on.
+  A ``{N+}`` literal such a line announces is read and dropped too (within the
+  literal bounds below, else ``BAD`` + ``BYE``): its bytes never run as commands.
 * **Literals** are counted against the command's budget before a byte of them is
   read: before login ``PRE_AUTH_LITERAL_MAX`` each and ``PRE_AUTH_COMMAND_MAX`` in
   all, after login the advertised ``APPENDLIMIT`` (RFC 7889) for APPEND messages
@@ -98,6 +100,8 @@ _TAG = re.compile(rb"[\x21\x23\x24\x26\x27\x2C-\x5B\x5D-\x7A\x7C\x7E]{1,64}(?= )
 _APPEND = re.compile(rb"[^ ]+ +APPEND ", re.IGNORECASE)
 _LITERAL_PLUS = re.compile(rb"~?\{(\d+)\+\}\r?\n$")
 _TOOBIG = ResponseCode.of(b"TOOBIG")
+_TAIL = 32  # bytes of an overlong line kept to find the literal it announces
+_SKIP_CHUNK = 64 * 1024  # bytes read at a time from a literal being skipped
 
 
 def _is_toobig(code: ResponseCode | None) -> bool:
@@ -330,23 +334,49 @@ class Connection(IMAPConnection):
             raise EOFError() from None
         except asyncio.LimitOverrunError as exc:
             head = await self._timed(self.reader.readexactly(exc.consumed))
+            tail = head[-_TAIL:]
             while True:
                 try:
-                    await self._timed(self.reader.readuntil(b"\n"))
+                    tail = (tail + await self._timed(self.reader.readuntil(b"\n")))[-_TAIL:]
                     break
                 except asyncio.LimitOverrunError as more:
-                    await self._timed(self.reader.readexactly(more.consumed))
+                    chunk = await self._timed(self.reader.readexactly(more.consumed))
+                    tail = (tail + chunk)[-_TAIL:]
                 except asyncio.IncompleteReadError:
                     raise EOFError() from None
-            self._head = self._head or head[:80]
-            budget.refusal = budget.refusal or _Refusal(b"Line too long.")
-            return b"\r\n"
-        self._head = self._head or piece[:80]
+            return await self._overlong(head, tail)
         if len(piece) > budget.line_max:
-            budget.refusal = budget.refusal or _Refusal(b"Line too long.")
-            return b"\r\n"
+            return await self._overlong(piece, piece[-_TAIL:])
+        self._head = self._head or piece[:80]
         budget.piece(piece)
         return piece
+
+    async def _overlong(self, head: bytes, tail: bytes) -> bytes:
+        """Refuse a line read through; skip the literal it announces so its bytes never run as commands.
+
+        A non-synchronizing literal (``{N+}``) is already on its way: it is read in bounded
+        chunks and dropped (within the command's literal bound, else ``BAD`` + ``BYE``), and
+        the line piece after it is read the same way. A synchronizing one (``{N}``) is never
+        invited (no ``+``), so a client does not send it.
+        """
+        budget = self._budget
+        self._head = self._head or head[:80]
+        if budget.append is None:
+            budget.append = _APPEND.match(head) is not None
+        budget.refusal = budget.refusal or _Refusal(b"Line too long.")
+        match = _LITERAL_PLUS.search(tail)
+        if match is None:
+            return b"\r\n"
+        if len(match.group(1)) > 12:
+            raise _Refusal(b"Literal too large.", _TOOBIG, close=True)
+        length = int(match.group(1))
+        budget.literal(length, synchronizing=False)
+        while length:
+            chunk = await self._timed(self.reader.read(min(length, _SKIP_CHUNK)))
+            if not chunk:
+                raise EOFError()
+            length -= len(chunk)
+        return await self._piece()
 
     async def readline(self) -> memoryview:
         buf = bytearray(await self._piece())

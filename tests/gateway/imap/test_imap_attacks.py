@@ -730,3 +730,78 @@ def test_client_reset_mid_command_on_uvloop_leaves_no_traceback(
         engine.dispose()
     assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
     assert_no_traceback(caplog)
+
+
+# --- 2 (round 2). A literal announced by a refused line is never run as commands -----------
+
+
+async def _tagged_or_closed(reader: asyncio.StreamReader, tag: bytes) -> list[bytes]:
+    """Lines up to the one tagged ``tag``, or up to the connection's end."""
+    lines: list[bytes] = []
+    while line := await reader.readline():
+        lines.append(line)
+        if line.startswith(tag + b" "):
+            break
+    return lines
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("filler", [b"$k " * 300_000, b"$k " * 25_000], ids=["beyond-buffer", "beyond-line-max"])
+async def test_literal_after_overlong_line_is_skipped_not_run(
+    imap: Imap, caplog: pytest.LogCaptureFixture, filler: bytes
+) -> None:
+    """Round 2, finding 201: ``a1 APPEND INBOX ($k $k ...) {18+}`` + ``z1 CREATE Injected`` created the folder."""
+    async with logged_in(imap) as streams:
+        reader, writer = streams
+        body = b"z1 CREATE Injected\r\n"
+        writer.write(b"a1 APPEND INBOX (" + filler + b") {%d+}\r\n" % len(body) + body + b"\r\n")
+        answer = await asyncio.wait_for(until_tagged(reader, b"a1"), WAIT)
+        assert answer[-1].startswith(b"a1 BAD"), answer
+        listed = await command(streams, b"l", b'LIST "" "*"')
+        assert listed[-1].startswith(b"l OK"), listed
+        assert not any(b"Injected" in line for line in listed), listed
+        assert not any(line.startswith(b"z1 ") for line in answer + listed)
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+async def test_literals_after_overlong_line_before_login_are_skipped(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before login (8 KiB lines) too: two chained literals, neither runs; the session goes on."""
+    async with plain(imap) as streams:
+        reader, writer = streams
+        writer.write(b"a1 LOGIN " + b"x" * 9000 + b" {14+}\r\nz1 CAPABILITY\r\n {9+}\r\nz2 NOOP\r\n\r\n")
+        answer = await asyncio.wait_for(until_tagged(reader, b"a1"), WAIT)
+        assert answer[-1].startswith(b"a1 BAD"), answer
+        after = await command(streams, b"n", b"NOOP")
+        assert after[-1].startswith(b"n OK"), after
+        assert not any(line.startswith((b"z1 ", b"z2 ", b"* CAPABILITY")) for line in answer + after)
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+async def test_oversized_literal_after_overlong_line_closes_with_bye(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A literal beyond the bound after a refused line cannot be skipped cheaply: BAD, BYE, closed."""
+    async with plain(imap) as streams:
+        reader, writer = streams
+        writer.write(b"a1 LOGIN " + b"x" * 9000 + b" {999999999+}\r\nz1 CAPABILITY\r\n")
+        answer = await asyncio.wait_for(_tagged_or_closed(reader, b"a1"), WAIT)
+        assert answer[-1].startswith(b"a1 BAD"), answer
+        rest = await asyncio.wait_for(reader.read(), WAIT)
+        assert rest.startswith(b"* BYE"), rest
+        assert b"z1 " not in rest
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+async def test_synchronizing_literal_after_overlong_line_is_not_invited(imap: Imap) -> None:
+    """``{N}`` at the end of a refused line gets BAD and no ``+``: a client then never sends it."""
+    async with logged_in(imap) as streams:
+        reader, writer = streams
+        writer.write(b"a1 APPEND INBOX (" + b"$k " * 30_000 + b") {20}\r\n")
+        answer = await asyncio.wait_for(until_tagged(reader, b"a1"), WAIT)
+        assert answer == [answer[-1]] and answer[-1].startswith(b"a1 BAD"), answer
+        assert (await command(streams, b"n", b"NOOP"))[-1].startswith(b"n OK")

@@ -67,5 +67,7 @@ PRE_AUTH_SECONDS = 60.0
 #: Message content held in memory by all SMTP transactions of one process at once. Past it a
 #: DATA in progress stops buffering, reads the rest to its end and answers 452 4.3.1 (try
 #: again later): eight authenticated clients sending 40 MiB each in parallel once grew the
-#: gateway by 590 MB. Four messages of the largest size fit.
-MAX_BUFFERED_DATA_BYTES = 256 * 1024 * 1024
+#: gateway by 590 MB. A message in hand is copied two or three times on its way to the spool
+#: (unstuffing, the trace header, the checks), so the peak is about 3 x this; two messages of
+#: the largest size still fit.
+MAX_BUFFERED_DATA_BYTES = 128 * 1024 * 1024

@@ -224,6 +224,15 @@ class GuardedSMTP(LoopTlsSMTP):
 
     # --- the loop --------------------------------------------------------------------------------
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        """aiosmtpd's AUTH with the mechanism name matched without regard to case.
+
+        SASL mechanism names are case-insensitive (RFC 4954 4, RFC 4422 3.1): aiosmtpd
+        answered ``AUTH plain ...`` with 504 5.5.4.
+        """
+        mechanism, sep, rest = arg.partition(" ")
+        await super().smtp_AUTH(mechanism.upper() + sep + rest)
+
     def _line_limit(self, command: str) -> int:
         if command == "AUTH":
             return L.AUTH_LINE_BYTES

@@ -430,3 +430,18 @@ async def test_a_password_typed_as_the_username_is_never_recorded(world: World) 
     with world.gateway.sessions() as db:  # type: ignore[misc]
         records = list(query(db, event="auth", limit=100))
     assert records and all("passphrase" not in repr(r) for r in records), records
+
+
+async def test_mechanism_names_are_case_insensitive(world: World) -> None:
+    """RFC 4954 4: ``AUTH plain`` is ``AUTH PLAIN`` (aiosmtpd alone answered 504 5.5.4)."""
+    code, text = await auth_from(world, "127.0.0.1", SEC, PASSWORD)
+    assert code == 235, text
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=world.port("submissions"), use_tls=True,
+                           tls_context=world.client_context(), timeout=30)
+    await smtp.connect()
+    try:
+        await smtp.ehlo()
+        assert await cmd(smtp, plain(SEC, PASSWORD).replace("AUTH PLAIN", "AUTH pLaIn")) == (
+            235, "2.7.0 Authentication successful")
+    finally:
+        await smtp.quit()

@@ -53,6 +53,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import read_session_factory
 from gateway.audit.models import AuditRecord
+from gateway.audit.trail import check_chain
+from gateway.audit.watch import watch_for
 from gateway.durable import fsync_dir, write_durably
 
 log = logging.getLogger("mssgw.audit")
@@ -176,6 +178,7 @@ class Sealer:
         bind = factory.kw.get("bind")
         # Reads only: on SQLite a read-only session never waits for (nor holds) the write lock.
         self._reader = read_session_factory(bind) if isinstance(bind, Engine) else factory
+        self._factory = factory
         self.path = path
         self._cert_path = cert_path
         self._key_path = key_path
@@ -230,48 +233,66 @@ class Sealer:
         (or, with ``force=False``, when no seal is due yet) or the trail is empty."""
         key, cert, fp = self._load_signer()
         with self._lock:
-            with self._reader() as session:
-                probe = session.execute(_LAST).first()
-            if probe is None or (not force and not self.due(int(probe[0]))):
-                return None
-            _private_dir(self.path.parent)
-            self._keep_signer_cert(cert, fp)
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            # Never a clean seal over a gap: this process's own last record must still be there
+            # (else a break record is written first), and breaks it saw are named in the seal.
+            check_chain(self._factory)
+            watch = watch_for(self._factory.kw["bind"]) if isinstance(self._factory.kw.get("bind"), Engine) else None
+            breaks = watch.take_breaks() if watch is not None else []
+            made: dict[str, Any] | None = None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # another process (mssgw audit seal) may be sealing
-                os.fchmod(fd, 0o600)
-                last = _last_line(fd)
-                previous: dict[str, Any] | None = None
-                if last is not None:
-                    with contextlib.suppress(ValueError):
-                        loaded = json.loads(last)
-                        previous = loaded if isinstance(loaded, dict) else None
-                with self._reader() as session:
-                    head = read_head(session, previous)
-                if head is None:
-                    return None
-                if previous and previous.get("head_seq") == head.head_seq and previous.get("head_hash") == head.head_hash:
-                    self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
-                    return None
-                fields: dict[str, Any] = {
-                    "v": SEAL_VERSION, "sealed_at": ts_text(datetime.now(UTC)),
-                    "head_seq": head.head_seq, "head_hash": head.head_hash, "head_ts": head.head_ts,
-                    "first_seq": head.first_seq, "count": head.count,
-                    "signer": fp, "prev": line_digest(last) if last is not None else GENESIS,
-                }  # fmt: skip
-                fields["sig"] = base64.b64encode(sign(key, canonical(fields))).decode("ascii")
-                line = json.dumps(fields, sort_keys=True, separators=(",", ":")) + "\n"
-                os.write(fd, line.encode("ascii"))
-                os.fsync(fd)
-                if created:  # the new file's name must survive a crash too
-                    fsync_dir(self.path.parent)
-            except OSError as exc:
-                raise SealError(f"cannot write the seal file {self.path}: {exc.strerror or exc}") from None
+                made = self._seal_locked(key, cert, fp, force=force or bool(breaks), breaks=breaks)
+                return made
             finally:
-                os.close(fd)  # also releases the flock
-            self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
-            return fields
+                if watch is not None and breaks and made is None:  # not sealed: the next seal names them
+                    watch.give_back(breaks)
+
+    def _seal_locked(self, key: Any, cert: x509.Certificate, fp: str, *, force: bool,
+                     breaks: list[dict[str, Any]]) -> dict[str, Any] | None:
+        with self._reader() as session:
+            probe = session.execute(_LAST).first()
+        if probe is None or (not force and not self.due(int(probe[0]))):
+            return None
+        _private_dir(self.path.parent)
+        self._keep_signer_cert(cert, fp)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another process (mssgw audit seal) may be sealing
+            os.fchmod(fd, 0o600)
+            last = _last_line(fd)
+            previous: dict[str, Any] | None = None
+            if last is not None:
+                with contextlib.suppress(ValueError):
+                    loaded = json.loads(last)
+                    previous = loaded if isinstance(loaded, dict) else None
+            with self._reader() as session:
+                head = read_head(session, previous)
+            if head is None:
+                return None
+            if (previous and previous.get("head_seq") == head.head_seq
+                    and previous.get("head_hash") == head.head_hash and not breaks):
+                self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
+                return None
+            fields: dict[str, Any] = {
+                "v": SEAL_VERSION, "sealed_at": ts_text(datetime.now(UTC)),
+                "head_seq": head.head_seq, "head_hash": head.head_hash, "head_ts": head.head_ts,
+                "first_seq": head.first_seq, "count": head.count,
+                "signer": fp, "prev": line_digest(last) if last is not None else GENESIS,
+            }  # fmt: skip
+            if breaks:  # what this process found deleted or changed since its previous seal
+                fields["breaks"] = breaks
+            fields["sig"] = base64.b64encode(sign(key, canonical(fields))).decode("ascii")
+            line = json.dumps(fields, sort_keys=True, separators=(",", ":")) + "\n"
+            os.write(fd, line.encode("ascii"))
+            os.fsync(fd)
+            if created:  # the new file's name must survive a crash too
+                fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise SealError(f"cannot write the seal file {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)  # also releases the flock
+        self._sealed_seq, self._sealed_at = head.head_seq, time.monotonic()
+        return fields
 
     async def run(self, executor: Any = None) -> None:
         """Seal periodically (the writer's companion task); a failure is logged and tried again."""

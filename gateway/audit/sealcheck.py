@@ -11,7 +11,11 @@ signature by a known operator certificate, and still match the records:
 - ``purged-early``: a sealed record is gone as if purged, but it is younger than
   ``audit.retention_days`` or no retention record covers it;
 - ``count``: the number of records up to the sealed head changed;
-- ``unlinked``, ``signature``, ``signer-unknown``, ``unreadable``: the seal line itself.
+- ``unlinked``, ``signature``, ``signer-unknown``, ``unreadable``: the seal line itself;
+- ``break``: a gateway found records it had written deleted or changed (the unsealed tail
+  cut back by the database owner) and said so, in an ``audit-chain-break`` record and in
+  its next seal's ``breaks``; the lost seqs are named. Seal 0 means a break record not
+  yet sealed. A break stays reported: it is the evidence.
 
 Records after the newest good seal are the unsealed tail: not an error, reported.
 A seal older than a legitimate purge is checked through the retention record (its
@@ -47,6 +51,7 @@ from gateway.audit.seal import (
     signature_holds,
     ts_text,
 )
+from gateway.audit.watch import BREAK_EVENT, describe
 
 _CHUNK = 500
 _REQUIRED = ("head_seq", "head_hash", "head_ts", "first_seq", "count", "signer", "prev", "sig", "sealed_at")
@@ -77,7 +82,8 @@ class SealReport:
             out.append("seals: none yet")
         elif self.ok:
             out.append(f"seals: {self.good} checked, all hold (sealed through seq {self.sealed_seq})")
-        out += [f"seal #{p.seal} BROKEN ({p.kind}): {p.message}" for p in self.problems[:limit]]
+        out += [f"seal #{p.seal} BROKEN ({p.kind}): {p.message}" if p.seal else
+                f"trail BROKEN ({p.kind}): {p.message}" for p in self.problems[:limit]]
         if len(self.problems) > limit:
             out.append(f"... and {len(self.problems) - limit} more broken seal(s)")
         if self.unsealed_tail:
@@ -220,6 +226,33 @@ def _check_against_records(session: Session, seals: Sequence[tuple[int, dict[str
         report.unsealed_tail = head.head_seq - report.sealed_seq
 
 
+def _check_breaks(session: Session, seals: Sequence[tuple[int, dict[str, Any]]], report: SealReport) -> None:
+    """Breaks a gateway recorded: named in a seal, or as an ``audit-chain-break`` record (once each)."""
+    seen: set[tuple[Any, Any, Any]] = set()
+
+    def add(ordinal: int, detail: Any) -> None:
+        if not isinstance(detail, dict):
+            detail = {}
+        key = (detail.get("lost_from"), detail.get("lost_through"), detail.get("expected_hash"))
+        if key in seen:
+            return
+        seen.add(key)
+        report.problems.append(SealProblem(ordinal, "break", describe(detail)))
+
+    for ordinal, s in seals:
+        for detail in s.get("breaks") or []:
+            add(ordinal, detail)
+    heads = sorted((int(s["head_seq"]), ordinal) for ordinal, s in seals)
+    for seq, raw in session.execute(select(AuditRecord.seq, AuditRecord.detail)
+                                    .where(AuditRecord.event == BREAK_EVENT).order_by(AuditRecord.seq)):
+        try:
+            detail = json.loads(raw or "{}")
+        except ValueError:
+            detail = {}
+        covering = next((ordinal for head_seq, ordinal in heads if head_seq >= int(seq)), 0)
+        add(covering, detail)
+
+
 def check_seals(session: Session, path: Path, *, current_cert: Path, retention: timedelta,
                 now: datetime | None = None, lines: Sequence[str] | None = None) -> SealReport:
     """Check every seal of ``path`` (or its ``lines``, read earlier) and the records against them.
@@ -240,6 +273,7 @@ def check_seals(session: Session, path: Path, *, current_cert: Path, retention: 
         if fields is not None:
             good.append((ordinal, fields))
     report.good = len(good)
+    _check_breaks(session, good, report)
     if good:
         report.sealed_seq = max(int(s["head_seq"]) for _, s in good)
         _check_against_records(session, good, report, retention=retention, now=now or datetime.now(UTC))

@@ -22,14 +22,18 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, Integer, Table, bindparam, delete, func, insert, or_, select, text
+from sqlalchemy import Connection, Engine, Integer, Table, bindparam, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from directory.db import read_session_factory
 from gateway.audit.models import AuditRecord
-from gateway.audit.seal import Sealer
 from gateway.audit.storable import storable, storable_with_detail
+from gateway.audit.watch import BREAK_EVENT, describe, inspect, stage, watch_for
+
+if TYPE_CHECKING:
+    from gateway.audit.seal import Sealer
 
 log = logging.getLogger("mssgw.audit")
 
@@ -104,11 +108,52 @@ def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
     """Append ``events`` in the caller's transaction (committed with it); returns their seq numbers.
 
     ``db`` is an ORM session (admin commands) or a bare connection (the queue's hot paths).
+    When this process's last record is no longer where it wrote it (``watch``), an
+    ``audit-chain-break`` record goes first: the gap is recorded, never chained over silently.
     """
     if not events:
         return []
+    return _append(db, list(events))
+
+
+def repair(db: Session | Connection) -> bool:
+    """Write an ``audit-chain-break`` record now if this process's last record is gone or changed
+    (read-back after a commit, and before a seal); True when one was written."""
+    return bool(_append(db, []))
+
+
+def check_chain(factory: sessionmaker[Session]) -> bool:
+    """Read-back: is this process's last record still there? One lookup by seq in a read-only
+    session; only when it is not, a write transaction records the break. True when one was written."""
+    bind = factory.kw.get("bind")
+    if not isinstance(bind, Engine):
+        return False
+    own = watch_for(bind).last
+    if own is None:
+        return False
+    with read_session_factory(bind)() as session:
+        if session.execute(select(AuditRecord.hash).where(AuditRecord.seq == own[0])).scalar() == own[1]:
+            return False
+    with factory() as session, session.begin():
+        return repair(session)
+
+
+def _break_event(found: dict[str, Any]) -> AuditEvent:
+    return AuditEvent(BREAK_EVENT, "fail", rule=BREAK_EVENT, detail=dict(found))
+
+
+def _append(db: Session | Connection, events: list[AuditEvent]) -> list[int]:
+    watch = watch_for(db)
+    if not events and watch.last is None:
+        return []
     _lock_chain(db)
     last = db.execute(_LAST).first()
+    found = inspect(db, watch, (int(last[0]), str(last[1])) if last else None)
+    if found is not None:
+        log.error("audit chain break: %s", describe(found))
+        events = [_break_event(found), *events]
+    elif not events:
+        return []
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     out: list[int] = []
     rows: list[dict[str, Any]] = []
@@ -135,6 +180,7 @@ def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
     if isinstance(db, Session):
         db.flush()  # ORM changes of the caller's transaction first, then one bulk insert
     db.execute(_INSERT, rows)
+    stage(db, watch, seq, prev, found)
     return out
 
 
@@ -339,12 +385,17 @@ class AuditWriter:
         return events
 
     def write_now(self, events: Iterable[AuditEvent]) -> None:
-        """Synchronous append in its own transaction (for callers outside the event loop)."""
+        """Synchronous append in its own transaction (for callers outside the event loop), then
+        the read-back: a trigger deleting rows as they are inserted is caught at once."""
         if self._sink is not None:
             self._sink(list(events))
-            return
-        with self._factory() as session, session.begin():
-            append(session, list(events))
+        else:
+            with self._factory() as session, session.begin():
+                append(session, list(events))
+        try:
+            check_chain(self._factory)
+        except Exception as exc:  # the records are committed; the next append or seal checks again
+            log.error("audit read-back failed error=%s", type(exc).__name__)
 
     async def _write(self, batch: list[AuditEvent]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.write_now, batch)

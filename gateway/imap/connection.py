@@ -33,6 +33,7 @@ the lot on the event loop. Here, per command (``limits`` names the bounds):
 * **A client gone mid-command**: the answer to a command that finishes after the
   client reset the connection is dropped quietly (a debug line), not a traceback.
 * **SEARCH** waits for its turn (``search.SearchGate``) before it reaches the pool.
+* **FETCH** loads each message off the loop, in turns (``fetch.ParseGate``, via the session).
 * **Storage races and disk errors** (two sessions creating or renaming one
   folder) answer ``NO`` with an RFC 5530 code, not a dropped connection.
 

@@ -41,6 +41,8 @@ from pymap.parsing.specials import SearchKey
 from pymap.search import SearchCriteriaSet, SearchParams
 from pymap.selected import SelectedMailbox
 
+from gateway.imap.fetch import GatedMessage
+
 __all__ = [
     "SEARCH_CONCURRENCY",
     "SEARCH_PARSE_BYTES",
@@ -159,7 +161,21 @@ class _LazyLoaded:
         return getattr(self.full(), name)
 
 
-class BoundedSearchSession(MaildirSession):
+class _FetchGated(MaildirSession):
+    """FETCH loads each message through ``fetch.GatedMessage`` (off the loop, in turns)."""
+
+    async def fetch_messages(
+        self, selected: SelectedMailbox, sequence_set: Any, set_seen: bool
+    ) -> tuple[Iterable[tuple[int, Message]], SelectedMailbox]:
+        messages, updated = await super().fetch_messages(selected, sequence_set, set_seen)
+        gate = getattr(self.config, "parse_gate", None)
+        if gate is None:
+            return messages, updated
+        gated: Any = [(seq, GatedMessage(msg, gate, str(self.owner))) for seq, msg in messages]
+        return gated, updated
+
+
+class BoundedSearchSession(_FetchGated):
     """pymap's Maildir session whose SEARCH reads only what its keys need, within a budget."""
 
     async def search_mailbox(

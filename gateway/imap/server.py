@@ -95,6 +95,7 @@ from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.delivery.maildir import DeliveryError, MaildirDelivery
 from gateway.imap.connection import IDLE_POLL_SECONDS, Connection, SessionState
+from gateway.imap.fetch import ParseGate
 from gateway.imap.limits import MAX_LINE, install_parser_guards
 from gateway.imap.search import BoundedSearchSession, SearchGate
 from gateway.imap.storage import RawMailboxSet, RawMaildir, SafeLayout, write_metadata_beside_target
@@ -128,6 +129,7 @@ class _Config(MaildirConfig):
     """pymap settings: PLAIN only, and only once TLS is up; the service's turns for SEARCH."""
 
     search_gate: SearchGate | None = None
+    parse_gate: ParseGate | None = None
 
     @property
     def tls_auth(self) -> SASLAuth:
@@ -353,6 +355,7 @@ async def start_imap(
     executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="imap-io")
     config = _make_config(settings, tls, executor)
     config.search_gate = SearchGate()
+    config.parse_gate = ParseGate()
     delivery = MaildirDelivery(settings.mail_dir)
     login = _DirectoryLogin(config, authenticator, delivery, asyncio.get_running_loop())
     service = ImapService(_executor=executor)

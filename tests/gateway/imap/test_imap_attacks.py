@@ -13,6 +13,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import socket
 import ssl
 import stat
@@ -805,3 +806,65 @@ async def test_synchronizing_literal_after_overlong_line_is_not_invited(imap: Im
         answer = await asyncio.wait_for(until_tagged(reader, b"a1"), WAIT)
         assert answer == [answer[-1]] and answer[-1].startswith(b"a1 BAD"), answer
         assert (await command(streams, b"n", b"NOOP"))[-1].startswith(b"n OK")
+
+
+# --- 1 (round 2). FETCH of large messages does not freeze the service --------------------
+
+
+def _big_multipart(n: int, size: int) -> bytes:
+    """A multipart message with a ``size``-byte base64 attachment, as finding 202 APPENDs."""
+    head = (f"From: labo{n}@b.mssante.test\r\nTo: {ALICE}\r\nSubject: big {n}\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=BB\r\n\r\n--BB\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+            "--BB\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n").encode()
+    return head + (b"A" * 76 + b"\r\n") * (size // 78) + b"--BB--\r\n"
+
+
+async def _read_through(reader: asyncio.StreamReader, tag: bytes) -> bytes:
+    """Everything up to the tagged answer, read in large chunks (a line at a time would hog the loop)."""
+    data = bytearray()
+    while not re.search(rb"(?:^|\r\n)" + tag + rb" [^\r\n]*\r\n$", data[-300:]):
+        chunk = await reader.read(1 << 20)
+        if not chunk:
+            raise EOFError(bytes(data[-200:]))
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.timeout(300)
+async def test_parallel_fetch_of_large_messages_does_not_stall_the_service(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 2, finding 202: FETCH BODYSTRUCTURE (or BODY.PEEK[], HEADER.FIELDS, BODY[2]) of 40 MB
+    messages parsed them on the event loop and froze every banner for seconds. Speed is not asserted."""
+    for user in (ALICE, BOB):
+        imap.delivery.ensure_folders(user)
+        cur = imap.delivery.mailbox_path(user) / "cur"
+        for n in range(3):
+            (cur / f"{1_700_000_000 + n}.M{n}P1Q{n}.test:2,S").write_bytes(_big_multipart(n, 20_000_000))
+    items = [b"FETCH 1:* (BODYSTRUCTURE)", b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])",
+             b"FETCH 1:* (BODY.PEEK[2]<0.100>)", b"FETCH 1:* (BODY.PEEK[])"]
+
+    async def fetcher(n: int, ready: asyncio.Event) -> bytes:
+        async with logged_in(imap, ALICE if n % 2 else BOB) as streams:
+            assert (await command(streams, b"s0", b"SELECT INBOX"))[-1].startswith(b"s0 OK")
+            ready.set()
+            streams[1].write(b"f1 " + items[n % len(items)] + b"\r\n")
+            data = await asyncio.wait_for(_read_through(streams[0], b"f1"), 240)
+            assert data.count(b" FETCH (") == 3, data[:200]
+            return data[data.rindex(b"\r\nf1 ") + 2:]
+
+    ready = [asyncio.Event() for _ in range(6)]
+    fetches = [asyncio.create_task(fetcher(n, ev)) for n, ev in enumerate(ready)]
+    await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in ready)), 60)
+    probes, worst = 0, 0.0
+    loop = asyncio.get_running_loop()
+    while not all(t.done() for t in fetches):
+        start = loop.time()
+        await asyncio.wait_for(assert_loop_responsive(imap), 3.0)  # a hang fails; 3 s is generous
+        worst = max(worst, loop.time() - start)
+        probes += 1
+    answers = await asyncio.wait_for(asyncio.gather(*fetches), 240)
+    print(f"probes={probes} worst greeting+NOOP={worst:.2f}s")
+    assert probes >= 1
+    assert all(a.startswith(b"f1 OK") for a in answers), answers
+    assert_no_traceback(caplog)

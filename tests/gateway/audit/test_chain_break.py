@@ -23,7 +23,7 @@ from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli.main import cli
-from directory.db import make_engine, session_factory
+from directory.db import make_engine, session_factory, write_connection
 from gateway.audit.models import AuditRecord
 from gateway.audit.seal import Sealer, seals_path
 from gateway.audit.trail import AuditEvent, AuditWriter, append, purge
@@ -207,3 +207,21 @@ async def test_a_rollback_or_a_purge_is_no_break(operator_home: Path, engine: En
     assert breaks(owner) == []
     code, out = run(operator_home, "audit", "verify")
     assert code == 0, out
+
+
+def test_the_queue_path_on_a_bare_connection_is_watched_too(operator_home: Path, engine: Engine,
+                                                             owner: sessionmaker[Session]) -> None:
+    """The gateway's records ride in the queue's group commits (``append`` on a Core connection)."""
+    factory = session_factory(engine)
+    with write_connection(factory) as conn:
+        append(conn, [guess(i) for i in range(2)])
+    with pytest.raises(RuntimeError), write_connection(factory) as conn:  # rolled back: not remembered
+        append(conn, [guess(9)])
+        raise RuntimeError("the group commit fails")
+    with owner() as db, db.begin():
+        db.execute(delete(AuditRecord).where(AuditRecord.seq == 2))
+    with write_connection(factory) as conn:
+        assert append(conn, [guess(3)]) == [2, 3]  # the break record first, then the event
+    assert [(b["found"], b["lost_from"], b["lost_through"]) for b in breaks(owner)] == [("head-below", 2, 2)]
+    code, out = run(operator_home, "audit", "verify")
+    assert code == 1 and "trail BROKEN (break): record seq 2 written by the gateway was deleted" in out

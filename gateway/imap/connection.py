@@ -32,6 +32,8 @@ the lot on the event loop. Here, per command (``limits`` names the bounds):
   ``* BYE`` (RFC 3501 7.1.5) once the answer is written; it is written here before closing.
 * **A client gone mid-command**: the answer to a command that finishes after the
   client reset the connection is dropped quietly (a debug line), not a traceback.
+* **APPEND memory**: every APPEND literal is counted in the service-wide budget of
+  ``appendmem`` before it is read (``NO [LIMIT]`` before the ``+``, or a bounded wait).
 * **SEARCH** waits for its turn (``search.SearchGate``) before it reaches the pool.
 * **FETCH** loads each message off the loop, in turns (``fetch.ParseGate``, via the session).
 * **Storage races and disk errors** (two sessions creating or renaming one
@@ -101,6 +103,7 @@ _TAG = re.compile(rb"[\x21\x23\x24\x26\x27\x2C-\x5B\x5D-\x7A\x7C\x7E]{1,64}(?= )
 _APPEND = re.compile(rb"[^ ]+ +APPEND ", re.IGNORECASE)
 _LITERAL_PLUS = re.compile(rb"~?\{(\d+)\+\}\r?\n$")
 _TOOBIG = ResponseCode.of(b"TOOBIG")
+_LIMIT = ResponseCode.of(b"LIMIT")
 _TAIL = 32  # bytes of an overlong line kept to find the literal it announces
 _SKIP_CHUNK = 64 * 1024  # bytes read at a time from a literal being skipped
 
@@ -272,10 +275,14 @@ class Connection(IMAPConnection):
         self._connected_at = time.monotonic()
         self._last_written: Response | None = None
         self._last_was_terminal = False
+        self._append_held = 0  # APPEND literal bytes counted in ``appendmem`` for the current command
 
     async def run(self, state: ConnectionState) -> None:
         self._state = state
-        await super().run(state)
+        try:
+            await super().run(state)
+        finally:
+            self._release_append()
         last = self._last_written
         if last is not None and last.is_terminal and not self._last_was_terminal and not self._said_bye:
             # pymap's bad-command limit added its BYE after writing the tagged BAD.
@@ -302,6 +309,23 @@ class Connection(IMAPConnection):
             await super().write_response(resp)
         except (RuntimeError, OSError):
             _log.debug("imap answer dropped: client gone")
+
+    async def _hold_append(self, size: int, *, synchronizing: bool) -> None:
+        """Count an APPEND literal in the service's memory budget before reading it (``appendmem``)."""
+        memory = getattr(self.config, "append_memory", None)
+        if memory is None or not size:
+            return
+        fits = memory.try_take(size) if synchronizing else await memory.take(size)
+        if not fits:
+            raise _Refusal(b"Too many messages being received; try again later.", _LIMIT,
+                           close=not synchronizing, no=synchronizing)
+        self._append_held += size
+
+    def _release_append(self) -> None:
+        memory = getattr(self.config, "append_memory", None)
+        if memory is not None and self._append_held:
+            memory.give(self._append_held)
+        self._append_held = 0
 
     def _new_budget(self) -> _Budget:
         authenticated = isinstance(self._state, SessionState) and self._state.authenticated
@@ -389,6 +413,8 @@ class Connection(IMAPConnection):
                 raise _Refusal(b"Literal too large.", _TOOBIG, close=True)
             length = int(match.group(1))
             self._budget.literal(length, synchronizing=False)
+            if self._budget.append:
+                await self._hold_append(length, synchronizing=False)
             buf += await self._timed(self.reader.readexactly(length))
             buf += await self._piece()
 
@@ -397,6 +423,7 @@ class Connection(IMAPConnection):
         return memoryview(literal + bytes(await self.readline()))
 
     async def read_command(self, state: ConnectionState) -> Command:
+        self._release_append()  # the previous command has been answered
         self._budget = self._new_budget()
         self._head = None
         try:
@@ -419,6 +446,8 @@ class Connection(IMAPConnection):
                 if not isinstance(expected, ExpectContinuation):
                     raise _Refusal(b"Invalid command.") from None
                 self._budget.literal(expected.literal_length, synchronizing=True)
+                if self._budget.append:
+                    await self._hold_append(expected.literal_length, synchronizing=True)
                 await self.write_response(ResponseContinuation(expected.message))
                 conts.append(await self.read_continuation(expected.literal_length))
             except Exception as exc:  # pymap's parser raised something other than NotParseable

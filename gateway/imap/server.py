@@ -94,6 +94,7 @@ from directory.identifiers import InvalidIdentifier, normalise_address
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.delivery.maildir import DeliveryError, MaildirDelivery
+from gateway.imap.appendmem import AppendMemory
 from gateway.imap.connection import IDLE_POLL_SECONDS, Connection, SessionState
 from gateway.imap.fetch import ParseGate
 from gateway.imap.limits import MAX_LINE, install_parser_guards
@@ -130,6 +131,7 @@ class _Config(MaildirConfig):
 
     search_gate: SearchGate | None = None
     parse_gate: ParseGate | None = None
+    append_memory: AppendMemory | None = None
 
     @property
     def tls_auth(self) -> SASLAuth:
@@ -356,6 +358,7 @@ async def start_imap(
     config = _make_config(settings, tls, executor)
     config.search_gate = SearchGate()
     config.parse_gate = ParseGate()
+    config.append_memory = AppendMemory()
     delivery = MaildirDelivery(settings.mail_dir)
     login = _DirectoryLogin(config, authenticator, delivery, asyncio.get_running_loop())
     service = ImapService(_executor=executor)

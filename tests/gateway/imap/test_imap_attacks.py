@@ -31,7 +31,7 @@ from gateway.audit.trail import AuditWriter
 from gateway.auth import Authenticator
 from gateway.config import load_settings
 from gateway.delivery.maildir import MaildirDelivery
-from gateway.imap import connection, limits, search
+from gateway.imap import appendmem, connection, limits, search
 from gateway.imap.server import start_imap
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -867,4 +867,87 @@ async def test_parallel_fetch_of_large_messages_does_not_stall_the_service(
     print(f"probes={probes} worst greeting+NOOP={worst:.2f}s")
     assert probes >= 1
     assert all(a.startswith(b"f1 OK") for a in answers), answers
+    assert_no_traceback(caplog)
+
+
+# --- 4 (round 2). APPEND literals held in memory are bounded service-wide ------------------
+
+SMALL_BUDGET = 1024 * 1024
+
+
+@pytest.fixture
+def small_append_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(appendmem, "APPEND_MEMORY_MAX", SMALL_BUDGET)
+
+
+def _message(size: int) -> bytes:
+    head = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: memory\r\n\r\n".encode()
+    return head + b"x" * (size - len(head) - 2) + b"\r\n"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("small_append_memory")
+async def test_synchronizing_append_beyond_memory_budget_gets_no_limit_before_continuation(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 2, finding 204: parallel APPENDs each under APPENDLIMIT added 396 MB together."""
+    msg = _message(700_000)
+    async with logged_in(imap) as first, logged_in(imap) as second:
+        first[1].write(b"a1 APPEND INBOX {%d}\r\n" % len(msg))
+        assert (await asyncio.wait_for(first[0].readline(), WAIT)).startswith(b"+")  # 700 kB counted
+        refused_now = await command(second, b"b1", b"APPEND INBOX {%d}" % len(msg))
+        assert refused_now == [refused_now[-1]] and refused_now[-1].startswith(b"b1 NO [LIMIT]"), refused_now
+        assert (await command(second, b"n", b"NOOP"))[-1].startswith(b"n OK")
+        first[1].write(msg + b"\r\n")
+        assert (await asyncio.wait_for(until_tagged(first[0], b"a1"), WAIT))[-1].startswith(b"a1 OK")
+        assert (await command(first, b"n", b"NOOP"))[-1].startswith(b"n OK")  # answered: room given back
+        second[1].write(b"b2 APPEND INBOX {%d}\r\n" % len(msg))
+        assert (await asyncio.wait_for(second[0].readline(), WAIT)).startswith(b"+")
+        second[1].write(msg + b"\r\n")
+        assert (await asyncio.wait_for(until_tagged(second[0], b"b2"), WAIT))[-1].startswith(b"b2 OK")
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("small_append_memory")
+async def test_non_synchronizing_append_waits_for_room_in_memory_budget(
+    imap: Imap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``{N+}`` literal that does not fit yet waits (on the loop) until another APPEND is answered."""
+    msg = _message(700_000)
+    async with logged_in(imap) as first, logged_in(imap) as second:
+        first[1].write(b"a1 APPEND INBOX {%d}\r\n" % len(msg))
+        assert (await asyncio.wait_for(first[0].readline(), WAIT)).startswith(b"+")
+        second[1].write(b"b1 APPEND INBOX {%d+}\r\n" % len(msg) + msg + b"\r\n")
+        waiting = asyncio.create_task(until_tagged(second[0], b"b1"))
+        first[1].write(msg + b"\r\n")
+        assert (await asyncio.wait_for(until_tagged(first[0], b"a1"), WAIT))[-1].startswith(b"a1 OK")
+        assert (await asyncio.wait_for(waiting, WAIT))[-1].startswith(b"b1 OK")
+        status = await command(second, b"s", b"STATUS INBOX (MESSAGES)")
+        assert b"MESSAGES 2" in b"".join(status), status
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("small_append_memory")
+@pytest.mark.parametrize("held", [False, True], ids=["beyond-budget", "no-room-in-time"])
+async def test_non_synchronizing_append_without_room_gets_bad_and_bye(
+    imap: Imap, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, held: bool
+) -> None:
+    """Beyond the whole budget, or no room within the wait: BAD [LIMIT] + BYE; the literal never runs."""
+    monkeypatch.setattr(appendmem, "APPEND_MEMORY_WAIT", 0.2)
+    literal = b"z1 CREATE Injected\r\n" * (30_000 if held else 60_000)
+    async with logged_in(imap) as first, logged_in(imap) as second:
+        if held:
+            first[1].write(b"a1 APPEND INBOX {700000}\r\n")
+            assert (await asyncio.wait_for(first[0].readline(), WAIT)).startswith(b"+")
+        # Only the literal's start: the rest would still be unread when the server closes (a reset).
+        second[1].write(b"b1 APPEND INBOX {%d+}\r\n" % len(literal) + literal[:4000])
+        answer = await asyncio.wait_for(_tagged_or_closed(second[0], b"b1"), WAIT)
+        assert answer[-1].startswith(b"b1 BAD [LIMIT]"), answer
+        rest = await asyncio.wait_for(second[0].read(), WAIT)
+        assert rest.startswith(b"* BYE") and b"z1 " not in rest, rest[:200]
+    async with logged_in(imap) as third:
+        listed = await command(third, b"l", b'LIST "" "*"')
+        assert not any(b"Injected" in line for line in listed), listed
     assert_no_traceback(caplog)

@@ -53,7 +53,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import read_session_factory
 from gateway.audit.models import AuditRecord
-from gateway.audit.trail import check_chain
+from gateway.audit.trail import check_chain, read_only
 from gateway.audit.watch import watch_for
 from gateway.durable import fsync_dir, write_durably
 
@@ -179,6 +179,7 @@ class Sealer:
         # Reads only: on SQLite a read-only session never waits for (nor holds) the write lock.
         self._reader = read_session_factory(bind) if isinstance(bind, Engine) else factory
         self._factory = factory
+        self._readback = read_only(bind) if isinstance(bind, Engine) else None
         self.path = path
         self._cert_path = cert_path
         self._key_path = key_path
@@ -235,7 +236,7 @@ class Sealer:
         with self._lock:
             # Never a clean seal over a gap: this process's own last record must still be there
             # (else a break record is written first), and breaks it saw are named in the seal.
-            check_chain(self._factory)
+            check_chain(self._factory, self._readback)
             watch = watch_for(self._factory.kw["bind"]) if isinstance(self._factory.kw.get("bind"), Engine) else None
             breaks = watch.take_breaks() if watch is not None else []
             made: dict[str, Any] | None = None

@@ -123,23 +123,28 @@ def repair(db: Session | Connection) -> bool:
     return bool(_append(db, []))
 
 
-def check_chain(factory: sessionmaker[Session]) -> bool:
-    """Read-back: is this process's last record still there? One lookup by seq in a read-only
-    session; only when it is not, a write transaction records the break. True when one was written."""
+def check_chain(factory: sessionmaker[Session], reader: Engine | None = None) -> bool:
+    """Read-back: is this process's last record still there? One lookup by seq on a read-only
+    connection (``reader``: made once by a frequent caller, it is not cheap); only when it is
+    not, a write transaction records the break. True when one was written."""
     bind = factory.kw.get("bind")
     if not isinstance(bind, Engine):
         return False
-    watch = watch_for(bind)
-    own = watch.last
+    own = watch_for(bind).last
     if own is None:
         return False
-    if watch.reader is None:
-        watch.reader = bind.execution_options(**{READ_ONLY_OPTION: True})
-    with watch.reader.connect() as conn:  # a bare connection: a third of a Session's cost
+    if reader is None:
+        reader = read_only(bind)
+    with reader.connect() as conn:  # a bare connection: a third of a Session's cost
         if conn.execute(_HASH_AT, {"seq": own[0]}).scalar() == own[1]:
             return False
     with factory() as session, session.begin():
         return repair(session)
+
+
+def read_only(bind: Engine) -> Engine:
+    """The read-back's engine: same pool, never the SQLite write lock."""
+    return bind.execution_options(**{READ_ONLY_OPTION: True})
 
 
 def _break_event(found: dict[str, Any]) -> AuditEvent:
@@ -330,6 +335,8 @@ class AuditWriter:
                  sink: Callable[[Sequence[AuditEvent]], None] | None = None, linger: float = 0.05,
                  sealer: Sealer | None = None, retry_delay: float = 1.0, close_timeout: float = 10.0) -> None:
         self._factory = factory
+        bind = factory.kw.get("bind")
+        self._readback = read_only(bind) if isinstance(bind, Engine) else None
         self._max_batch = max_batch
         # Events wait up to ``linger`` seconds for others: one write transaction per burst
         # (an SMTP transaction submits several) rather than one per event.  Nothing is
@@ -397,7 +404,7 @@ class AuditWriter:
             with self._factory() as session, session.begin():
                 append(session, list(events))
         try:
-            check_chain(self._factory)
+            check_chain(self._factory, self._readback)
         except Exception as exc:  # the records are committed; the next append or seal checks again
             log.error("audit read-back failed error=%s", type(exc).__name__)
 

@@ -39,7 +39,6 @@ class ChainWatch:
     last: tuple[int, str] | None = None
     breaks: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    reader: Engine | None = None  # read-only engine for the read-back (made once: it is not cheap)
 
     def confirm(self, seq: int, digest: str, found: dict[str, Any] | None) -> None:
         with self.lock:  # commits of this process come in chain order (the chain lock is held until then)

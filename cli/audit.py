@@ -3,7 +3,8 @@
 ``list`` filters by time (ISO 8601 or relative: ``30m``, ``2h``, ``7d``), address,
 event and count; ``verify`` walks the chain and checks it against the signed seals
 of ``audit/seals.jsonl``, exits 0 when both hold, 1 when broken (naming the first
-sequence number that does not fit, or the seal broken and how); ``seal`` seals the
+sequence number that does not fit, or the seal broken and how, including a ``break``:
+records the gateway wrote and later found deleted or changed); ``seal`` seals the
 current head now (``mssgw serve`` seals periodically and at shutdown); ``purge``
 applies ``audit.retention_days`` (``mssgw serve`` also runs it daily). Records hold
 envelopes, identities and rules, never message content.

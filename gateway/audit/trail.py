@@ -6,6 +6,12 @@ the chain at that point, which ``verify`` reports. Retention removes a prefix of
 the chain and appends a ``retention`` record naming the last removed sequence
 number and hash, so a verified chain may start after 1 only with that proof.
 
+The chain alone cannot see records cut from its tail. The writing process
+therefore checks that its own last record is still in place before each append,
+after each batch and before each seal (``gateway/audit/watch.py``); when it is not,
+an ``audit-chain-break`` record (expected seq and hash, what was found; no content)
+is linked to the current head and the next seal names the break.
+
 Records hold envelopes, identities, rules and outcomes, never bodies, subjects
 or attachment names. Appends are serialised: SQLite's write lock (BEGIN
 IMMEDIATE), PostgreSQL's transaction-level advisory lock.

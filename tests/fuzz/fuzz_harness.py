@@ -112,7 +112,9 @@ class Stats:
             bucket.append(finding)
 
     def count(self, protocol: str) -> int:
-        return sum(n for k, n in self.sessions.items() if k.startswith(protocol))
+        """Sessions of ``protocol`` that were played (not those skipped as wedged or avoided)."""
+        return sum(n for k, n in self.sessions.items()
+                   if k.startswith(protocol) and not k.endswith(("-skipped-wedged", "-avoided")))
 
     def report(self) -> str:
         def fmt(c: Counter[str]) -> str:

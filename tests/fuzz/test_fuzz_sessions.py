@@ -51,8 +51,8 @@ RSS_GROWTH_KIB = 300 * 1024
 #: FETCH 1:* and SEARCH take turns per account by design (gateway/imap/fetch.py, search.py), so
 #: its own sessions may wait on each other for tens of seconds. Other accounts may not: the
 #: legitimate client below must be served within 1 s.
-STEP_TIMEOUT = 60.0
-SESSION_TIMEOUT = 180.0
+STEP_TIMEOUT = 120.0
+SESSION_TIMEOUT = 300.0
 
 
 def seed() -> int:

@@ -860,7 +860,7 @@ async def test_parallel_fetch_of_large_messages_does_not_stall_the_service(
     loop = asyncio.get_running_loop()
     while not all(t.done() for t in fetches):
         start = loop.time()
-        await asyncio.wait_for(assert_loop_responsive(imap), 3.0)  # a hang fails; 3 s is generous
+        await asyncio.wait_for(assert_loop_responsive(imap), 10.0)  # a freeze fails (was 16-40 s); 10 s is generous
         worst = max(worst, loop.time() - start)
         probes += 1
     answers = await asyncio.wait_for(asyncio.gather(*fetches), 240)

@@ -4,7 +4,11 @@ The job: the OpenPGP counterpart of smime.py for peers that use PGP.  `protect` 
 original message as message/rfc822, signs and encrypts it in one OpenPGP message (RFC 3156 §6.2,
 combined method; RFC 4880/9580 packets produced by gpg) and puts it in multipart/encrypted
 (RFC 3156 §4, RFC 1847 §2.2).  `open` decrypts and verifies with our keyring and checks that a
-user ID of the signing key carries the inner From address.
+user ID of the signing key carries the From address.  It reads PGP/MIME as mail clients write it:
+§6.2 (signed and encrypted in one OpenPGP message) and §6.1 (multipart/signed inside the
+encryption), around a message/rfc822 wrapper or a plain MIME body; with a plain body, the outer
+header gives the From (and the rest of the header) unless the protected entity carries its own
+(Thunderbird's protected headers).
 
 Trust: the keyring under `home` (mode 0700) is curated by the operator's administrators from
 the directory, so "key present in our keyring, not revoked or expired" is the trust decision;
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from email.utils import getaddresses
 from pathlib import Path
@@ -150,7 +155,13 @@ class OpenPgp:
         )  # fmt: skip
 
     def open(self, data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> tuple[bytes | None, SecurityResult]:
-        """Decrypt and verify a PGP/MIME message; (inner message or None, result)."""
+        """Decrypt and verify a PGP/MIME message; (inner message or None, result).
+
+        Both signed-and-encrypted forms of RFC 3156 §6 are read: §6.2 (one OpenPGP message that
+        is signed and encrypted, what `gpg --sign --encrypt`, Enigmail and Thunderbird send) and
+        §6.1 (a multipart/signed entity, RFC 3156 §5, inside the encryption).  The protected
+        entity may be a message/rfc822 wrapper (ours) or a plain MIME body (mail clients); see
+        `_compose` for how the delivered message is rebuilt from it."""
         result = SecurityResult(method="pgp")
         if len(data) > max_size:
             return None, result.with_failure(
@@ -181,21 +192,54 @@ class OpenPgp:
             status = str(dec.status or "")
             code = "malformed-cms" if "no data" in status or not status else "decrypt-failed"
             return None, result.with_failure(code, f"gpg: {status or 'no OpenPGP data'}")
-        content = bytes(dec.data)
+        # RFC 3156 §5: signed data is canonical (CRLF); clients on Unix may encrypt LF-only text.
+        content = _mime.to_crlf(bytes(dec.data))
         result = result.evolve(encrypted=True, decrypted_ok=True, content_algorithm="openpgp")
-        inner = _unwrap(content)
-        from_addr = _mime.first_address(
-            _mime.header_value(_mime.parse_headers(_mime.split_entity(inner)[0]), "from")
-        )
+        signature: gnupg.Verify = dec
+        entity = content
+        if not _signature_seen(dec):
+            try:
+                detached = _detached_signature(content)
+            except ValueError as exc:
+                return None, result.with_failure(
+                    "malformed-cms", f"unparsable multipart/signed inside the encryption ({exc.__class__.__name__})"
+                )
+            if detached is not None:  # §6.1: multipart/signed inside multipart/encrypted
+                entity, sig_armored = detached
+                signature = self._verify_detached(entity, sig_armored)
+        try:
+            inner = _compose(entity, fields)
+            from_addr = _mime.first_address(
+                _mime.header_value(_mime.parse_headers(_mime.header_block(inner)), "from")
+            )
+        except ValueError as exc:
+            return None, result.with_failure(
+                "malformed-cms", f"unparsable decrypted entity ({exc.__class__.__name__})"
+            )
         result = result.evolve(from_address=from_addr)
-        problems = {str(p.get("status", "")) for p in getattr(dec, "problems", [])}
-        key_status = str(getattr(dec, "key_status", "") or "")
-        if not dec.valid and not problems and not key_status and not dec.signature_id:
+        if not _signature_seen(signature):
             return inner, result.with_failure("not-signed", "message is encrypted but not signed")
-        signer = str(dec.pubkey_fingerprint or dec.fingerprint or "") or None
-        if not dec.valid:
+        return self._judge(signature, inner, from_addr, result)
+
+    def _verify_detached(self, signed: bytes, sig_armored: bytes) -> gnupg.Verify:
+        """gpg --verify of a detached signature (RFC 3156 §5) over the exact bytes of the signed part."""
+        fd, path = tempfile.mkstemp(prefix="sig-", suffix=".asc", dir=self.home)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(sig_armored)
+            return self._gpg.verify_data(path, signed)
+        finally:
+            os.unlink(path)
+
+    def _judge(self, sig: gnupg.Verify, inner: bytes, from_addr: str | None,
+               result: SecurityResult) -> tuple[bytes | None, SecurityResult]:  # fmt: skip
+        """The verdict on a signature gpg has checked, and on the From it vouches for."""
+        problems = {str(p.get("status", "")) for p in sig.problems} & _SIGNATURE_PROBLEMS
+        key_status = str(sig.key_status or "")
+        signer = str(sig.pubkey_fingerprint or sig.fingerprint or "") or None
+        if not sig.valid:
             if "no public key" in problems:
-                return inner, result.with_failure("unknown-key", f"signing key {dec.key_id} is not in our keyring",
+                return inner, result.with_failure("unknown-key", f"signing key {sig.key_id} is not in our keyring",
                                                   signed=True)  # fmt: skip
             if "revoked" in key_status:
                 code = "revoked"
@@ -215,13 +259,75 @@ class OpenPgp:
         result = result.evolve(
             signed=True, signature_valid=True, chain_valid=True, trust_anchor="keyring", revoked=False,
             signer_fingerprint=signer, signer_email=emails[0] if emails else None, signer_emails=emails,
-            signer_subject=str(dec.username or "") or None, from_matches_signer=matches,
+            signer_subject=str(sig.username or "") or None, from_matches_signer=matches,
         )  # fmt: skip
         if not matches:
             result = result.with_failure(
                 "from-mismatch", f"From {from_addr or '(none)'} is not a user ID of the key"
             )
         return inner, result
+
+
+# Verification problems python-gnupg collects; NO_SECKEY ("no secret key") is not one of them:
+# gpg says it while decrypting, for every other recipient the message was encrypted to.
+_SIGNATURE_PROBLEMS = frozenset({"signature bad", "signature error", "signature expired", "no public key",
+                                 "signing key has expired", "signing key was revoked"})  # fmt: skip
+
+# Header fields describing the outer multipart/encrypted body, never carried over to the content.
+_MIME_FIELDS = ("content-", "mime-version")
+
+
+def _signature_seen(sig: gnupg.Verify) -> bool:
+    """Did gpg meet a signature at all (good, bad, or by a key it lacks)?"""
+    if sig.valid or sig.signature_id or sig.key_status:
+        return True
+    return any(str(p.get("status", "")) in _SIGNATURE_PROBLEMS for p in sig.problems)
+
+
+def _detached_signature(content: bytes) -> tuple[bytes, bytes] | None:
+    """(signed part, armored signature) when `content` is RFC 3156 §5 multipart/signed, else None.
+
+    The signed part is byte-exact: from the line after the first delimiter up to, not including,
+    the CRLF before the next one (RFC 1847 §2.1, RFC 2046 §5.1.1)."""
+    block, body = _mime.split_entity(content)
+    mtype, params = _mime.content_type(_mime.header_value(_mime.parse_headers(block), "content-type"))
+    if mtype != "multipart/signed" or params.get("protocol", "").lower() != "application/pgp-signature":
+        return None
+    parts = _mime.split_multipart(body, params.get("boundary", ""))
+    if len(parts) != 2:
+        raise _mime.MimeError(f"multipart/signed with {len(parts)} parts")
+    sig_block, sig_body = _mime.split_entity(parts[1])
+    sig_type, _ = _mime.content_type(_mime.header_value(_mime.parse_headers(sig_block), "content-type"))
+    if sig_type != "application/pgp-signature":
+        raise _mime.MimeError("second part of multipart/signed is not application/pgp-signature")
+    return parts[0], sig_body
+
+
+def _compose(entity: bytes, outer_fields: list[tuple[str, str, bytes]]) -> bytes:
+    """The message to deliver, from the protected entity and the outer (unprotected) header.
+
+    - message/rfc822 (our wrapper, RFC 3156 §6.2 over a whole message): the wrapped message.
+    - A plain MIME body (Enigmail, Thunderbird, `gpg` on a MIME part): the outer header fields
+      give From, To, Subject, Date, Message-ID...; fields the protected entity carries itself
+      (its Content-* fields, and Thunderbird's protected headers, `protected-headers="v1"`,
+      such as a signed From or the real Subject) replace the outer ones.
+
+    Only the outer From is unprotected here, and it is accepted only when it names a user ID of
+    the key that signed the content, exactly like a From carried inside."""
+    block, body = _mime.split_entity(entity)
+    fields = _mime.parse_headers(block)
+    mtype, _ = _mime.content_type(_mime.header_value(fields, "content-type"))
+    if mtype == "message/rfc822":
+        block, body = _mime.split_entity(body)
+        fields = _mime.parse_headers(block)
+        if _mime.header_value(fields, "from") is not None:
+            return _unwrap(entity)
+    own = {name for name, _, _ in fields}
+    carried = [raw for name, _, raw in outer_fields if not name.startswith(_MIME_FIELDS) and name not in own]
+    inner = [raw if raw.endswith(b"\n") else raw + b"\r\n" for _, _, raw in fields]
+    if "mime-version" not in own:
+        inner.insert(0, b"MIME-Version: 1.0\r\n")
+    return _mime.to_crlf(b"".join(carried) + b"".join(inner) + b"\r\n" + body)
 
 
 def _unwrap(content: bytes) -> bytes:

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from asn1crypto import cms as acms
 from asn1crypto import x509 as ax509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidKey, InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, keywrap
 from cryptography.hazmat.primitives import padding as sympadding
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway.crypto._mime import to_crlf
+from gateway.crypto.cms_keys import ECDH_KDF_SCHEMES, WRAP_KEY_BYTES, PrivateKey, gcm_decrypt, kari_kek
 
 __all__ = ["CmsError", "Decrypted", "SignatureInfo", "decrypt_enveloped", "verify_signed"]
 
@@ -45,6 +46,7 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 WEAK_DIGESTS = frozenset({"sha1", "md5", "md2", "md4"})
 _AES = {"aes128_cbc": 16, "aes192_cbc": 24, "aes256_cbc": 32}
+_AES_GCM = {"aes128_gcm": 16, "aes192_gcm": 24, "aes256_gcm": 32}
 
 
 class CmsError(ValueError):
@@ -142,46 +144,110 @@ def _oaep(params: acms.RSAESOAEPParams | None) -> padding.OAEP:
     return padding.OAEP(mgf=padding.MGF1(_HASHES[mgf_h]()), algorithm=_HASHES[h](), label=label)
 
 
-def decrypt_enveloped(der: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey) -> Decrypted:
-    """Decrypt an EnvelopedData addressed to `cert`.  All padding and key failures are reported
-    as one code, decrypt-failed, so that no padding oracle is exposed."""
+def _cek_ktri(ri: acms.KeyTransRecipientInfo, key: PrivateKey) -> tuple[bytes, str]:
+    """The content key of a KeyTransRecipientInfo (RFC 5652 §6.2.1, RFC 3560 §3)."""
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CmsError("wrong-recipient", "key transport recipient info, but our key is not RSA")
+    kt_alg = ri["key_encryption_algorithm"]["algorithm"].native
+    pad: padding.AsymmetricPadding
+    if kt_alg in ("rsa", "rsaes_pkcs1v15"):
+        pad, kt = padding.PKCS1v15(), "rsa-pkcs1v15"
+    elif kt_alg == "rsaes_oaep":
+        pad, kt = _oaep(ri["key_encryption_algorithm"]["parameters"]), "rsa-oaep"
+    else:
+        raise CmsError("decrypt-failed", f"unsupported key transport {kt_alg}")
+    return key.decrypt(ri["encrypted_key"].native, pad), kt
+
+
+def _cek_kari(ri: acms.KeyAgreeRecipientInfo, encrypted_key: bytes, key: PrivateKey) -> tuple[bytes, str]:
+    """The content key of a KeyAgreeRecipientInfo: ephemeral-static ECDH (RFC 5753 §3.1.2),
+    X9.63 KDF over ECC-CMS-SharedInfo, AES key unwrap (RFC 3394)."""
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CmsError("wrong-recipient", "key agreement recipient info, but our key is not EC")
+    scheme = ri["key_encryption_algorithm"]["algorithm"].dotted
+    kdf_hash = ECDH_KDF_SCHEMES.get(scheme)
+    if kdf_hash is None:
+        raise CmsError("decrypt-failed", f"unsupported key agreement scheme {scheme}")
+    wrap_der = ri["key_encryption_algorithm"]["parameters"].dump()
+    wrap = acms.KeyEncryptionAlgorithm.load(wrap_der)["algorithm"].native
+    if wrap not in WRAP_KEY_BYTES:
+        raise CmsError("decrypt-failed", f"unsupported key wrap {wrap}")
+    originator = ri["originator"]
+    if originator.name != "originator_key":
+        raise CmsError("decrypt-failed", "key agreement without an ephemeral originator key (static ECDH)")
+    point = originator.chosen["public_key"].native
+    if not isinstance(point, bytes):
+        raise ValueError("originator public key is not a point")
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, point)
+    shared = key.exchange(ec.ECDH(), peer)
+    ukm = ri["ukm"].native if ri["ukm"].native is not None else None
+    kek = kari_kek(shared, kdf_hash, wrap_der, WRAP_KEY_BYTES[wrap], ukm)
+    return keywrap.aes_key_unwrap(kek, encrypted_key), f"ecdh-{key.curve.name}"
+
+
+def _find_recipient(recipients: Sequence[acms.RecipientInfo], ids: _CertIds,
+                    key: PrivateKey) -> tuple[bytes, str] | None:  # fmt: skip
+    """Our content key and the key management used, or None if no recipient info is ours."""
+    for ri in recipients:
+        if ri.name == "ktri" and ids.matches(ri.chosen["rid"]):
+            return _cek_ktri(ri.chosen, key)
+        if ri.name == "kari":
+            for rek in ri.chosen["recipient_encrypted_keys"]:
+                rid = rek["rid"]
+                if rid.name == "r_key_id":
+                    rid = acms.RecipientIdentifier(
+                        name="subject_key_identifier", value=rid.chosen["subject_key_identifier"]
+                    )
+                if ids.matches(rid):
+                    return _cek_kari(ri.chosen, rek["encrypted_key"].native, key)
+    return None
+
+
+def decrypt_enveloped(der: bytes, cert: x509.Certificate, key: PrivateKey) -> Decrypted:
+    """Decrypt an EnvelopedData (RFC 5652 §6) or AuthEnvelopedData (RFC 5083) addressed to `cert`.
+
+    All padding, key-unwrap, tag and key failures are reported as one code, decrypt-failed, so
+    that no padding oracle is exposed."""
     ci = _load_content_info(der)
     ctype = ci["content_type"].native
-    if ctype != "enveloped_data":
+    if ctype not in ("enveloped_data", "authenticated_enveloped_data"):
         raise CmsError("malformed-cms" if ctype != "signed_data" else "not-encrypted",
                        f"expected enveloped-data, got {ctype}")  # fmt: skip
+    authenticated = ctype == "authenticated_enveloped_data"
     try:
         env = ci["content"]
-        eci = env["encrypted_content_info"]
+        eci = env["auth_encrypted_content_info" if authenticated else "encrypted_content_info"]
         alg = eci["content_encryption_algorithm"]
         alg_name = alg["algorithm"].native
         recipients = list(env["recipient_infos"])
     except (ValueError, TypeError, KeyError) as exc:
         raise CmsError("malformed-cms", f"unparsable enveloped-data ({exc.__class__.__name__})") from exc
-    if alg_name not in _AES:
-        raise CmsError("weak-cipher", f"content encryption {alg_name} is not accepted (AES-CBC required)")
-    ids = _recipient_ids(cert)
-    mine = None
-    for ri in recipients:
-        if ri.name == "ktri" and ids.matches(ri.chosen["rid"]):
-            mine = ri.chosen
-            break
-    if mine is None:
-        raise CmsError("wrong-recipient", f"no recipient info for {cert.subject.rfc4514_string()}")
-    kt_alg = mine["key_encryption_algorithm"]["algorithm"].native
-    pad: padding.AsymmetricPadding
-    if kt_alg in ("rsa", "rsaes_pkcs1v15"):
-        pad, kt = padding.PKCS1v15(), "rsa-pkcs1v15"
-    elif kt_alg == "rsaes_oaep":
-        pad, kt = _oaep(mine["key_encryption_algorithm"]["parameters"]), "rsa-oaep"
-    else:
-        raise CmsError("decrypt-failed", f"unsupported key transport {kt_alg}")
+    allowed = _AES_GCM if authenticated else _AES
+    if alg_name not in allowed:
+        wanted = "AES-GCM" if authenticated else "AES-CBC"
+        raise CmsError("weak-cipher", f"content encryption {alg_name} is not accepted ({wanted} required)")
     try:
-        cek = key.decrypt(mine["encrypted_key"].native, pad)
-        iv = alg["parameters"].native
+        found = _find_recipient(recipients, _recipient_ids(cert), key)
+    except CmsError:
+        raise
+    except (ValueError, TypeError, KeyError, InvalidKey, UnsupportedAlgorithm, keywrap.InvalidUnwrap) as exc:
+        raise CmsError("decrypt-failed", "content could not be decrypted with our key") from exc
+    if found is None:
+        raise CmsError("wrong-recipient", f"no recipient info for {cert.subject.rfc4514_string()}")
+    cek, kt = found
+    try:
         ciphertext = eci["encrypted_content"].native
-        if len(cek) != _AES[alg_name] or not isinstance(iv, bytes) or len(iv) != 16 or not ciphertext:
-            raise ValueError("bad key, IV or content length")
+        if len(cek) != allowed[alg_name] or not ciphertext:
+            raise ValueError("bad key or content length")
+        if authenticated:
+            attrs = env["auth_attrs"]
+            # RFC 5083 §2.2: the AAD is the DER of authAttrs with its SET OF tag, when present.
+            aad = b"\x31" + attrs.dump()[1:] if len(attrs) else b""
+            content = gcm_decrypt(cek, alg["parameters"].dump(), ciphertext, env["mac"].native, aad)
+            return Decrypted(content, f"aes-{allowed[alg_name] * 8}-gcm", kt)
+        iv = alg["parameters"].native
+        if not isinstance(iv, bytes) or len(iv) != 16:
+            raise ValueError("bad IV")
         dec = Cipher(algorithms.AES(cek), modes.CBC(iv)).decryptor()
         padded = dec.update(ciphertext) + dec.finalize()
         if len(padded) < 16:
@@ -191,9 +257,9 @@ def decrypt_enveloped(der: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey
         unpadder = sympadding.PKCS7(128).unpadder()
         last = unpadder.update(padded[-16:]) + unpadder.finalize()
         content = padded[: len(padded) - 16 + len(last)]
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError, InvalidTag) as exc:
         raise CmsError("decrypt-failed", "content could not be decrypted with our key") from exc
-    return Decrypted(content, f"aes-{_AES[alg_name] * 8}-cbc", kt)
+    return Decrypted(content, f"aes-{allowed[alg_name] * 8}-cbc", kt)
 
 
 def _certs(sd: acms.SignedData) -> list[tuple[_CertIds, x509.Certificate]]:
@@ -240,6 +306,10 @@ def _verify_raw(cert: x509.Certificate, si: acms.SignerInfo, signature: bytes, d
     if isinstance(pub, ec.EllipticCurvePublicKey) and algo == "ecdsa":
         pub.verify(signature, data, ec.ECDSA(_HASHES[hash_name]()))
         return "ecdsa"
+    if isinstance(pub, ed25519.Ed25519PublicKey) and algo == "ed25519":
+        # RFC 8419 §3.1: PureEdDSA over the signed attributes' DER (or the content without them).
+        pub.verify(signature, data)
+        return "ed25519"
     raise CmsError("bad-signed-attributes", f"unsupported signature algorithm {algo} for this key")
 
 

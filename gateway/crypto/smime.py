@@ -28,16 +28,24 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from email.utils import format_datetime, make_msgid
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from gateway.crypto import _mime
 from gateway.crypto.cms import CmsError, SignatureInfo, decrypt_enveloped, verify_signed
+from gateway.crypto.cms_keys import PrivateKey, encryption_problem, signing_problem
+from gateway.crypto.envelope import (
+    DEFAULT_CONTENT_ENCRYPTION,
+    ContentEncryption,
+    EnvelopeError,
+    RsaKeyTransport,
+    choose_content_encryption,
+    envelope,
+)
 from gateway.crypto.result import SecurityResult
 from gateway.crypto.trust import TrustStore, fingerprint
 from gateway.policy.limits import MAX_MESSAGE_BYTES
@@ -58,8 +66,13 @@ OUTER_COPIED_HEADERS = ("from", "sender", "to", "cc", "date", "message-id", "in-
 DEFAULT_OUTER_SUBJECT = "Message securise"
 
 _SIGN_OPTIONS = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
-_ENCRYPT_OPTIONS = [pkcs7.PKCS7Options.Binary]
+_OPAQUE_OPTIONS = [pkcs7.PKCS7Options.Binary]
+RsaSignature = Literal["pkcs1v15", "pss"]
+RSA_SIGNATURES: tuple[RsaSignature, ...] = ("pkcs1v15", "pss")
 _PKCS7_MIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+_ENVELOPED_TYPES = ("enveloped-data", "authenveloped-data")
+#: Nested S/MIME layers opened at most (triple wrapping is three).
+MAX_LAYERS = 4
 _PKCS7_SIG_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
 _BAD_HEADER = re.compile(r"[\r\n\x00]")
 
@@ -76,14 +89,32 @@ def _wrap_rfc822(message: bytes) -> bytes:
     return b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: " + cte + b"\r\n\r\n" + message
 
 
-def _signed_entity(entity: bytes, signer_cert: x509.Certificate, signer_key: rsa.RSAPrivateKey,
-                   extra_certs: Sequence[x509.Certificate]) -> bytes:  # fmt: skip
-    builder = (
-        pkcs7.PKCS7SignatureBuilder().set_data(entity).add_signer(signer_cert, signer_key, hashes.SHA256())
+def _signed_entity(entity: bytes, signer_cert: x509.Certificate, signer_key: PrivateKey,
+                   extra_certs: Sequence[x509.Certificate], rsa_signature: RsaSignature = "pkcs1v15",
+                   opaque: bool = False) -> bytes:  # fmt: skip
+    """multipart/signed (RFC 8551 §3.5.3) or, when `opaque`, application/pkcs7-mime signed-data
+    (§3.5.2).  RSA signs with PKCS#1 v1.5 or RSASSA-PSS (RFC 4056: SHA-256, MGF1-SHA-256, salt
+    of the digest's length); EC keys with ECDSA-SHA-256 (RFC 5753 §2.1)."""
+    problem = signing_problem(signer_cert, signer_key)
+    if problem is not None:
+        raise SmimeError(f"cannot sign with {signer_cert.subject.rfc4514_string()}: {problem}")
+    if rsa_signature not in RSA_SIGNATURES:
+        raise SmimeError(f"unknown RSA signature scheme {rsa_signature!r}")
+    pad: padding.PSS | None = None
+    if isinstance(signer_key, rsa.RSAPrivateKey) and rsa_signature == "pss":
+        pad = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+    builder = pkcs7.PKCS7SignatureBuilder().set_data(entity).add_signer(
+        signer_cert, signer_key, hashes.SHA256(), rsa_padding=pad
     )
     for c in extra_certs:
         builder = builder.add_certificate(c)
-    sig = builder.sign(serialization.Encoding.DER, _SIGN_OPTIONS)
+    sig = builder.sign(serialization.Encoding.DER, _SIGN_OPTIONS if not opaque else _OPAQUE_OPTIONS)
+    if opaque:
+        return (
+            b'Content-Type: application/pkcs7-mime; smime-type=signed-data; name="smime.p7m"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n"
+            b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n' + _mime.b64_lines(sig)
+        )
     boundary = _mime.new_boundary(entity)
     b = boundary.encode()
     return b"".join(
@@ -101,22 +132,22 @@ def _signed_entity(entity: bytes, signer_cert: x509.Certificate, signer_key: rsa
     )  # fmt: skip
 
 
-def _enveloped_entity(content: bytes, recipients: Sequence[x509.Certificate], headers: bytes = b"") -> bytes:
-    builder = (
-        pkcs7.PKCS7EnvelopeBuilder().set_data(content).set_content_encryption_algorithm(algorithms.AES256)
-    )
-    seen: set[bytes] = set()
-    for cert in recipients:
-        fp = cert.fingerprint(hashes.SHA256())
-        if fp not in seen:
-            seen.add(fp)
-            builder = builder.add_recipient(cert)
-    der = builder.encrypt(serialization.Encoding.DER, _ENCRYPT_OPTIONS)
+def _enveloped_entity(content: bytes, recipients: Sequence[x509.Certificate], headers: bytes = b"", *,
+                      content_encryption: ContentEncryption = DEFAULT_CONTENT_ENCRYPTION,
+                      rsa_key_transport: RsaKeyTransport = "pkcs1v15") -> bytes:  # fmt: skip
+    """application/pkcs7-mime with smime-type enveloped-data (CBC) or authEnveloped-data (GCM,
+    RFC 8551 §3.2.2), the cipher chosen by `choose_content_encryption`."""
+    chosen = choose_content_encryption(content_encryption, recipients)
+    try:
+        der = envelope(content, recipients, content_encryption=chosen, rsa_key_transport=rsa_key_transport)
+    except EnvelopeError as exc:
+        raise SmimeError(str(exc)) from None
+    smime_type = b"authEnveloped-data" if chosen.endswith("-gcm") else b"enveloped-data"
     # One join with the outer headers: the base64 body (1.37x the message) is copied once.
     return b"".join(
         (
             headers,
-            b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"\r\n'
+            b"Content-Type: application/pkcs7-mime; smime-type=" + smime_type + b'; name="smime.p7m"\r\n'
             b"Content-Transfer-Encoding: base64\r\n"
             b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n',
             _mime.b64_lines(der),
@@ -164,42 +195,56 @@ def protect(
     message_bytes: bytes,
     *,
     signer_cert: x509.Certificate,
-    signer_key: rsa.RSAPrivateKey,
+    signer_key: PrivateKey,
     recipient_certs: Sequence[x509.Certificate],
     extra_certs: Sequence[x509.Certificate] = (),
     encrypt_for_sender: bool = True,
     outer_subject: str = DEFAULT_OUTER_SUBJECT,
     outer_headers: Mapping[str, str] | None = None,
     max_size: int = MAX_MESSAGE_SIZE,
+    content_encryption: ContentEncryption = DEFAULT_CONTENT_ENCRYPTION,
+    rsa_key_transport: RsaKeyTransport = "pkcs1v15",
+    rsa_signature: RsaSignature = "pkcs1v15",
 ) -> bytes:
-    """Sign then encrypt the whole message; return the outer message bytes (CRLF)."""
+    """Sign then encrypt the whole message; return the outer message bytes (CRLF).
+
+    `content_encryption` is the preferred cipher (`crypto.content_encryption`); a recipient
+    certificate that announces S/MIME capabilities without GCM lowers it to AES-256-CBC.  The
+    sender's own copy is encrypted only when its certificate can receive encrypted mail (an
+    Ed25519 or signature-only certificate cannot)."""
     if not recipient_certs:
         raise SmimeError("no recipient certificate to encrypt for")
     message = _check_size(message_bytes, max_size)
     headers = _outer_headers(message, outer_subject, outer_headers)
-    signed = _signed_entity(_wrap_rfc822(message), signer_cert, signer_key, extra_certs)
-    recipients = [*recipient_certs, signer_cert] if encrypt_for_sender else list(recipient_certs)
-    return _enveloped_entity(signed, recipients, headers)
+    signed = _signed_entity(_wrap_rfc822(message), signer_cert, signer_key, extra_certs, rsa_signature)
+    recipients = list(recipient_certs)
+    if encrypt_for_sender and encryption_problem(signer_cert) is None:
+        recipients.append(signer_cert)
+    return _enveloped_entity(signed, recipients, headers, content_encryption=content_encryption,
+                             rsa_key_transport=rsa_key_transport)  # fmt: skip
 
 
 def sign_only(
     message_bytes: bytes,
     *,
     signer_cert: x509.Certificate,
-    signer_key: rsa.RSAPrivateKey,
+    signer_key: PrivateKey,
     extra_certs: Sequence[x509.Certificate] = (),
     outer_subject: str | None = None,
     outer_headers: Mapping[str, str] | None = None,
     max_size: int = MAX_MESSAGE_SIZE,
+    rsa_signature: RsaSignature = "pkcs1v15",
+    opaque: bool = False,
 ) -> bytes:
-    """Wrap and sign without encryption (multipart/signed), e.g. between two mailboxes of one
-    operator.  The outer Subject is the inner one unless `outer_subject` is given."""
+    """Wrap and sign without encryption (multipart/signed, or signed-data when `opaque`), e.g.
+    between two mailboxes of one operator.  The outer Subject is the inner one unless
+    `outer_subject` is given."""
     message = _check_size(message_bytes, max_size)
     if outer_subject is None:
         fields = _mime.parse_headers(_mime.split_entity(message)[0])
         outer_subject = _mime.header_value(fields, "subject") or ""
     headers = _outer_headers(message, outer_subject, outer_headers)
-    return headers + _signed_entity(_wrap_rfc822(message), signer_cert, signer_key, extra_certs)
+    return headers + _signed_entity(_wrap_rfc822(message), signer_cert, signer_key, extra_certs, rsa_signature, opaque)
 
 
 def encrypt_only(
@@ -209,13 +254,16 @@ def encrypt_only(
     outer_subject: str = DEFAULT_OUTER_SUBJECT,
     outer_headers: Mapping[str, str] | None = None,
     max_size: int = MAX_MESSAGE_SIZE,
+    content_encryption: ContentEncryption = DEFAULT_CONTENT_ENCRYPTION,
+    rsa_key_transport: RsaKeyTransport = "pkcs1v15",
 ) -> bytes:
     """Wrap and encrypt without a signature (opened with failure not-signed)."""
     if not recipient_certs:
         raise SmimeError("no recipient certificate to encrypt for")
     message = _check_size(message_bytes, max_size)
     headers = _outer_headers(message, outer_subject, outer_headers)
-    return _enveloped_entity(_wrap_rfc822(message), recipient_certs, headers)
+    return _enveloped_entity(_wrap_rfc822(message), recipient_certs, headers,
+                             content_encryption=content_encryption, rsa_key_transport=rsa_key_transport)  # fmt: skip
 
 
 # ---------------------------------------------------------------- opening
@@ -250,7 +298,7 @@ def open_message(
     data: bytes,
     *,
     recipient_cert: x509.Certificate,
-    recipient_key: rsa.RSAPrivateKey,
+    recipient_key: PrivateKey,
     trust: TrustStore,
     now: _dt.datetime | None = None,
     max_size: int = MAX_MESSAGE_SIZE,
@@ -272,29 +320,26 @@ def open_message(
         return None, result.with_failure("malformed-cms", f"unparsable message ({exc.__class__.__name__})")
 
 
-def _open(data: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey, trust: TrustStore,
+def _is_enveloped(mtype: str, params: dict[str, str]) -> bool:
+    """application/pkcs7-mime with smime-type enveloped-data or authEnveloped-data (RFC 8551
+    §3.2.2); a missing smime-type is read as enveloped-data, as older agents omit it."""
+    return mtype in _PKCS7_MIME_TYPES and params.get("smime-type", "enveloped-data").lower() in _ENVELOPED_TYPES
+
+
+def _open(data: bytes, cert: x509.Certificate, key: PrivateKey, trust: TrustStore,
           now: _dt.datetime | None, result: SecurityResult, require_encryption: bool,
           ) -> tuple[bytes | None, SecurityResult]:  # fmt: skip
+    """Peel the layers in whatever order the sender nested them (RFC 8551 §3.7): sign then
+    encrypt, encrypt then sign, or triple wrapping (RFC 2634 §1.1).  Every signature layer must
+    hold and chain to an anchor; the innermost one (the author's) is reported and matched to
+    the inner From."""
     # The verdict is gathered in `changes` and built once at the end; `failure` keeps the first.
     changes: dict[str, Any] = {}
     failure: tuple[str, str] | None = None
-    outer_block, body = _mime.split_entity(data)
-    outer_fields = _mime.parse_headers(outer_block)
-    fields, entity_body = outer_fields, body
-    mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
-
-    if mtype in _PKCS7_MIME_TYPES and params.get("smime-type", "enveloped-data").lower() == "enveloped-data":
-        dec = decrypt_enveloped(_pkcs7_der(entity_body, fields), cert, key)
-        changes.update(encrypted=True, decrypted_ok=True, content_algorithm=dec.content_algorithm,
-                       key_transport=dec.key_transport)  # fmt: skip
-        inner_block, entity_body = _mime.split_entity(dec.content)
-        fields = _mime.parse_headers(inner_block)
-        mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
-        entity_for_unwrap = dec.content
-    else:
-        entity_for_unwrap = data
-        if require_encryption:
-            failure = ("not-encrypted", "message is not S/MIME enveloped-data")
+    outer_fields = _mime.parse_headers(_mime.header_block(data))
+    entity = data
+    signatures: list[SignatureInfo] = []
+    encrypted = False
 
     def done(
         inner: bytes | None, code: str | None = None, detail: str = ""
@@ -304,23 +349,44 @@ def _open(data: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey, trust: Tr
             return inner, result.with_failure(first[0], first[1], **changes)
         return inner, result.evolve(**changes) if changes else result
 
-    try:
-        info = _verify(mtype, params, fields, entity_body)
-    except CmsError as exc:
-        changes["signed"] = exc.code not in ("not-signed", "malformed-cms")
-        return done(None, exc.code, exc.detail)
-    except ValueError as exc:  # MimeError and asn1crypto parse errors after a successful decryption
-        return done(None, "malformed-cms", f"unparsable signed entity ({exc.__class__.__name__})")
-    if info is None:
-        inner = _unwrap(entity_for_unwrap, outer_fields)
+    for _layer in range(MAX_LAYERS + 1):
+        block, entity_body = _mime.split_entity(entity)
+        fields = _mime.parse_headers(block)
+        mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
+        if _is_enveloped(mtype, params):
+            dec = decrypt_enveloped(_pkcs7_der(entity_body, fields), cert, key)
+            encrypted = True
+            changes.update(encrypted=True, decrypted_ok=True, content_algorithm=dec.content_algorithm,
+                           key_transport=dec.key_transport)  # fmt: skip
+            entity = dec.content
+            continue
+        try:
+            info = _verify(mtype, params, fields, entity_body)
+        except CmsError as exc:
+            if require_encryption and not encrypted:
+                failure = ("not-encrypted", "message is not S/MIME enveloped-data")
+            changes["signed"] = exc.code not in ("not-signed", "malformed-cms")
+            return done(None, exc.code, exc.detail)
+        except ValueError as exc:  # MimeError and asn1crypto parse errors after a successful decryption
+            return done(None, "malformed-cms", f"unparsable signed entity ({exc.__class__.__name__})")
+        if info is None:
+            break
+        signatures.append(info)
+        entity = info.content
+    else:
+        raise CmsError("malformed-cms", f"more than {MAX_LAYERS} nested S/MIME layers")
+
+    if require_encryption and not encrypted:
+        failure = ("not-encrypted", "message is not S/MIME enveloped-data")
+    inner = _unwrap(entity, outer_fields)
+    if not signatures:
         return done(inner, "not-signed", "message carries no S/MIME signature")
 
-    inner = _unwrap(info.content, outer_fields)
+    info = signatures[-1]
     signer = info.signer
     facts = _signer_facts(signer)
     emails = facts.emails
-    intermediates = [c for c in info.certificates if c != signer]
-    chain = trust.validate(signer, intermediates, purpose="emailProtection", at=now)
+    chain = trust.validate(signer, [c for c in info.certificates if c != signer], purpose="emailProtection", at=now)
     changes.update(
         signed=True,
         signature_valid=True,
@@ -337,6 +403,11 @@ def _open(data: bytes, cert: x509.Certificate, key: rsa.RSAPrivateKey, trust: Tr
     )
     if chain.failure and failure is None:
         failure = (chain.failure, chain.detail)
+    for outer_sig in reversed(signatures[:-1]):  # outer layers (e.g. a relaying operator's) must hold too
+        outer_chain = trust.validate(outer_sig.signer, [c for c in outer_sig.certificates if c != outer_sig.signer],
+                                     purpose="emailProtection", at=now)  # fmt: skip
+        if outer_chain.failure and failure is None:
+            failure = (outer_chain.failure, f"outer signature: {outer_chain.detail}")
     from_addr = _mime.first_address(
         _mime.header_value(_mime.parse_headers(_mime.header_block(inner)), "from")
     )

@@ -39,7 +39,7 @@ def test_openssl_decrypts_and_verifies_ours(
         assert verified == b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + msg
     info = openssl("cms", "-cmsout", "-print", "-inform", "DER",
                    stdin=_mime.b64decode_body(_mime.split_entity(out)[1]))  # fmt: skip
-    assert b"aes-256-cbc" in info
+    assert b"aes-256-gcm" in info  # the default since S/MIME 4.0 (RFC 8551 §2.7): crypto.content_encryption
     assert b"carol" not in info
 
 

@@ -30,6 +30,8 @@ def test_swaks_speaks_tls() -> None:
     ("gpg", ["gpg", "--version"], "gpg (GnuPG) 2."),
     ("openssl", ["openssl", "version"], "OpenSSL 3"),
     ("curl", ["curl", "--version"], "curl "),
+    ("unzip", ["unzip", "-v"], "UnZip"),
+    ("zip", ["zip", "-v"], "Zip"),
 ])
 def test_oracle_tool_present(tool: str, argv: list[str], expect: str) -> None:
     assert shutil.which(tool), f"{tool} is missing (scripts/install-system-deps installs it)"

@@ -1,0 +1,126 @@
+"""Find the IHE XDM packages of a message, check them, and say what they carry (without content).
+
+A package is a MIME leaf whose decoded body is a zip naming an ``IHE_XDM/`` folder (Référentiel
+socle MSSanté #2 names the attachment ``IHE_XDM.ZIP``; the name is not relied on, the central
+directory is). The message's ``X-MSS-CODECDA`` and ``X-MSS-INS`` fields (Ref. #2 ECO.2.4.1,
+ECO.2.4.2: the CDA type codes, comma-separated; ``O`` when a qualified INS is in the package,
+else ``N``) are read alongside, so that policy can compare what the client announced with what
+the package holds.
+
+The result (``MessageDocuments``) holds codes, kinds and booleans, and the INS only inside
+``Ins`` values whose ``repr`` hides the number: it can be logged by mistake without leaking.
+Parsing the MIME tree and inflating zips is CPU work: callers run ``inspect_message`` off the
+event loop; the caller bounds the message size, this module bounds everything inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import Message
+from email.policy import compat32
+
+from gateway.documents.ins import Ins
+from gateway.documents.xdm import DEFAULT_LIMITS, Limits, XdmError, XdmPackage, is_xdm, read_package
+
+#: At most this many packages are read in one message; more is refused as a whole.
+MAX_PACKAGES = 8
+#: A zip attachment is only opened when its decoded size is under the package bound.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class MessageDocuments:
+    """What the XDM packages of one message carry, and what its X-MSS fields announce."""
+
+    packages: tuple[XdmPackage, ...] = ()
+    error: str | None = None  # the first package that failed its checks, and why (no content)
+    ins_problems: tuple[str, ...] = ()  # malformed INS found in packages
+    header_codecda: tuple[str, ...] | None = None  # None: the field is absent
+    header_ins: str | None = None
+    header_count: int = 0  # X-MSS-CODECDA and X-MSS-INS fields present (each at most once)
+
+    @property
+    def cda_codes(self) -> tuple[str, ...]:
+        """The CDA type codes in order of appearance, without repeats."""
+        codes: list[str] = []
+        for package in self.packages:
+            for doc in package.cda_documents:
+                assert doc.cda is not None
+                if doc.cda.code and doc.cda.code not in codes:
+                    codes.append(doc.cda.code)
+        return tuple(codes)
+
+    @property
+    def has_cda(self) -> bool:
+        return any(p.cda_documents for p in self.packages)
+
+    @property
+    def qualified_ins(self) -> bool:
+        return any(doc.cda is not None and doc.cda.qualified_ins for p in self.packages for doc in p.cda_documents)
+
+    @property
+    def patient(self) -> Ins | None:
+        """The one patient of the packages (metadata or CDA), or None."""
+        for package in self.packages:
+            if package.patient is not None:
+                return package.patient
+            for doc in package.documents:
+                if doc.patient is not None:
+                    return doc.patient
+                if doc.cda is not None and doc.cda.ins is not None:
+                    return doc.cda.ins
+        return None
+
+    @property
+    def authors(self) -> tuple[str, ...]:
+        """RPPS numbers of the CDA documents' authors."""
+        return tuple(dict.fromkeys(d.cda.author_rpps for p in self.packages for d in p.cda_documents
+                                   if d.cda is not None and d.cda.author_rpps))
+
+    def expected_headers(self) -> list[tuple[str, str]]:
+        """The X-MSS fields Ref. #2 ECO.2.4.1/2 asks for, from the packages (none without a CDA)."""
+        if not self.has_cda:
+            return []
+        return [("X-MSS-CODECDA", ",".join(self.cda_codes)), ("X-MSS-INS", "O" if self.qualified_ins else "N")]
+
+
+def _header_values(message: Message, name: str) -> list[str]:
+    return [str(v) for v in (message.get_all(name) or [])]
+
+
+def inspect_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> MessageDocuments:
+    """The packages of a message, checked; never raises for bad content (the error is a fact)."""
+    message = message_from_bytes(data, policy=compat32)
+    codecda = _header_values(message, "X-MSS-CODECDA")
+    ins_fields = _header_values(message, "X-MSS-INS")
+    header_codecda = None
+    if codecda:
+        header_codecda = tuple(c.strip() for value in codecda for c in value.replace("\r\n", "").split(",")
+                               if c.strip())
+    header_ins = " ".join(v.strip() for v in ins_fields) if ins_fields else None
+    count = len(codecda) + len(ins_fields)
+    packages: list[XdmPackage] = []
+    problems: list[str] = []
+    error: str | None = None
+    found = 0
+    for part in message.walk():
+        if part.is_multipart() or part.get_content_maintype() == "message":
+            continue
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes) or not payload.startswith(_ZIP_MAGIC):
+            continue
+        if not is_xdm(payload):
+            continue
+        found += 1
+        if found > MAX_PACKAGES:
+            error = f"more than {MAX_PACKAGES} IHE XDM packages in one message"
+            break
+        try:
+            package = read_package(payload, limits)
+        except XdmError as exc:
+            error = f"package {found}: {exc}"
+            break
+        packages.append(package)
+        problems.extend(f"package {found}: {p}" for p in package.problems)
+    return MessageDocuments(tuple(packages), error, tuple(problems), header_codecda, header_ins, count)

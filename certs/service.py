@@ -30,6 +30,7 @@ from certs import pki
 from directory import service
 from directory.models import Certificate, MailboxType, PgpKey
 from gateway.config import Settings
+from gateway.crypto.cms_keys import encryption_problem, signing_problem
 from gateway.operator import register_certificate
 
 
@@ -156,11 +157,24 @@ def import_certificate(
             raise CertError("only RSA and EC private keys are supported")
         if material.private_key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
             raise CertError("the private key does not match the certificate")
+    if purpose == "smime":
+        _check_smime_usable(cert, material.private_key)
     fpr = fingerprint_of(cert)
     key_path = str(_write_key(settings, fpr, material.private_key)) if material.private_key is not None else None
     register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=target, purpose=purpose,
                          key_path=key_path)
     return certificate_dict(_row(session, fpr, target, purpose))
+
+
+def _check_smime_usable(cert: x509.Certificate, private_key: Any | None) -> None:
+    """Refuse now, with the reason, a certificate that delivery could not use later: mail is
+    encrypted to every S/MIME certificate (RSA key transport or ECDH, RFC 8551 §2.3), and one
+    imported with its private key also signs (RSA or ECDSA, RFC 8551 §2.2)."""
+    problem = encryption_problem(cert)
+    if problem is None and private_key is not None:
+        problem = signing_problem(cert, private_key)
+    if problem is not None:
+        raise CertError(f"this certificate cannot be used for S/MIME: {problem}")
 
 
 def _row(session: Session, fingerprint: str, address: str | None, purpose: str | None = None) -> Certificate:

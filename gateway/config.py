@@ -75,6 +75,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "banner": True,  # add a short human-readable verification banner on inbound messages
         "require_signature_inbound": True,
         "crl_soft_fail": True,  # a stale CRL is accepted with a warning in the verification header
+        # S/MIME 4.0 sending (RFC 8551): the cipher for recipients whose certificate announces no
+        # capabilities (one that lists capabilities without GCM gets aes-256-cbc), RSA key transport
+        # and RSA signature schemes.  Receiving accepts all of them whatever these say.
+        "content_encryption": "aes-256-gcm",  # aes-256-gcm | aes-128-gcm | aes-256-cbc
+        "rsa_key_transport": "pkcs1v15",  # pkcs1v15 | oaep (RSAES-OAEP SHA-256, RFC 3560)
+        "rsa_signature": "pkcs1v15",  # pkcs1v15 | pss (RSASSA-PSS SHA-256, RFC 4056)
     },
     "audit": {
         "retention_days": 183,  # about 6 months
@@ -91,6 +97,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "runtime": {
         "event_loop": "uvloop",  # uvloop (TLS and sockets in C: about half the CPU per message) or asyncio
     },
+}
+
+
+#: Keys whose value is one of a few names (S/MIME algorithm choices, see gateway.crypto.envelope).
+_CRYPTO_CHOICES: dict[str, tuple[str, ...]] = {
+    "content_encryption": ("aes-256-gcm", "aes-128-gcm", "aes-256-cbc"),
+    "rsa_key_transport": ("pkcs1v15", "oaep"),
+    "rsa_signature": ("pkcs1v15", "pss"),
 }
 
 
@@ -267,6 +281,9 @@ def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = N
         raise ConfigError("relay.dns_timeout: must be more than 0 seconds")
     if values["runtime"]["event_loop"] not in {"uvloop", "asyncio"}:
         raise ConfigError("runtime.event_loop: must be uvloop or asyncio")
+    for key, allowed in _CRYPTO_CHOICES.items():
+        if values["crypto"][key] not in allowed:
+            raise ConfigError(f"crypto.{key}: must be one of {', '.join(allowed)}, got {values['crypto'][key]!r}")
     return settings
 
 

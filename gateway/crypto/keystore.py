@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from certs.pki import PkiError, load_private_key
+from certs.pki import PkiError, load_smime_key
 from directory.models import Certificate
 from gateway.config import Settings
+from gateway.crypto.cms_keys import PrivateKey
 from gateway.crypto.trust import TrustStore
 
 __all__ = ["KeyRef", "KeyStore", "KeyStoreError", "TrustRef", "load_keypair", "load_trust"]
@@ -79,14 +79,14 @@ def _load_cert(pem: bytes) -> x509.Certificate:
 
 
 @functools.lru_cache(maxsize=256)
-def _load_key(path: str, _mtime: float) -> rsa.RSAPrivateKey:
+def _load_key(path: str, _mtime: float) -> PrivateKey:
     try:
-        return load_private_key(Path(path))
+        return load_smime_key(Path(path))
     except PkiError as exc:
         raise KeyStoreError(str(exc)) from None
 
 
-def load_keypair(ref: KeyRef) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+def load_keypair(ref: KeyRef) -> tuple[x509.Certificate, PrivateKey]:
     """The certificate and private key of ``ref`` (cached per process, reloaded when the file changes)."""
     try:
         mtime = Path(ref.key_path).stat().st_mtime

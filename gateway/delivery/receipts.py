@@ -5,14 +5,21 @@ get one.  Receipts are plain messages; the pipeline enqueues them (origin ``rece
 ``dsn``/``mdn``, ``related_id`` the original) so they travel the same road, signed and
 encrypted like any other message.
 
-- DSN: ``multipart/report; report-type=delivery-status`` (RFC 3462/6522) with a short human part,
-  a ``message/delivery-status`` part (per-message fields, then per recipient
-  ``Final-Recipient``/``Action``/``Status``/``Diagnostic-Code``/``Remote-MTA``) and the original
-  *headers only* as ``text/rfc822-headers``: a DSN never carries the body.
-- MDN: ``multipart/report; report-type=disposition-notification`` with
+- DSN: ``multipart/report; report-type=delivery-status`` (RFC 6522) with a short human part,
+  a ``message/delivery-status`` part (RFC 3464 §2: per-message fields, then per recipient
+  ``Final-Recipient``/``Action``/``Status``/``Remote-MTA``/``Diagnostic-Code``) and the original
+  *headers only* as ``text/rfc822-headers``: a DSN never carries the body.  Every field line
+  ends with CRLF, the delimiter's CRLF comes after it (RFC 2046 §5.1.1).  ``Original-Envelope-Id``
+  only when the sender gave an ENVID (RFC 3461 §4.4); ``Diagnostic-Code`` only for a reply a
+  remote server actually sent (RFC 3464 §2.3.6): our own reasons are in the human part.
+- MDN: ``multipart/report; report-type=disposition-notification`` (RFC 8098 §3) with
   ``Disposition: automatic-action/MDN-sent-automatically; processed`` (or ``dispatched`` with the
-  Direct Project's ``X-DIRECT-FINAL-DESTINATION-DELIVERY`` extension field, or ``failed``/
-  ``error`` modifier per the Direct delivery-notification guide).
+  Direct Project's ``X-DIRECT-FINAL-DESTINATION-DELIVERY`` extension field).  A message we could
+  not accept is ``processed/error`` with an ``Error`` field (RFC 8098 §3.2.6.3), or, for peers
+  that expect the Direct Project's form (``MDN_FORM_DIRECT``), the disposition type ``failed``
+  of the Direct delivery-notification guide.  ``Original-Recipient`` only when the original
+  carried one (RFC 8098 §3.2.3: it comes from the ORCPT the MTA recorded), and
+  ``Original-Message-ID`` only when the original's Message-ID is a msg-id.
 - Loops (RFC 3834 §2, RFC 8098 §2.1, RFC 3464 §2): a report, an ``Auto-Submitted`` message or one
   from the null reverse-path never triggers a receipt.
 
@@ -31,6 +38,8 @@ from email.utils import format_datetime, make_msgid
 from gateway.crypto import _mime
 
 __all__ = [
+    "MDN_FORM_DIRECT",
+    "MDN_FORM_RFC8098",
     "DsnRecipient",
     "build_dsn",
     "build_mdn",
@@ -42,6 +51,14 @@ __all__ = [
 MAX_ORIGINAL_HEADERS = 64 * 1024
 DIRECT_FINAL_DELIVERY = "X-DIRECT-FINAL-DESTINATION-DELIVERY"
 _CTL = re.compile(r"[\r\n\x00]")
+# RFC 5322 §3.6.4 msg-id, in its common dot-atom form (the obsolete forms are not copied).
+_MSG_ID = re.compile(r"<[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+>")
+# RFC 8098 §3.2.3 original-recipient-field value: address-type ";" generic-address.
+_ORCPT = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)[ \t]*;[ \t]*(\S[^\r\n]*)")
+_SMTP_REPLY = re.compile(r"^[245]\d\d[ -]")
+
+MDN_FORM_RFC8098 = "rfc8098"  # failure: "processed/error" + Error field (RFC 8098 §3.2.6)
+MDN_FORM_DIRECT = "direct"  # failure: "failed", as the Direct Project's delivery-notification guide
 
 
 def _clean(value: str) -> str:
@@ -146,7 +163,9 @@ def _assemble(head: bytes, boundary: str, parts: Sequence[bytes]) -> bytes:
     b = boundary.encode()
     out = [head, b"This is a MIME-encapsulated report.\r\n"]
     for p in parts:
-        out += [b"\r\n--", b, b"\r\n", p if not p.endswith(b"\r\n") else p[:-2]]
+        # A part's last line keeps its own CRLF; the CRLF before the delimiter belongs to the
+        # delimiter (RFC 2046 §5.1.1), so each field line of a report ends with CRLF (RFC 3464 §2).
+        out += [b"\r\n--", b, b"\r\n", p]
     out += [b"\r\n--", b, b"--\r\n"]
     return b"".join(out)
 
@@ -160,9 +179,13 @@ def build_dsn(
     original: bytes,
     arrival: _dt.datetime,
     envelope_id: str | None = None,
+    queue_id: str | None = None,
     now: _dt.datetime | None = None,
 ) -> bytes:
-    """A delivery status notification to ``to`` about ``recipients`` of ``original`` (headers only)."""
+    """A delivery status notification to ``to`` about ``recipients`` of ``original`` (headers only).
+
+    ``envelope_id``: the ENVID the sender gave (RFC 3461 §4.4), never one of ours.  ``queue_id``:
+    our own queue id, in an extension field (``X-Mssgw-Queue-ID``, as Postfix writes its own)."""
     now = now or _dt.datetime.now(_dt.UTC)
     headers = original_headers(original)
     delayed = all(r.action == "delayed" for r in recipients)
@@ -180,7 +203,9 @@ def build_dsn(
     human.append("")
     per_message = [f"Reporting-MTA: dns; {_clean(reporting_mta)}"]
     if envelope_id:
-        per_message.append(f"Original-Envelope-Id: {_clean(envelope_id)}")
+        per_message.insert(0, f"Original-Envelope-Id: {_clean(envelope_id)}")
+    if queue_id:
+        per_message.append(f"X-Mssgw-Queue-ID: {_clean(queue_id)}")
     per_message.append(f"Arrival-Date: {format_datetime(arrival)}")
     blocks = ["\r\n".join(per_message)]
     for r in recipients:
@@ -191,9 +216,8 @@ def build_dsn(
         ]
         if r.remote_mta:
             f.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
-        if r.diagnostic:
-            kind = "smtp" if re.match(r"^[245]\d\d[ -]", r.diagnostic) else "x-mssgw"
-            f.append(f"Diagnostic-Code: {kind}; {_clean(r.diagnostic)[:900]}")
+            if _SMTP_REPLY.match(r.diagnostic):  # the reply the remote server sent
+                f.append(f"Diagnostic-Code: smtp; {_clean(r.diagnostic)[:900]}")
         f.append(f"Last-Attempt-Date: {format_datetime(r.last_attempt or now)}")
         if r.will_retry_until:
             f.append(f"Will-Retry-Until: {format_datetime(r.will_retry_until)}")
@@ -227,27 +251,37 @@ def build_mdn(
     original: bytes,
     disposition: str = "processed",
     error: str | None = None,
+    failed_form: str = MDN_FORM_RFC8098,
     now: _dt.datetime | None = None,
 ) -> bytes:
     """A message disposition notification (RFC 8098 §3) about ``original`` for ``final_recipient``.
 
-    ``disposition``: processed, dispatched (Direct final delivery) or failed (Direct guide; sent
-    with the ``error`` modifier's text in an ``Error:`` field)."""
+    ``disposition``: processed, dispatched (Direct final delivery), displayed, deleted, or
+    failed: the message was received but could not be accepted, written ``processed/error``
+    (RFC 8098) or ``failed`` (``failed_form=MDN_FORM_DIRECT``), with ``error`` in an ``Error``
+    field."""
     if disposition not in {"processed", "dispatched", "failed", "displayed", "deleted"}:
         raise ValueError(f"unknown disposition {disposition}")
+    if failed_form not in (MDN_FORM_RFC8098, MDN_FORM_DIRECT):
+        raise ValueError(f"unknown MDN form {failed_form}")
     now = now or _dt.datetime.now(_dt.UTC)
     fields = _fields(original)
     message_id = _mime.header_value(fields, "message-id")
+    if message_id is not None and not _MSG_ID.fullmatch(message_id.strip()):
+        message_id = None  # not a msg-id: neither copied into the report nor referenced
     subject = _mime.header_value(fields, "subject") or ""
-    original_rcpt = final_recipient
-    report = [
-        f"Reporting-UA: {_clean(reporting_ua)}; mssgw",
-        f"Original-Recipient: rfc822; {_clean(original_rcpt)}",
-        f"Final-Recipient: rfc822; {_clean(final_recipient)}",
-    ]
+    report = [f"Reporting-UA: {_clean(reporting_ua)}; mssgw"]
+    orcpt = _ORCPT.fullmatch(_clean(_mime.header_value(fields, "original-recipient") or ""))
+    if orcpt:
+        report.append(f"Original-Recipient: {orcpt.group(1)}; {orcpt.group(2).strip()}")
+    report.append(f"Final-Recipient: rfc822; {_clean(final_recipient)}")
     if message_id:
-        report.append(f"Original-Message-ID: {_clean(message_id)}")
-    report.append(f"Disposition: automatic-action/MDN-sent-automatically; {disposition}")
+        report.append(f"Original-Message-ID: {message_id.strip()}")
+    written = disposition
+    if disposition == "failed" and failed_form == MDN_FORM_RFC8098:
+        written = "processed/error"
+        error = error or "the message could not be processed"
+    report.append(f"Disposition: automatic-action/MDN-sent-automatically; {written}")
     if disposition == "dispatched":
         report.append(f"{DIRECT_FINAL_DELIVERY}: ")
     if error:

@@ -148,7 +148,7 @@ def parse_report(data: bytes, report_type: str) -> Report:
     check(len(parts) in (2, 3), f"{len(parts)} parts")
     human_type, _ = content_type(parts[0].get("Content-Type") or "text/plain")
     check(human_type.startswith("text/"), "first part is not human-readable text")
-    machine_type, machine_params = content_type(parts[1].get("Content-Type") or "")
+    machine_type, _ = content_type(parts[1].get("Content-Type") or "")
     check(machine_type == f"message/{report_type}", f"second part is {machine_type}")
     check(parts[1].get("Content-Transfer-Encoding") in (None, "7bit", "8bit"), "machine part encoded")
     original = parts[2] if len(parts) == 3 else None

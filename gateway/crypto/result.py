@@ -1,9 +1,20 @@
 """The outcome of opening a protected message: what was checked, what held, and why not.
 
 The job: one immutable value that the inbound pipeline, the audit trail and the
-Authentication-Results header (RFC 8601 syntax; the `smime` / `pgp` method names follow the
-registry practice of RFC 7001 §2.7) all read the same way.  It never carries message content,
-only identities, algorithms and verdicts.
+Authentication-Results header all read the same way.  It never carries message content, only
+identities, algorithms and verdicts.
+
+Authentication-Results (RFC 8601) uses registered names only: the `smime` method of RFC 7281
+with its registered `body.smime-identifier`, `body.smime-serial` and `body.smime-issuer`
+properties (serial and issuer together or not at all, RFC 7281 §3.2.3); OpenPGP has no
+registered method, so it is the unregistered `x-pgp` (readers skip methods they do not know)
+with `header.from`, the address checked against the key's user IDs.  No DKIM property appears.
+What has no registered property (the signer's subject, fingerprint, CRL state, the From that
+was checked) goes in a comment, which every reader skips.  Results are those of RFC 7281 §3:
+pass; policy (the signature verifies but our policy refuses its algorithm, key usage, stale CRL
+or the From it vouches for); temperror (revocation could not be checked now); permerror (too
+large, or not for our keys: nothing could be checked); none (not signed); fail for the rest
+(altered, unverifiable, untrusted, expired or revoked signer, undecryptable).
 
 Failure codes (`SecurityResult.failure`, exactly one, the first problem found):
     malformed-cms, too-large, not-encrypted, wrong-recipient, decrypt-failed, weak-cipher,
@@ -14,10 +25,12 @@ Failure codes (`SecurityResult.failure`, exactly one, the first problem found):
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["FAILURE_CODES", "CrlStatus", "SecurityResult"]
+__all__ = ["AUTH_METHODS", "FAILURE_CODES", "CrlStatus", "SecurityResult"]
 
 CrlStatus = Literal["good", "revoked", "stale", "unavailable"]
 
@@ -48,10 +61,35 @@ FAILURE_CODES: frozenset[str] = frozenset(
 )
 
 
+# Method names written in Authentication-Results for SecurityResult.method.
+AUTH_METHODS: dict[str, str] = {"smime": "smime", "pgp": "x-pgp"}
+
+# A signature that verifies but that our policy does not accept (algorithm, key use, the From it
+# vouches for, a CRL past its update time); everything else that is wrong is "fail".
+_POLICY_FAILURES = frozenset({"weak-cipher", "weak-digest", "bad-key-usage", "from-mismatch", "crl-stale"})
+_PERMANENT_ERRORS = frozenset({"too-large", "wrong-recipient"})  # nothing could be checked, ever
+_TEMPORARY_ERRORS = frozenset({"crl-unavailable"})
+_DOT_ATOM_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                               r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")  # fmt: skip
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+
+
+def _ascii(value: str) -> str:
+    """Printable US-ASCII only (header fields without RFC 6532): accents dropped, the rest '?'."""
+    flat = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode("ascii")
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in flat)
+
+
 def _quote(value: str) -> str:
     """RFC 8601 `value` as a quoted-string (RFC 5322 §3.2.4), with CR/LF removed."""
-    cleaned = value.replace("\r", " ").replace("\n", " ").replace("\\", "\\\\").replace('"', '\\"')
+    cleaned = _ascii(value.replace("\r", " ").replace("\n", " ")).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{cleaned}"'
+
+
+def _comment(items: list[str]) -> str:
+    """An RFC 5322 §3.2.2 comment: parentheses and backslashes quoted, ASCII only."""
+    text = "; ".join(_ascii(i.replace("\r", " ").replace("\n", " ")) for i in items)
+    return "(" + re.sub(r"([()\\])", r"\\\1", text) + ")"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +108,8 @@ class SecurityResult:
     signer_emails: tuple[str, ...] = ()
     signer_subject: str | None = None
     signer_fingerprint: str | None = None
+    signer_serial: str | None = None  # hexadecimal certificate serial number (S/MIME)
+    signer_issuer: str | None = None  # the certificate issuer's DN, RFC 4514 (S/MIME)
     chain_valid: bool = False
     trust_anchor: str | None = None
     revoked: bool | None = None
@@ -115,26 +155,49 @@ class SecurityResult:
             return "none"
         return "fail"
 
+    @property
+    def auth_result(self) -> str:
+        """The RFC 8601 / RFC 7281 result keyword for this verdict."""
+        if self.ok:
+            return "pass"
+        if self.failure in _TEMPORARY_ERRORS:
+            return "temperror"
+        if self.failure in _PERMANENT_ERRORS:
+            return "permerror"
+        if not self.signed and self.failure in (None, "not-signed", "not-encrypted"):
+            return "none"
+        if self.failure in _POLICY_FAILURES and self.signature_valid:
+            return "policy"
+        return "fail"
+
     def auth_results_header(self, authserv_id: str) -> str:
-        """Value for an Authentication-Results header, e.g.
-        `mx.a.test; smime=pass header.from=dr@a.test policy.signer="CN=..."`."""
-        parts = [f"{self.method}={self.verdict}"]
+        """Value for an Authentication-Results header (RFC 8601), e.g.
+        `mx.b.test; smime=pass body.smime-identifier=dr@a.test (from dr@a.test; ...)`.
+
+        Quoted values come last in a result: some readers (the `authres` package) take a
+        quoted-string only at the end of a resinfo."""
+        method = AUTH_METHODS[self.method]
+        parts = [f"{method}={self.auth_result}"]
         if self.failure:
             parts.append(f"reason={_quote(self.failure + (': ' + self.detail if self.detail else ''))}")
-        if self.from_address:
+        notes: list[str] = []
+        if self.method == "smime":
+            if self.signer_email and _DOT_ATOM_ADDRESS.fullmatch(self.signer_email):
+                parts.append(f"body.smime-identifier={self.signer_email}")
+            if self.from_address:
+                notes.append(f"from {self.from_address}")
+        elif self.from_address and _DOT_ATOM_ADDRESS.fullmatch(self.from_address):
             parts.append(f"header.from={self.from_address}")
-        if self.signer_email:
-            parts.append(
-                f"header.s={self.signer_email}"
-                if self.method == "pgp"
-                else f"smime.signer={self.signer_email}"
-            )
         if self.signer_subject:
-            parts.append(f"policy.signer={_quote(self.signer_subject)}")
+            notes.append(f"signer {self.signer_subject}")
         if self.signer_fingerprint:
-            parts.append(f"policy.fingerprint={self.signer_fingerprint}")
+            notes.append(f"{'key' if self.method == 'pgp' else 'sha256'} {self.signer_fingerprint}")
         if self.crl_status:
-            parts.append(f"policy.crl={self.crl_status}")
+            notes.append(f"crl {self.crl_status}")
+        if notes:
+            parts.append(_comment(notes))
+        if self.method == "smime" and self.signer_serial and self.signer_issuer and _HEX.fullmatch(self.signer_serial):
+            parts += [f"body.smime-serial={self.signer_serial}", f"body.smime-issuer={_quote(self.signer_issuer)}"]
         return f"{authserv_id}; " + " ".join(parts)
 
     def audit_fields(self) -> dict[str, Any]:

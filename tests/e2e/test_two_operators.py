@@ -86,7 +86,7 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
     got = parse(inbox[0])
     assert got["Subject"] == SUBJECT
     ar = str(got["Authentication-Results"])
-    assert ar.startswith(f"mx.{B_DOMAIN};") and "smime=pass" in ar and f"smime.signer={CLINICIAN}" in ar
+    assert ar.startswith(f"mx.{B_DOMAIN};") and "smime=pass" in ar and f"body.smime-identifier={CLINICIAN}" in ar
     attachments = [p for p in got.iter_attachments() if p.get_content_type() == "application/pdf"]
     assert len(attachments) == 1 and attachments[0].get_content() == PDF
     # the banner names the signer as the national directory knows them

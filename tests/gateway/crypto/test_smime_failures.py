@@ -58,7 +58,7 @@ def test_good_message_is_ok(world: Any, make_message: MakeMessage) -> None:
     inner, res = _open(world, _protect_as(world, world.alice, msg))
     assert res.ok and res.failure is None and inner == msg
     header = res.auth_results_header("mx.b.test")
-    assert header.startswith("mx.b.test; smime=pass header.from=dr.alice@a.test")
+    assert header.startswith("mx.b.test; smime=pass body.smime-identifier=dr.alice@a.test (from dr.alice@a.test;")
     fields = res.audit_fields()
     assert fields["ok"] is True and fields["signer_email"] == "dr.alice@a.test"
     assert "DUPONT" not in repr(fields) and "DUPONT" not in header

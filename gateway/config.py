@@ -97,6 +97,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "runtime": {
         "event_loop": "uvloop",  # uvloop (TLS and sockets in C: about half the CPU per message) or asyncio
     },
+    "documents": {
+        # An IHE XDM package with a CDA but without X-MSS-CODECDA/X-MSS-INS (MSSanté Ref. #2 ECO.2.4):
+        # "add" the fields from the package at submission, or "refuse" the message (554 5.6.0).
+        "missing_headers": "add",
+    },
 }
 
 
@@ -281,6 +286,8 @@ def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = N
         raise ConfigError("relay.dns_timeout: must be more than 0 seconds")
     if values["runtime"]["event_loop"] not in {"uvloop", "asyncio"}:
         raise ConfigError("runtime.event_loop: must be uvloop or asyncio")
+    if values["documents"]["missing_headers"] not in {"add", "refuse"}:
+        raise ConfigError("documents.missing_headers: must be add or refuse")
     for key, allowed in _CRYPTO_CHOICES.items():
         if values["crypto"][key] not in allowed:
             raise ConfigError(f"crypto.{key}: must be one of {', '.join(allowed)}, got {values['crypto'][key]!r}")

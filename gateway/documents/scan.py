@@ -22,6 +22,7 @@ from email.policy import compat32
 
 from gateway.documents.ins import Ins
 from gateway.documents.xdm import DEFAULT_LIMITS, Limits, XdmError, XdmPackage, is_xdm, read_package
+from gateway.policy.documents import DocumentFacts
 
 #: At most this many packages are read in one message; more is refused as a whole.
 MAX_PACKAGES = 8
@@ -38,7 +39,8 @@ class MessageDocuments:
     ins_problems: tuple[str, ...] = ()  # malformed INS found in packages
     header_codecda: tuple[str, ...] | None = None  # None: the field is absent
     header_ins: str | None = None
-    header_count: int = 0  # X-MSS-CODECDA and X-MSS-INS fields present (each at most once)
+    codecda_fields: int = 0  # X-MSS-CODECDA fields present (at most one is allowed)
+    ins_fields: int = 0
 
     @property
     def cda_codes(self) -> tuple[str, ...]:
@@ -78,11 +80,19 @@ class MessageDocuments:
         return tuple(dict.fromkeys(d.cda.author_rpps for p in self.packages for d in p.cda_documents
                                    if d.cda is not None and d.cda.author_rpps))
 
+    def policy_facts(self) -> DocumentFacts:
+        """The facts ``gateway.policy.documents`` decides on (codes, counts and kinds; no INS)."""
+        patient = self.patient
+        return DocumentFacts(
+            packages=len(self.packages), documents=sum(len(p.documents) for p in self.packages), error=self.error,
+            ins_problems=self.ins_problems, has_cda=self.has_cda, cda_codes=self.cda_codes,
+            qualified_ins=self.qualified_ins, ins_kind=patient.kind if patient is not None else "",
+            header_codecda=self.header_codecda, header_ins=self.header_ins, codecda_fields=self.codecda_fields,
+            ins_fields=self.ins_fields)
+
     def expected_headers(self) -> list[tuple[str, str]]:
         """The X-MSS fields Ref. #2 ECO.2.4.1/2 asks for, from the packages (none without a CDA)."""
-        if not self.has_cda:
-            return []
-        return [("X-MSS-CODECDA", ",".join(self.cda_codes)), ("X-MSS-INS", "O" if self.qualified_ins else "N")]
+        return list(self.policy_facts().expected_headers().items())
 
 
 def _header_values(message: Message, name: str) -> list[str]:
@@ -99,7 +109,6 @@ def inspect_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> MessageDocu
         header_codecda = tuple(c.strip() for value in codecda for c in value.replace("\r\n", "").split(",")
                                if c.strip())
     header_ins = " ".join(v.strip() for v in ins_fields) if ins_fields else None
-    count = len(codecda) + len(ins_fields)
     packages: list[XdmPackage] = []
     problems: list[str] = []
     error: str | None = None
@@ -123,4 +132,5 @@ def inspect_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> MessageDocu
             break
         packages.append(package)
         problems.extend(f"package {found}: {p}" for p in package.problems)
-    return MessageDocuments(tuple(packages), error, tuple(problems), header_codecda, header_ins, count)
+    return MessageDocuments(tuple(packages), error, tuple(problems), header_codecda, header_ins, len(codecda),
+                            len(ins_fields))

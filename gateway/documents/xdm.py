@@ -32,6 +32,7 @@ from xml.etree.ElementTree import Element, SubElement, tostring  # writing; pars
 
 from gateway.documents.cda import CdaError, CdaHeader, parse_tree, read_header
 from gateway.documents.ins import Ins, InsError, parse_cx
+from gateway.documents.loinc import valid_code
 
 LCM = "urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0"
 RIM = "urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0"
@@ -288,6 +289,8 @@ def _document(extrinsic: object, number: int, entries: dict[str, bytes], by_uppe
             if "not a CDA R2 document" not in str(exc):
                 raise XdmError(f"{where}: {exc}") from None
         if cda is not None:
+            if cda.code is not None and not valid_code(cda.code):
+                raise XdmError(f"{where}: the CDA code is not a document type code (LOINC or CI-SIS)")
             if cda.ins_error:
                 problems.append(f"{where} CDA patient: {cda.ins_error}")
             if type_code and cda.code and type_code != cda.code:

@@ -106,4 +106,11 @@ S550_5_6_0_LINE_TOO_LONG = Reply(550, "5.6.0", "Message has a line longer than 9
 S550_5_6_0_BAD_CONTENT = Reply(550, "5.6.0", "Malformed message content")
 S554_5_6_0_BAD_CONTENT = Reply(554, "5.6.0", "Malformed message content")
 S553_5_1_7_BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
+#: Health documents (IHE XDM packages, MSSanté Référentiel #2 ECO.2.4): RFC 3463 5.6.0, media error.
+S554_5_6_0_XDM_INVALID = Reply(554, "5.6.0", "IHE XDM package refused")
+S554_5_6_0_INS_MALFORMED = Reply(554, "5.6.0", "Patient INS in the IHE XDM package is malformed")
+S554_5_6_0_XMSS_MISMATCH = Reply(554, "5.6.0", "X-MSS header fields contradict the IHE XDM package")
+S554_5_6_0_XMSS_MISSING = Reply(
+    554, "5.6.0", "X-MSS-CODECDA and X-MSS-INS are required with an IHE XDM package (MSSante Ref. #2 ECO.2.4)"
+)
 S555_5_5_4_BAD_PARAMS = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameters not recognised")

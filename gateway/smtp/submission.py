@@ -11,7 +11,10 @@ the reason (454 4.7.0 when the CRL is stale or missing and ``crypto.crl_soft_fai
 
 Each step asks policy and sends the ``Decision``'s reply: MAIL FROM the sender rules
 (550 5.7.1), each RCPT TO the recipient rules exactly as ``mssgw domains check``,
-DATA the content rules (550 5.6.0) and the ``From:`` rule (550 5.7.1). An accepted
+DATA the content rules (550 5.6.0), the ``From:`` rule (550 5.7.1) and the health-document
+rules (``gateway.policy.documents``: an IHE XDM package that fails its checks, a malformed INS
+or X-MSS fields contradicting the package answer 554 5.6.0; missing X-MSS fields are added from
+the package or refused, per ``documents.missing_headers``). An accepted
 message gets a ``Received:`` field (and Message-ID/Date when missing, RFC 6409 8),
 is committed to the queue with its audit records, and only then answered
 250 2.6.0 with its queue id. A directory, database or disk failure answers 4xx.
@@ -19,6 +22,7 @@ is committed to the queue with its audit records, and only then answered
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import logging
 import time
@@ -31,8 +35,10 @@ from aiosmtpd.smtp import MISSING, Envelope, Session
 from directory.service import sender_facts
 from gateway.audit.trail import AuditEvent
 from gateway.auth import Authenticator
+from gateway.documents.scan import inspect_message
 from gateway.policy.content import ContentFacts
 from gateway.policy.decision import Decision
+from gateway.policy.documents import DocumentFacts, DocumentsDecision, decide_documents
 from gateway.policy.senders import auth_required, decide_sender
 from gateway.queue.store import new_queue_id
 from gateway.smtp import replies as R
@@ -172,11 +178,15 @@ class SubmissionHandler(EdgeHandler):
             facts, decision = await self.check_content(data)
             if decision.accepted:
                 decision = await self._check_from(sess, envelope, facts)
+            documents = None
+            if decision.accepted:
+                documents = await self._check_documents(data, facts.headers_end)
+                decision = documents.decision
             if not decision.accepted:
                 return self.refuse_content(sess, envelope, decision, len(data))
             queue_id = new_queue_id()
             stored = self.received_header(server, envelope, queue_id) + _missing_headers(
-                facts, queue_id, self.settings.hostname) + data
+                facts, queue_id, self.settings.hostname) + _fields(documents) + data
             events = self.accept_events(sess, envelope, queue_id, len(stored))
             result = await self.store(server, envelope, stored, queue_id=queue_id, events=events,
                                       auth_identity=sess.identity, message_id=facts.message_id)
@@ -187,6 +197,21 @@ class SubmissionHandler(EdgeHandler):
         self.metrics.inc("mssgw_bytes_queued_total", float(len(stored)), origin=self.origin)
         self.log_outcome("queued", envelope, queue_id=result.queue_id, size=len(stored))
         return str(R.S250_2_6_0_QUEUED.with_text(f"Message accepted for delivery, queued as {result.queue_id}"))
+
+    async def _check_documents(self, data: bytes, headers_end: int) -> DocumentsDecision:
+        """The health-document rules, in a thread (zips are inflated, XML parsed); skipped when the
+        message has no zip attachment (base64 ``UEsDB``, or raw ``PK``) and no X-MSS field."""
+        head = data[:headers_end].lower()
+        if b"x-mss-" not in head and b"UEsDB" not in data and b"PK\x03\x04" not in data:
+            return decide_documents(_NO_DOCUMENTS)
+        mode = str(self.settings.get("documents", "missing_headers"))
+
+        def run() -> DocumentsDecision:
+            return decide_documents(inspect_message(data).policy_facts(), missing_headers=mode)
+
+        decided = await asyncio.to_thread(run)
+        self.metrics.inc("mssgw_documents_checked_total", rule=decided.decision.rule)
+        return decided
 
     async def _check_from(self, sess: GatewaySession, envelope: Envelope, facts: ContentFacts) -> Decision:
         """From:, Sender:, Resent-From: and Resent-Sender: (``EdgeHandler.check_authors``)."""
@@ -213,6 +238,16 @@ def _certificate_refusal(reason: str) -> R.Reply:
     if reason == "unavailable":
         return R.S451_4_3_5_POLICY_UNAVAILABLE
     return R.S530_5_7_0_AUTH_REQUIRED.with_text(_CERTIFICATE_REFUSALS.get(reason, "Client certificate refused: use AUTH"))
+
+
+_NO_DOCUMENTS = DocumentFacts()
+
+
+def _fields(documents: DocumentsDecision | None) -> bytes:
+    """X-MSS fields policy asks to add (values are codes and O/N: no folding or encoding needed)."""
+    if documents is None:
+        return b""
+    return b"".join(f"{name}: {value}\r\n".encode("ascii") for name, value in documents.add_headers)
 
 
 def _missing_headers(facts: ContentFacts, queue_id: str, hostname: str) -> bytes:

@@ -111,17 +111,17 @@ def _rsa(world: Any, name: str) -> Who:
 CIPHERS = {"aes-256-cbc": "-aes-256-cbc", "aes-128-gcm": "-aes-128-gcm", "aes-256-gcm": "-aes-256-gcm"}
 #: key management name -> (recipient, openssl -keyopt options, key_transport reported by us)
 KEY_MGMT: dict[str, tuple[str, list[str], str]] = {
-    "rsa-pkcs1v15": ("bob", [], "rsa-pkcs1v15"),
-    "rsa-oaep": ("bob", ["-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256"], "rsa-oaep"),
-    "ecdh-p256-sha1kdf": ("ec.bob", [], "ecdh-secp256r1"),
-    "ecdh-p256-sha256kdf": ("ec.bob", ["-keyopt", "ecdh_kdf_md:sha256"], "ecdh-secp256r1"),
-    "ecdh-p384-sha384kdf": ("ec.bob384", ["-keyopt", "ecdh_kdf_md:sha384"], "ecdh-secp384r1"),
+    "kt-rsa15": ("bob", [], "rsa-pkcs1v15"),
+    "kt-oaep": ("bob", ["-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256"], "rsa-oaep"),
+    "ka-p256-sha1kdf": ("ec.bob", [], "ecdh-secp256r1"),
+    "ka-p256-sha256kdf": ("ec.bob", ["-keyopt", "ecdh_kdf_md:sha256"], "ecdh-secp256r1"),
+    "ka-p384-sha384kdf": ("ec.bob384", ["-keyopt", "ecdh_kdf_md:sha384"], "ecdh-secp384r1"),
 }
 #: signer name -> (signer, openssl -keyopt options, signature_algorithm reported by us)
 SIGNERS: dict[str, tuple[str, list[str], str]] = {
-    "rsa-pkcs1v15": ("alice", [], "rsa-pkcs1v15"),
-    "rsa-pss": ("alice", ["-keyopt", "rsa_padding_mode:pss"], "rsa-pss"),
-    "ecdsa-p256": ("ec.alice", [], "ecdsa"),
+    "sig-rsa15": ("alice", [], "rsa-pkcs1v15"),
+    "sig-pss": ("alice", ["-keyopt", "rsa_padding_mode:pss"], "rsa-pss"),
+    "sig-ecdsa": ("ec.alice", [], "ecdsa"),
 }
 FORMS = ("detached", "opaque")
 ORDERS = ("sign-then-encrypt", "encrypt-then-sign")
@@ -285,15 +285,15 @@ def test_smime4_ed25519_signature_verified(world: Any, ecw: Ec, openssl: Openssl
 
 #: recipient name -> (recipient, openssl -cmsout marker of the recipient info)
 OUT_KEY_MGMT: dict[str, tuple[str, str, bytes]] = {
-    "rsa-pkcs1v15": ("bob", "pkcs1v15", b"rsaEncryption"),
-    "rsa-oaep": ("bob", "oaep", b"rsaesOaep"),
-    "ecdh-p256": ("ec.bob", "pkcs1v15", b"dhSinglePass-stdDH-sha256kdf-scheme"),
-    "ecdh-p384": ("ec.bob384", "pkcs1v15", b"dhSinglePass-stdDH-sha384kdf-scheme"),
+    "kt-rsa15": ("bob", "pkcs1v15", b"rsaEncryption"),
+    "kt-oaep": ("bob", "oaep", b"rsaesOaep"),
+    "ka-p256": ("ec.bob", "pkcs1v15", b"dhSinglePass-stdDH-sha256kdf-scheme"),
+    "ka-p384": ("ec.bob384", "pkcs1v15", b"dhSinglePass-stdDH-sha384kdf-scheme"),
 }
 OUT_SIGNERS: dict[str, tuple[str, str, bytes]] = {
-    "rsa-pkcs1v15": ("alice", "pkcs1v15", b"sha256WithRSAEncryption"),
-    "rsa-pss": ("alice", "pss", b"rsassaPss"),
-    "ecdsa-p256": ("ec.alice", "pkcs1v15", b"ecdsa-with-SHA256"),
+    "sig-rsa15": ("alice", "pkcs1v15", b"sha256WithRSAEncryption"),
+    "sig-pss": ("alice", "pss", b"rsassaPss"),
+    "sig-ecdsa": ("ec.alice", "pkcs1v15", b"ecdsa-with-SHA256"),
 }
 MATRIX_OUT = list(itertools.product(CIPHERS, OUT_KEY_MGMT, OUT_SIGNERS))
 
@@ -322,9 +322,10 @@ def test_smime4_we_build_openssl_opens(world: Any, ecw: Ec, openssl: Openssl, ci
     assert res.ok and inner == msg and res.content_algorithm == cipher
 
 
-@pytest.mark.parametrize(("signer_name", "opaque"), list(itertools.product(OUT_SIGNERS, (False, True))))
+@pytest.mark.parametrize(("signer_name", "form"), list(itertools.product(OUT_SIGNERS, FORMS)))
 def test_smime4_we_sign_openssl_verifies(world: Any, ecw: Ec, openssl: Openssl, signer_name: str,
-                                         opaque: bool) -> None:  # fmt: skip
+                                         form: str) -> None:  # fmt: skip
+    opaque = form == "opaque"
     sname, rsa_sig, sig_marker = OUT_SIGNERS[signer_name]
     signer = _who(world, ecw, sname)
     msg = _message(signer.email, "sec@b.test")

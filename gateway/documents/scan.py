@@ -15,9 +15,10 @@ event loop; the caller bounds the message size, this module bounds everything in
 
 from __future__ import annotations
 
+import binascii
 from dataclasses import dataclass
-from email import message_from_bytes
 from email.message import Message
+from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from gateway.documents.ins import Ins
@@ -99,9 +100,80 @@ def _header_values(message: Message, name: str) -> list[str]:
     return [str(v) for v in (message.get_all(name) or [])]
 
 
+#: Bounds of the MIME walk (the edge's content rules bound the same shapes earlier).
+MAX_DEPTH = 16
+MAX_LEAVES = 2000
+
+
+def _split_entity(entity: bytes) -> tuple[Message, bytes]:
+    """(headers, body) of one MIME entity; only the header block goes through the email parser."""
+    if entity.startswith(b"\r\n"):
+        return BytesHeaderParser(policy=compat32).parsebytes(b""), entity[2:]
+    end = entity.find(b"\r\n\r\n")
+    block, body = (entity, b"") if end < 0 else (entity[:end + 2], entity[end + 4:])
+    return BytesHeaderParser(policy=compat32).parsebytes(block), body
+
+
+def _parts(body: bytes, boundary: str) -> list[bytes]:
+    """The body parts of a multipart body (RFC 2046 5.1.1), found with bytes.find (linear, in C)."""
+    delim = b"--" + boundary.encode("ascii", "replace")
+    parts: list[bytes] = []
+    start: int | None = None
+    pos = 0
+    while True:
+        at = body.find(delim, pos)
+        if at < 0:
+            break
+        pos = at + len(delim)
+        if at and body[at - 2:at] != b"\r\n":
+            continue
+        eol = body.find(b"\r\n", pos)
+        rest = body[pos:eol if eol >= 0 else len(body)]
+        closing = rest.startswith(b"--")
+        if rest.strip(b" \t") and not closing:
+            continue  # a line that only starts like the delimiter
+        if start is not None:
+            parts.append(body[start:max(start, at - 2)])
+        if closing or eol < 0:
+            break
+        start = eol + 2
+        pos = start
+    return parts
+
+
+def _leaves(entity: bytes, depth: int, out: list[tuple[Message, bytes]]) -> None:
+    headers, body = _split_entity(entity)
+    if headers.get_content_maintype() == "multipart":
+        boundary = headers.get_boundary()
+        if boundary and depth < MAX_DEPTH:
+            for part in _parts(body, boundary):
+                if len(out) >= MAX_LEAVES:
+                    return
+                _leaves(part, depth + 1, out)
+        return
+    out.append((headers, body))
+
+
+def _zip_payload(headers: Message, body: bytes) -> bytes | None:
+    """The decoded body when it is a zip, without decoding anything else."""
+    cte = str(headers.get("content-transfer-encoding", "")).strip().lower()
+    if cte == "base64":
+        if body.lstrip()[:5] != b"UEsDB":
+            return None
+        return binascii.a2b_base64(body)
+    if cte == "quoted-printable":
+        decoded = binascii.a2b_qp(body)
+        return decoded if decoded.startswith(_ZIP_MAGIC) else None
+    return body if body.startswith(_ZIP_MAGIC) else None
+
+
 def inspect_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> MessageDocuments:
     """The packages of a message, checked; never raises for bad content (the error is a fact)."""
-    message = message_from_bytes(data, policy=compat32)
+    if b"\r\n" not in data:
+        data = data.replace(b"\n", b"\r\n")  # an opened message may come back with bare LF
+    leaves: list[tuple[Message, bytes]] = []
+    _leaves(data, 0, leaves)
+    message, _ = _split_entity(data)
     codecda = _header_values(message, "X-MSS-CODECDA")
     ins_fields = _header_values(message, "X-MSS-INS")
     header_codecda = None
@@ -113,13 +185,9 @@ def inspect_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> MessageDocu
     problems: list[str] = []
     error: str | None = None
     found = 0
-    for part in message.walk():
-        if part.is_multipart() or part.get_content_maintype() == "message":
-            continue
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes) or not payload.startswith(_ZIP_MAGIC):
-            continue
-        if not is_xdm(payload):
+    for headers, body in leaves:
+        payload = _zip_payload(headers, body)
+        if payload is None or not is_xdm(payload):
             continue
         found += 1
         if found > MAX_PACKAGES:

@@ -217,3 +217,28 @@ def test_sha1_of_metadata_is_sha1() -> None:
     doc = cda()
     meta = metadata([("DOC0001.XML", doc, "text/xml")]).decode()
     assert hashlib.sha1(doc).hexdigest() in meta  # noqa: S324 (the sample writer is independent)
+
+
+def test_packages_found_in_nested_multiparts_and_any_transfer_encoding() -> None:
+    """The scanner splits MIME itself (linear); the standard library writes the nesting and encodings."""
+    from email.message import EmailMessage
+    from email.policy import SMTP
+
+    outer = EmailMessage(policy=SMTP)
+    outer["From"] = "a@a.test"
+    outer["Subject"] = "x"
+    outer.set_content("texte")
+    inner = EmailMessage(policy=SMTP)
+    inner.set_content("alt")
+    inner.add_alternative("<p>alt</p>", subtype="html")
+    inner.add_attachment(package(), maintype="application", subtype="zip", filename="IHE_XDM.ZIP")
+    outer.add_attachment(inner)  # message/rfc822: a forwarded message's package is not ours to check
+    nested = EmailMessage(policy=SMTP)
+    nested.set_content("x")
+    nested.add_attachment(package(), maintype="application", subtype="zip", filename="IHE_XDM.ZIP",
+                          cte="quoted-printable")
+    outer.attach(nested)
+    found = inspect_message(outer.as_bytes())
+    assert found.error is None and len(found.packages) == 1 and found.cda_codes == ("57833-6",)
+    lf_only = message(package()).replace(b"\r\n", b"\n")
+    assert len(inspect_message(lf_only).packages) == 1

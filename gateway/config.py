@@ -88,6 +88,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "receipts": {
         "mdn_processed": True,
         "dsn_on_quarantine": True,
+        # MDNs as RFC 8098 writes them ("rfc8098": a message we could not accept is "processed/error",
+        # From our postmaster) or as the Direct Project's delivery-notification guide does ("direct":
+        # "failed", From the final recipient), for trust spaces whose peers expect that form.
+        "mdn_profile": "rfc8098",
     },
     "relay": {
         "mx_port": 25,  # SMTP port of the MX hosts of domains routed by their MX records (RFC 5321 5.1)
@@ -288,6 +292,8 @@ def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = N
         raise ConfigError("runtime.event_loop: must be uvloop or asyncio")
     if values["documents"]["missing_headers"] not in {"add", "refuse"}:
         raise ConfigError("documents.missing_headers: must be add or refuse")
+    if values["receipts"]["mdn_profile"] not in {"rfc8098", "direct"}:
+        raise ConfigError("receipts.mdn_profile: must be rfc8098 or direct")
     for key, allowed in _CRYPTO_CHOICES.items():
         if values["crypto"][key] not in allowed:
             raise ConfigError(f"crypto.{key}: must be one of {', '.join(allowed)}, got {values['crypto'][key]!r}")

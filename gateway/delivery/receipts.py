@@ -44,8 +44,10 @@ __all__ = [
     "build_dsn",
     "build_mdn",
     "is_report",
+    "mdn_from",
     "mdn_request",
     "original_headers",
+    "receipt_author",
 ]
 
 MAX_ORIGINAL_HEADERS = 64 * 1024
@@ -133,6 +135,22 @@ def mdn_request(message: bytes) -> MdnRequest | None:
         message_id=_mime.header_value(fields, "message-id"),
         subject=_mime.header_value(fields, "subject") or "",
     )
+
+
+def mdn_from(profile: str, *, postmaster: str, final_recipient: str) -> str:
+    """The From of an MDN we send: our postmaster (RFC 8098 leaves it to us), or, under the Direct
+    profile, the final recipient, on whose behalf the gateway answers (Direct delivery-notification guide)."""
+    return f"<{final_recipient if profile == MDN_FORM_DIRECT else postmaster}>"
+
+
+def receipt_author(receipt: bytes) -> str | None:
+    """The From address of a receipt we built, lower-cased: the address whose certificate signs it.
+
+    Receipts travel with the null reverse-path, so the envelope names no signer; signing with
+    the certificate for the From (the address's own, else the operator's domain-bound one,
+    whose dNSName is the From's domain: Direct Applicability Statement 1.2 §4) keeps the
+    signature and the From in agreement for the peer that checks them."""
+    return _mime.first_address(_mime.header_value(_fields(receipt), "from"))
 
 
 def _envelope(*, from_addr: str, to: str, subject: str, boundary: str, report_type: str,

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.delivery.receipts import MDN_FORM_DIRECT, DsnRecipient, build_dsn, build_mdn
+from gateway.delivery.receipts import (
+    MDN_FORM_DIRECT,
+    MDN_FORM_RFC8098,
+    DsnRecipient,
+    build_dsn,
+    build_mdn,
+    mdn_from,
+    receipt_author,
+)
 
 # --- RFC 5234 / 5322 building blocks ---------------------------------------------------------------
 
@@ -364,3 +372,17 @@ def test_the_strict_parser_refuses_what_the_grammar_does_not_produce() -> None:
                 dsn.replace(b"Reporting-MTA: dns; mx.a.test\r\n", b"")):
         with pytest.raises(GrammarError):
             parse_dsn(bad)
+
+
+def test_the_from_of_a_receipt_names_the_address_that_signs_it() -> None:
+    """RFC 8098 profile: From our postmaster; Direct profile: From the final recipient."""
+    for profile, expected in ((MDN_FORM_RFC8098, "postmaster@b.test"), (MDN_FORM_DIRECT, "ph@b.test")):
+        from_addr = mdn_from(profile, postmaster="postmaster@b.test", final_recipient="ph@b.test")
+        data = mdn(from_addr=from_addr, disposition="processed")
+        report, _f = parse_mdn(data)
+        assert report.top.get("From") == f"<{expected}>"
+        assert receipt_author(data) == expected
+    dsn = build_dsn(reporting_mta="mx.a.test", postmaster="postmaster@a.test", to="s@a.test",
+                    recipients=[DsnRecipient("ph@b.test", "failed", "5.0.0", "")], original=ORIGINAL,
+                    arrival=NOW, now=NOW)  # fmt: skip
+    assert receipt_author(dsn) == "postmaster@a.test"

@@ -18,9 +18,6 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-# Import every table so the metadata is complete for Alembic.
-import gateway.audit.models
-import gateway.queue.models  # noqa: F401
 from directory.models import Base
 from gateway.durable import PRIVATE_FILE_MODE, private_dir, private_file, private_umask
 

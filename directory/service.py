@@ -567,6 +567,7 @@ class RecipientFacts:
     has_openpgp_key: bool = False
     domain_has_certificate: bool = False  # a domain-bound certificate (Direct Project)
     operator_dn: str | None = None  # the peer's TLS identity (MSSanté whitelist)
+    prefers_openpgp: bool = False  # the peer domain asks for OpenPGP when the recipient has a key
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -622,6 +623,7 @@ def recipient_facts(session: Session, address: str) -> RecipientFacts:
         has_openpgp_key=trusted and bool(row.has_key),
         domain_has_certificate=trusted and bool(row.domain_cert),
         operator_dn=row.operator_dn,
+        prefers_openpgp=trusted and bool(row.prefers_openpgp),
     )
 
 
@@ -645,6 +647,7 @@ def _build_facts_query():  # type: ignore[no-untyped-def]
             Domain.kind,
             Domain.reason,
             Domain.operator_dn,
+            Domain.prefers_openpgp,
             mailbox.c.type,
             mailbox.c.active,
             mailbox.c.local,

@@ -40,6 +40,7 @@ from gateway.audit.trail import AuditEvent, AuditWriter, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.metrics import Metrics, serve_metrics
+from gateway.queue.intake import Intake
 from gateway.queue.store import QueueError, QueueStore
 from gateway.smtp.inbound import InboundHandler
 from gateway.smtp.server import EdgeDeps, EdgeHandler, GatewaySMTP, start_listener
@@ -126,8 +127,9 @@ class Gateway:
                                  sealer=Sealer.for_settings(self.settings, self.sessions))  # sealed now and then
         self.audit.start()
         self.authenticator = Authenticator(self.sessions, self.settings, self.audit, readers=self.readers)
-        deps = EdgeDeps(self.settings, self.sessions, self.store, self.audit, self.metrics, on_queued=self._wake,
-                        readers=self.readers, writer=self._writer, handoff=lambda: self.workers)
+        intake = Intake(self.store, writer=self._writer, audit=self.audit, handoff=lambda: self.workers,
+                        on_queued=self._wake)  # fmt: skip
+        deps = EdgeDeps(self.settings, self.sessions, intake, self.audit, self.metrics, readers=self.readers)
         submission = SubmissionHandler(deps, self.authenticator)
         inbound = InboundHandler(deps)
         self.handlers = [submission, inbound]

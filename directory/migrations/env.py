@@ -5,7 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-import directory.db  # noqa: F401  (registers every table)
+# Every table of the schema, so that the metadata Alembic compares is complete.
+import gateway.audit.models
+import gateway.queue.models  # noqa: F401
 from directory.models import Base
 
 config = context.config

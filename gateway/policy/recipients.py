@@ -81,6 +81,8 @@ def protection_for(f: Facts) -> str | None:
     """How mail to this recipient would be protected, or None when it cannot be."""
     if f.domain_kind == "local":
         return "local"
+    if f.has_openpgp_key and f.prefers_openpgp:
+        return "openpgp"
     if f.has_certificate:
         return "smime"
     if f.has_openpgp_key:

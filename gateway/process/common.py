@@ -1,27 +1,27 @@
-"""What the outbound and inbound pipelines share: the job snapshot, the context, outcomes, receipts.
+"""What the outbound and inbound pipelines share: the context, the verdict being built, receipts.
 
-The job: one place that turns a pipeline's verdict on a recipient into queue state and audit
-records (``record``), that enqueues receipts (``enqueue_receipt``: DSN RFC 3464, MDN RFC 8098,
-never for a report), and that runs CPU-bound crypto off the event loop (``Context.crypto``,
-ARCHITECTURE rule 6).  Database calls are synchronous SQLAlchemy and run in a thread.
+The job: one place that turns a pipeline's decision on a recipient into the verdict's outcome
+and audit records (``record``), that adds receipts to the verdict (``enqueue_receipt``: DSN RFC
+3464, MDN RFC 8098, never for a report), and that runs CPU-bound crypto off the event loop
+(``Context.crypto``, ARCHITECTURE rule 6).  Nothing here writes to the queue: the verdict is a
+value (``gateway.process.verdict``) that the queue commits in one transaction.  Database lookups
+are synchronous SQLAlchemy and run in a thread.
 
 Errors: ``PipelineError`` for a message the pipeline cannot handle at all (unknown origin,
-vanished spool file); the worker defers such a message and audits why.
+vanished spool file); the run then defers what is still pending and audits why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import json
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.trail import AuditEvent
@@ -29,9 +29,7 @@ from gateway.config import Settings
 from gateway.crypto.keystore import KeyStore
 from gateway.delivery.receipts import DsnRecipient, build_dsn
 from gateway.delivery.relay import Attempt, Route
-from gateway.queue.models import QueuedMessage, RecipientState
-from gateway.queue.outcomes import Outcome, OutcomeBatch
-from gateway.queue.store import QueueStore, as_utc
+from gateway.process.verdict import Job, Outcome, Receipt, Recipient, RecipientState, Verdict
 from gateway.ttlcache import TtlCache
 
 log = logging.getLogger("mssgw.process")
@@ -43,7 +41,7 @@ __all__ = ["Context", "Job", "LocalDelivery", "PipelineError", "Recipient", "Rel
 
 
 class PipelineError(Exception):
-    """The message cannot be processed at all; the worker defers it and audits the reason."""
+    """The message cannot be processed at all; the run defers it and audits the reason."""
 
 
 class LocalDelivery(Protocol):
@@ -54,60 +52,12 @@ class RelayTransport(Protocol):
     async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]: ...
 
 
-@dataclass(frozen=True)
-class Recipient:
-    address: str
-    state: RecipientState
-    attempts: int
-    protection: str | None = None  # "released-by-admin": delivered as is, never judged again
-
-
-@dataclass(frozen=True)
-class Job:
-    """A snapshot of a claimed queue row (no ORM object crosses an await)."""
-
-    id: str
-    origin: str
-    kind: str
-    sender: str
-    created_at: _dt.datetime
-    expires_at: _dt.datetime
-    warned_at: _dt.datetime | None
-    peer_operator: str | None
-    message_id: str | None
-    related_id: str | None
-    recipients: tuple[Recipient, ...]
-    claim_gen: int = 0  # the claim's fencing token: outcomes count only while it is current
-
-    @property
-    def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.state in (RecipientState.QUEUED, RecipientState.DEFERRED)]
-
-    @property
-    def is_receipt(self) -> bool:
-        return self.kind in ("dsn", "mdn") or self.origin == "receipt"
-
-    @classmethod
-    def from_columns(cls, msg: Mapping[str, Any]) -> Job:
-        """From a claimed row as ``QueueStore.claim_rows`` returns it (columns + ``recipients``)."""
-        return cls(
-            id=msg["id"], origin=msg["origin"], kind=msg["kind"], sender=msg["sender"] or "",
-            created_at=as_utc(msg["created_at"]), expires_at=as_utc(msg["expires_at"]),
-            warned_at=as_utc(msg["warned_at"]) if msg["warned_at"] else None,
-            peer_operator=msg["peer_operator"], message_id=msg["message_id"], related_id=msg["related_id"],
-            recipients=tuple(Recipient(r["address"], RecipientState(r["state"]), r["attempts"], r.get("protection"))
-                             for r in msg["recipients"]),
-            claim_gen=int(msg.get("claim_gen") or 0),
-        )  # fmt: skip
-
-
 @dataclass
 class Context:
     """Everything a pipeline step needs; built once by ``Workers``."""
 
     settings: Settings
-    factory: sessionmaker[Session]
-    store: QueueStore
+    readers: sessionmaker[Session]  # lookups only (directory, keys): on SQLite never the write lock
     keys: KeyStore
     relay: RelayTransport
     local: LocalDelivery
@@ -115,14 +65,12 @@ class Context:
     openpgp: Any = None  # gateway.crypto.openpgp.OpenPgp, created on first use
     actor: str = "worker"
     now: Callable[[], _dt.datetime] = field(default=lambda: _dt.datetime.now(_dt.UTC))
-    readers: sessionmaker[Session] | None = None  # lookups: no write lock on SQLite (deferred BEGIN)
-    batches: dict[str, OutcomeBatch] = field(default_factory=dict)
+    verdicts: dict[str, Verdict] = field(default_factory=dict)  # the runs in progress, by queue id
     plans: TtlCache = field(default_factory=lambda: TtlCache(PLAN_TTL))
-    wake: Callable[[], None] | None = None  # the workers' ``wake``: a receipt was queued
 
     def read(self) -> Session:
         """A session for lookups (directory, queue rows): never takes SQLite's write lock."""
-        return (self.readers or self.factory)()
+        return self.readers()
 
     async def crypto(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the crypto executor (processes or threads), or inline."""
@@ -156,19 +104,23 @@ class Context:
     def postmaster(self) -> str:
         return f"postmaster@{self.settings.domains[0]}"
 
-    # --- outcomes ----------------------------------------------------------------------
+    # --- the verdict ---------------------------------------------------------------------
 
-    # A pipeline run inside ``collect(job)`` gathers its outcomes in memory; the worker writes
-    # them with the release in one transaction (``gateway.queue.outcomes.commit``).  Outside
-    # it (a caller without a worker) each outcome is written at once.
+    # ``begin(job)`` opens the run's verdict; every ``record``, ``set_security`` and receipt of
+    # the run goes into it, and ``end(job)`` hands it back (``gateway.process.pipeline.run``).
 
-    def collect(self, job: Job) -> OutcomeBatch:
-        batch = OutcomeBatch()
-        self.batches[job.id] = batch
-        return batch
+    def begin(self, job: Job) -> Verdict:
+        verdict = self.verdicts[job.id] = Verdict()
+        return verdict
 
-    def collected(self, job: Job) -> OutcomeBatch:
-        return self.batches.pop(job.id, None) or OutcomeBatch()
+    def end(self, job: Job) -> Verdict:
+        return self.verdicts.pop(job.id, None) or Verdict()
+
+    def verdict(self, job: Job) -> Verdict:
+        try:
+            return self.verdicts[job.id]
+        except KeyError:  # a step run without ``begin``: a programming error, never a silent write
+            raise PipelineError(f"no verdict open for {job.id}") from None
 
     async def record(self, job: Job, address: str, state: RecipientState, *, reply: str,
                      event: str, outcome: str, protection: str | None = None,
@@ -179,45 +131,23 @@ class Context:
         )  # fmt: skip
         relay = str((detail or {}).get("remote") or ("local" if self.is_local(address) else "none"))
         log_attempt(job, address, state, reply, relay=relay, now=self.now())
-        batch = self.batches.get(job.id)
-        if batch is not None:
-            batch.add(Outcome(address, state, reply, protection), [ev])
-            return
-        await self.io(self.store.set_recipient_state, job.id, address, state, reply=reply,
-                      protection=protection, audit_events=[ev])  # fmt: skip
+        self.verdict(job).add(Outcome(address, state, reply, protection), [ev])
 
     async def set_security(self, job: Job, security: dict[str, Any]) -> None:
-        batch = self.batches.get(job.id)
-        if batch is not None:
-            batch.security = security
-            return
-
-        def _write() -> None:
-            with self.factory() as session, session.begin():
-                session.execute(
-                    update(QueuedMessage).where(QueuedMessage.id == job.id)
-                    .values(security=json.dumps(security, sort_keys=True, default=str))
-                )  # fmt: skip
-
-        await self.io(_write)
+        self.verdict(job).security = security
 
     async def mark_warned(self, job: Job, when: _dt.datetime) -> None:
-        def _write() -> None:
-            with self.factory() as session, session.begin():
-                session.execute(update(QueuedMessage).where(QueuedMessage.id == job.id).values(warned_at=when))
-
-        await self.io(_write)
+        self.verdict(job).warned_at = when
 
     # --- receipts ----------------------------------------------------------------------
 
     async def enqueue_receipt(self, job: Job, data: bytes, *, kind: str, to: str, event: str,
                               detail: dict[str, Any] | None = None,
-                              dedupe_key: str | None = None) -> str | None:  # fmt: skip
-        """Queue a receipt about ``job`` for ``to``.
+                              dedupe_key: str | None = None) -> None:  # fmt: skip
+        """Add a receipt about ``job`` for ``to`` to the verdict; the queue stores it with the
+        recipients' new states, in the same transaction.
 
-        ``dedupe_key`` makes it once per (key, recipient) for good: the receipt is queued before the
-        job's verdict commits, so a worker dying in between redoes the job, and the queue's dedupe
-        table then answers "already queued" instead of storing a second copy.
+        ``dedupe_key`` makes it once per (key, recipient) for good, across runs of the job.
 
         DSNs use the null reverse-path (RFC 3461 §6.2).  MDNs come from our postmaster, as
         Direct Project HISPs send them, so that peers' MAIL FROM checks accept them; loops are
@@ -225,30 +155,23 @@ class Context:
         sender = "" if kind == "dsn" else self.postmaster
         ev = AuditEvent(event, "info", actor=self.actor, sender=sender or "<>", recipient=to, queue_id=None,
                         detail={"kind": kind, "related_id": job.id, **(detail or {})})  # fmt: skip
-        enq = await self.io(
-            self.store.enqueue, data, sender=sender, recipients=[to], origin="receipt", kind=kind,
-            related_id=job.id, audit_events=[ev],
-            dedupe_key=dedupe_key,
-        )  # fmt: skip
-        if self.wake is not None:
-            self.wake()
-        return enq.queue_id
+        self.verdict(job).receipts.append(Receipt(data, kind, sender, to, job.id, dedupe_key, (ev,)))
 
-    async def send_dsn(self, job: Job, original: bytes, recipients: Sequence[DsnRecipient]) -> str | None:
+    async def send_dsn(self, job: Job, original: bytes, recipients: Sequence[DsnRecipient]) -> None:
         """A DSN to the job's sender, unless the job is itself a receipt or has the null sender."""
         if not recipients:
-            return None
+            return
         if not job.sender or job.is_receipt:
             for r in recipients:
                 log.info("no DSN for %s (%s): null sender or report", job.id, r.address)
-            return None
+            return
         dsn = build_dsn(
             reporting_mta=self.settings.hostname, postmaster=self.postmaster, to=job.sender,
             recipients=recipients, original=original, arrival=job.created_at, envelope_id=job.id,
             now=self.now(),
         )  # fmt: skip
         action = "delayed" if all(r.action == "delayed" for r in recipients) else "failed"
-        return await self.enqueue_receipt(job, dsn, kind="dsn", to=job.sender, event=f"dsn-{action}",
+        await self.enqueue_receipt(job, dsn, kind="dsn", to=job.sender, event=f"dsn-{action}",
                                           detail={"recipients": [r.address for r in recipients]})  # fmt: skip
 
 

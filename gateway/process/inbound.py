@@ -42,7 +42,7 @@ from gateway.delivery.relay import Attempt, dn_equal
 from gateway.process.common import Context, Job
 from gateway.process.outbound import defer_or_bounce
 from gateway.process.reports import PEER_TLS, peer_report_results, quarantine_notice, transport_report
-from gateway.queue.models import RELEASED, RecipientState
+from gateway.process.verdict import RELEASED, RecipientState
 
 __all__ = ["annotate", "open_job", "process_inbound"]
 

@@ -39,7 +39,7 @@ from gateway.delivery.receipts import DsnRecipient
 from gateway.delivery.relay import Attempt, Route
 from gateway.policy.recipients import protection_for
 from gateway.process.common import Context, Job, route_for
-from gateway.queue.models import RecipientState
+from gateway.process.verdict import RecipientState
 
 __all__ = ["process_outbound", "protect_job", "sign_job"]
 
@@ -121,27 +121,30 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
                          event="delivered-local", outcome="accept", protection="local")  # fmt: skip
 
 
-def _plan(ctx: Context, domain: str, rcpts: Sequence[str]) -> tuple[Route | None, dict[str, list[str]]]:
-    """The route, and the recipients grouped by protection (None: cannot be protected).
+#: Protections a relay attempt can use; recorded with the recipient and reused by every later attempt.
+RELAY_PROTECTIONS = frozenset({"smime", "smime-domain", "openpgp", "mtls-signed"})
 
-    Reused for ``PLAN_TTL`` seconds (``Context.plans``): a burst of messages to one domain asks
-    the directory once."""
-    key = (domain, tuple(rcpts))
+
+def _plan(ctx: Context, domain: str, rcpts: Sequence[str],
+          decided: dict[str, str]) -> tuple[Route | None, dict[str, list[str]]]:  # fmt: skip
+    """The route, and the recipients grouped by protection ("none": cannot be protected).
+
+    A recipient's protection is decided once (at RCPT time by the submission policy, or by the
+    first attempt) and carried with the job (``decided``): a retry protects the same way, with
+    the recipient's current keys.  Only recipients without one are looked up, with the same
+    rule as RCPT (``protection_for``).  Reused for ``PLAN_TTL`` seconds (``Context.plans``): a
+    burst of messages to one domain asks the directory once."""
+    key = (domain, tuple(rcpts), tuple(sorted(decided.items())))
     hit = ctx.plans.get(key)
     if hit is not None:
         return hit[0], {k: list(v) for k, v in hit[1].items()}
     groups: dict[str, list[str]] = defaultdict(list)
     with ctx.read() as session:
         route = route_for(session, domain)
-        from directory.service import get_domain
-
-        row = get_domain(session, domain)
-        prefers_pgp = bool(row and row.prefers_openpgp)
         for addr in rcpts:
-            facts = recipient_facts(session, addr)
-            kind = protection_for(facts)
-            if facts.has_openpgp_key and prefers_pgp:
-                kind = "openpgp"
+            kind = decided.get(addr)
+            if kind not in RELAY_PROTECTIONS:
+                kind = protection_for(recipient_facts(session, addr))
             groups[kind or "none"].append(addr)
     ctx.plans.put(key, (route, {k: tuple(v) for k, v in groups.items()}))
     return route, groups
@@ -149,8 +152,9 @@ def _plan(ctx: Context, domain: str, rcpts: Sequence[str]) -> tuple[Route | None
 
 async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, domain: str,
                         rcpts: list[str]) -> None:  # fmt: skip
+    decided = {r.address: r.protection for r in job.pending if r.protection}
     try:
-        route, groups = await ctx.io(_plan, ctx, domain, rcpts)
+        route, groups = await ctx.io(_plan, ctx, domain, rcpts, decided)
     except Exception as exc:  # directory outage: try again later (ARCHITECTURE rule 7)
         reason = f"directory unavailable: {type(exc).__name__}"
         await defer_or_bounce(ctx, job, data, [Attempt(a, 451, "4.3.5", reason) for a in rcpts], None)
@@ -181,7 +185,7 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
             continue
         attempts = await ctx.relay.send(route, job.sender, addrs, wire)
         if not all(att.ok for att in attempts):
-            ctx.plans.discard((domain, tuple(rcpts)))  # a failure: read the route afresh next time
+            ctx.plans.discard((domain, tuple(rcpts), tuple(sorted(decided.items()))))  # read afresh next time
         for att in attempts:
             if att.ok:
                 await ctx.record(job, att.address, RecipientState.DELIVERED, reply=att.reply, event="relayed",
@@ -292,20 +296,14 @@ async def _maybe_warn(ctx: Context, job: Job, data: bytes, now: _dt.datetime) ->
     if now - job.created_at < threshold:
         return
 
-    def deferred() -> list[tuple[str, str]]:
-        from sqlalchemy import select
-
-        from gateway.queue.models import QueuedRecipient
-
-        with ctx.read() as session:
-            rows = {r.address: (r.state, r.last_reply or "") for r in session.scalars(
-                select(QueuedRecipient).where(QueuedRecipient.message_id == job.id))}  # fmt: skip
-        batch = ctx.batches.get(job.id)  # this run's outcomes, not yet written
-        for out in batch.outcomes if batch is not None else ():
-            rows[out.address] = (out.state, out.reply or rows.get(out.address, (None, ""))[1])
-        return [(addr, reply) for addr, (state, reply) in rows.items() if state == RecipientState.DEFERRED]
-
-    waiting = await ctx.io(deferred)
+    # The job carries every recipient's state and last reply; this run's outcomes override them.
+    verdict = ctx.verdict(job)
+    waiting: list[tuple[str, str]] = []
+    for r in job.recipients:
+        out = verdict.decided(r.address)
+        state, reply = (out.state, out.reply or r.last_reply or "") if out is not None else (r.state, r.last_reply or "")
+        if state == RecipientState.DEFERRED:
+            waiting.append((r.address, reply))
     if not waiting:
         return
     await ctx.mark_warned(job, now)

@@ -24,7 +24,7 @@ from email.utils import format_datetime, make_msgid
 from gateway.crypto import _mime
 from gateway.crypto.result import SecurityResult
 from gateway.delivery.receipts import original_headers
-from gateway.process.common import Job
+from gateway.process.verdict import Job
 
 __all__ = ["PEER_TLS", "peer_report_results", "quarantine_notice", "transport_report"]
 

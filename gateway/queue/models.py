@@ -7,26 +7,16 @@ missing file. A message's state is derived from its recipients'.
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 
 from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from directory.models import Base, utcnow
+from gateway.core.states import PENDING, RELEASED, RecipientState
 
-
-class RecipientState(enum.StrEnum):
-    QUEUED = "queued"  # waiting for its first attempt
-    DEFERRED = "deferred"  # a temporary failure; retried at next_attempt_at
-    DELIVERED = "delivered"
-    BOUNCED = "bounced"  # failed for good; a DSN went to the sender
-    QUARANTINED = "quarantined"  # inbound message that failed verification; kept aside
-    DELETED = "deleted"  # removed by an admin (reason recorded)
-
-    @property
-    def final(self) -> bool:
-        return self in {RecipientState.DELIVERED, RecipientState.BOUNCED, RecipientState.DELETED}
+__all__ = ["PENDING", "RELEASED", "TRANSITIONS", "QueueDedupe", "QueuedMessage", "QueuedRecipient", "RecipientState",
+           "may_move"]
 
 
 _S = RecipientState
@@ -41,10 +31,6 @@ TRANSITIONS: dict[RecipientState, frozenset[RecipientState]] = {
     _S.BOUNCED: frozenset(),
     _S.DELETED: frozenset(),
 }
-#: The protection of a recipient an admin released from quarantine: delivered as is, never re-judged.
-RELEASED = "released-by-admin"
-#: States a worker still has something to do for.
-PENDING = frozenset({_S.QUEUED, _S.DEFERRED})
 
 
 def may_move(old: RecipientState | str, new: RecipientState | str) -> bool:

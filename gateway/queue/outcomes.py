@@ -1,9 +1,8 @@
 """Record everything a worker learnt about one message in one database transaction.
 
-The job: the pipelines collect their verdicts while they work (``OutcomeBatch``: recipient
-states, replies, protections, audit events, the inbound verification result); ``commit``
-writes them and gives the claim back in a single transaction, instead of one transaction per
-recipient, one for the verification result and one for the release; ``commit_many`` does so for
+The job: a pipeline run returns its verdict (``gateway.process.verdict.Verdict``: recipient
+states, replies, protections, audit events, receipts to queue, the inbound verification result,
+the delay warning); ``commit`` writes it and gives the claim back in a single transaction; ``commit_many`` does so for
 the messages of several workers at once (group commit: one lock and one fsync for all).  The message's ``done``
 flag follows its recipients; the next attempt of what is still pending is asked of
 ``schedule(attempts)`` (the worker's backoff, capped at the expiry).
@@ -32,66 +31,43 @@ import datetime as _dt
 import functools
 import json
 import logging
+import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Connection, Table, bindparam, update
 from sqlalchemy import select as _select
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
+from gateway.process.verdict import Outcome, Receipt, Verdict
+from gateway.queue.admission import NewMessage, insert_new, new_message
 from gateway.queue.models import PENDING, QueuedMessage, QueuedRecipient, RecipientState, may_move
+from gateway.queue.spool import Spool
 
-__all__ = ["Outcome", "OutcomeBatch", "Pending", "commit", "commit_many", "fold_state"]
+__all__ = ["Outcome", "Pending", "Verdict", "commit", "commit_many", "fold_state"]
 
 log = logging.getLogger("mssgw.outcomes")
 
-Purge = Callable[[Sequence[str]], None]  # removes the spool files of these spool names
 
-
-@dataclass(frozen=True)
-class Outcome:
-    address: str
-    state: RecipientState
-    reply: str | None = None
-    protection: str | None = None
-    count_attempt: bool = True
-
-
-@dataclass
-class OutcomeBatch:
-    """What one run of a pipeline has decided about one message, not yet written."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    events: list[AuditEvent] = field(default_factory=list)
-    security: dict[str, Any] | None = None
-
-    def add(self, outcome: Outcome, events: list[AuditEvent] | tuple[AuditEvent, ...] = ()) -> None:
-        self.outcomes.append(outcome)
-        self.events.extend(events)
-
-    def __bool__(self) -> bool:
-        return bool(self.outcomes or self.events or self.security is not None)
-
-
-def commit(factory: sessionmaker[Session], queue_id: str, worker: str | None, batch: OutcomeBatch, *,
+def commit(factory: sessionmaker[Session], queue_id: str, worker: str | None, batch: Verdict, *,
            schedule: Callable[[int], _dt.datetime] | None = None, gen: int | None = None,
-           purge: Purge | None = None) -> bool:  # fmt: skip
+           spool: Spool | None = None) -> bool:  # fmt: skip
     """Write ``batch`` and, when ``worker`` still holds the claim, release it; one transaction.
 
     ``worker=None`` writes the batch and leaves the claim alone.  Returns whether the message is
     done (every recipient final).
     """
-    return commit_many(factory, [Pending(queue_id, worker, batch, schedule, gen)], purge=purge)[0]
+    return commit_many(factory, [Pending(queue_id, worker, batch, schedule, gen)], spool=spool)[0]
 
 
 @dataclass(frozen=True)
 class Pending:
     queue_id: str
     worker: str | None
-    batch: OutcomeBatch
+    batch: Verdict
     schedule: Callable[[int], _dt.datetime] | None = None
     gen: int | None = None  # the claim generation the worker holds (None: not fenced, e.g. an admin)
 
@@ -107,51 +83,116 @@ def fold_state(message: dict[str, Any], rows: Sequence[dict[str, Any]], now: _dt
     return out
 
 
-def commit_many(factory: sessionmaker[Session], items: Sequence[Pending], *, purge: Purge | None = None) -> list[bool]:
+def commit_many(factory: sessionmaker[Session], items: Sequence[Pending], *, spool: Spool | None = None,
+                lifetime: _dt.timedelta = _dt.timedelta(days=5)) -> list[bool]:  # fmt: skip
     """``commit`` for several messages in one transaction (group commit: one fsync, one lock).
 
     Plain Core statements (two reads, two executemany updates, the audit insert): the worker
     commits this for every message it handles, and the ORM's unit of work cost more CPU than
     the rest of the transaction.  The rows read are locked (BEGIN IMMEDIATE on SQLite, FOR
     UPDATE on PostgreSQL), so an admin's concurrent ``queue delete`` is never overwritten.
+
+    The receipts of each verdict (DSNs, MDNs, notices; they expire after ``lifetime``) are
+    written to ``spool`` first, then inserted in the same transaction as the outcomes they
+    follow from: either both commit or neither does, so a crash never queues a receipt for a
+    verdict that is then redone.  A fenced verdict's receipts are dropped with it.
     """
     now = _dt.datetime.now(_dt.UTC)
-    with write_connection(factory) as conn:
-        ids = list(dict.fromkeys(p.queue_id for p in items))
-        lock = conn.dialect.name == "postgresql"
-        claims, rows = (_CLAIMS_FOR_UPDATE, _ROWS_FOR_UPDATE) if lock else (_CLAIMS, _ROWS)
-        params = {"ids": ids}
-        heads: dict[str, dict[str, Any]] = {row["id"]: dict(row) for row in conn.execute(claims, params).mappings()}
-        recipients: dict[str, list[dict[str, Any]]] = {}
-        for row in conn.execute(rows, params).mappings():
-            recipients.setdefault(row["message_id"], []).append(dict(row))
-        changed: dict[int, dict[str, Any]] = {}
-        messages: list[dict[str, Any]] = []
-        results: list[bool] = []
-        events: list[AuditEvent] = []
-        for item in items:
-            if item.queue_id not in heads:
-                log.warning("outcomes for %s dropped: no such message", item.queue_id)
-                results.append(True)
-                continue
-            done, update = _apply(recipients.get(item.queue_id, []), heads[item.queue_id], item, changed, now)
-            if item.gen is not None and heads[item.queue_id]["claim_gen"] != item.gen:
-                events.append(AuditEvent("outcome-fenced", "info", actor=item.worker or "", queue_id=item.queue_id,
-                                         detail={"claim_gen": item.gen}))  # fmt: skip
-            else:
-                events.extend(item.batch.events)
-            heads[item.queue_id] = {**heads[item.queue_id], **update}
-            messages.append(update)
-            results.append(done)
-        if changed:
-            conn.execute(_RECIPIENT_UPDATE, [{**row, "updated_at": now} for row in changed.values()])
-        for keys, group in _by_keys(messages).items():
-            conn.execute(_message_update(keys), group)
-        append(conn, events)
-        purged = [h["spool_name"] for h in heads.values() if h.get("purged_at") == now]
-    if purged and purge is not None:
-        purge(purged)
+    admitted = _admit_receipts(items, spool, now, lifetime)
+    kept: list[NewMessage] = []
+    try:
+        with write_connection(factory) as conn:
+            results, purged = _commit_in(conn, items, admitted, kept, now)
+    except BaseException:
+        _discard(spool, [m for ms in admitted.values() for m in ms])
+        raise
+    _discard(spool, [m for ms in admitted.values() for m in ms if m not in kept or m.duplicate_of is not None])
+    if purged and spool is not None:
+        spool.remove(purged)
     return results
+
+
+def _admit_receipts(items: Sequence[Pending], spool: Spool | None, now: _dt.datetime,
+                    lifetime: _dt.timedelta) -> dict[int, list[NewMessage]]:  # fmt: skip
+    """Write each verdict's receipts to the spool (before the transaction); their rows, by item."""
+    admitted: dict[int, list[NewMessage]] = {}
+    for index, item in enumerate(items):
+        if not item.batch.receipts:
+            continue
+        if spool is None:
+            raise ValueError("a verdict with receipts needs the spool to store them")
+        rows = admitted[index] = []
+        try:
+            for receipt in item.batch.receipts:
+                rows.append(_receipt_rows(spool, receipt, now, lifetime))
+        except BaseException:
+            _discard(spool, [m for ms in admitted.values() for m in ms])
+            raise
+    return admitted
+
+
+def _receipt_rows(spool: Spool, receipt: Receipt, now: _dt.datetime, lifetime: _dt.timedelta) -> NewMessage:
+    queue_id = secrets.token_hex(16)
+    spool.write(queue_id, receipt.data)
+    return new_message(queue_id, receipt.data, sender=receipt.sender, recipients=[receipt.to], origin="receipt",
+                       kind=receipt.kind, related_id=receipt.related_id, dedupe_key=receipt.dedupe_key, now=now,
+                       lifetime=lifetime, lease=_dt.timedelta(0), audit_events=receipt.events)  # fmt: skip
+
+
+def _discard(spool: Spool | None, rows: Sequence[NewMessage]) -> None:
+    """Remove the spool files of receipts whose rows were not stored (fenced, duplicate, failed)."""
+    for row in rows:
+        if spool is not None and row.message is not None:
+            try:
+                spool.discard(row.message["id"])
+            except OSError:  # left for the orphan sweep
+                log.warning("spool file of an unstored receipt could not be removed")
+
+
+def _commit_in(conn: Connection, items: Sequence[Pending], admitted: dict[int, list[NewMessage]],
+               kept: list[NewMessage], now: _dt.datetime) -> tuple[list[bool], list[str]]:  # fmt: skip
+    """The body of ``commit_many``'s transaction: whether each item's message is done, and the
+    spool names to purge once it has committed."""
+    ids = list(dict.fromkeys(p.queue_id for p in items))
+    lock = conn.dialect.name == "postgresql"
+    claims, rows = (_CLAIMS_FOR_UPDATE, _ROWS_FOR_UPDATE) if lock else (_CLAIMS, _ROWS)
+    params = {"ids": ids}
+    heads: dict[str, dict[str, Any]] = {row["id"]: dict(row) for row in conn.execute(claims, params).mappings()}
+    recipients: dict[str, list[dict[str, Any]]] = {}
+    for row in conn.execute(rows, params).mappings():
+        recipients.setdefault(row["message_id"], []).append(dict(row))
+    changed: dict[int, dict[str, Any]] = {}
+    messages: list[dict[str, Any]] = []
+    results: list[bool] = []
+    events: list[AuditEvent] = []
+    for index, item in enumerate(items):
+        if item.queue_id not in heads:
+            log.warning("outcomes for %s dropped: no such message", item.queue_id)
+            results.append(True)
+            continue
+        before = len(changed)
+        done, update_ = _apply(recipients.get(item.queue_id, []), heads[item.queue_id], item, changed, now)
+        # Receipts follow from the outcomes: none is stored for a verdict the state table refused
+        # whole (e.g. an admin deleted the message meanwhile, or a second commit of one run).
+        refused = bool(item.batch.outcomes) and len(changed) == before
+        if item.gen is not None and heads[item.queue_id]["claim_gen"] != item.gen:
+            events.append(AuditEvent("outcome-fenced", "info", actor=item.worker or "", queue_id=item.queue_id,
+                                     detail={"claim_gen": item.gen}))  # fmt: skip
+        else:
+            events.extend(item.batch.events)
+            if not refused:
+                kept.extend(admitted.get(index, ()))
+        heads[item.queue_id] = {**heads[item.queue_id], **update_}
+        messages.append(update_)
+        results.append(done)
+    if changed:
+        conn.execute(_RECIPIENT_UPDATE, [{**row, "updated_at": now} for row in changed.values()])
+    for keys, group in _by_keys(messages).items():
+        conn.execute(_message_update(keys), group)
+    if kept:
+        insert_new(conn, kept)  # the receipts, kept once per (dedupe key, recipient)
+    append(conn, events)
+    return results, [h["spool_name"] for h in heads.values() if h.get("purged_at") == now]
 
 
 _MESSAGES = cast(Table, QueuedMessage.__table__)
@@ -226,6 +267,8 @@ def _apply(rows: list[dict[str, Any]], head: dict[str, Any], item: Pending,
     done = bool(update_["done"])
     if batch.security is not None and not fenced:
         update_["security"] = json.dumps(batch.security, sort_keys=True, default=str)
+    if batch.warned_at is not None and not fenced:
+        update_["warned_at"] = batch.warned_at
     if item.worker is not None and claimed_by == item.worker and not fenced:
         update_.update(claimed_by=None, lease_until=None)
         pending = [r for r in rows if RecipientState(r["state"]) in PENDING]

@@ -21,40 +21,31 @@ claimers. A lease held by a dead worker expires and the message is claimed again
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
 import logging
 import secrets
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Connection, Integer, Table, bindparam, func, insert, or_, select, update
+from sqlalchemy import Integer, Table, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
-from gateway.durable import PRIVATE_DIR_MODE, private_dir, write_durably
-from gateway.queue.models import (
-    RELEASED,
-    QueueDedupe,
-    QueuedMessage,
-    QueuedRecipient,
-    RecipientState,
-    may_move,
-)
+from gateway.process.verdict import as_utc
+from gateway.queue.admission import GroupCommit, NewMessage, QueueError, new_message
+from gateway.queue.models import RELEASED, QueuedMessage, QueuedRecipient, RecipientState, may_move
 from gateway.queue.outcomes import fold_state
+from gateway.queue.spool import Spool
+
+__all__ = ["Enqueued", "QueueError", "QueueStore", "as_utc", "message_dict", "new_queue_id", "now_utc"]
 
 log = logging.getLogger("mssgw.queue")
-
-
-class QueueError(Exception):
-    """The queue cannot store or find a message; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -74,155 +65,8 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def as_utc(value: datetime) -> datetime:
-    """SQLite returns naive datetimes: they are UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-@dataclass(eq=False)
-class _Pending:
-    """One member of a group commit: a message's rows and/or audit events, then its outcome."""
-
-    message: dict[str, Any] | None = None
-    recipients: list[dict[str, Any]] = field(default_factory=list)
-    events: list[AuditEvent] = field(default_factory=list)
-    done: bool = False
-    error: BaseException | None = None
-    #: Per-recipient dedupe: the recipients offered (``recipients`` keeps those not yet accepted
-    #: under ``message["dedupe_key"]``, decided anew in each transaction that writes the item).
-    offered: list[dict[str, Any]] = field(default_factory=list)
-    duplicate_of: str | None = None  # every recipient was already accepted, by this queue id
-
-
 _MESSAGES = cast(Table, QueuedMessage.__table__)
 _RECIPIENTS = cast(Table, QueuedRecipient.__table__)
-_DEDUPE = cast(Table, QueueDedupe.__table__)
-_INSERT_MESSAGES = insert(_MESSAGES)
-_INSERT_RECIPIENTS = insert(_RECIPIENTS)
-_INSERT_DEDUPE = insert(_DEDUPE)
-_DEDUPE_OF = select(_DEDUPE.c.dedupe_key, _DEDUPE.c.recipient, _DEDUPE.c.queue_id).where(
-    _DEDUPE.c.dedupe_key.in_(bindparam("keys", expanding=True))
-)
-
-
-class GroupCommit:
-    """Serialises database writes of new messages and commits whatever is waiting in one transaction.
-
-    The first caller to find no commit running becomes the committer for everything
-    queued so far (its own item included); callers arriving meanwhile wait and are
-    taken by the next round. Thread-safe; the callers are the enqueue threads.
-    """
-
-    def __init__(self, factory: Callable[[], sessionmaker[Session]]) -> None:
-        self._factory_of = factory  # asked at each commit: the store's current session factory
-        self._cond = threading.Condition()
-        self._pending: list[_Pending] = []
-        self._committing = False
-        self.commits = 0  # transactions committed (for tests and benchmarks)
-        self.items = 0  # members committed
-
-    def run(self, item: _Pending) -> None:
-        """Returns once ``item`` is committed or has its own error in ``item.error``."""
-        with self._cond:
-            self._pending.append(item)
-            while not item.done and self._committing:
-                self._cond.wait()
-            if item.done:
-                return
-            batch, self._pending = self._pending, []
-            self._committing = True
-        try:
-            self._commit(batch)
-        finally:
-            with self._cond:
-                for it in batch:
-                    if not it.done:  # interrupted before an outcome: never report success
-                        it.error = it.error or QueueError("the commit was interrupted")
-                        it.done = True
-                self._committing = False
-                self._cond.notify_all()
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        factory = self._factory_of()
-        if len(batch) > 1 and self._together(factory, batch):
-            return
-        for it in batch:
-            try:
-                with write_connection(factory) as conn:
-                    _write(conn, [it])
-            except Exception as exc:
-                it.error = exc
-                it.done = True
-            else:
-                self._finish([it])
-
-    def _together(self, factory: sessionmaker[Session], batch: list[_Pending]) -> bool:
-        """Commit the whole batch in one transaction; False when it failed (each is then tried alone)."""
-        try:
-            with write_connection(factory) as conn:
-                _write(conn, batch)
-        except Exception:  # one member is at fault (e.g. a known dedupe key): the caller retries each alone
-            return False
-        self._finish(batch)
-        return True
-
-    def _finish(self, members: list[_Pending]) -> None:
-        with self._cond:
-            self.commits += 1
-            self.items += len(members)
-        for it in members:
-            it.done = True
-
-
-def dedupe_recipient(address: str) -> str:
-    """The form of an address in ``queue_dedupe`` (domains and our mailboxes are case-blind)."""
-    return address.strip().lower()[:320]
-
-
-def _dedupe(conn: Connection, batch: Sequence[_Pending]) -> list[dict[str, Any]]:
-    """Keep, for each keyed item, the recipients not accepted yet; returns the dedupe rows to insert.
-
-    Read in the writing transaction, so a concurrent copy on another node either committed
-    first (its recipients are seen and dropped here) or meets the primary key and is retried.
-    """
-    keyed = [it for it in batch if it.message is not None and it.message.get("dedupe_key")]
-    if not keyed:
-        return []
-    keys = list({it.message["dedupe_key"] for it in keyed if it.message is not None})
-    seen: dict[tuple[str, str], str] = {
-        (row[0], row[1]): row[2] for row in conn.execute(_DEDUPE_OF, {"keys": keys})
-    }
-    rows: list[dict[str, Any]] = []
-    for it in keyed:
-        assert it.message is not None
-        key, queue_id = it.message["dedupe_key"], it.message["id"]
-        fresh = [r for r in it.offered if (key, dedupe_recipient(r["address"])) not in seen]
-        it.recipients = fresh
-        it.duplicate_of = None
-        if not fresh:
-            it.duplicate_of = next(seen[(key, dedupe_recipient(r["address"]))] for r in it.offered)
-            continue
-        for r in fresh:
-            seen[(key, dedupe_recipient(r["address"]))] = queue_id
-            rows.append({"dedupe_key": key, "recipient": dedupe_recipient(r["address"]), "queue_id": queue_id,
-                         "created_at": it.message["created_at"]})  # fmt: skip
-    return rows
-
-
-def _write(conn: Connection, batch: Sequence[_Pending]) -> None:
-    """Bulk inserts (Core executemany) of the batch's messages, recipients and audit records."""
-    dedupe_rows = _dedupe(conn, batch)
-    messages = [it.message for it in batch if it.message is not None and it.duplicate_of is None]
-    if messages:
-        conn.execute(_INSERT_MESSAGES, messages)
-    if dedupe_rows:
-        conn.execute(_INSERT_DEDUPE, dedupe_rows)
-    recipients = [r for it in batch if it.duplicate_of is None for r in it.recipients]
-    if recipients:
-        conn.execute(_INSERT_RECIPIENTS, recipients)
-    events = [ev for it in batch if it.duplicate_of is None for ev in it.events]
-    if events:
-        append(conn, events)
 
 
 #: Ready messages: not done, not parked (quarantine), due, and not leased (or the lease ran
@@ -259,22 +103,14 @@ class QueueStore:
         self._factory = factory
         self.group = GroupCommit(lambda: self._factory)
         self.spool_dir = spool_dir
+        self.spool = Spool(spool_dir)  # plaintext of messages waiting: 0700 (files are 0600)
         self.lifetime = lifetime
         self.lease = lease
-        private_dir(spool_dir)  # plaintext of messages waiting: 0700 (files are 0600, write_durably)
 
     # --- writing ---------------------------------------------------------------------
 
     def spool_path(self, spool_name: str) -> Path:
-        return self.spool_dir / spool_name[:2] / spool_name
-
-    def _write_spool(self, queue_id: str, data: bytes) -> Path:
-        final = self.spool_path(queue_id)
-        final.parent.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
-        if final.exists():  # a caller-chosen id already in use: never overwrite stored bytes
-            raise FileExistsError(17, "queue id already in use", str(final))
-        write_durably(final.with_name(f".{queue_id}.tmp"), final, data)
-        return final
+        return self.spool.path(spool_name)
 
     def enqueue(
         self,
@@ -311,32 +147,16 @@ class QueueStore:
             raise QueueError("a message needs at least one recipient")
         queue_id = queue_id or new_queue_id()
         try:
-            path = self._write_spool(queue_id, data)
+            path = self.spool.write(queue_id, data)
         except OSError as exc:
             raise QueueError(f"cannot write the spool file ({exc.strerror or exc})") from exc
-        now = now_utc()
-        events = [
-            *riders, *(AuditEvent(**{**ev.__dict__, "queue_id": ev.queue_id or queue_id}) for ev in audit_events)
-        ]
-        item = _Pending(
-            message={
-                "id": queue_id, "created_at": now, "origin": origin, "kind": kind, "sender": sender,
-                "auth_identity": auth_identity, "client_address": client_address, "peer_operator": peer_operator,
-                "message_id": (message_id or "")[:998] or None, "dedupe_key": dedupe_key, "related_id": related_id,
-                "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "spool_name": queue_id,
-                "expires_at": now + self.lifetime, "warned_at": None, "next_attempt_at": now,
-                "claimed_by": claimed_by, "lease_until": now + self.lease if claimed_by else None, "done": False,
-                "parked": False, "purged_at": None, "claim_gen": 0,
-                "security": json.dumps(security, sort_keys=True) if security else None,
-            },
-            recipients=[
-                {"message_id": queue_id, "address": r, "state": RecipientState.QUEUED, "attempts": 0,
-                 "protection": (protections or {}).get(r), "last_reply": None, "updated_at": now}
-                for r in dict.fromkeys(recipients)
-            ],
-            events=events,
+        item = new_message(
+            queue_id, data, sender=sender, recipients=recipients, origin=origin, now=now_utc(),
+            lifetime=self.lifetime, lease=self.lease, kind=kind, auth_identity=auth_identity,
+            client_address=client_address, peer_operator=peer_operator, message_id=message_id,
+            dedupe_key=dedupe_key, related_id=related_id, security=security, protections=protections,
+            audit_events=audit_events, claimed_by=claimed_by, riders=riders,
         )  # fmt: skip
-        item.offered = list(item.recipients)
         self.group.run(item)
         if isinstance(item.error, IntegrityError) and dedupe_key is not None:
             # Another node accepted a copy for some of these recipients meanwhile: decide again
@@ -360,7 +180,7 @@ class QueueStore:
         """Commit audit records with the next group of messages (one write transaction for both)."""
         if not events:
             return
-        item = _Pending(events=list(events))
+        item = NewMessage(events=list(events))
         self.group.run(item)
         if item.error is not None:
             raise item.error
@@ -375,7 +195,7 @@ class QueueStore:
                                  f"({as_utc(msg.purged_at).isoformat(timespec='seconds')})")  # fmt: skip
             name = msg.spool_name
         try:
-            return self.spool_path(name).read_bytes()
+            return self.spool.read(name)
         except OSError as exc:
             raise QueueError(f"spool file of {queue_id} cannot be read ({exc.strerror})") from exc
 
@@ -385,7 +205,7 @@ class QueueStore:
         removed = 0
         cutoff = time.time() - older_than
         with self._factory() as session:
-            for path in self.spool_dir.glob("*/*"):
+            for path in self.spool.files():
                 name = path.name.lstrip(".").removesuffix(".tmp")
                 msg = None if path.name.endswith(".tmp") else session.get(QueuedMessage, name)
                 finished = msg is not None and msg.purged_at is not None
@@ -489,16 +309,8 @@ class QueueStore:
         return []
 
     def purge_spool(self, spool_names: Sequence[str]) -> None:
-        """Remove the bytes of finished messages (their rows already say ``purged_at``).
-
-        Called after the commit that made them final: a crash before this leaves files that
-        ``sweep_orphans`` removes; a message whose bytes are gone is never claimable.
-        """
-        for name in spool_names:
-            try:
-                self.spool_path(name).unlink(missing_ok=True)
-            except OSError as exc:  # left for sweep_orphans
-                log.warning("spool file %s could not be removed (%s)", name, exc.strerror)
+        """Remove the bytes of finished messages, after the commit that made them final."""
+        self.spool.remove(spool_names)
 
     # --- admin -------------------------------------------------------------------------------
 

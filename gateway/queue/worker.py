@@ -50,12 +50,12 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import read_session_factory
-from gateway.audit.trail import AuditEvent
 from gateway.config import Settings
 from gateway.crypto.keystore import KeyStore
-from gateway.process.common import Context, Job, LocalDelivery, RelayTransport
-from gateway.queue.models import RecipientState
-from gateway.queue.outcomes import Outcome, OutcomeBatch, Pending, commit_many
+from gateway.process import pipeline
+from gateway.process.common import Context, LocalDelivery, RelayTransport
+from gateway.process.verdict import Job, Verdict
+from gateway.queue.outcomes import Pending, commit_many
 from gateway.queue.store import QueueError, QueueStore
 
 __all__ = ["Workers", "backoff_delay"]
@@ -154,8 +154,8 @@ class Workers:
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._now_override: _dt.datetime | None = None
-        self.ctx = Context(settings=settings, factory=factory, store=store, keys=self.keys, relay=relay,
-                           local=local, actor=self.worker_id, now=self.now, readers=self.readers)  # fmt: skip
+        self.ctx = Context(settings=settings, readers=self.readers, keys=self.keys, relay=relay, local=local,
+                           actor=self.worker_id, now=self.now)  # fmt: skip
         self._executor_owned = False
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -172,7 +172,6 @@ class Workers:
         # claim that filled every slot asked for; a completion then claims again.  Otherwise a
         # completion does not (each would be an empty claim transaction) and only the poll does.
         self._backlog = True
-        self.ctx.wake = self.wake  # receipts queued by the pipelines
 
     def now(self) -> _dt.datetime:
         return self._now_override or self.clock()
@@ -306,7 +305,7 @@ class Workers:
         for row in self.store.claim_rows(self.worker_id, limit=limit, now=now):
             job = Job.from_columns(row)
             try:
-                claimed.append((job, self.store.spool_path(row["spool_name"]).read_bytes()))
+                claimed.append((job, self.store.spool.read(row["spool_name"])))
             except OSError as exc:
                 claimed.append((job, QueueError(f"spool file of {job.id} cannot be read ({exc.strerror})")))
         return claimed
@@ -347,32 +346,19 @@ class Workers:
         job, data = item
         if isinstance(data, QueueError):
             log.error("processing %s failed: %s", job.id, data)
-            await self._commit(job, self._failed(job, OutcomeBatch(), data))
+            await self._commit(job, Verdict().defer_rest(job, data, actor=self.worker_id))
             return
         t_start = time.perf_counter()
-        self.ctx.collect(job)
         renewer = asyncio.create_task(self._renew(job), name=f"mssgw-renew-{job.id}")
         try:
-            if job.origin == "inbound":
-                from gateway.process.inbound import process_inbound
-
-                await process_inbound(self.ctx, job, data)
-            else:
-                from gateway.process.outbound import process_outbound
-
-                await process_outbound(self.ctx, job, data)
-        except Exception as exc:
-            log.exception("processing %s failed", job.id)
-            batch = self._failed(job, self.ctx.collected(job), exc)
-        else:
-            batch = self.ctx.collected(job)
+            verdict = await pipeline.run(self.ctx, job, data)
         finally:
             renewer.cancel()
         t_processed = time.perf_counter()
-        done = await self._commit(job, batch)
+        done = await self._commit(job, verdict)
         t_end = time.perf_counter()
         log.debug("processed queue_id=%s origin=%s outcomes=%d done=%s ms=%.1f pipeline_ms=%.1f commit_ms=%.1f",
-                  job.id, job.origin, len(batch.outcomes), done, 1000 * (t_end - t_start),
+                  job.id, job.origin, len(verdict.outcomes), done, 1000 * (t_end - t_start),
                   1000 * (t_processed - t_start), 1000 * (t_end - t_processed))  # fmt: skip
 
     async def _renew(self, job: Job) -> None:
@@ -391,18 +377,7 @@ class Workers:
             if not held:
                 return
 
-    def _failed(self, job: Job, batch: OutcomeBatch, exc: Exception) -> OutcomeBatch:
-        """Defer what is still pending after an unexpected error (never drop, never bounce for it)."""
-        reason = f"451 4.3.0 internal error ({type(exc).__name__}); will retry"
-        decided = {o.address for o in batch.outcomes}
-        for r in job.pending:
-            if r.address not in decided:
-                batch.add(Outcome(r.address, RecipientState.DEFERRED, reason))
-        batch.events.append(AuditEvent("worker-error", "fail", actor=self.worker_id, queue_id=job.id,
-                                       detail={"error": type(exc).__name__}))  # fmt: skip
-        return batch
-
-    async def _commit(self, job: Job, batch: OutcomeBatch) -> bool:
+    async def _commit(self, job: Job, batch: Verdict) -> bool:
         """The run's outcomes and the release, in one transaction shared with the messages that
         finished meanwhile (``gateway.queue.outcomes.commit_many``); returns whether it is done."""
         base = float(self.settings.get("queue", "retry_base_seconds"))
@@ -427,7 +402,7 @@ class Workers:
             try:
                 results = await loop.run_in_executor(
                     self._db, functools.partial(commit_many, self.factory, [p for p, _ in items],
-                                                purge=self.store.purge_spool))  # fmt: skip
+                                                spool=self.store.spool, lifetime=self.store.lifetime))  # fmt: skip
             except Exception as exc:  # the lease expires and the messages are redone
                 for _, fut in items:
                     if not fut.done():
@@ -436,6 +411,8 @@ class Workers:
             for (_, fut), result in zip(items, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+            if any(p.batch.receipts for p, _ in items):
+                self._wake_now()  # receipts were queued with these verdicts
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Workers({self.worker_id!r}, concurrency={self.concurrency})"

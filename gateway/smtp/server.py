@@ -29,11 +29,10 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from aiosmtpd.smtp import MISSING, Envelope, Session, TLSSetupException, syntax
 from sqlalchemy.orm import Session as DbSession
@@ -48,7 +47,8 @@ from gateway.policy.decision import Decision
 from gateway.policy.limits import EDGE_MAX_MESSAGE_BYTES, MAX_BUFFERED_DATA_BYTES
 from gateway.policy.recipients import decide_recipient
 from gateway.policy.senders import decide_sender
-from gateway.queue.store import Enqueued, QueueError, QueueStore
+from gateway.queue.intake import Arrival, Intake
+from gateway.queue.store import Enqueued, QueueError
 from gateway.smtp import replies as R
 from gateway.smtp.commands import GuardedSMTP
 from gateway.smtp.tls import peer_certificate, tls_summary
@@ -361,33 +361,16 @@ class GatewaySMTP(GuardedSMTP):
         self.transport.close()
 
 
-class Handoff(Protocol):
-    """The queue workers of this process, as the SMTP edge sees them (``gateway.queue.worker.Workers``)."""
-
-    def reserve(self) -> str | None:
-        """A worker id to store the next message leased to, or None (then it is claimed as usual)."""
-
-    def cancel(self) -> None:
-        """The reserved message was not stored: the slot goes back."""
-
-    def take(self, row: dict[str, Any], data: bytes) -> None:
-        """Process the message just stored with ``claimed_by=reserve()``, from memory."""
-
-
 @dataclass
 class EdgeDeps:
     """What a handler needs; built once by ``gateway.app.Gateway``."""
 
     settings: Settings
     sessions: sessionmaker[DbSession]
-    store: QueueStore
+    intake: Intake  # the queue's one door: durable when ``accept`` returns
     audit: AuditWriter
     metrics: Metrics
-    on_queued: Callable[[str], None] | None = None  # e.g. wake the queue workers
     readers: sessionmaker[DbSession] | None = None  # directory lookups (SQLite: never take the write lock)
-    writer: Executor | None = None  # enqueue threads (SQLite: one, so writers queue here, not in busy-waits)
-    #: The workers to hand accepted messages to (None: they are claimed from the queue).
-    handoff: Callable[[], Handoff | None] | None = None
 
 
 class Outage(Exception):
@@ -581,44 +564,26 @@ class EdgeHandler:
     # --- the end of a transaction ---------------------------------------------------------
 
     async def store(self, server: GatewaySMTP, envelope: GatewayEnvelope, data: bytes, *, queue_id: str,
-                    events: list[AuditEvent], **kwargs: Any) -> Enqueued:
-        """Enqueue in a thread; returns only when the bytes and rows are committed."""
+                    events: list[AuditEvent], **envelope_facts: Any) -> Enqueued:
+        """Hand the message to the queue (``Intake.accept``); returns only once it is committed."""
         self._inflight += 1
         self._idle.clear()
         server.busy = True
-        workers = self.deps.handoff() if self.deps.handoff is not None else None
-        owner = workers.reserve() if workers is not None else None
-        result: Enqueued | None = None
-        # Audit events still waiting in the writer (this session's MAIL and RCPT, others') ride
-        # in the message's transaction; given back if it does not commit.
-        riders = self.deps.audit.take_pending()
+        arrival = Arrival(data, sender_of(envelope), list(envelope.rcpt_tos), self.origin, queue_id=queue_id,
+                          client_address=server.gw_session().client_ip, protections=envelope.protections,
+                          events=events, **envelope_facts)  # fmt: skip
         try:
-            job = functools.partial(
-                self.deps.store.enqueue, data, sender=sender_of(envelope), recipients=list(envelope.rcpt_tos),
-                origin=self.origin, client_address=server.gw_session().client_ip, queue_id=queue_id,
-                protections=envelope.protections, audit_events=events, riders=riders, claimed_by=owner, **kwargs,
-            )  # fmt: skip
-            result = await asyncio.get_running_loop().run_in_executor(self.deps.writer, job)
+            return await self.deps.intake.accept(arrival)
         except QueueError as exc:
             no_space = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == 28
             log.error("listener=%s outcome=queue-unavailable error=%s", self.listener, exc)
             self.metrics.inc("mssgw_outages_total", listener=self.listener, kind="queue")
             raise Outage(R.S452_4_3_1_STORAGE if no_space else R.S451_4_3_0_LOCAL_ERROR) from exc
         finally:
-            if riders and (result is None or result.duplicate):
-                self.deps.audit.submit(*riders)
             server.busy = False
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
-            if workers is not None and owner is not None:
-                if result is not None and not result.duplicate and result.row is not None:
-                    workers.take(result.row, data)  # processed from memory, no claim needed
-                else:  # not stored, a duplicate, or the wait was cancelled: the slot goes back
-                    workers.cancel()
-        if self.deps.on_queued is not None and not result.duplicate and owner is None:
-            self.deps.on_queued(result.queue_id)
-        return result
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

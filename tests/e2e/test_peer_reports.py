@@ -154,9 +154,10 @@ async def test_clear_message_from_peer_is_quarantined_and_its_recipient_told_wit
 
 
 async def test_quarantine_notice_is_queued_once_when_the_job_is_redone(pair: Pair) -> None:
-    """A worker dying after queueing the notice but before its verdict commits redoes the job:
-    the queue's dedupe key answers 'already queued' and the recipient gets one notice."""
-    from gateway.process.inbound import process_inbound
+    """The notice is part of the run's verdict: a run whose verdict is lost (a worker dying before
+    its commit) queues nothing, and a second verdict committed for the same claim (refused by
+    the state table: the recipient is already quarantined) queues no second notice or DSN."""
+    from gateway.process import pipeline
 
     a, b = pair.a, pair.b
     route = Route(B_DOMAIN, "127.0.0.1", pair.proxy.port, b.operator_dn)
@@ -165,9 +166,11 @@ async def test_quarantine_notice_is_queued_once_when_the_job_is_redone(pair: Pai
     claimed = await b.workers._claim(1)  # type: ignore[attr-defined]
     job, data = claimed[0]
     ctx = b.workers.ctx  # type: ignore[attr-defined]
-    for _ in range(2):  # the first run's verdict is lost (never committed); the second one commits
-        ctx.collect(job)
-        await process_inbound(ctx, job, data)
-        ctx.collected(job)
-    notices = [m for m in b.store.list(include_done=True) if m["kind"] == "notice"]
-    assert len(notices) == 1
+    lost = await pipeline.run(ctx, job, data)  # never committed
+    assert sorted(r.kind for r in lost.receipts) == ["dsn", "notice"]  # receipts.dsn_on_quarantine
+    assert not [m for m in b.store.list(include_done=True) if m["origin"] == "receipt"]
+    first, second = await pipeline.run(ctx, job, data), await pipeline.run(ctx, job, data)
+    await b.workers._commit(job, first)  # type: ignore[attr-defined]
+    await b.workers._commit(job, second)  # type: ignore[attr-defined]
+    receipts = sorted(m["kind"] for m in b.store.list(include_done=True) if m["origin"] == "receipt")
+    assert receipts == ["dsn", "notice"]

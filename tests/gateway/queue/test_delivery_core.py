@@ -26,7 +26,7 @@ from gateway.audit.models import AuditRecord
 from gateway.config import load_settings
 from gateway.delivery.relay import Attempt, Route
 from gateway.queue.models import QueuedMessage, RecipientState, may_move
-from gateway.queue.outcomes import Outcome, OutcomeBatch, Pending, commit_many
+from gateway.queue.outcomes import Outcome, Pending, Verdict, commit_many
 from gateway.queue.store import QueueError, QueueStore
 from gateway.queue.worker import Workers
 
@@ -171,7 +171,7 @@ async def test_crash_between_final_commit_and_purge_is_never_claimable(operator)
     settings, factory, store = operator
     qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
     [row] = store.claim_rows("w1")
-    batch = OutcomeBatch([Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok")])
+    batch = Verdict([Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok")])
     assert commit_many(factory, [Pending(qid, "w1", batch, None, row["claim_gen"])]) == [True]  # no purge: "crashed"
     assert store.spool_path(qid).exists()  # the row says done and removed; the file lingers
     assert store.claim("w2", now=dt.datetime.now(dt.UTC) + timedelta(days=9)) == []
@@ -219,10 +219,10 @@ def test_final_states_stay_final(operator) -> None:  # type: ignore[no-untyped-d
     assert not may_move(RecipientState.QUARANTINED, RecipientState.DELIVERED)
     qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL, OTHER], origin="submission").queue_id
     store.claim("w1")
-    delivered = OutcomeBatch([Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok")])
+    delivered = Verdict([Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok")])
     assert commit_many(factory, [Pending(qid, None, delivered)]) == [False]
     store.delete(qid, reason="admin test")
-    late = OutcomeBatch([Outcome(LOCAL, RecipientState.DEFERRED, "451 4.4.1 late"),
+    late = Verdict([Outcome(LOCAL, RecipientState.DEFERRED, "451 4.4.1 late"),
                          Outcome(OTHER, RecipientState.DEFERRED, "451 4.4.1 late")])  # fmt: skip
     assert commit_many(factory, [Pending(qid, "w1", late)]) == [True]
     states = {r["address"]: r["state"] for r in store.get(qid)["recipient_states"]}
@@ -238,11 +238,11 @@ def test_outcomes_of_a_worker_whose_lease_was_taken_over_are_discarded(operator)
     later = dt.datetime.now(dt.UTC) + timedelta(minutes=10)  # w1's lease ran out
     [second] = store.claim_rows("w1", now=later)  # the same worker id: only the generation tells
     assert second["claim_gen"] == first["claim_gen"] + 1
-    stale = OutcomeBatch([Outcome(REMOTE, RecipientState.DEFERRED, "451 4.4.1 stale")])
+    stale = Verdict([Outcome(REMOTE, RecipientState.DEFERRED, "451 4.4.1 stale")])
     commit_many(factory, [Pending(qid, "w1", stale, None, first["claim_gen"])])
     info = store.get(qid)
     assert info["recipient_states"][0]["state"] == "queued" and info["claimed_by"] == "w1"
-    fresh = OutcomeBatch([Outcome(REMOTE, RecipientState.DELIVERED, "250 2.0.0 ok")])
+    fresh = Verdict([Outcome(REMOTE, RecipientState.DELIVERED, "250 2.0.0 ok")])
     assert commit_many(factory, [Pending(qid, "w1", fresh, None, second["claim_gen"])]) == [True]
     assert store.get(qid)["recipient_states"][0]["state"] == "delivered"
 

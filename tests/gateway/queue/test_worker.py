@@ -195,18 +195,18 @@ def test_outcomes_of_several_messages_in_one_transaction(operator) -> None:  # t
     from gateway.audit.models import AuditRecord
     from gateway.audit.trail import AuditEvent
     from gateway.queue.models import RecipientState
-    from gateway.queue.outcomes import Outcome, OutcomeBatch, Pending, commit_many
+    from gateway.queue.outcomes import Outcome, Pending, Verdict, commit_many
 
     _settings, factory, store = operator
     first = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL, REMOTE], origin="submission").queue_id
     second = store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE], origin="submission").queue_id
     assert sorted(store.claim("w1", limit=10)) == sorted([first, second])
     later = dt.datetime.now(dt.UTC) + timedelta(minutes=7)
-    done_one = OutcomeBatch()
+    done_one = Verdict()
     done_one.add(Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok", "local"),
                  [AuditEvent("delivered-local", "accept", queue_id=first, recipient=LOCAL)])  # fmt: skip
     done_one.add(Outcome(REMOTE, RecipientState.DEFERRED, "451 4.4.1 later", "smime"))
-    done_two = OutcomeBatch()
+    done_two = Verdict()
     done_two.add(Outcome(REMOTE, RecipientState.DELIVERED, "250 2.0.0 ok", "smime"),
                  [AuditEvent("relayed", "accept", queue_id=second, recipient=REMOTE)])  # fmt: skip
     commits: list[object] = []

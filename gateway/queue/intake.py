@@ -1,0 +1,111 @@
+"""The one door into the queue for the edges: ``Intake.accept(Arrival) -> Enqueued``, durable when it returns.
+
+The job: an edge (the SMTP listeners; the HTTP API) says what it accepted — the bytes, the
+envelope and its own audit records — and gets back the queue id once bytes and rows are
+committed (ARCHITECTURE rule 2: the 250 or the 202 comes only then).  Everything else about
+entering the queue is decided here, not in the edges:
+
+- the write runs in the enqueue threads (``writer``), where the store groups concurrent
+  acceptances into one transaction (``gateway.queue.admission.GroupCommit``);
+- audit records still waiting in the audit writer ride in the same transaction (one write
+  instead of two) and are given back if it does not commit;
+- when this process's workers have a free slot, the message is stored already leased to them
+  and handed over from memory (no claim transaction, no spool read); otherwise ``on_queued``
+  wakes whoever claims from the queue.
+
+Errors: ``QueueError`` (from the store) when the message could not be stored; its ``__cause__``
+says why (``OSError`` with ENOSPC for a full disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.audit.trail import AuditEvent
+from gateway.queue.store import Enqueued, QueueStore
+
+__all__ = ["Arrival", "AuditRiders", "Handoff", "Intake"]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What an edge accepted and asks the queue to keep."""
+
+    data: bytes
+    sender: str  # "" for the null reverse-path
+    recipients: Sequence[str]
+    origin: str  # submission, inbound, api
+    queue_id: str | None = None  # chosen by the edge when its trace header names it
+    client_address: str | None = None
+    auth_identity: str | None = None
+    peer_operator: str | None = None
+    message_id: str | None = None
+    dedupe_key: str | None = None
+    #: The protection decided per recipient at RCPT time (carried with the job to every attempt).
+    protections: Mapping[str, str] = field(default_factory=dict)
+    events: Sequence[AuditEvent] = ()
+
+
+class Handoff(Protocol):
+    """The queue workers of this process, as the intake sees them (``gateway.queue.worker.Workers``)."""
+
+    def reserve(self) -> str | None:
+        """A worker id to store the next message leased to, or None (then it is claimed as usual)."""
+
+    def cancel(self) -> None:
+        """The reserved message was not stored: the slot goes back."""
+
+    def take(self, row: dict[str, Any], data: bytes) -> None:
+        """Process the message just stored with ``claimed_by=reserve()``, from memory."""
+
+
+class AuditRiders(Protocol):
+    """The audit writer, as the intake sees it (``gateway.audit.trail.AuditWriter``)."""
+
+    def take_pending(self) -> list[AuditEvent]: ...
+
+    def submit(self, *events: AuditEvent) -> None: ...
+
+
+class Intake:
+    def __init__(self, store: QueueStore, *, writer: Executor | None = None, audit: AuditRiders | None = None,
+                 handoff: Callable[[], Handoff | None] | None = None,
+                 on_queued: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        self.store = store
+        self.writer = writer
+        self.audit = audit
+        self.handoff = handoff
+        self.on_queued = on_queued
+
+    async def accept(self, arrival: Arrival) -> Enqueued:
+        """Store ``arrival`` durably; returns once committed (``Enqueued.duplicate``: every
+        recipient had already been accepted under its dedupe key, nothing new was stored)."""
+        workers = self.handoff() if self.handoff is not None else None
+        owner = workers.reserve() if workers is not None else None
+        riders = self.audit.take_pending() if self.audit is not None else []
+        result: Enqueued | None = None
+        try:
+            job = functools.partial(
+                self.store.enqueue, arrival.data, sender=arrival.sender, recipients=list(arrival.recipients),
+                origin=arrival.origin, client_address=arrival.client_address, auth_identity=arrival.auth_identity,
+                peer_operator=arrival.peer_operator, message_id=arrival.message_id, dedupe_key=arrival.dedupe_key,
+                queue_id=arrival.queue_id, protections=dict(arrival.protections), audit_events=arrival.events,
+                riders=riders, claimed_by=owner,
+            )  # fmt: skip
+            result = await asyncio.get_running_loop().run_in_executor(self.writer, job)
+        finally:
+            if riders and self.audit is not None and (result is None or result.duplicate):
+                self.audit.submit(*riders)
+            if workers is not None and owner is not None:
+                if result is not None and not result.duplicate and result.row is not None:
+                    workers.take(result.row, arrival.data)  # processed from memory, no claim needed
+                else:  # not stored, a duplicate, or the wait was cancelled: the slot goes back
+                    workers.cancel()
+        if self.on_queued is not None and not result.duplicate and owner is None:
+            self.on_queued(result.queue_id)
+        return result

@@ -31,13 +31,24 @@ class DocumentSummary:
     authors: tuple[str, ...] = ()  # RPPS numbers of their authors
 
 
+def may_carry_documents(message: bytes) -> bool:
+    """A cheap test (no parsing): a zip attachment (base64 ``UEsDB`` or raw ``PK``) or an X-MSS field."""
+    end = message.find(b"\r\n\r\n")
+    head = message[: end if end >= 0 else 65536].lower()
+    return b"UEsDB" in message or b"PK\x03\x04" in message or b"x-mss-" in head
+
+
 def summarise(message: bytes) -> DocumentSummary | None:
     """The documents of a (decrypted) message checked as at submission; None when it carries no package.
 
     Missing X-MSS fields are no failure here (a peer's client may predate Ref. #2); fields that
-    contradict the package are.
+    contradict the package are. An unexpected error reading a package is a failed check (shown
+    to the reader), never an exception that would hold the message back.
     """
-    found = inspect_message(message)
+    try:
+        found = inspect_message(message)
+    except Exception as exc:  # a bug reading untrusted bytes must not stop delivery
+        return DocumentSummary(False, "xdm-unreadable", f"IHE XDM package could not be read ({type(exc).__name__})")
     if not found.packages and found.error is None:
         return None
     decided = decide_documents(found.policy_facts(), missing_headers="add").decision

@@ -11,6 +11,10 @@ The job, for a claimed message of origin ``inbound``:
    ``Authentication-Results`` header (RFC 8601; forged ones claiming our host are removed
    first) and, if ``crypto.banner`` is set and the structure is simple, a short banner
    (text/plain body prefix, or a first text part of a multipart/mixed: attachments untouched).
+   IHE XDM packages are checked as at submission (``gateway.documents.describe``): the banner
+   names the document types in words and their authors as the directory knows them, or says
+   the check failed and why; ``Authentication-Results`` carries ``x-mss-xdm=pass|fail|none``.
+   A failed check is shown, never silently dropped.
    An MDN ``processed`` (RFC 8098) answers a ``Disposition-Notification-To``, plus
    ``dispatched`` when the Direct final-delivery option asks for it.
 3. A report (DSN RFC 3464 / MDN RFC 8098) that is neither signed nor encrypted, from the null
@@ -39,6 +43,13 @@ from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypai
 from gateway.crypto.result import SecurityResult
 from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_request
 from gateway.delivery.relay import Attempt, dn_equal
+from gateway.documents.describe import (
+    DocumentSummary,
+    auth_results_method,
+    banner_line,
+    may_carry_documents,
+    summarise,
+)
 from gateway.process.common import Context, Job
 from gateway.process.outbound import defer_or_bounce
 from gateway.process.reports import PEER_TLS, peer_report_results, quarantine_notice, transport_report
@@ -113,10 +124,12 @@ def _banner_text(result: SecurityResult, signer: str | None = None) -> str:
 
 
 def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: bool,
-             signer: str | None = None, results: str | None = None) -> bytes:
+             signer: str | None = None, results: str | None = None, documents: str | None = None,
+             extra_result: str | None = None) -> bytes:
     """Prepend Authentication-Results (removing forged ones for ``authserv_id``) and maybe a banner.
 
-    ``results`` replaces the header value built from ``result`` (a report trusted for its transport)."""
+    ``results`` replaces the header value built from ``result`` (a report trusted for its transport);
+    ``extra_result`` is one more resinfo (``x-mss-xdm=...``) and ``documents`` a second banner line."""
     inner = _mime.to_crlf(inner)
     block, body = _mime.split_entity(inner)
     fields = _mime.parse_headers(block)
@@ -126,9 +139,12 @@ def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: 
             continue
         kept.append(raw)
     value = results if results is not None else result.auth_results_header(authserv_id)
+    if extra_result:
+        value = f"{value}; {extra_result}"
     header = _fold("Authentication-Results", value).encode("utf-8")
     if banner and result.ok:
-        body, kept = _with_banner(fields, kept, body, _banner_text(result, signer))
+        text = _banner_text(result, signer) + (f"\r\n{documents}" if documents else "")
+        body, kept = _with_banner(fields, kept, body, text)
     return header + b"".join(kept) + b"\r\n" + body
 
 
@@ -174,6 +190,34 @@ async def _signer_label(ctx: Context, email: str) -> str | None:
     label = await ctx.io(read)
     ctx.plans.put(key, (label,))
     return label
+
+
+def _documents_rule(documents: DocumentSummary | None) -> str:
+    """What the audit trail keeps of the documents check: the rule that decided (no content)."""
+    return documents.rule if documents is not None else "none"
+
+
+async def _author_labels(ctx: Context, rpps_numbers: tuple[str, ...]) -> dict[str, str]:
+    """Document authors as the directory knows them ("Dr Anne Martin (RPPS ...)"); unknown ones left out."""
+    if not rpps_numbers:
+        return {}
+    from directory.service import NotFoundError, find_practitioner
+
+    def read() -> dict[str, str]:
+        out: dict[str, str] = {}
+        with ctx.read() as session:
+            for rpps in rpps_numbers[:8]:
+                try:
+                    person = find_practitioner(session, rpps)
+                except NotFoundError:
+                    continue
+                title = {"DR": "Dr", "PR": "Pr"}.get((person.civility or "").upper(), "")
+                if not title and person.profession_code in {"10", "40"}:
+                    title = "Dr"
+                out[rpps] = " ".join(filter(None, [title, person.first_name, person.last_name])) + f" (RPPS {rpps})"
+        return out
+
+    return await ctx.io(read)
 
 
 def _domain_bound(ctx: Context, result: SecurityResult) -> SecurityResult:
@@ -223,7 +267,11 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     signer = None
     if banner and result.signer_email:
         signer = await _signer_label(ctx, result.signer_email)
-    delivered_bytes = annotate(inner, result, authserv_id=ctx.settings.hostname, banner=banner, signer=signer)
+    documents = await ctx.io(summarise, inner) if may_carry_documents(inner) else None  # CPU: in a thread
+    doc_line = banner_line(documents, await _author_labels(ctx, documents.authors)) if documents and banner else None
+    delivered_bytes = annotate(inner, result, authserv_id=ctx.settings.hostname, banner=banner, signer=signer,
+                               documents=doc_line,
+                               extra_result=auth_results_method(documents) if documents else None)
     delivered: list[str] = []
     for addr in pending:
         try:
@@ -234,7 +282,8 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
             continue
         await ctx.record(job, addr, RecipientState.DELIVERED, reply="250 2.0.0 verified and delivered to INBOX",
                          event="delivered-inbound", outcome="accept", protection=result.method,
-                         detail={"verdict": result.verdict, "signer": result.signer_email})  # fmt: skip
+                         detail={"verdict": result.verdict, "signer": result.signer_email,
+                                 "documents": _documents_rule(documents)})  # fmt: skip
         delivered.append(addr)
     await _processed_mdns(ctx, job, inner, delivered)
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from directory.service import recipient_facts
 from gateway.crypto.keystore import KeyRef, KeyStoreError, load_keypair
-from gateway.delivery.receipts import DsnRecipient
+from gateway.delivery.receipts import DsnRecipient, receipt_author
 from gateway.delivery.relay import Attempt, Route
 from gateway.policy.recipients import protection_for
 from gateway.process.common import Context, Job, route_for
@@ -78,9 +78,12 @@ async def process_outbound(ctx: Context, job: Job, data: bytes) -> None:
     if not pending:
         return
     try:
-        # Receipts (null reverse-path) are signed by the operator, everything else by its sender.
-        if job.sender:
-            signer = await ctx.cached_io(("sign", job.sender), ctx.keys.signer_for, job.sender)
+        # A message is signed for its sender; a receipt (null reverse-path) for its From, one of
+        # our addresses (``receipt_author``: the postmaster, or the final recipient of a Direct
+        # MDN), so that the peer finds the From and the signing certificate in agreement.
+        author = job.sender or receipt_author(data)
+        if author and (job.sender or ctx.is_local(author)):
+            signer = await ctx.cached_io(("sign", author), ctx.keys.signer_for, author)
         else:
             signer = await ctx.cached_io(("sign-organisation",), ctx.keys.organisation_signer)
     except KeyStoreError as exc:
@@ -109,7 +112,10 @@ async def process_outbound(ctx: Context, job: Job, data: bytes) -> None:
 
 
 async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rcpts: Sequence[str]) -> None:
-    signed = await ctx.crypto(sign_job, data, signer)
+    # A receipt for one of our mailboxes never left this gateway: it is delivered as the report
+    # it is (multipart/report at the top, which mail clients show as a bounce or a receipt), not
+    # inside a signature wrapper that would hide it from them.
+    signed = data if job.is_receipt else await ctx.crypto(sign_job, data, signer)
     for addr in rcpts:
         try:
             await ctx.io(ctx.local.deliver, addr, signed, folder="INBOX")

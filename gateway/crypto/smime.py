@@ -394,6 +394,8 @@ def _open(data: bytes, cert: x509.Certificate, key: PrivateKey, trust: TrustStor
         signature_algorithm=info.signature_algorithm,
         signer_subject=facts.subject,
         signer_fingerprint=facts.fingerprint,
+        signer_serial=format(signer.serial_number, "x"),  # Authentication-Results body.smime-serial
+        signer_issuer=signer.issuer.rfc4514_string(),  # and body.smime-issuer (RFC 7281)
         signer_email=emails[0] if emails else None,
         signer_emails=emails,
         chain_valid=chain.valid,

@@ -130,7 +130,10 @@ def test_openssl_signed_and_encrypted_message(world: Any, make_message: Any, tmp
     assert result.ok, result
     res = check_names(result.auth_results_header("mx.b.test"))
     assert res.method == "smime" and res.result == "pass"
-    assert {p.name: p.value for p in res.properties}["smime-identifier"] == world.alice.email
+    props = {p.name: p.value for p in res.properties}
+    assert props["smime-identifier"] == world.alice.email
+    assert int(props["smime-serial"], 16) == world.alice.cert.serial_number
+    assert props["smime-issuer"] == world.alice.cert.issuer.rfc4514_string()
 
 
 def test_gpg_signed_and_encrypted_message(tmp_path: Path) -> None:

@@ -230,12 +230,56 @@ def _write_config(t: Template, home: Path, ports: dict[str, int],
     (home / CONFIG_NAME).write_text(render_toml(overrides), encoding="utf-8")
 
 
-async def _start(name: str, t: Template, root: Path, extra: dict[str, dict[str, object]] | None = None) -> Operator:
+def copy_directory_to(home: Path, url: str) -> None:
+    """Give an operator home a PostgreSQL database with the same directory as its SQLite one.
+
+    The schema comes from the migrations; the rows (directory, trust list, certificates, keys)
+    are copied table by table, and each serial column's sequence is moved past the copied ids.
+    The audit trail starts afresh (its chain is the new database's own).
+    """
+    from sqlalchemy import insert, select, text
+
+    import gateway.audit.models
+    import gateway.queue.models  # noqa: F401  (every table in the metadata)
+    from directory.db import migrate
+    from directory.models import Base
+
+    src = make_engine(f"sqlite:///{home / 'mssgw.db'}")
+    dst = make_engine(url)
+    try:
+        migrate(dst)
+        with src.connect() as read, dst.begin() as write:
+            for table in Base.metadata.sorted_tables:
+                if table.name.startswith("audit") or table.name == "alembic_version":
+                    continue
+                rows = [dict(r) for r in read.execute(select(table)).mappings()]
+                if rows:
+                    write.execute(insert(table), rows)
+                for column in table.primary_key.columns:
+                    if column.autoincrement is True or (
+                        column.autoincrement == "auto" and column.type.python_type is int
+                    ):
+                        write.execute(
+                            text(
+                                f"SELECT setval(pg_get_serial_sequence('{table.name}', '{column.name}'), "
+                                f"COALESCE((SELECT MAX({column.name}) FROM {table.name}), 0) + 1, false)"
+                            )
+                        )
+    finally:
+        src.dispose()
+        dst.dispose()
+
+
+async def _start(name: str, t: Template, root: Path, extra: dict[str, dict[str, object]] | None = None,
+                 database_url: str | None = None) -> Operator:  # fmt: skip
     from gateway.app import Gateway
     from gateway.queue.worker import Workers
 
     home = root / name
     shutil.copytree(t.home, home)
+    if database_url is not None:
+        copy_directory_to(home, database_url)
+        extra = {**(extra or {}), "database": {"url": database_url}}
     _write_config(t, home, {"submission": free_port(), "inbound": free_port()}, extra)
     settings = load_settings(home)
     gw = Gateway(settings, workers=False, imap=False)  # the tests drive the workers

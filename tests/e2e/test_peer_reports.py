@@ -30,6 +30,8 @@ from e2e_support import (
 from cli.main import cli
 from gateway.delivery.relay import Route
 
+BACKENDS = ("sqlite", "postgresql")  # the delivery tests run on both stores
+
 METRICS_PORT = free_port()
 
 

@@ -41,6 +41,8 @@ from gateway.delivery.relay import Relay
 from gateway.operator import register_certificate
 from gateway.queue.models import RecipientState
 
+BACKENDS = ("sqlite", "postgresql")  # the delivery tests run on both stores
+
 HOUR = dt.timedelta(hours=1)
 
 

@@ -30,7 +30,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["AUTH_METHODS", "FAILURE_CODES", "CrlStatus", "SecurityResult"]
+__all__ = ["AUTH_METHODS", "FAILURE_CODES", "CrlStatus", "SecurityResult", "pvalue"]
 
 CrlStatus = Literal["good", "revoked", "stale", "unavailable"]
 
@@ -84,6 +84,14 @@ def _quote(value: str) -> str:
     """RFC 8601 `value` as a quoted-string (RFC 5322 §3.2.4), with CR/LF removed."""
     cleaned = _ascii(value.replace("\r", " ").replace("\n", " ")).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{cleaned}"'
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")
+
+
+def pvalue(value: str) -> str:
+    """An RFC 8601 pvalue: the value as it is when it is a token or a domain, else a quoted-string."""
+    return value if _TOKEN.fullmatch(value) else _quote(value)
 
 
 def _comment(items: list[str]) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from email.utils import format_datetime, make_msgid
 
 from gateway.crypto import _mime
-from gateway.crypto.result import SecurityResult
+from gateway.crypto.result import AUTH_METHODS, SecurityResult, pvalue
 from gateway.delivery.receipts import original_headers
 from gateway.process.verdict import Job
 
@@ -65,8 +65,9 @@ def transport_report(job: Job, data: bytes, result: SecurityResult, pending: Seq
 def peer_report_results(authserv_id: str, result: SecurityResult, peer: str) -> str:
     """Authentication-Results value (RFC 8601) for a report trusted for its transport only."""
     reason = f"content unsigned: {result.failure or 'not signed'}"
-    return (f'{authserv_id}; {result.method}=none reason="{reason}"; '
-            f"x-peer-tls=pass policy.peer-operator={_clean(peer) or 'unknown'}")  # fmt: skip
+    # The operator is a domain or a certificate DN (spaces, commas): quoted when it is no token.
+    return (f'{authserv_id}; {AUTH_METHODS[result.method]}=none reason="{reason}"; '
+            f"x-peer-tls=pass policy.peer-operator={pvalue(_clean(peer) or 'unknown')}")  # fmt: skip
 
 
 _REASONS = {

@@ -20,6 +20,7 @@ from gateway.crypto.openpgp import OpenPgp
 from gateway.crypto.result import FAILURE_CODES, SecurityResult
 from gateway.crypto.smime import open_message
 from gateway.process.inbound import annotate
+from gateway.process.reports import peer_report_results
 
 # IANA "Email Authentication Methods": the smime method (RFC 7281) and its properties.
 REGISTERED = {"smime": {("body", "smime-identifier"), ("body", "smime-part"), ("body", "smime-serial"),
@@ -164,3 +165,14 @@ def test_gpg_signed_and_encrypted_message(tmp_path: Path) -> None:
     finally:
         ring.close()
         subprocess.run(["gpgconf", "--homedir", str(sender), "--kill", "gpg-agent"], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("peer", ["b.mssante.test", "CN=mx.b.mssante.test,O=Operateur B (test),C=FR"])
+def test_a_peer_report_trusted_for_its_transport(peer: str) -> None:
+    """A clear report from a verified peer: smime=none, then the transport's own x- method."""
+    unsigned = SecurityResult().with_failure("not-encrypted", "clear text")
+    header = read(peer_report_results("mx.b.test", unsigned, peer))
+    first, second = header.results
+    assert (first.method, first.result) == ("smime", "none")
+    assert (second.method, second.result) == ("x-peer-tls", "pass")
+    assert [(p.type, p.name, p.value) for p in second.properties] == [("policy", "peer-operator", peer)]

@@ -35,6 +35,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import DatabaseError, make_engine, migrate, session_factory
+from gateway.audit.redact import install_log_redaction, load_or_create_salt, set_salt
 from gateway.audit.seal import Sealer
 from gateway.audit.trail import AuditEvent, AuditWriter, purge
 from gateway.auth import Authenticator
@@ -96,6 +97,9 @@ class Gateway:
     # --- start ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Patients' mailbox addresses hold their INS: pseudonymised in every log line and audit record.
+        install_log_redaction()
+        set_salt(load_or_create_salt(self.settings.keys_dir / "patient-pseudonym.salt"))
         try:
             tls = server_context(self.settings)
         except TlsConfigError as exc:
@@ -127,9 +131,10 @@ class Gateway:
                                  sealer=Sealer.for_settings(self.settings, self.sessions))  # sealed now and then
         self.audit.start()
         self.authenticator = Authenticator(self.sessions, self.settings, self.audit, readers=self.readers)
-        intake = Intake(self.store, writer=self._writer, audit=self.audit, handoff=lambda: self.workers,
-                        on_queued=self._wake)  # fmt: skip
-        deps = EdgeDeps(self.settings, self.sessions, intake, self.audit, self.metrics, readers=self.readers)
+        # The queue's one door for every edge (SMTP listeners, the HTTP API).
+        self.intake = Intake(self.store, writer=self._writer, audit=self.audit, handoff=lambda: self.workers,
+                             on_queued=self._wake)  # fmt: skip
+        deps = EdgeDeps(self.settings, self.sessions, self.intake, self.audit, self.metrics, readers=self.readers)
         submission = SubmissionHandler(deps, self.authenticator)
         inbound = InboundHandler(deps)
         self.handlers = [submission, inbound]

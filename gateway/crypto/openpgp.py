@@ -34,6 +34,7 @@ from typing import Any
 
 import gnupg
 
+from gateway.core.errors import CryptoError
 from gateway.crypto import _mime
 from gateway.crypto.result import SecurityResult
 from gateway.crypto.smime import DEFAULT_OUTER_SUBJECT, MAX_MESSAGE_SIZE, _outer_headers, _wrap_rfc822
@@ -41,7 +42,7 @@ from gateway.crypto.smime import DEFAULT_OUTER_SUBJECT, MAX_MESSAGE_SIZE, _outer
 __all__ = ["OpenPgp", "OpenPgpError"]
 
 
-class OpenPgpError(RuntimeError):
+class OpenPgpError(CryptoError, RuntimeError):
     """gpg could not carry out an outbound operation (its status line is in the message)."""
 
 
@@ -187,7 +188,11 @@ class OpenPgp:
             return None, result.with_failure(
                 "malformed-cms", f"unparsable PGP/MIME ({exc.__class__.__name__})"
             )
-        dec = self._gpg.decrypt(armored, passphrase=self.passphrase, always_trust=True)
+        # A compressed OpenPGP message can inflate a thousandfold: gpg stops writing at the limit.
+        dec = self._gpg.decrypt(armored, passphrase=self.passphrase, always_trust=True,
+                                extra_args=["--max-output", str(max_size)])  # fmt: skip
+        if "exceeded --max-output limit" in str(dec.stderr or ""):
+            return None, result.with_failure("too-large", f"decrypted content exceeds the {max_size}-byte limit")
         if not dec.ok:
             status = str(dec.status or "")
             code = "malformed-cms" if "no data" in status or not status else "decrypt-failed"
@@ -202,7 +207,7 @@ class OpenPgp:
                 detached = _detached_signature(content)
             except ValueError as exc:
                 return None, result.with_failure(
-                    "malformed-cms", f"unparsable multipart/signed inside the encryption ({exc.__class__.__name__})"
+                    "malformed-cms", f"unparsable decrypted entity ({exc.__class__.__name__})"
                 )
             if detached is not None:  # §6.1: multipart/signed inside multipart/encrypted
                 entity, sig_armored = detached

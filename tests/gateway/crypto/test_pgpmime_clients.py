@@ -18,6 +18,8 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.crypto.openpgp import OpenPgp
 
@@ -260,3 +262,41 @@ def test_61_signature_part_of_another_type_is_malformed(client: Client) -> None:
     data = encrypted(client.home, signed, sign=False, recipients=[client.gateway_fpr])
     inner, res = client.gateway.open(data)
     assert res.failure == "malformed-cms" and inner is None
+
+
+# --- hostile plaintext ----------------------------------------------------------------------------
+
+
+def test_a_compressed_bomb_stops_at_the_size_limit(client: Client) -> None:
+    """5 MB of zeros compress to a few kilobytes; gpg stops writing at the limit (--max-output)."""
+    data = encrypted(client.home, b"\0" * 5_000_000, sign=True, recipients=[client.gateway_fpr])
+    assert len(data) < 100_000
+    inner, res = client.gateway.open(data, max_size=1_000_000)
+    assert res.failure == "too-large" and inner is None
+
+
+def test_plaintext_that_is_no_mime_entity_is_malformed_not_a_traceback(client: Client) -> None:
+    data = encrypted(client.home, b"\0" * 300_000, sign=True, recipients=[client.gateway_fpr])
+    inner, res = client.gateway.open(data)
+    assert res.failure == "malformed-cms" and inner is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; "
+                                 b"boundary=\"b\"\r\n", b"Content-Type: message/rfc822\r\n", b"From: x@y\r\n",
+                                 b"\r\n", b"--b\r\n", b"--b--\r\n", b"Content-Type: application/pgp-signature\r\n",
+                                 b"x: \xff\r\n", b"\n", b" folded\r\n", b":\r\n"]), max_size=30),
+       st.binary(max_size=64))  # fmt: skip
+def test_decrypted_entity_parsers_never_raise_anything_but_mime_errors(pieces: list[bytes], tail: bytes) -> None:
+    """What comes out of the decryption is attacker-chosen: MimeError (malformed-cms) or a result."""
+    from gateway.crypto import _mime
+    from gateway.crypto.openpgp import _compose, _detached_signature
+
+    content = b"".join(pieces) + tail
+    outer = _mime.parse_headers(outer_header())
+    try:
+        found = _detached_signature(content)
+        entity = found[0] if found else content
+        _compose(entity, outer)
+    except _mime.MimeError:
+        pass

@@ -2,7 +2,9 @@
 
 Prints messages/second for protect and open at 20 KB and 1 MB, in one process and with a
 ProcessPoolExecutor over all cores, and the ratio to the raw `cryptography` PKCS7 calls
-(sign DER + encrypt DER; decrypt DER) and to a bare `gpg --encrypt --sign` subprocess.
+(sign DER + encrypt DER with AES-256-CBC; decrypt DER) and to a bare `gpg --encrypt --sign`
+subprocess.  S/MIME 4.0 rows: AES-256-GCM (the default) against AES-256-CBC, and an ECDH
+P-256 recipient (with an ECDSA signer) against RSA.
 Compare ratios, not absolute numbers across runs (see /work/shared/PERFORMANCE.md).
 
     .venv/bin/python bench/bench_crypto.py [--seconds N] [--no-pgp]
@@ -22,7 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import datetime as dt
+
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
@@ -65,7 +71,53 @@ def _setup(directory: str) -> None:
             os.chmod(d / f"{name}.key", 0o600)
     for name in ("alice", "bob"):
         _STATE[name] = (load_certificate(d / f"{name}.pem"), load_private_key(d / f"{name}.key"))
+    for name, email in (("ec-alice", "dr.alice@a.test"), ("ec-bob", "sec@b.test")):
+        _STATE[name] = _ec_identity(d, pki.ca_cert, pki.ca_key, name, email)
     _STATE["trust"] = TrustStore([_STATE["ca"]])  # type: ignore[list-item]
+
+
+def _ec_identity(d: Path, ca_path: Path, ca_key_path: Path, name: str, email: str) -> tuple[object, object]:
+    """A P-256 mailbox certificate (digitalSignature + keyAgreement) from the bench CA, made once."""
+    cp, kp = d / f"{name}.pem", d / f"{name}.key"
+    if not cp.exists():
+        ca, ca_key = load_certificate(ca_path), load_private_key(ca_key_path)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        ku = x509.KeyUsage(True, False, False, False, True, False, False, False, False)
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, email)]))
+                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(ku, critical=True)
+                .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+                .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(email)]), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                    ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value), critical=False)
+                .sign(ca_key, hashes.SHA256()))  # fmt: skip
+        cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))  # fmt: skip
+        os.chmod(kp, 0o600)
+    key = serialization.load_pem_private_key(kp.read_bytes(), password=None)
+    return load_certificate(cp), key
+
+
+def _protect_cbc(msg: bytes) -> bytes:
+    (ac, ak), (bc, _) = _STATE["alice"], _STATE["bob"]  # type: ignore[misc]
+    return protect(msg, signer_cert=ac, signer_key=ak, recipient_certs=[bc], content_encryption="aes-256-cbc")
+
+
+def _protect_ec(msg: bytes) -> bytes:
+    (ac, ak), (bc, _) = _STATE["ec-alice"], _STATE["ec-bob"]  # type: ignore[misc]
+    return protect(msg, signer_cert=ac, signer_key=ak, recipient_certs=[bc])
+
+
+def _open_ec(data: bytes) -> object:
+    (bc, bk) = _STATE["ec-bob"]  # type: ignore[misc]
+    inner, res = open_message(data, recipient_cert=bc, recipient_key=bk, trust=_STATE["trust"])  # type: ignore[arg-type]
+    assert res.ok, res
+    return inner
 
 
 def _protect(msg: bytes) -> bytes:
@@ -127,7 +179,7 @@ def main() -> None:
                     _rate(lambda m=msg: _raw_protect(m), args.seconds),
                     None,
                 ),
-                ("mssgw smime.protect", _rate(lambda m=msg: _protect(m), args.seconds), 0),
+                ("mssgw smime.protect (AES-256-GCM)", _rate(lambda m=msg: _protect(m), args.seconds), 0),
                 (
                     f"mssgw smime.protect x{cores} procs",
                     _pool_rate(_protect, msg, args.seconds, tmp, cores),
@@ -152,6 +204,17 @@ def main() -> None:
             for name, value, base in rows:
                 ratio = f"{value / rows[base][1]:.2f}" if base is not None else "1.00"
                 print(f"{label:>6}  {name:<34} {value:9.1f}  {ratio:>7}")
+            # S/MIME 4.0: ratios to the same operation with AES-256-CBC and RSA (rows 1 and 4 above).
+            cbc = _protect_cbc(msg)
+            ec_protected = _protect_ec(msg)
+            more = [
+                ("  protect AES-256-CBC (RSA)", _rate(lambda m=msg: _protect_cbc(m), args.seconds), 1),
+                ("  protect GCM, ECDSA + ECDH P-256", _rate(lambda m=msg: _protect_ec(m), args.seconds), 1),
+                ("  open AES-256-CBC (RSA)", _rate(lambda d=cbc: _open(d), args.seconds), 4),
+                ("  open GCM, ECDH P-256 + ECDSA", _rate(lambda d=ec_protected: _open_ec(d), args.seconds), 4),
+            ]
+            for name, value, base in more:
+                print(f"{label:>6}  {name:<34} {value:9.1f}  {value / rows[base][1]:7.2f}")
         if not args.no_pgp:
             _bench_pgp(Path(tmp), args.seconds)
 

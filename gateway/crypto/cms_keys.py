@@ -21,6 +21,7 @@ error codes); `encryption_problem`/`signing_problem` return a sentence or None, 
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 from asn1crypto import algos as aalgos
@@ -146,6 +147,7 @@ def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
         return None
 
 
+@functools.lru_cache(maxsize=512)
 def encryption_problem(cert: x509.Certificate) -> str | None:
     """Why we could not encrypt for `cert` (RFC 8551 §2.3, RFC 5753 §3.1), or None if we can."""
     try:
@@ -175,9 +177,17 @@ def signing_problem(cert: x509.Certificate, key: object | None = None) -> str | 
 
     We sign with RSA (PKCS#1 v1.5 or PSS) and ECDSA (RFC 8551 §2.2); Ed25519 signatures are
     verified on receipt but `cryptography`'s CMS builder cannot make them."""
-    pub = cert.public_key()
     if key is not None and not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         return f"a {type(key).__name__.removeprefix('_')} private key cannot sign S/MIME here (RSA or EC needed)"
+    return _cert_signing_problem(cert)
+
+
+@functools.lru_cache(maxsize=512)
+def _cert_signing_problem(cert: x509.Certificate) -> str | None:
+    try:
+        pub = cert.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        return f"its public key cannot be used ({exc.__class__.__name__})"
     if isinstance(pub, rsa.RSAPublicKey):
         if pub.key_size < MIN_RSA_BITS:
             return f"its RSA key has {pub.key_size} bits; at least {MIN_RSA_BITS} are required (RFC 8551 §4.1)"

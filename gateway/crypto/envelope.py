@@ -20,21 +20,22 @@ Errors: `EnvelopeError` (a ValueError) names the certificate that cannot be encr
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Literal
 
 from asn1crypto import algos as aalgos
 from asn1crypto import cms as acms
-from asn1crypto import core
+from asn1crypto import core, parser
 from asn1crypto import keys as akeys
 from asn1crypto import x509 as ax509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, keywrap, serialization
-from cryptography.hazmat.primitives import padding as sympadding
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from gateway.core.errors import CryptoError
 from gateway.crypto.cms_keys import (
     ECDH_KDF_SCHEMES,
     SEND_SCHEME,
@@ -71,15 +72,23 @@ DEFAULT_CONTENT_ENCRYPTION: ContentEncryption = "aes-256-gcm"
 _SMIME_CAPABILITIES_OID = x509.ObjectIdentifier("1.2.840.113549.1.9.15")  # RFC 4262 §2
 _WRAP_DER = acms.KeyEncryptionAlgorithm({"algorithm": "aes256_wrap"}).dump()
 _GCM_NONCE_BYTES = 12  # RFC 5084 §3.2: "the nonce ... 12 octets" recommended
+# asn1crypto re-encodes a whole SEQUENCE each time one of its fields is set: a structure holding a
+# megabyte of ciphertext would be copied once per later field, and a small one costs more than
+# its RSA operation.  Parts are asn1crypto objects (cached per certificate where they do not
+# change); the SEQUENCE/SET shells around them are emitted once with asn1crypto's DER primitive.
+_UNIVERSAL, _CONTEXT, _PRIMITIVE, _CONSTRUCTED, _SEQUENCE, _SET = 0, 2, 0, 1, 16, 17
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(CryptoError, ValueError):
     """A recipient certificate cannot be encrypted for; the message says which and why."""
 
 
-def _issuer_serial(cert: x509.Certificate) -> acms.IssuerAndSerialNumber:
+@functools.lru_cache(maxsize=512)
+def _rid_der(cert: x509.Certificate) -> bytes:
+    """DER of the certificate's IssuerAndSerialNumber (RFC 5652 §10.2.4), once per certificate:
+    parsing the issuer Name again for every message costs more than the RSA operation."""
     acert = ax509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
-    return acms.IssuerAndSerialNumber({"issuer": acert.issuer, "serial_number": acert.serial_number})
+    return acms.IssuerAndSerialNumber({"issuer": acert.issuer, "serial_number": acert.serial_number}).dump()
 
 
 def _oaep_params() -> acms.RSAESOAEPParams:
@@ -93,29 +102,29 @@ def _oaep_params() -> acms.RSAESOAEPParams:
     )
 
 
-def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes, transport: RsaKeyTransport) -> acms.RecipientInfo:
+_OAEP_DER = acms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": _oaep_params()}).dump()
+_PKCS1V15_DER = acms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15", "parameters": core.Null()}).dump()
+
+
+@functools.lru_cache(maxsize=512)
+def _ktri_head(cert: x509.Certificate, transport: RsaKeyTransport) -> bytes:
+    """DER of a KeyTransRecipientInfo's fields before encryptedKey (RFC 5652 §6.2.1: version 0,
+    rid issuerAndSerialNumber, keyEncryptionAlgorithm), the same for every message to `cert`."""
+    return core.Integer(0).dump() + _rid_der(cert) + (_OAEP_DER if transport == "oaep" else _PKCS1V15_DER)
+
+
+def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes, transport: RsaKeyTransport) -> bytes:
+    """DER of a RecipientInfo ktri (an untagged CHOICE alternative: the SEQUENCE itself)."""
+    pad: padding.AsymmetricPadding
     if transport == "oaep":
-        pad: padding.AsymmetricPadding = padding.OAEP(
-            mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None
-        )
-        alg = acms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep", "parameters": _oaep_params()})
+        pad = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     else:
         pad = padding.PKCS1v15()
-        alg = acms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15", "parameters": core.Null()})
-    return acms.RecipientInfo(
-        name="ktri",
-        value=acms.KeyTransRecipientInfo(
-            {
-                "version": "v0",
-                "rid": acms.RecipientIdentifier(name="issuer_and_serial_number", value=_issuer_serial(cert)),
-                "key_encryption_algorithm": alg,
-                "encrypted_key": pub.encrypt(cek, pad),
-            }
-        ),
-    )
+    encrypted = core.OctetString(pub.encrypt(cek, pad)).dump()
+    return parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, _ktri_head(cert, transport) + encrypted)
 
 
-def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) -> acms.RecipientInfo:
+def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) -> bytes:
     """RFC 5753 §3.1.1: ephemeral-static ECDH, X9.63 KDF, AES-256 key wrap of the content key."""
     scheme = SEND_SCHEME[pub.curve.name]
     ephemeral = ec.generate_private_key(pub.curve)
@@ -144,17 +153,17 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
                 "recipient_encrypted_keys": [
                     {
                         "rid": acms.KeyAgreementRecipientIdentifier(
-                            name="issuer_and_serial_number", value=_issuer_serial(cert)
+                            name="issuer_and_serial_number", value=acms.IssuerAndSerialNumber.load(_rid_der(cert))
                         ),
                         "encrypted_key": keywrap.aes_key_wrap(kek, cek),
                     }
                 ],
             }
         ),
-    )
+    ).dump()
 
 
-def _recipient_info(cert: x509.Certificate, cek: bytes, transport: RsaKeyTransport) -> acms.RecipientInfo:
+def _recipient_info(cert: x509.Certificate, cek: bytes, transport: RsaKeyTransport) -> bytes:
     problem = encryption_problem(cert)
     if problem is not None:
         raise EnvelopeError(f"cannot encrypt for {cert.subject.rfc4514_string()}: {problem}")
@@ -210,7 +219,7 @@ def envelope(content: bytes, recipients: Sequence[x509.Certificate], *,
         raise EnvelopeError(f"unknown RSA key transport {rsa_key_transport!r}")
     alg_name, key_bytes = _CONTENT[content_encryption]
     cek = os.urandom(key_bytes)
-    infos: list[acms.RecipientInfo] = []
+    infos: list[bytes] = []
     seen: set[bytes] = set()
     for cert in recipients:
         fp = cert.fingerprint(hashes.SHA256())
@@ -220,39 +229,42 @@ def envelope(content: bytes, recipients: Sequence[x509.Certificate], *,
     if not infos:
         raise EnvelopeError("no recipient certificate to encrypt for")
 
+    # SET OF in DER order (X.690 §11.6); a ktri starts with the SEQUENCE tag, a kari with [1].
+    rinfos = parser.emit(_UNIVERSAL, _CONSTRUCTED, _SET, b"".join(sorted(infos)))
     if alg_name.endswith("_gcm"):
         nonce = os.urandom(_GCM_NONCE_BYTES)
         ciphertext, tag = gcm_encrypt(cek, nonce, content)
         params = GcmParameters({"aes_nonce": nonce, "aes_icvlen": len(tag)})
-        auth_env = acms.AuthEnvelopedData(
-            {
-                "version": "v0",
-                "recipient_infos": infos,
-                "auth_encrypted_content_info": {
-                    "content_type": "data",
-                    "content_encryption_algorithm": {"algorithm": alg_name, "parameters": core.Any.load(params.dump())},
-                    "encrypted_content": ciphertext,
-                },
-                "mac": tag,
-            }
-        )
-        return acms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": auth_env}).dump()
+        alg = acms.EncryptionAlgorithm({"algorithm": alg_name, "parameters": core.Any.load(params.dump())})
+        # RFC 5083 §2.1: AuthEnvelopedData { version 0, recipientInfos, authEncryptedContentInfo, mac }.
+        body = b"".join((core.Integer(0).dump(), rinfos, _encrypted_content_info(alg, ciphertext),
+                         core.OctetString(tag).dump()))  # fmt: skip
+        return _content_info("authenticated_enveloped_data", body)
 
     iv = os.urandom(16)
-    padder = sympadding.PKCS7(128).padder()
-    padded = padder.update(content) + padder.finalize()
     enc = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
-    ciphertext = enc.update(padded) + enc.finalize()
-    version = "v0" if all(i.name == "ktri" for i in infos) else "v2"
-    env = acms.EnvelopedData(
-        {
-            "version": version,
-            "recipient_infos": infos,
-            "encrypted_content_info": {
-                "content_type": "data",
-                "content_encryption_algorithm": {"algorithm": alg_name, "parameters": iv},
-                "encrypted_content": ciphertext,
-            },
-        }
-    )
-    return acms.ContentInfo({"content_type": "enveloped_data", "content": env}).dump()
+    # RFC 5652 §6.3 padding (1 to 16 bytes of the pad length), fed after the content so the
+    # content is not copied into a padded buffer first.
+    pad = 16 - len(content) % 16
+    ciphertext = b"".join((enc.update(content), enc.update(bytes([pad]) * pad), enc.finalize()))
+    alg = acms.EncryptionAlgorithm({"algorithm": alg_name, "parameters": iv})
+    # RFC 5652 §6.1: EnvelopedData { version, recipientInfos, encryptedContentInfo }.
+    version = 0 if all(i[0] == 0x30 for i in infos) else 2
+    body = b"".join((core.Integer(version).dump(), rinfos, _encrypted_content_info(alg, ciphertext)))
+    return _content_info("enveloped_data", body)
+
+
+
+
+def _encrypted_content_info(alg: acms.EncryptionAlgorithm, ciphertext: bytes) -> bytes:
+    """RFC 5652 §6.1 EncryptedContentInfo { contentType data, contentEncryptionAlgorithm,
+    encryptedContent [0] IMPLICIT OCTET STRING }."""
+    return parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, b"".join((
+        acms.ContentType("data").dump(), alg.dump(), parser.emit(_CONTEXT, _PRIMITIVE, 0, ciphertext))))  # fmt: skip
+
+
+def _content_info(content_type: str, body: bytes) -> bytes:
+    """RFC 5652 §3 ContentInfo { contentType, content [0] EXPLICIT } around a SEQUENCE `body`."""
+    inner = parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, body)
+    return parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE,
+                       acms.ContentType(content_type).dump() + parser.emit(_CONTEXT, _CONSTRUCTED, 0, inner))  # fmt: skip

@@ -1,15 +1,18 @@
-"""CMS (RFC 5652) EnvelopedData decryption and SignedData verification, in process.
+"""CMS (RFC 5652) EnvelopedData/AuthEnvelopedData decryption and SignedData verification, in process.
 
 The job: the two inbound operations `cryptography` does not offer.  Structures are parsed with
-`asn1crypto.cms`; every cryptographic operation (RSA key transport, AES, hashing, signature
-verification) is done by `cryptography`.
+`asn1crypto.cms`; every cryptographic operation (RSA key transport, ECDH, AES, hashing,
+signature verification) is done by `cryptography`.
 
 - Decryption (RFC 5652 §6, RFC 8551 §2.7): KeyTransRecipientInfo matched to our certificate by
-  issuer+serial or subjectKeyIdentifier; RSA PKCS#1 v1.5 (RFC 8017 §7.2) and RSAES-OAEP
-  (RFC 3560, RFC 8017 §7.1) key transport; AES-128/192/256-CBC content encryption (RFC 3565).
+  issuer+serial or subjectKeyIdentifier, RSA PKCS#1 v1.5 (RFC 8017 §7.2) and RSAES-OAEP
+  (RFC 3560, RFC 8017 §7.1) key transport; KeyAgreeRecipientInfo with ephemeral-static ECDH on
+  P-256/P-384/P-521 (RFC 5753 §3.1.2, see cms_keys.py); AES-128/192/256-CBC in EnvelopedData
+  (RFC 3565) and AES-128/256-GCM in AuthEnvelopedData (RFC 5083, RFC 5084: the tag is checked
+  before any plaintext is returned).
 - Verification (RFC 5652 §5.4/§5.6, RFC 8551 §2.5): messageDigest and contentType signed
   attributes, signature over the DER SET OF signed attributes, RSA PKCS#1 v1.5, RSASSA-PSS
-  (RFC 4056) and ECDSA (RFC 5753); SHA-1 and MD5 digests are refused.
+  (RFC 4056), ECDSA (RFC 5753) and Ed25519 (RFC 8419); SHA-1 and MD5 digests are refused.
 
 Errors: `CmsError(code, detail)`, `code` being a `SecurityResult.failure` value:
 malformed-cms, wrong-recipient, decrypt-failed, weak-cipher, not-signed, weak-digest,
@@ -32,6 +35,7 @@ from cryptography.hazmat.primitives import padding as sympadding
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from gateway.core.errors import CryptoError
 from gateway.crypto._mime import to_crlf
 from gateway.crypto.cms_keys import ECDH_KDF_SCHEMES, WRAP_KEY_BYTES, PrivateKey, gcm_decrypt, kari_kek
 
@@ -49,7 +53,7 @@ _AES = {"aes128_cbc": 16, "aes192_cbc": 24, "aes256_cbc": 32}
 _AES_GCM = {"aes128_gcm": 16, "aes192_gcm": 24, "aes256_gcm": 32}
 
 
-class CmsError(ValueError):
+class CmsError(CryptoError, ValueError):
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code

@@ -2,22 +2,28 @@
 
 The job: `protect` wraps the complete original message (its headers included) as a
 message/rfc822 entity (RFC 8551 §3.1 "protecting headers" by wrapping, RFC 2046 §5.2.1), signs
-it as multipart/signed (RFC 1847, RFC 8551 §3.5.3: detached, SHA-256, RSA PKCS#1 v1.5) and
-encrypts that as application/pkcs7-mime enveloped-data (RFC 8551 §3.3; AES-256-CBC, RSA
-key transport) for every recipient certificate and the sender.  The outer message only carries
-From, To, Cc, Date, Message-ID, MIME-Version and a neutral Subject: nothing of the content leaks.
-`open_message` reverses it: size bound, decrypt, verify (detached or opaque signed-data),
-path-validate the signer for emailProtection, check revocation, and match the signer's
-certificate address to the inner From (RFC 8550 §3).
+it as multipart/signed (RFC 1847, RFC 8551 §3.5.3: detached, SHA-256; RSA PKCS#1 v1.5 or
+RSASSA-PSS, or ECDSA for an EC key) and encrypts that for every recipient certificate and the
+sender (envelope.py): AES-256-GCM AuthEnvelopedData by default (RFC 8551 §3.2.2
+authEnveloped-data), AES-256-CBC EnvelopedData for peers whose certificate says they lack GCM or
+when `crypto.content_encryption` asks; RSA key transport or ECDH key agreement per certificate.
+The outer message only carries From, To, Cc, Date, Message-ID, MIME-Version and a neutral
+Subject: nothing of the content leaks.
+`open_message` reverses it: size bound, then the layers in whatever order the sender nested them
+(RFC 8551 §3.7: sign-then-encrypt, encrypt-then-sign, triple wrapping), at most `MAX_LAYERS`:
+decrypt, verify (detached or opaque signed-data), path-validate every signer for
+emailProtection, check revocation, and match the innermost signer's certificate address to the
+inner From (RFC 8550 §3).
 
 Signatures and MIME wrappers are built on the bytes (ARCHITECTURE rule 8): `cryptography`'s PKCS7
-builders produce DER, and the MIME around it is written here, 3-6x faster than Encoding.SMIME.
-Line endings are canonicalised to CRLF before signing (RFC 8551 §3.1.1); a CRLF message comes
-back byte-identical, an LF-only message comes back with CRLF line endings.
+builder produces the SignedData DER, and the MIME around it is written here, 3-6x faster than
+Encoding.SMIME.  Line endings are canonicalised to CRLF before signing (RFC 8551 §3.1.1); a CRLF
+message comes back byte-identical, an LF-only message comes back with CRLF line endings.
 
-Errors: `protect`/`sign_only` raise `SmimeError` for unusable inputs (no recipients, header
-injection in outer headers, message too large).  `open_message` never raises for bad input: it
-returns a `SecurityResult` whose `failure` code says what went wrong.
+Errors: `protect`/`sign_only` raise `SmimeError` for unusable inputs (no recipients, a
+certificate that cannot be encrypted to or signed with, header injection in outer headers,
+message too large).  `open_message` never raises for bad input: it returns a `SecurityResult`
+whose `failure` code says what went wrong.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from gateway.core.errors import CryptoError
 from gateway.crypto import _mime
 from gateway.crypto.cms import CmsError, SignatureInfo, decrypt_enveloped, verify_signed
 from gateway.crypto.cms_keys import PrivateKey, encryption_problem, signing_problem
@@ -77,7 +84,7 @@ _PKCS7_SIG_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signatur
 _BAD_HEADER = re.compile(r"[\r\n\x00]")
 
 
-class SmimeError(ValueError):
+class SmimeError(CryptoError, ValueError):
     """The message or the keys given to protect/sign cannot produce a valid S/MIME message."""
 
 

@@ -8,6 +8,8 @@ cut to its column's length here, the lengths read from the model itself so that
 they can never drift from the schema. The escapes are plain text (``\\udcff``,
 ``\\u0000``): an auditor reads which byte arrived, and the record hashes and
 stores like any other. Fields that had to be cut are named in ``detail.truncated``.
+A patient's mailbox address (``<INS>@patient.mssante.fr``) is pseudonymised first
+(``gateway.audit.redact``): the trail never holds an INS.
 
 Errors: none; anything is turned into storable text.
 """
@@ -20,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.audit.models import AuditRecord
+from gateway.audit.redact import redact, redact_value
 
 #: Longest ``detail`` kept (JSON text): the trail records decisions, not documents.
 DETAIL_MAX = 4000
@@ -86,6 +89,7 @@ def storable_with_detail(ev: Any) -> tuple[Any, str | None]:
     Called for every event (``AuditWriter.submit`` and ``append``): the clean case costs a
     few string checks and the one ``json.dumps`` of the detail, not a rebuild.
     """
+    ev = _without_patient_ins(ev)
     changes: dict[str, Any] = {}
     cut: list[str] = []
     for name in _TEXT_FIELDS:
@@ -113,6 +117,18 @@ def storable_with_detail(ev: Any) -> tuple[Any, str | None]:
         clean = {**clean, "truncated": cut}
     changes["detail"] = clean
     return replace(ev, **changes), _dumps(clean)
+
+
+def _without_patient_ins(ev: Any) -> Any:
+    """The event with patients' mailbox addresses pseudonymised (the same object when there is none)."""
+    changes: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(ev, name)
+        if isinstance(value, str) and "patient.mssante.fr" in value.lower():
+            changes[name] = redact(value)
+    if ev.detail and "patient.mssante.fr" in repr(ev.detail).lower():
+        changes["detail"] = redact_value(ev.detail)
+    return replace(ev, **changes) if changes else ev
 
 
 def storable(ev: Any) -> Any:

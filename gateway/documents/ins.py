@@ -23,6 +23,8 @@ import hmac
 import re
 from dataclasses import dataclass
 
+from gateway.policy.patients import nir_key as _policy_nir_key
+
 #: OID of each assigning authority of an INS, and its kind.
 OID_REAL = "1.2.250.1.213.1.4.8"
 OID_NIA = "1.2.250.1.213.1.4.9"
@@ -58,15 +60,12 @@ class Ins:
 
 
 def nir_key(first13: str) -> int:
-    """The key of a NIR's first 13 characters: 97 - (N mod 97), Corsica's 2A/2B as 19/18."""
-    digits = first13.upper()
-    if digits[5:7] == "2A":
-        digits = digits[:5] + "19" + digits[7:]
-    elif digits[5:7] == "2B":
-        digits = digits[:5] + "18" + digits[7:]
-    if len(digits) != 13 or not digits.isdigit():
-        raise InsError("a NIR has 13 characters before its key (digits; 2A or 2B for Corsica)")
-    return 97 - int(digits) % 97
+    """The key of a NIR's first 13 characters: 97 - (N mod 97), Corsica's 2A/2B as 19/18
+    (the formula lives in ``gateway.policy.patients``, which routes patients' mailboxes by it)."""
+    try:
+        return _policy_nir_key(first13)
+    except ValueError:
+        raise InsError("a NIR has 13 characters before its key (digits; 2A or 2B for Corsica)") from None
 
 
 def check_nir(value: str) -> str:

@@ -89,7 +89,7 @@ class MessageDocuments:
             ins_problems=self.ins_problems, has_cda=self.has_cda, cda_codes=self.cda_codes,
             qualified_ins=self.qualified_ins, ins_kind=patient.kind if patient is not None else "",
             header_codecda=self.header_codecda, header_ins=self.header_ins, codecda_fields=self.codecda_fields,
-            ins_fields=self.ins_fields)
+            ins_fields=self.ins_fields, patient_nir=patient.nir if patient is not None else None)
 
     def expected_headers(self) -> list[tuple[str, str]]:
         """The X-MSS fields Ref. #2 ECO.2.4.1/2 asks for, from the packages (none without a CDA)."""

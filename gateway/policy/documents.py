@@ -22,7 +22,7 @@ counts and kinds, never an INS, a name or a title.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.policy.decision import Decision
 from gateway.smtp import replies as R
@@ -44,6 +44,8 @@ class DocumentFacts:
     header_ins: str | None = None
     codecda_fields: int = 0
     ins_fields: int = 0
+    #: The patient's NIR, only to compare with a patient's mailbox address (never printed or recorded).
+    patient_nir: str | None = field(default=None, repr=False)
 
     def expected_headers(self) -> dict[str, str]:
         """The X-MSS fields Ref. #2 ECO.2.4.1/2 asks for (none without a CDA)."""

@@ -4,6 +4,9 @@ Submission (our users sending): the recipient must be an active mailbox of one
 of our domains, or of a trusted operator's domain that we can protect mail for.
 Inbound (peer operators sending to us): only our own active mailboxes.
 Consumer and unknown domains are refused with a reason a person understands.
+A patient's mailbox (``<INS>@patient.mssante.fr``, ``gateway.policy.patients``) is in no
+directory: its domain must be trusted (routed to the operator of the national patient
+messaging) and its local part an INS with a valid key.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from directory.service import RecipientFacts
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
+from gateway.policy.patients import check_patient_address, is_patient_domain
 from gateway.smtp import replies as R
 
 Facts = RecipientFacts
@@ -105,6 +109,18 @@ def _unprotectable(f: Facts) -> Decision | None:
     )
 
 
+def _patient(f: Facts) -> Decision | None:
+    """A patient's mailbox: an INS with its key, protected for the domain's operator (no directory entry)."""
+    refused = check_patient_address(f.address)
+    if refused is not None or not is_patient_domain(f.address):
+        return refused
+    protection = protection_for(f)
+    if protection is None:
+        return _unprotectable(f)
+    return Decision.accept(R.S250_2_1_5_RECIPIENT_OK, "patient-mailbox",
+                           "a patient's mailbox of the national patient messaging", protection=protection)
+
+
 def _accept(f: Facts) -> Decision:
     kind = "local mailbox" if f.domain_kind == "local" else f"mailbox of trusted operator {f.domain}"
     return Decision.accept(
@@ -120,6 +136,7 @@ SUBMISSION_CHAIN: tuple[Rule[Facts], ...] = (
     Rule("consumer-domain", "consumer mail providers never receive health data", _consumer),
     Rule("blocked-domain", "domains the operator blocked", _blocked),
     Rule("untrusted-domain", "only our domains and trusted operators' domains", _untrusted),
+    Rule("patient-mailbox", "a patient's mailbox is an INS with its key at the patient messaging domain", _patient),
     Rule("unknown-mailbox", "the mailbox is in the health directory", _unknown),
     Rule("inactive-mailbox", "the mailbox is active", _inactive),
     Rule("no-protection", "mail can be signed and encrypted (or sent over pinned mTLS) for it", _unprotectable),

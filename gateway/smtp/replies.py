@@ -110,6 +110,10 @@ S553_5_1_7_BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
 S554_5_6_0_XDM_INVALID = Reply(554, "5.6.0", "IHE XDM package refused")
 S554_5_6_0_INS_MALFORMED = Reply(554, "5.6.0", "Patient INS in the IHE XDM package is malformed")
 S554_5_6_0_XMSS_MISMATCH = Reply(554, "5.6.0", "X-MSS header fields contradict the IHE XDM package")
+S554_5_6_0_PATIENT_INS = Reply(554, "5.6.0", "A message to a patient carries that patient's INS in an IHE XDM package")
+#: The national patient messaging (<INS>@patient.mssante.fr, MSSante Ref. #2 3.4.2.3).
+S550_5_1_1_NOT_A_PATIENT = Reply(550, "5.1.1", "Not a patient mailbox: the address is an INS with its key")
+S550_5_7_1_PATIENT_SENDER = Reply(550, "5.7.1", "Only practitioners' and organisations' mailboxes may write to a patient")
 S554_5_6_0_XMSS_MISSING = Reply(
     554, "5.6.0", "X-MSS-CODECDA and X-MSS-INS are required with an IHE XDM package (MSSante Ref. #2 ECO.2.4)"
 )

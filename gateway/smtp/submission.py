@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from aiosmtpd.smtp import MISSING, Envelope, Session
+from sqlalchemy.orm import Session as DbSession
 
 from directory.service import sender_facts
 from gateway.audit.trail import AuditEvent
@@ -39,6 +40,12 @@ from gateway.documents.scan import inspect_message
 from gateway.policy.content import ContentFacts
 from gateway.policy.decision import Decision
 from gateway.policy.documents import DocumentFacts, DocumentsDecision, decide_documents
+from gateway.policy.patients import (
+    decide_patient_documents,
+    decide_patient_sender,
+    is_patient_domain,
+    patient_nir,
+)
 from gateway.policy.senders import auth_required, decide_sender
 from gateway.queue.store import new_queue_id
 from gateway.smtp import replies as R
@@ -180,7 +187,7 @@ class SubmissionHandler(EdgeHandler):
                 decision = await self._check_from(sess, envelope, facts)
             documents = None
             if decision.accepted:
-                documents = await self._check_documents(data, facts.headers_end)
+                documents = await self._check_documents(data, facts.headers_end, envelope.rcpt_tos)
                 decision = documents.decision
             if not decision.accepted:
                 return self.refuse_content(sess, envelope, decision, len(data))
@@ -198,20 +205,54 @@ class SubmissionHandler(EdgeHandler):
         self.log_outcome("queued", envelope, queue_id=result.queue_id, size=len(stored))
         return str(R.S250_2_6_0_QUEUED.with_text(f"Message accepted for delivery, queued as {result.queue_id}"))
 
-    async def _check_documents(self, data: bytes, headers_end: int) -> DocumentsDecision:
+    async def _check_documents(self, data: bytes, headers_end: int, recipients: list[str]) -> DocumentsDecision:
         """The health-document rules, in a thread (zips are inflated, XML parsed); skipped when the
-        message has no zip attachment (base64 ``UEsDB``, or raw ``PK``) and no X-MSS field."""
+        message has no zip attachment (base64 ``UEsDB``, or raw ``PK``) and no X-MSS field. A message
+        to patients' mailboxes must name each patient's INS in its package (``policy.patients``)."""
         head = data[:headers_end].lower()
+        patients = tuple(nir for nir in map(patient_nir, recipients) if nir is not None)
         if b"x-mss-" not in head and b"UEsDB" not in data and b"PK\x03\x04" not in data:
-            return decide_documents(_NO_DOCUMENTS)
-        mode = str(self.settings.get("documents", "missing_headers"))
+            found = _NO_DOCUMENTS
+            decided = decide_documents(found)
+        else:
+            mode = str(self.settings.get("documents", "missing_headers"))
 
-        def run() -> DocumentsDecision:
-            return decide_documents(inspect_message(data).policy_facts(), missing_headers=mode)
+            def run() -> tuple[DocumentFacts, DocumentsDecision]:
+                facts = inspect_message(data).policy_facts()
+                return facts, decide_documents(facts, missing_headers=mode)
 
-        decided = await asyncio.to_thread(run)
-        self.metrics.inc("mssgw_documents_checked_total", rule=decided.decision.rule)
+            found, decided = await asyncio.to_thread(run)
+            self.metrics.inc("mssgw_documents_checked_total", rule=decided.decision.rule)
+        if decided.decision.accepted and patients:
+            to_patients = decide_patient_documents(patients, found.patient_nir, found.ins_kind)
+            if not to_patients.accepted:
+                return DocumentsDecision(to_patients)
         return decided
+
+    async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        """A patient's mailbox takes mail from PER and ORG mailboxes only; then the recipient chain."""
+        if is_patient_domain(address):
+            refused = await self._patient_sender(server, envelope, address)
+            if refused is not None:
+                return refused
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def _patient_sender(self, server: GatewaySMTP, envelope: Envelope, address: str) -> str | None:
+        sess = server.gw_session()
+        sender = (envelope.mail_from or "").strip().lower()
+        try:
+            mailbox_type = await self.cached_lookup(("mailbox-type", sender), lambda db: _mailbox_type(db, sender))
+        except Outage as exc:
+            return str(exc.reply)
+        decision = decide_patient_sender(mailbox_type)
+        if decision.accepted:
+            return None
+        self.metrics.inc("mssgw_rcpt_total", listener=self.listener, decision="refuse", rule=decision.rule)
+        self.audit(AuditEvent("rcpt", "refuse", actor=sess.identity, client=sess.client_ip, sender=envelope.mail_from,
+                              recipient=address, rule=decision.rule, reply=decision.reply.short,
+                              detail=dict(decision.facts)))  # fmt: skip
+        return str(decision.reply)
 
     async def _check_from(self, sess: GatewaySession, envelope: Envelope, facts: ContentFacts) -> Decision:
         """From:, Sender:, Resent-From: and Resent-Sender: (``EdgeHandler.check_authors``)."""
@@ -241,6 +282,16 @@ def _certificate_refusal(reason: str) -> R.Reply:
 
 
 _NO_DOCUMENTS = DocumentFacts()
+
+
+def _mailbox_type(db: DbSession, address: str) -> str | None:
+    """PER, ORG or APP for a mailbox of the directory, None when unknown."""
+    from directory.service import NotFoundError, get_mailbox
+
+    try:
+        return str(get_mailbox(db, address).type.value)
+    except NotFoundError:
+        return None
 
 
 def _fields(documents: DocumentsDecision | None) -> bytes:

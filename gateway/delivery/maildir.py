@@ -21,6 +21,11 @@ Maildir++ folder convention, RFC 3501 system flags mapped to Maildir info letter
 Delivery is tmp/ -> write -> fsync -> rename into new/ (or cur/ when flags are given) -> fsync
 of the directory: after ``deliver`` returns, the message survives a crash.
 
+Every successful ``deliver`` tells the IMAP sessions of that mailbox in this process
+(``mailbox_events``): an IDLE client hears of the message at once, without its folder being
+re-read every second. Deliveries by other processes are seen by the IMAP service's slower
+fallback poll.
+
 Errors: ``DeliveryError`` (a sentence naming the mailbox and the cause) for an
 address or folder name that cannot map to a safe path, and for any disk problem
 (full disk, permissions, missing folder). Nothing is left in ``tmp/`` on failure.
@@ -28,17 +33,22 @@ address or folder name that cannot map to a safe path, and for any disk problem
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import secrets
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from directory.identifiers import InvalidIdentifier, normalise_address
+from gateway.core.errors import QueueError
 from gateway.durable import write_durably
 
-__all__ = ["DEFAULT_FOLDERS", "DeliveryError", "MaildirDelivery", "folder_subdir"]
+__all__ = ["DEFAULT_FOLDERS", "DeliveryError", "MailboxEvents", "MaildirDelivery", "folder_subdir", "mailbox_events"]
 
 #: Folders every mailbox has besides INBOX (created on first login or first delivery).
 DEFAULT_FOLDERS: tuple[str, ...] = ("Sent", "Drafts", "Trash", "Junk")
@@ -55,8 +65,53 @@ _FORBIDDEN_IN_NAME = frozenset("/\\\x00.")  # '.' is the Maildir++ hierarchy sep
 _counter = itertools.count(1)
 
 
-class DeliveryError(Exception):
+class DeliveryError(QueueError):
     """A message could not be written to a local mailbox; the message says which and why."""
+
+
+class MailboxEvents:
+    """In-process change notices per mailbox, so IDLE sessions wake on a delivery instead of polling.
+
+    A listener (an IMAP session in IDLE) ``listen``s on a mailbox's INBOX directory and gets an
+    ``asyncio.Event`` set, on the listener's own loop, whenever ``changed`` is called for that
+    mailbox from any thread (the queue workers deliver from a thread pool). Keys are the
+    resolved INBOX paths ``MaildirDelivery.mailbox_path`` returns, so ``A@X`` and ``a@x`` meet.
+    Nothing is queued: an event is a hint to re-read the folder, never the message itself.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    @contextlib.contextmanager
+    def listen(self, mailbox: Path | str) -> Iterator[asyncio.Event]:
+        """An event set at each change of ``mailbox`` until the block ends (call on a running loop)."""
+        key = str(mailbox)
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._listeners.setdefault(key, set()).add(entry)
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                listeners = self._listeners.get(key)
+                if listeners is not None:
+                    listeners.discard(entry)
+                    if not listeners:
+                        del self._listeners[key]
+
+    def changed(self, mailbox: Path | str) -> int:
+        """Wake every listener of ``mailbox``; returns how many were told. Safe from any thread."""
+        with self._lock:
+            listeners = list(self._listeners.get(str(mailbox), ()))
+        for loop, event in listeners:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: its session is gone
+                loop.call_soon_threadsafe(event.set)
+        return len(listeners)
+
+
+#: The process's notices: local delivery and IMAP sessions write, IDLE sessions listen.
+mailbox_events = MailboxEvents()
 
 
 def _check_component(part: str, what: str) -> str:
@@ -187,4 +242,5 @@ class MaildirDelivery:
             raise DeliveryError(
                 f"cannot deliver to {address} ({folder}): {exc.strerror or exc} ({exc.filename or final_dir})"
             ) from exc
+        mailbox_events.changed(self.mailbox_path(address))
         return final_name

@@ -21,6 +21,12 @@ the lot on the event loop. Here, per command (``limits`` names the bounds):
 * **STARTTLS** (RFC 3501 6.2.1, RFC 2595 3.1): whatever the client sent in clear
   after the STARTTLS line is discarded before the handshake, so it never runs
   inside the TLS session (the same rule as RFC 3207 5 for SMTP).
+* **IDLE wakes on change** (RFC 2177): the session listens on its mailbox's
+  ``mailbox_events`` (set by local delivery and by the other IMAP sessions of the same
+  account in this process) and re-reads the folder when told; the folder is re-read every
+  ``IDLE_FALLBACK_SECONDS`` too, for deliveries by other processes sharing the data folder.
+* **Special-use folders** (RFC 6154, ``specialuse``): LIST names ``\\Sent``, ``\\Drafts``,
+  ``\\Trash`` and ``\\Junk``; ``LIST (SPECIAL-USE)`` lists only those.
 * **Inactivity**: a command must arrive within ``PRE_AUTH_TIMEOUT`` before login
   and ``POST_AUTH_TIMEOUT`` after (RFC 3501 5.4: at least 30 minutes), else
   ``* BYE`` and the connection is closed. IDLE counts as a command being read.
@@ -60,6 +66,7 @@ from pymap.imap.state import ConnectionState
 from pymap.interfaces.login import LoginInterface
 from pymap.parsing import Params
 from pymap.parsing.command import Command
+from pymap.parsing.command.auth import LSubCommand
 from pymap.parsing.command.select import IdleCommand, SearchCommand
 from pymap.parsing.commands import InvalidCommand
 from pymap.parsing.response import (
@@ -72,10 +79,12 @@ from pymap.parsing.response import (
     ResponseNo,
     ResponseOk,
 )
+from pymap.parsing.response.specials import ListResponse, LSubResponse
 from pymap.parsing.state import ExpectContinuation, ParsingInterrupt, ParsingState
 from pysasl.creds.server import ServerCredentials
 from pysasl.exception import AuthenticationError
 
+from gateway.delivery.maildir import mailbox_events
 from gateway.imap.limits import (
     COMMAND_MAX,
     MAX_LINE,
@@ -86,8 +95,9 @@ from gateway.imap.limits import (
     PRE_AUTH_LITERAL_MAX,
     LineScanner,
 )
+from gateway.imap.specialuse import attributes_for
 
-__all__ = ["POST_AUTH_TIMEOUT", "PRE_AUTH_TIMEOUT", "Connection", "SessionState"]
+__all__ = ["IDLE_FALLBACK_SECONDS", "POST_AUTH_TIMEOUT", "PRE_AUTH_TIMEOUT", "Connection", "SessionState"]
 
 #: Seconds a client may stay silent before login (enough to type a password, not to park).
 PRE_AUTH_TIMEOUT = 60.0
@@ -95,8 +105,12 @@ PRE_AUTH_TIMEOUT = 60.0
 POST_AUTH_TIMEOUT = 30 * 60.0
 #: Seconds from connect to login, whatever the client sends meanwhile (NOOPs do not extend it).
 PRE_AUTH_TOTAL = 120.0
-#: How often an IDLE client's folder is re-read for new, expunged or re-flagged messages.
-IDLE_POLL_SECONDS = 1.0
+#: How often an IDLE client's folder is re-read when nothing in this process said it changed:
+#: the fallback for deliveries and flag changes by other processes on the same data folder.
+IDLE_FALLBACK_SECONDS = 15.0
+#: Commands after which the account's other sessions (IDLE ones) are told to look again.
+_CHANGING = frozenset({b"APPEND", b"COPY", b"MOVE", b"STORE", b"EXPUNGE", b"CLOSE",
+                       b"UID COPY", b"UID MOVE", b"UID STORE", b"UID EXPUNGE"})
 
 _log = logging.getLogger(__name__)
 _TAG = re.compile(rb"[\x21\x23\x24\x26\x27\x2C-\x5B\x5D-\x7A\x7C\x7E]{1,64}(?= )")
@@ -248,7 +262,7 @@ class SessionState(ConnectionState):
                 return ResponseNo(cmd.tag, b"Message larger than APPENDLIMIT.", _TOOBIG)
             return ResponseBad(cmd.tag, b"Literal too large.", _TOOBIG)
         try:
-            return await super().do_command(cmd)
+            response = await super().do_command(cmd)
         except FileExistsError:
             return ResponseNo(cmd.tag, b"Mailbox already exists.", ResponseCode.of(b"ALREADYEXISTS"))
         except FileNotFoundError:
@@ -261,6 +275,32 @@ class SessionState(ConnectionState):
             _log.warning("imap storage error command=%s errno=%s", type(cmd).__name__,
                          errno.errorcode.get(exc.errno or 0, "?"))
             return ResponseNo(cmd.tag, b"Storage unavailable, try again later.", ResponseCode.of(b"UNAVAILABLE"))
+        if cmd.command in _CHANGING and isinstance(response, ResponseOk):
+            root = self.mailbox_root
+            if root is not None:
+                mailbox_events.changed(root)
+        return response
+
+    @property
+    def mailbox_root(self) -> str | None:
+        """The logged-in account's INBOX directory (the ``mailbox_events`` key), if logged in."""
+        return getattr(self._session, "mailbox_root", None)
+
+    async def do_list(self, cmd: Any) -> tuple[CommandResponse, Any]:
+        """pymap's LIST with the RFC 6154 attributes, and ``LIST (SPECIAL-USE)`` listing only those."""
+        mailboxes, updates = await self.session.list_mailboxes(
+            cmd.ref_name, cmd.filter, subscribed=cmd.only_subscribed, selected=self._selected
+        )
+        response = ResponseOk(cmd.tag, cmd.command + b" completed.")
+        for name, sep, attrs in mailboxes:
+            if isinstance(cmd, LSubCommand):
+                response.add_untagged(LSubResponse(name, sep, attrs))
+                continue
+            full = attributes_for(name, attrs)
+            if getattr(cmd, "special_use_only", False) and len(full) == len(attrs):
+                continue
+            response.add_untagged(ListResponse(name, sep, full))
+        return response, updates
 
 
 class Connection(IMAPConnection):
@@ -494,11 +534,22 @@ class Connection(IMAPConnection):
         return response if ok else ResponseBad(cmd.tag, b'Expected "DONE".')
 
     async def _poll(self, state: ConnectionState, cmd: IdleCommand, stop: asyncio.Event) -> None:
+        """Re-read the folder now, then whenever the mailbox is said to have changed (or every
+        ``IDLE_FALLBACK_SECONDS``), until DONE. The notice is cleared before each read, so a
+        delivery landing during a read triggers one more read rather than being missed."""
         no_wait = subsystem.get().new_event()
         no_wait.set()  # pymap's backend would otherwise block a pool thread on it
-        while not stop.is_set():
-            untagged = await self._exec(state.receive_updates(cmd, no_wait))
-            await asyncio.shield(self.write_updates(untagged))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), IDLE_POLL_SECONDS)
+        root = state.mailbox_root if isinstance(state, SessionState) else None
+        with contextlib.ExitStack() as stack:
+            changed = stack.enter_context(mailbox_events.listen(root)) if root is not None else asyncio.Event()
+            while not stop.is_set():
+                changed.clear()
+                untagged = await self._exec(state.receive_updates(cmd, no_wait))
+                await asyncio.shield(self.write_updates(untagged))
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=IDLE_FALLBACK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waits:
+                        waiter.cancel()
 

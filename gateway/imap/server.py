@@ -30,11 +30,16 @@ layout ``gateway.delivery.maildir`` writes. What is ours:
 * **Bounded SEARCH** (``search.py``): cheap paths for size and header keys, a time
   and parse budget per command (``NO [LIMIT]``), at most two at once in the process
   and one per account, so searches over big folders cannot starve the event loop.
-* **IDLE without a parked thread.** pymap's Maildir backend runs storage work in
-  a thread pool; its IDLE blocks a pool thread between polls, so idling clients
-  beyond the pool size delay every other command (20 idlers on 16 threads:
-  login + SELECT 2.1 s instead of 0.4 s). Here the IDLE loop waits on the
-  event loop and only each poll (every ``IDLE_POLL_SECONDS``) runs in the pool.
+* **IDLE without a parked thread, woken by delivery.** pymap's Maildir backend runs
+  storage work in a thread pool; its IDLE blocks a pool thread between polls, so idling
+  clients beyond the pool size delay every other command (20 idlers on 16 threads:
+  login + SELECT 2.1 s instead of 0.4 s). Here the IDLE loop waits on the event loop
+  for ``gateway.delivery.maildir.mailbox_events`` (a local delivery, or another session
+  of the account changing a folder) and only then re-reads the folder in the pool; a
+  fallback re-read every ``IDLE_FALLBACK_SECONDS`` catches other processes' deliveries.
+* **Special-use folders** (RFC 6154, ``specialuse.py``): ``SPECIAL-USE`` in CAPABILITY,
+  ``\\Sent``, ``\\Drafts``, ``\\Trash`` and ``\\Junk`` in LIST, so clients file their
+  copies in our folders instead of creating "Sent Items".
 * **Authenticator on its own loop.** Storage commands run in pool threads with
   their own event loops; the login hops back to the service's loop so the
   authenticator's counters and audit writer are only touched there.
@@ -52,7 +57,7 @@ raises ``OSError`` when a port cannot be bound and ``ssl.SSLError``/``OSError``
 when the certificate or key cannot be loaded.
 
 Limits (documented, not bugs): pymap re-reads a selected folder's directory at
-each IDLE poll, so very large folders cost more per idling client.
+each IDLE wake-up, so very large folders cost more per idling client.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ import asyncio
 import logging
 import ssl
 from argparse import Namespace
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager, closing
 from dataclasses import dataclass, field
@@ -78,6 +83,7 @@ from pymap.exceptions import AuthorizationFailure, InvalidAuth, NotAllowedError
 from pymap.imap import IMAPServer
 from pymap.interfaces.login import IdentityInterface, LoginInterface
 from pymap.interfaces.token import TokenCredentials
+from pymap.parsing.commands import Commands
 from pymap.parsing.response import (
     ResponseCode,
     ResponseNo,
@@ -95,13 +101,15 @@ from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.delivery.maildir import DeliveryError, MaildirDelivery
 from gateway.imap.appendmem import AppendMemory
-from gateway.imap.connection import IDLE_POLL_SECONDS, Connection, SessionState
+from gateway.imap.connection import IDLE_FALLBACK_SECONDS, Connection, SessionState
 from gateway.imap.fetch import ParseGate
 from gateway.imap.limits import MAX_LINE, install_parser_guards
 from gateway.imap.search import BoundedSearchSession, SearchGate
+from gateway.imap.specialuse import CAPABILITY as SPECIAL_USE_CAPABILITY
+from gateway.imap.specialuse import commands as imap_commands
 from gateway.imap.storage import RawMailboxSet, RawMaildir, SafeLayout, write_metadata_beside_target
 
-__all__ = ["IDLE_POLL_SECONDS", "ImapService", "server_tls_context", "start_imap"]
+__all__ = ["IDLE_FALLBACK_SECONDS", "ImapService", "server_tls_context", "start_imap"]
 
 #: Pool threads for Maildir work (disk reads, FETCH parsing); IDLE does not hold one.
 IO_THREADS = 16
@@ -141,6 +149,20 @@ class _Config(MaildirConfig):
     def greeting(self) -> bytes:
         return GREETING
 
+    @property
+    def commands(self) -> Commands:
+        return imap_commands()
+
+    @property
+    def login_capability(self) -> Sequence[bytes]:
+        return [*super().login_capability, SPECIAL_USE_CAPABILITY]
+
+
+class _Session(BoundedSearchSession):
+    """A logged-in account's session; ``mailbox_root`` keys its ``mailbox_events``."""
+
+    mailbox_root: str = ""
+
 
 class _Identity(IdentityInterface):
     """An authenticated local mailbox; its session sees ``mailbox_path(address)`` and nothing else."""
@@ -159,7 +181,7 @@ class _Identity(IdentityInterface):
         return frozenset()
 
     @asynccontextmanager
-    async def new_session(self) -> AsyncIterator[BoundedSearchSession]:
+    async def new_session(self) -> AsyncIterator[_Session]:
         try:
             self._delivery.ensure_folders(self._name)
             path = str(self._delivery.mailbox_path(self._name))
@@ -167,7 +189,9 @@ class _Identity(IdentityInterface):
             raise NotAllowedError(f"Mailbox unavailable: {exc}") from None
         layout = SafeLayout(path, RawMaildir)
         mailbox_set = RawMailboxSet(RawMaildir(path, create=False), layout)
-        yield BoundedSearchSession(self._name, self._config, mailbox_set, FilterSet(path))
+        session = _Session(self._name, self._config, mailbox_set, FilterSet(path))
+        session.mailbox_root = path
+        yield session
 
     async def new_token(self, *, expiration: datetime | None = None) -> str | None:
         return None

@@ -13,8 +13,9 @@ What has no registered property (the signer's subject, fingerprint, CRL state, t
 was checked) goes in a comment, which every reader skips.  Results are those of RFC 7281 §3:
 pass; policy (the signature verifies but our policy refuses its algorithm, key usage, stale CRL
 or the From it vouches for); temperror (revocation could not be checked now); permerror (too
-large, or not for our keys: nothing could be checked); none (not signed); fail for the rest
-(altered, unverifiable, untrusted, expired or revoked signer, undecryptable).
+large: refused unread); none (not signed); fail for the rest (altered, unverifiable,
+untrusted, expired or revoked signer, undecryptable or not for our keys, which is also what an
+altered encryption layer looks like).
 
 Failure codes (`SecurityResult.failure`, exactly one, the first problem found):
     malformed-cms, too-large, not-encrypted, wrong-recipient, decrypt-failed, weak-cipher,
@@ -67,7 +68,7 @@ AUTH_METHODS: dict[str, str] = {"smime": "smime", "pgp": "x-pgp"}
 # A signature that verifies but that our policy does not accept (algorithm, key use, the From it
 # vouches for, a CRL past its update time); everything else that is wrong is "fail".
 _POLICY_FAILURES = frozenset({"weak-cipher", "weak-digest", "bad-key-usage", "from-mismatch", "crl-stale"})
-_PERMANENT_ERRORS = frozenset({"too-large", "wrong-recipient"})  # nothing could be checked, ever
+_PERMANENT_ERRORS = frozenset({"too-large"})  # refused unread: nothing could be checked, ever
 _TEMPORARY_ERRORS = frozenset({"crl-unavailable"})
 _DOT_ATOM_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
                                r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")  # fmt: skip

@@ -85,7 +85,7 @@ def test_every_failure_renders_with_registered_names_and_a_reason(failure: str) 
     ("tampered-content", False, "fail"), ("bad-signature", False, "fail"), ("untrusted-ca", True, "fail"),
     ("from-mismatch", True, "policy"), ("from-mismatch", False, "fail"), ("weak-digest", True, "policy"),
     ("revoked", True, "fail"), ("crl-unavailable", True, "temperror"), ("malformed-cms", False, "fail"),
-    ("wrong-recipient", False, "permerror"), ("too-large", False, "permerror"), ("unknown-key", False, "fail"),
+    ("wrong-recipient", False, "fail"), ("too-large", False, "permerror"), ("unknown-key", False, "fail"),
 ])  # fmt: skip
 def test_result_keywords(failure: str, signature_valid: bool, expected: str) -> None:
     res = GOOD.evolve(signature_valid=signature_valid).with_failure(failure, "x")

@@ -242,3 +242,22 @@ def test_packages_found_in_nested_multiparts_and_any_transfer_encoding() -> None
     assert found.error is None and len(found.packages) == 1 and found.cda_codes == ("57833-6",)
     lf_only = message(package()).replace(b"\r\n", b"\n")
     assert len(inspect_message(lf_only).packages) == 1
+
+
+_PART = st.sampled_from([
+    b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n--b1\r\n",
+    b"--b1\r\nContent-Transfer-Encoding: base64\r\n\r\n",
+    b"--b1--\r\n", b"--b1 \r\n", b"\r\n", b"UEsDBBQAAAAIAA==\r\n",
+    b"Content-Type: multipart/alternative; boundary=\"b1\"\r\n",
+    b"Content-Transfer-Encoding: quoted-printable\r\n\r\nPK=03=04\r\n",
+    b"X-MSS-INS: O\r\n", b"X-MSS-CODECDA: 11488-4\r\n", b"PK\x03\x04\x00\x00",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_PART, st.binary(max_size=64)), max_size=40))
+def test_fuzz_mime_structures_never_crash(pieces: list[bytes]) -> None:
+    """Random MIME-looking messages (nested boundaries, truncated parts, zip magic): facts, never an exception."""
+    found = inspect_message(b"".join(pieces))
+    assert found.error is None or isinstance(found.error, str)
+    found.policy_facts()

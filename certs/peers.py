@@ -38,6 +38,7 @@ from directory import service
 from directory.identifiers import normalise_domain
 from directory.models import Certificate, Domain, DomainKind
 from gateway.config import Settings
+from gateway.core.errors import DirectoryError
 from gateway.operator import register_certificate
 
 BUNDLE_FORMAT = 1
@@ -45,7 +46,7 @@ BUNDLE_FORMAT = 1
 MAX_BUNDLE_BYTES = 256 * 1024
 
 
-class PeerError(Exception):
+class PeerError(DirectoryError):
     """A peer cannot be added or exported as asked; the message says why, for the admin."""
 
 

@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.core.errors import ConfigurationError
+
 __all__ = [
     "CertKind",
     "DevPki",
@@ -72,7 +74,7 @@ _REVOKED = "revoked.json"
 _SERIALS = "serials.json"
 
 
-class PkiError(Exception):
+class PkiError(ConfigurationError):
     """The development PKI is missing, unreadable, or the request cannot be honoured."""
 
 

@@ -30,11 +30,12 @@ from certs import pki
 from directory import service
 from directory.models import Certificate, MailboxType, PgpKey
 from gateway.config import Settings
+from gateway.core.errors import DirectoryError
 from gateway.crypto.cms_keys import encryption_problem, signing_problem
 from gateway.operator import register_certificate
 
 
-class CertError(Exception):
+class CertError(DirectoryError):
     """A certificate operation cannot be done; the message says why."""
 
 

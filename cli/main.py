@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from cli.context import AppContext
+from gateway.core.errors import MssgwError
 
 #: Modules that each define ``commands``: a click command or group added to ``mssgw``.
 COMMAND_MODULES = (
@@ -38,29 +39,8 @@ COMMAND_MODULES = (
 EXIT_ERROR = 2
 
 
-class ExpectedError(Exception):
+class ExpectedError(MssgwError):
     """Base of errors a command reports as one line (subclasses live with their services)."""
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from directory.db import DatabaseError
-    from directory.identifiers import InvalidIdentifier
-    from directory.service import DirectoryError
-    from gateway.config import ConfigError
-
-    kinds: list[type[BaseException]] = [ConfigError, DirectoryError, InvalidIdentifier, DatabaseError, ExpectedError]
-    for module, name in (
-        ("certs.pki", "PkiError"),
-        ("certs.service", "CertError"),
-        ("certs.peers", "PeerError"),
-        ("gateway.queue.store", "QueueError"),
-        ("gateway.process.manual", "ManualError"),
-    ):
-        try:
-            kinds.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(kinds)
 
 
 def hoist_data_dir(args: list[str]) -> list[str]:
@@ -97,7 +77,7 @@ class SafeGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except _expected_errors() as exc:
+        except MssgwError as exc:  # the one tree of errors we explain (gateway.core.errors)
             click.echo(f"error: {exc}", err=True)
             ctx.exit(int(getattr(exc, "exit_code", EXIT_ERROR)))
         except Exception as exc:  # last resort: one line, never a traceback

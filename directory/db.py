@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.models import Base
+from gateway.core.errors import OutageError
 from gateway.durable import PRIVATE_FILE_MODE, private_dir, private_file, private_umask
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -26,7 +27,7 @@ READ_ONLY_OPTION = "mssgw_read_only"
 _HOLDS_WRITE_LOCK = "mssgw_holds_write_lock"
 
 
-class DatabaseError(Exception):
+class DatabaseError(OutageError):
     """The database cannot be opened or migrated; the message says which and why."""
 
 

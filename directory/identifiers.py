@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 
+from gateway.core.errors import DirectoryError
+
 _LOCAL_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LOCAL = rf"{_LOCAL_ATOM}(?:\.{_LOCAL_ATOM})*"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS = re.compile(rf"^{_LOCAL}@{_LABEL}(?:\.{_LABEL})+$")
 
 
-class InvalidIdentifier(ValueError):
+class InvalidIdentifier(DirectoryError, ValueError):
     """An identifier or address that is not well formed; the message says why."""
 
 

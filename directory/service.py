@@ -36,21 +36,7 @@ from directory.models import (
     PgpKey,
     Practitioner,
 )
-
-
-class DirectoryError(Exception):
-    """A directory operation cannot be done; the message says why, for a person."""
-
-
-class NotFoundError(DirectoryError):
-    """What was named (mailbox, practitioner, domain) is not in the directory.
-
-    ``exit_code`` is the CLI's convention: 1 for refused or not found, 2 for usage or
-    configuration errors (every other ``DirectoryError``).
-    """
-
-    exit_code = 1
-
+from gateway.core.errors import DirectoryError, NotFoundError
 
 #: Argon2id with RFC 9106 / OWASP parameters sized for a mail server that checks a
 #: password on every new connection (19 MiB, 2 passes, 1 lane: tens of ms, not hundreds).

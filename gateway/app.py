@@ -40,6 +40,7 @@ from gateway.audit.seal import Sealer
 from gateway.audit.trail import AuditEvent, AuditWriter, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
+from gateway.core.errors import ConfigurationError
 from gateway.metrics import Metrics, serve_metrics
 from gateway.queue.intake import Intake
 from gateway.queue.store import QueueError, QueueStore
@@ -56,7 +57,7 @@ WRITER_THREADS = 16  # enqueue threads (spool writes in parallel, database commi
 RELOAD_INTERVAL = 2.0  # seconds between two looks at the trust list, anchors and TLS files
 
 
-class GatewayStartError(Exception):
+class GatewayStartError(ConfigurationError):
     """The gateway cannot start; the message is one line naming the setting or file."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.core.errors import ConfigurationError
+
 DEFAULT_HOME = "mssgw-data"
 CONFIG_NAME = "mssgw.toml"
 
@@ -117,7 +119,7 @@ _CRYPTO_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(Exception):
+class ConfigError(ConfigurationError):
     """A setting is missing, unknown or of the wrong kind; the message names the key."""
 
 

@@ -1,11 +1,14 @@
 """Counters of the running gateway and a tiny HTTP endpoint serving them as Prometheus text.
 
 ``Metrics`` keeps monotonic counters keyed by name and labels (sessions, logins,
-recipient decisions by rule, messages and bytes queued, outages). ``serve_metrics``
-answers ``GET /metrics`` with the Prometheus text exposition format 0.0.4 on the
-address of ``listen.metrics``; any other path is 404, any other method 405. It reads
-at most one request head of 8 KiB per connection and closes it after the answer.
-Labels never hold message content.
+recipient decisions by rule, messages and bytes queued, outages) and gauges read at scrape
+time.  The exposition (text format 0.0.4: HELP, TYPE, escaping, number formatting) is
+``prometheus_client``'s, fed by a collector over a snapshot of our counters; each ``Metrics``
+has its own registry, so several gateways in one process never share series.  The endpoint
+is ours on the event loop rather than prometheus_client's threaded server, so that it keeps
+the gateway's bounds: ``serve_metrics`` answers ``GET /metrics`` on the address of
+``listen.metrics``; any other path is 404, any other method 405; it reads at most one request
+head of 8 KiB per connection and closes it after the answer.  Labels never hold message content.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 HELP = {
     "mssgw_sessions_total": "SMTP connections accepted, by listener",
@@ -65,20 +72,31 @@ class Metrics:
         return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
     def render(self, gauges: dict[str, float] | None = None) -> str:
-        out: list[str] = []
-        for name in sorted(self._values):
-            out.append(f"# HELP {name} {HELP.get(name, name)}")
-            out.append(f"# TYPE {name} counter")
-            for labels, value in sorted(self._values[name].items()):
-                text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
-        for name, value in sorted((gauges or {}).items()):
-            out += [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} gauge", f"{name} {value:g}"]
-        return "\n".join(out) + "\n"
+        """The Prometheus text of a snapshot of the counters and of ``gauges`` (values already read)."""
+        counters = {name: dict(series) for name, series in list(self._values.items())}
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(counters, dict(gauges or {})))
+        return generate_latest(registry).decode("utf-8")
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Snapshot(Collector):
+    """The families of one scrape: counters (named ``*_total``) and gauges, with their labels."""
+
+    def __init__(self, counters: dict[str, dict[Labels, float]], gauges: dict[str, float]) -> None:
+        self.counters = counters
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        for name in sorted(self.counters):
+            series = self.counters[name]
+            label_names = sorted({k for labels in series for k, _ in labels})
+            family = CounterMetricFamily(name.removesuffix("_total"), HELP.get(name, name), labels=label_names)
+            for labels, value in sorted(series.items()):
+                given = dict(labels)
+                family.add_metric([given.get(k, "") for k in label_names], value)
+            yield family
+        for name, value in sorted(self.gauges.items()):
+            yield GaugeMetricFamily(name, HELP.get(name, name), value=value)
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:

@@ -57,7 +57,7 @@ class WhitelistEntry:
 
 
 class _Refused(Exception):
-    pass
+    """Control flow inside the expat callbacks (a DTD or entity): turned into a WhitelistError."""
 
 
 @dataclass

@@ -55,6 +55,7 @@ from directory.db import read_session_factory
 from gateway.audit.models import AuditRecord
 from gateway.audit.trail import check_chain, read_only
 from gateway.audit.watch import watch_for
+from gateway.core.errors import MssgwError
 from gateway.durable import fsync_dir, write_durably
 
 log = logging.getLogger("mssgw.audit")
@@ -67,7 +68,7 @@ POLL_SECONDS = 5.0
 _TAIL_READ = 64 * 1024  # a seal line is well under 1 KiB: the last one is in the file's last 64 KiB
 
 
-class SealError(Exception):
+class SealError(MssgwError):
     """Sealing is impossible: key, certificate or seal file; the message names the file."""
 
 

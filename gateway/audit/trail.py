@@ -37,6 +37,7 @@ from directory.db import READ_ONLY_OPTION
 from gateway.audit.models import AuditRecord
 from gateway.audit.storable import storable, storable_with_detail
 from gateway.audit.watch import BREAK_EVENT, describe, inspect, stage, watch_for
+from gateway.core.errors import OutageError
 
 if TYPE_CHECKING:
     from gateway.audit.seal import Sealer
@@ -313,7 +314,7 @@ def count(session: Session) -> int:
 _LENT_MAX = 100_000
 
 
-class AuditUnavailable(Exception):
+class AuditUnavailable(OutageError):
     """The database cannot take audit records now (``flush`` of a writer that was not started)."""
 
 

@@ -18,6 +18,7 @@ import secrets
 import struct
 from email.utils import getaddresses
 
+from gateway.core.errors import CryptoError
 from gateway.policy.limits import MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_PARTS
 
 __all__ = [
@@ -43,7 +44,7 @@ _FOLD = re.compile(r"\r?\n[ \t]")
 _QUOTED_PAIR = re.compile(r"\\(.)")
 
 
-class MimeError(ValueError):
+class MimeError(CryptoError, ValueError):
     """The bytes are not a MIME entity we can take apart."""
 
 

@@ -40,6 +40,7 @@ from directory.models import Certificate
 from gateway.config import Settings
 from gateway.crypto.cms_keys import PrivateKey
 from gateway.crypto.trust import TrustStore
+from gateway.core.errors import CryptoError
 
 __all__ = ["KeyRef", "KeyStore", "KeyStoreError", "TrustRef", "load_keypair", "load_trust"]
 
@@ -48,7 +49,7 @@ ENCRYPT_PURPOSES = ("encrypt", "smime")
 CACHE_SECONDS = 30.0
 
 
-class KeyStoreError(Exception):
+class KeyStoreError(CryptoError):
     """No usable certificate or key for an address; the message names the address, never a key."""
 
 

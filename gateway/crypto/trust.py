@@ -41,6 +41,7 @@ from cryptography.x509.verification import (
 
 from gateway.crypto.result import CrlStatus
 
+from gateway.core.errors import CryptoError
 __all__ = ["ChainResult", "Purpose", "TrustStore", "TrustStoreError", "fingerprint", "load_trust_store"]
 
 Purpose = Literal["emailProtection", "clientAuth", "serverAuth"]
@@ -58,7 +59,7 @@ PATH_CACHE_SECONDS = 300.0
 PATH_CACHE_SIZE = 1024
 
 
-class TrustStoreError(Exception):
+class TrustStoreError(CryptoError):
     """A trust-anchor or CRL file is missing or cannot be parsed."""
 
 

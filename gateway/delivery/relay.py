@@ -51,6 +51,7 @@ import aiosmtplib
 from cryptography import x509
 
 from gateway.config import Settings
+from gateway.core.errors import ConfigurationError
 from gateway.crypto.trust import TrustStore
 from gateway.delivery.mx import MxFailure, MxResolver
 
@@ -67,7 +68,7 @@ _Key = tuple[str, int, str | None]
 log = logging.getLogger("mssgw.delivery")
 
 
-class RelayConfigError(Exception):
+class RelayConfigError(ConfigurationError):
     """Our side of TLS cannot be set up (certificate, key or anchors unusable)."""
 
 

@@ -25,6 +25,7 @@ from xml.etree.ElementTree import Element, ParseError, SubElement, tostring
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import iterparse
 
+from gateway.core.errors import ContentError
 from gateway.documents.ins import KINDS, Ins, InsError, parse_ins
 from gateway.documents.loinc import LOINC_OID, label
 
@@ -42,7 +43,7 @@ MAX_ELEMENTS = 200_000
 MAX_DEPTH = 64
 
 
-class CdaError(ValueError):
+class CdaError(ContentError, ValueError):
     """The XML is unsafe, malformed or not a CDA R2 document; the message says which."""
 
 

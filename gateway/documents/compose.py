@@ -22,6 +22,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
+from gateway.core.errors import ContentError
 from gateway.documents.cda import Author, CdaError, Patient, build_n1, read_header
 from gateway.documents.ins import Ins
 from gateway.documents.loinc import label, loinc_check_digit_ok, valid_code
@@ -33,7 +34,7 @@ PATIENT_DOMAIN = "patient.mssante.fr"
 UUID_ROOT = "2.25"
 
 
-class ComposeError(ValueError):
+class ComposeError(ContentError, ValueError):
     """The inputs cannot make a valid message; the text says why."""
 
 

@@ -23,6 +23,7 @@ import hmac
 import re
 from dataclasses import dataclass
 
+from gateway.core.errors import ContentError
 from gateway.policy.patients import nir_key as _policy_nir_key
 
 #: OID of each assigning authority of an INS, and its kind.
@@ -37,7 +38,7 @@ OID_BY_NAME: dict[str, str] = {kind: oid for oid, kind in KINDS.items()}
 _NIR = re.compile(r"^([12345678])(\d{2})(\d{2})(\d{2}|2[AB])(\d{3})(\d{3})(\d{2})$")
 
 
-class InsError(ValueError):
+class InsError(ContentError, ValueError):
     """The INS is malformed; the message says what is wrong and never repeats the number."""
 
 

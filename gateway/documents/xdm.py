@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from xml.etree.ElementTree import Element, SubElement, tostring  # writing; parsing is defusedxml's
 
+from gateway.core.errors import ContentError
 from gateway.documents.cda import CdaError, CdaHeader, parse_tree, read_header
 from gateway.documents.ins import Ins, InsError, parse_cx
 from gateway.documents.loinc import valid_code
@@ -75,7 +76,7 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, O
                NotImplementedError, RuntimeError, KeyError)
 
 
-class XdmError(ValueError):
+class XdmError(ContentError, ValueError):
     """The package is unsafe or inconsistent; the message names the rule (never content)."""
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.trail import AuditEvent
 from gateway.config import Settings
+from gateway.core.errors import QueueError
 from gateway.crypto.keystore import KeyStore
 from gateway.delivery.receipts import DsnRecipient, build_dsn
 from gateway.delivery.relay import Attempt, Route
@@ -40,7 +41,7 @@ PLAN_TTL = 5.0  # seconds a domain's route, recipients' protections and signer n
 __all__ = ["Context", "Job", "LocalDelivery", "PipelineError", "Recipient", "RelayTransport"]
 
 
-class PipelineError(Exception):
+class PipelineError(QueueError):
     """The message cannot be processed at all; the run defers it and audits the reason."""
 
 

@@ -18,13 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from directory.models import PgpKey
 from gateway.config import Settings
+from gateway.core.errors import CryptoError
 from gateway.crypto.keystore import KeyStore, KeyStoreError
 from gateway.crypto.result import SecurityResult
 from gateway.process.inbound import _is_pgp, open_job
 from gateway.process.outbound import protect_job
 
 
-class ManualError(Exception):
+class ManualError(CryptoError):
     """The message cannot be protected or opened; the message says why."""
 
 

@@ -26,14 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import write_connection
 from gateway.audit.trail import AuditEvent, append
+from gateway.core.errors import QueueError
 from gateway.core.states import RecipientState
 from gateway.queue.models import QueueDedupe, QueuedMessage, QueuedRecipient
 
 __all__ = ["GroupCommit", "NewMessage", "QueueError", "dedupe_recipient", "insert_new", "new_message"]
-
-
-class QueueError(Exception):
-    """The queue cannot store or find a message; the message says which and why."""
 
 
 @dataclass(eq=False)

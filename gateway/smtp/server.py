@@ -41,6 +41,7 @@ from sqlalchemy.orm import sessionmaker
 from directory.service import recipient_facts, sender_facts
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.config import Settings
+from gateway.core.errors import OutageError
 from gateway.metrics import Metrics
 from gateway.policy.content import ContentFacts, cheap_to_inspect, decide_content, inspect_content
 from gateway.policy.decision import Decision
@@ -373,7 +374,7 @@ class EdgeDeps:
     readers: sessionmaker[DbSession] | None = None  # directory lookups (SQLite: never take the write lock)
 
 
-class Outage(Exception):
+class Outage(OutageError):
     """The directory, database or spool cannot answer now: a temporary failure."""
 
     def __init__(self, reply: R.Reply) -> None:
@@ -416,6 +417,13 @@ class EdgeHandler:
                                   detail={"listener": self.listener,
                                           "error": getattr(cause, "reason", None) or type(cause).__name__}))
             return str(R.S554_5_7_0_TLS_FAILED)
+        if isinstance(error, Outage):  # a step that did not catch its own outage: the same reply
+            return str(error.reply)
+        if isinstance(error, OutageError):  # any store that cannot answer now: try again later
+            log.warning("listener=%s client=%s outcome=outage error=%s", self.listener, session.client_ip,
+                        type(error).__name__)
+            self.metrics.inc("mssgw_outages_total", listener=self.listener, kind=type(error).__name__)
+            return str(R.S451_4_3_0_LOCAL_ERROR)
         log.error("listener=%s client=%s outcome=error error=%s", self.listener, session.client_ip,
                   type(error).__name__, exc_info=error)
         self.metrics.inc("mssgw_errors_total", listener=self.listener)

@@ -30,6 +30,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import Settings
+from gateway.core.errors import ConfigurationError
 
 #: ECDHE only (forward secrecy), AEAD first; TLS 1.3 suites are OpenSSL's defaults (all AEAD).
 CIPHERS = ":".join(
@@ -48,7 +49,7 @@ CIPHERS = ":".join(
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
-class TlsConfigError(Exception):
+class TlsConfigError(ConfigurationError):
     """A certificate, key or CA file is missing, unreadable, expired or inconsistent."""
 
 

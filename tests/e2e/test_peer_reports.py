@@ -152,7 +152,7 @@ async def test_clear_message_from_peer_is_quarantined_and_its_recipient_told_wit
     assert not any(SUBJECT in r.getMessage() or "PRESCRIPTION" in r.getMessage() for r in caplog.records)
     # and the metrics endpoint counts it
     body = await _scrape(METRICS_PORT)
-    assert "# TYPE mssgw_quarantined_messages gauge\nmssgw_quarantined_messages 1\n" in body
+    assert "# TYPE mssgw_quarantined_messages gauge\nmssgw_quarantined_messages 1.0\n" in body
 
 
 async def test_quarantine_notice_is_queued_once_when_the_job_is_redone(pair: Pair) -> None:

@@ -309,25 +309,40 @@ class Submitter:
     def __init__(self, a: Node) -> None:
         self.a = a
         self.context = ssl.create_default_context(cafile=str(a.home / "pki" / "ca.pem"))
-        self.conns: dict[str, smtplib.SMTP] = {}
+        self.conns: dict[str, tuple[smtplib.SMTP, int]] = {}  # sender: (connection, A's generation then)
 
-    def send(self, p: Planned) -> None:
-        conn = self.conns.get(p.sender)
+    def send(self, p: Planned) -> int:
+        """Submit ``p``; returns the generation of A the connection was opened to."""
+        conn, generation = self.conns.get(p.sender, (None, 0))
+        if conn is not None and generation != self.a.generation:  # A was restarted since: that one is dead
+            self.reset(p.sender)
+            conn = None
         if conn is None:
+            generation = self.a.generation
             conn = smtplib.SMTP("127.0.0.1", self.a.ports["submission"], timeout=120)
-            self.conns[p.sender] = conn
+            self.conns[p.sender] = (conn, generation)
             conn.starttls(context=self.context)
             conn.login(p.sender, PASSWORD)
         refused = conn.sendmail(p.sender, list(p.recipients), render(p))
         if refused:
             raise HarnessError(f"A refused recipients of {p.message_id}: {refused}")
+        return generation
+
+    def prepare(self, sender: str) -> int:
+        """Drop the sender's connection if A was restarted since it was opened; the generation of A
+        the next ``send`` talks to (a failure while that generation is still up is unexplained)."""
+        conn, generation = self.conns.get(sender, (None, 0))
+        if conn is not None and generation == self.a.generation:
+            return generation
+        self.reset(sender)
+        return self.a.generation
 
     def reset(self, sender: str | None = None) -> None:
         """Forget a sender's connection (all of them without ``sender``): the next send opens a new one."""
         for key in [sender] if sender else list(self.conns):
-            conn = self.conns.pop(key, None)
+            conn, _ = self.conns.pop(key, (None, 0))
             if conn is not None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, smtplib.SMTPException):
                     conn.close()
 
 
@@ -367,10 +382,14 @@ async def _submit_all(a: Node, plan: list[Planned], stats: RunStats, progress: a
                 lambda: a.alive() and a.open_messages()[0] < window, "room in A's queue", timeout, 0.05
             )
             while True:
-                generation = a.generation
+                generation = sub.prepare(p.sender)
                 try:
                     await asyncio.to_thread(sub.send, p)
                     break
+                except smtplib.SMTPRecipientsRefused as exc:
+                    raise HarnessError(
+                        f"A refused every recipient of {p.message_id}: {exc.recipients}"
+                    ) from exc
                 except smtplib.SMTPResponseException as exc:  # a definite answer: not accepted
                     sub.reset(p.sender)
                     if exc.smtp_code < 400 or exc.smtp_code >= 500:
@@ -379,6 +398,7 @@ async def _submit_all(a: Node, plan: list[Planned], stats: RunStats, progress: a
                             f"A refused {p.message_id}: {exc.smtp_code} {exc.smtp_error!r}"
                         ) from exc
                     stats.resubmitted += 1
+                    await asyncio.sleep(0.2)  # a 4xx (A busy or restarting): submit again shortly
                 except (smtplib.SMTPException, OSError):  # the connection died: was it committed?
                     sub.reset(p.sender)
                     try:
@@ -435,6 +455,9 @@ class Report:
     problems: list[str]
     drops: dict[str, int]
     seconds: float
+    #: What was checked, so a test can check again after changing a mailbox (the checker's own test).
+    operators: tuple[Node, Node] | None = None
+    submitted: list[Planned] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -498,7 +521,8 @@ async def run_fault_injection(root: Path, *, messages: int, kills: int, seed: in
     report.drops = dict(proxy.drops)
     report.problems += stats.anomalies
     report.seconds = stats.seconds
-    del started
+    report.counts["setup_seconds"] = round(flow_started - started)
+    report.operators, report.submitted = (a, b), stats.submitted
     return report
 
 
@@ -528,6 +552,7 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
 
     # Maildirs: copies per (message, recipient), DSNs per (message, final recipient, reporter).
     copies: Counter[tuple[str, str]] = Counter()
+    files: dict[tuple[str, str], list[str]] = {}
     for node, boxes in ((b, (*B_DELIVERED, FRONT)), (a, (WARD,))):
         for box in boxes:
             for path in node.mailbox(box):
@@ -536,6 +561,7 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
                     continue  # a quarantine notice, counted below
                 for token in _tokens(path):
                     copies[(token, box)] += 1
+                    files.setdefault((token, box), []).append(path.name)
     dsns: Counter[tuple[str, str, str]] = Counter()
     for sender in SENDERS:
         for path in a.mailbox(sender):
@@ -557,6 +583,9 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
     # Databases: A's recipient states; B's quarantine; leftovers on both sides.
     a_states: dict[tuple[str, str], list[str]] = {}
     with read_session_factory(a.db())() as s:
+        protections = s.execute(select(QueuedRecipient.protection, func.count()).group_by(QueuedRecipient.protection)
+                                .join(QueuedMessage, QueuedRecipient.message_id == QueuedMessage.id)
+                                .where(QueuedMessage.origin == "submission")).all()  # fmt: skip
         rows = s.execute(select(QueuedMessage.message_id, QueuedRecipient.address, QueuedRecipient.state)
                          .join(QueuedRecipient, QueuedRecipient.message_id == QueuedMessage.id)
                          .where(QueuedMessage.origin == "submission")).all()  # fmt: skip
@@ -572,6 +601,13 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
         key = ((mid or "").strip("<>"), addr.lower())
         quarantined[key] += 1
         quarantine_ids.setdefault(key, []).append(qid)
+    b_queue: dict[tuple[str, str], list[str]] = {}  # B's inbound queue ids per (message, recipient)
+    with read_session_factory(b.db())() as s:
+        rows = s.execute(select(QueuedMessage.id, QueuedMessage.message_id, QueuedRecipient.address)
+                         .join(QueuedRecipient, QueuedRecipient.message_id == QueuedMessage.id)
+                         .where(QueuedMessage.origin == "inbound")).all()  # fmt: skip
+    for qid, mid, addr in rows:
+        b_queue.setdefault(((mid or "").strip("<>"), addr.lower()), []).append(qid)
     for node in (a, b):
         with read_session_factory(node.db())() as s:
             left = s.execute(select(QueuedMessage.id, QueuedMessage.claimed_by, QueuedMessage.parked)
@@ -618,7 +654,8 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
                 problems.append(f"{pair}: lost (no copy, DSN or quarantine)")
             elif n > 1:
                 counts["duplicates"] += 1
-                problems.append(f"{pair}: {n} times (duplicate)")
+                where = f"files {files.get((p.token, r), [])}, B's queue ids {b_queue.get((p.token, r), [])}"
+                problems.append(f"{pair}: {n} times (duplicate): {where}")
             elif r == GHOST:
                 counts["bounced"] += 1
             elif r == FRONT:
@@ -633,4 +670,6 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
             problems.append(f"copy of ({token}, {r}) that was never sent to it")
     order = ("submitted", "pairs", "delivered", "bounced", "dsns", "quarantined", "duplicates", "lost", "pending",
              "claimed")  # fmt: skip
-    return Report({k: counts[k] for k in order}, problems, {}, 0.0)
+    summary = {k: counts[k] for k in order}
+    summary |= {f"protection_{name or 'none'}": int(n) for name, n in sorted(protections, key=str)}
+    return Report(summary, problems, {}, 0.0)

@@ -56,9 +56,9 @@ def plan(rng: random.Random, drop_probability: float) -> Fault | None:
         return None
     kind = rng.choice(KINDS)
     if kind in ("client-before", "client-after", "server-before"):
-        return Fault(kind, rng.randint(1, 12))
+        return Fault(kind, rng.randint(1, 10))  # a one-message connection has about ten each way
     if kind == "client-bytes":
-        return Fault(kind, rng.randint(1, 24_000))
+        return Fault(kind, rng.randint(1, 16_000))
     return Fault(kind, rng.choice((1, 1, 1, 2)))  # mostly the first message of the connection
 
 

@@ -259,9 +259,11 @@ def revoke(session: Session, settings: Settings, selector: str, *, reason: str =
 def add_trust_anchor(session: Session, data: bytes, *, peer: str | None = None) -> dict[str, Any]:
     """Trust a CA for S/MIME signatures and for operators' TLS certificates (both directions).
 
-    ``peer`` records which peer operator's domain brought the anchor (``mssgw peers add``), so
-    ``peers remove`` takes it away again; an anchor without one (IGC-Santé, our own CA) stays
-    until ``certs trust-anchor remove``. Every anchor is accepted for mutual TLS on the inbound
+    ``peer`` records which peer operator's domain brought the anchor (``mssgw peers add``, or
+    ``certs trust-anchor add --domain``), so ``peers remove`` takes it away again; for S/MIME such
+    an anchor vouches for signatures of that domain only (a Direct trust bundle), unless the same
+    CA is also trusted without a domain. An anchor without one (IGC-Santé, our own CA) vouches
+    for every domain and stays until ``certs trust-anchor remove``. Every anchor is accepted for mutual TLS on the inbound
     port: the running gateway picks it up within seconds (``gateway.app``'s trust watch).
     """
     cert = load_material(data).certificate

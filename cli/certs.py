@@ -131,12 +131,17 @@ def trust_anchor() -> None:
 
 @trust_anchor.command("add")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--domain", "domains", multiple=True, metavar="DOMAIN",
+              help="Trust the CA for S/MIME signatures of these mail domains only (a Direct trust bundle; "
+                   "repeat for several). Without it, the CA vouches for every domain.")  # fmt: skip
 @pass_app
-def anchor_add(app: AppContext, file: Path) -> None:
+def anchor_add(app: AppContext, file: Path, domains: tuple[str, ...]) -> None:
     """Trust a CA certificate (PEM or DER)."""
+    data = file.read_bytes()
     with app.transaction() as session:
-        data = certs.add_trust_anchor(session, file.read_bytes())
-    click.echo(f"trust anchor added: {data['subject']} ({data['fingerprint']})")
+        added = [certs.add_trust_anchor(session, data, peer=d) for d in domains] or [certs.add_trust_anchor(session, data)]
+    scope = f" for {', '.join(a['address'] for a in added)}" if domains else ""
+    click.echo(f"trust anchor added{scope}: {added[0]['subject']} ({added[0]['fingerprint']})")
 
 
 @trust_anchor.command("list")
@@ -146,7 +151,9 @@ def anchor_list(app: AppContext, as_json: bool) -> None:
     """List trust anchors."""
     with app.transaction() as session:
         rows = certs.list_certificates(session, purpose="anchor")
-    emit(rows, ("subject", "status", "not_after", "fingerprint"), as_json)
+    for row in rows:
+        row["domain"] = row["address"] or "*"  # the mail domain a scoped anchor vouches for
+    emit(rows, ("subject", "domain", "status", "not_after", "fingerprint"), as_json)
 
 
 @trust_anchor.command("remove")

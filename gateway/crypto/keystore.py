@@ -23,6 +23,7 @@ certificate or key exists; the pipeline maps it to a bounce or a deferral.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import threading
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,6 +74,9 @@ class TrustRef:
 
     anchors: tuple[bytes, ...]
     crls: tuple[bytes, ...] = ()
+    #: (anchor PEM, mail domain) for those of ``anchors`` that vouch for S/MIME signatures of some
+    #: domains only (``peers add``, ``certs trust-anchor add --domain``); mutual TLS uses them all.
+    scopes: tuple[tuple[bytes, str], ...] = ()
 
 
 @functools.lru_cache(maxsize=512)
@@ -108,7 +113,11 @@ def load_trust(ref: TrustRef) -> TrustStore:
             crls.append(x509.load_pem_x509_crl(pem) if b"-----BEGIN" in pem else x509.load_der_x509_crl(pem))
         except ValueError:
             continue  # an unreadable CRL counts as absent: revocation status "unavailable"
-    return TrustStore(anchors, crls)
+    scopes: dict[x509.Certificate, set[str]] = {}
+    for pem, domain in ref.scopes:
+        for cert in x509.load_pem_x509_certificates(pem):
+            scopes.setdefault(cert, set()).add(domain)
+    return TrustStore(anchors, crls, scopes=scopes)
 
 
 def _usable(row: Certificate, now: _dt.datetime) -> bool:
@@ -230,14 +239,20 @@ class KeyStore:
 
         def compute() -> TrustRef:
             with self._factory() as session:
-                anchors = [
-                    r.pem.encode("ascii")
-                    for r in session.scalars(select(Certificate).where(Certificate.purpose == "anchor"))
-                    if r.revoked_at is None
-                ]
+                rows = [r for r in session.scalars(select(Certificate).where(Certificate.purpose == "anchor"))
+                        if r.revoked_at is None]  # fmt: skip
+            anchors = [r.pem.encode("ascii") for r in rows]  # all of them: mutual TLS uses every anchor
+            # For S/MIME an anchor brought by a peer (its row names the peer's domain) vouches for
+            # that peer's domains only, unless it is also trusted without a domain.
+            unscoped = {r.fingerprint for r in rows if not r.address}
             extra = self.settings.path("tls", "client_ca", Path())
             if str(extra) not in ("", ".") and extra.is_file():
-                anchors.append(extra.read_bytes())
+                bundle = extra.read_bytes()
+                anchors.append(bundle)
+                with contextlib.suppress(ValueError):  # an unreadable bundle fails where TLS loads it
+                    unscoped.update(c.fingerprint(hashes.SHA256()).hex() for c in x509.load_pem_x509_certificates(bundle))
+            scoped = tuple(dict.fromkeys((r.pem.encode("ascii"), r.address) for r in rows
+                                         if r.address and r.fingerprint not in unscoped))  # fmt: skip
             crls: list[bytes] = []
             pki = self.settings.pki_dir
             candidates = [
@@ -250,7 +265,7 @@ class KeyStore:
                     crls.append(path.read_bytes())
             if not anchors:
                 raise KeyStoreError("no trust anchor in the directory: run 'mssgw init' or add one")
-            return TrustRef(tuple(dict.fromkeys(anchors)), tuple(crls))
+            return TrustRef(tuple(dict.fromkeys(anchors)), tuple(crls), scoped)
 
         return self._cached("trust", "", compute)  # type: ignore[no-any-return]
 

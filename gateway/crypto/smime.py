@@ -393,7 +393,12 @@ def _open(data: bytes, cert: x509.Certificate, key: PrivateKey, trust: TrustStor
     signer = info.signer
     facts = _signer_facts(signer)
     emails = facts.emails
-    chain = trust.validate(signer, [c for c in info.certificates if c != signer], purpose="emailProtection", at=now)
+    from_addr = _mime.first_address(
+        _mime.header_value(_mime.parse_headers(_mime.header_block(inner)), "from")
+    )
+    domain = from_addr.rpartition("@")[2] if from_addr else None
+    chain = trust.validate(signer, [c for c in info.certificates if c != signer], purpose="emailProtection",
+                           at=now, domain=domain)  # fmt: skip
     changes.update(
         signed=True,
         signature_valid=True,
@@ -414,13 +419,12 @@ def _open(data: bytes, cert: x509.Certificate, key: PrivateKey, trust: TrustStor
         failure = (chain.failure, chain.detail)
     for outer_sig in reversed(signatures[:-1]):  # outer layers (e.g. a relaying operator's) must hold too
         outer_chain = trust.validate(outer_sig.signer, [c for c in outer_sig.certificates if c != outer_sig.signer],
-                                     purpose="emailProtection", at=now)  # fmt: skip
+                                     purpose="emailProtection", at=now, domain=domain)  # fmt: skip
         if outer_chain.failure and failure is None:
             failure = (outer_chain.failure, f"outer signature: {outer_chain.detail}")
-    from_addr = _mime.first_address(
-        _mime.header_value(_mime.parse_headers(_mime.header_block(inner)), "from")
-    )
-    matches = from_addr is not None and from_addr in emails
+    # Address-bound (rfc822Name) or, Direct Applicability Statement 1.2 §4, domain-bound: a
+    # dNSName equal to the From domain, the chain above having ended at an anchor for it.
+    matches = from_addr is not None and (from_addr in emails or domain in facts.domains)
     changes.update(from_address=from_addr, from_matches_signer=matches)
     if not matches:
         return done(inner, "from-mismatch",
@@ -451,12 +455,17 @@ class _SignerFacts(NamedTuple):
     subject: str
     fingerprint: str
     emails: tuple[str, ...]
+    domains: tuple[str, ...]  # dNSName SANs: a Direct domain-bound certificate speaks for them
 
 
 @functools.lru_cache(maxsize=512)
 def _signer_facts(cert: x509.Certificate) -> _SignerFacts:
     """What the verdict reports about a signer certificate, computed once per certificate."""
-    return _SignerFacts(cert.subject.rfc4514_string(), fingerprint(cert), _cert_emails(cert))
+    domains: tuple[str, ...] = ()
+    with contextlib.suppress(x509.ExtensionNotFound):
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        domains = tuple(d.lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName))
+    return _SignerFacts(cert.subject.rfc4514_string(), fingerprint(cert), _cert_emails(cert), domains)
 
 
 def _cert_emails(cert: x509.Certificate) -> tuple[str, ...]:

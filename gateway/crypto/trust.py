@@ -7,6 +7,8 @@ basicConstraints, keyUsage, name chaining, depth) are done by `cryptography.x509
 same code serves S/MIME (emailProtection, RFC 8550 §4.4.4), mutual TLS client certificates
 (clientAuth) and servers (serverAuth).  Revocation uses CRLs (RFC 5280 §5): each CRL signature
 is checked against its issuer in the validated chain; a CRL past its nextUpdate is "stale".
+Anchors may be scoped to mail domains (a Direct trust bundle): for S/MIME such an anchor vouches
+only for signatures speaking for one of its domains, so a peer's CA cannot vouch for another's.
 
 Errors: `validate` never raises for a bad certificate; it returns a `ChainResult` whose
 `failure` is one of untrusted-ca, expired, not-yet-valid, bad-key-usage, revoked,
@@ -20,7 +22,7 @@ import datetime as _dt
 import functools
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -117,9 +119,18 @@ class TrustStore:
         *,
         crl_max_age: _dt.timedelta = DEFAULT_CRL_MAX_AGE,
         require_crl: bool = False,
+        scopes: Mapping[x509.Certificate, Iterable[str]] | None = None,
     ) -> None:
+        """`scopes` maps an anchor to the mail domains it vouches for (a Direct trust bundle,
+        Applicability Statement 1.2 §4 / Direct Trust bundles): for S/MIME, a path ending at a
+        scoped anchor holds only for a From in one of those domains.  Anchors not in `scopes`
+        vouch for every domain.  Mutual TLS (clientAuth, serverAuth) ignores scopes: peers are
+        pinned by their operator DN there."""
         if not anchors:
             raise TrustStoreError("a trust store needs at least one anchor")
+        self.scopes: dict[x509.Certificate, frozenset[str]] = {
+            cert: frozenset(d.strip().lower().rstrip(".") for d in domains) for cert, domains in (scopes or {}).items()
+        }
         self.anchors = list(anchors)
         self.crls = list(crls)
         self.crl_max_age = crl_max_age
@@ -160,8 +171,12 @@ class TrustStore:
         *,
         purpose: Purpose = "emailProtection",
         at: _dt.datetime | None = None,
+        domain: str | None = None,
     ) -> ChainResult:
-        """Path-validate `cert` for `purpose` at time `at` (default now) and check revocation."""
+        """Path-validate `cert` for `purpose` at time `at` (default now) and check revocation.
+
+        `domain` is the mail domain the signature speaks for (the From's): an anchor scoped to
+        other domains does not vouch for it (untrusted-ca), nor for a signature with no domain."""
         at = at or _dt.datetime.now(_dt.UTC)
         # Report the leaf's own validity with a precise code before the generic path search.
         if at < cert.not_valid_before_utc:
@@ -198,6 +213,10 @@ class TrustStore:
                          tuple(str(n.value) for n in (verified.subjects or []) if isinstance(n, x509.RFC822Name)))  # fmt: skip
             self._remember_path(key, path)
         chain, emails, anchor = path.chain, path.emails, path.anchor
+        allowed = self.scopes.get(chain[-1]) if purpose == "emailProtection" else None
+        if allowed is not None and (domain or "").strip().lower().rstrip(".") not in allowed:
+            return ChainResult(False, chain, anchor, None, "unavailable", "untrusted-ca",
+                               f"anchor {anchor} is trusted only for {', '.join(sorted(allowed))}", emails)  # fmt: skip
         status, revoked_detail = self._revocation(chain, at)
         if status == "revoked":
             return ChainResult(False, chain, anchor, True, status, "revoked", revoked_detail, emails)

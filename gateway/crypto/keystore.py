@@ -40,9 +40,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from certs.pki import PkiError, load_smime_key
 from directory.models import Certificate
 from gateway.config import Settings
+from gateway.core.errors import CryptoError
 from gateway.crypto.cms_keys import PrivateKey
 from gateway.crypto.trust import TrustStore
-from gateway.core.errors import CryptoError
 
 __all__ = ["KeyRef", "KeyStore", "KeyStoreError", "TrustRef", "load_keypair", "load_trust"]
 

@@ -41,9 +41,9 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from gateway.core.errors import CryptoError
 from gateway.crypto.result import CrlStatus
 
-from gateway.core.errors import CryptoError
 __all__ = ["ChainResult", "Purpose", "TrustStore", "TrustStoreError", "fingerprint", "load_trust_store"]
 
 Purpose = Literal["emailProtection", "clientAuth", "serverAuth"]

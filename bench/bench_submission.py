@@ -73,7 +73,7 @@ def setup_home(base: Path) -> tuple[Path, int]:
 
     raw = tomllib.loads((home / "mssgw.toml").read_text())
     raw["listen"].update({"submission": f"127.0.0.1:{port}", "submissions": "", "inbound": "", "imap": "",
-                          "imaps": "", "metrics": ""})
+                          "imaps": "", "metrics": "", "api": ""})
     (home / "mssgw.toml").write_text(render_toml(raw))
     engine = make_engine(f"sqlite:///{home / 'mssgw.db'}")
     with transaction(session_factory(engine)) as db:

@@ -92,6 +92,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self._services: list[tuple[str, Callable[[], Awaitable[Any]]]] = []  # (name, async close)
         self.tls: ReloadableServerTls | None = None
+        self.api: Any = None  # gateway.api.server.ApiServer when listen.api is set
         self._trust_seen: tuple[tuple[object, ...], tuple[float, ...]] | None = None  # (counter, file stamps)
         self._trust_digest: dict[str, str] = {}
 
@@ -143,6 +144,7 @@ class Gateway:
             await self._listen("submission", submission, tls, implicit_tls=False)
             await self._listen("submissions", submission, tls, implicit_tls=True)
             await self._listen("inbound", inbound, tls, implicit_tls=False, auth=False)
+            await self._start_api(tls)
             where = self.settings.listen("metrics")
             if where is not None:
                 server = await self._bind("metrics", where, serve_metrics(self.metrics, *where))
@@ -197,6 +199,28 @@ class Gateway:
         coro = start_listener(handler, where[0], where[1], tls_context=tls, implicit_tls=implicit_tls,
                               registry=self._connections, auth=auth)  # fmt: skip
         self._servers.append(await self._bind(name, where, coro))
+
+    async def _start_api(self, tls: ssl.SSLContext) -> None:
+        """The HTTPS API for software (``gateway.api``) on ``listen.api``, with the listeners' TLS context."""
+        where = self.settings.listen("api")
+        if where is None:
+            return
+        from gateway.api.edge import ApiEdge
+        from gateway.api.server import ApiServer
+
+        assert self.sessions is not None and self.store is not None and self.audit is not None
+        assert self.authenticator is not None
+        edge = ApiEdge(self.settings, self.sessions, self.intake, self.store, self.audit, self.metrics,
+                       self.authenticator, readers=self.readers)  # fmt: skip
+        server = ApiServer(edge, tls)
+        try:
+            host, port = await server.start(*where)
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise GatewayStartError(f"listen.api: cannot listen on {where[0]}:{where[1]}: {reason}") from None
+        self.api = server
+        self.addresses["api"] = (host, port)
+        log.info("listening name=api address=%s:%d", host, port)
 
     # --- hook points for the other services ----------------------------------------------------
 
@@ -347,6 +371,9 @@ class Gateway:
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         for server in self._servers:
             server.close()
+        if self.api is not None:  # stops accepting; submissions already in flight commit first
+            await self.api.close()
+            self.api = None
         busy = [h.wait_idle() for h in self.handlers]
         if busy:
             try:

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "imap": "127.0.0.1:1143",  # IMAP with STARTTLS
         "imaps": "127.0.0.1:1993",  # IMAP over implicit TLS
         "metrics": "",  # "127.0.0.1:9125" serves Prometheus text at /metrics; empty: off
+        "api": "127.0.0.1:1443",  # HTTPS API for software (client certificates); empty: off
     },
     "database": {
         "url": "",  # empty: sqlite under the data folder; or postgresql+psycopg://user:pw@host/db
@@ -102,6 +103,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "runtime": {
         "event_loop": "uvloop",  # uvloop (TLS and sockets in C: about half the CPU per message) or asyncio
+    },
+    "api": {
+        "rate_per_minute": 600,  # requests per client certificate (token bucket), then 429
+        "burst": 60,  # requests a certificate may make at once before the rate applies
+        "idempotency_hours": 24.0,  # how long an Idempotency-Key's first answer is kept
+        "events_poll_seconds": 1.0,  # how often an event stream looks at the queue and the mailbox
     },
     "documents": {
         # An IHE XDM package with a CDA but without X-MSS-CODECDA/X-MSS-INS (MSSanté Ref. #2 ECO.2.4):

@@ -6,6 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+import gateway.api.models
 import gateway.audit.models
 import gateway.queue.models  # noqa: F401  (every table in the metadata compared)
 from directory.db import is_migrated, make_engine, migrate

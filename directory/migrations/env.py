@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 # Every table of the schema, so that the metadata Alembic compares is complete.
+import gateway.api.models
 import gateway.audit.models
 import gateway.queue.models  # noqa: F401
 from directory.models import Base

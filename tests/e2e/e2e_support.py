@@ -69,6 +69,7 @@ def _settings_overrides(domain: str, hostname: str, ports: dict[str, int], clien
             "imap": "",
             "imaps": "",
             "metrics": "",
+            "api": "",
         },
         "tls": {"client_ca": client_ca},
         "database": {"url": ""},

@@ -72,6 +72,7 @@ def prepare_home(home: Path, pki_template: Path | None = None) -> Prepared:
     raw = tomllib.loads((home / "mssgw.toml").read_text())
     raw["listen"].update({name: f"127.0.0.1:{port}" for name, port in ports.items()})
     raw["listen"]["metrics"] = ""
+    raw["listen"]["api"] = ""
     raw["database"]["url"] = ""
     raw["auth"].update({"base_delay": 0.01, "max_delay": 0.05, "max_failures": 1_000_000})
     raw["limits"].update({"max_message_size": 1_000_000, "max_recipients": 5, "session_timeout": 30})

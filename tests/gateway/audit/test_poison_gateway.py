@@ -41,7 +41,7 @@ def _port() -> int:
 def _prepare(home: Path) -> None:
     raw = tomllib.loads((home / "mssgw.toml").read_text())
     raw["listen"].update({"submission": f"127.0.0.1:{_port()}", "submissions": "", "inbound": f"127.0.0.1:{_port()}",
-                          "imap": "", "imaps": "", "metrics": ""})
+                          "imap": "", "imaps": "", "metrics": "", "api": ""})
     (home / "mssgw.toml").write_text(render_toml(raw))
     engine = make_engine(load_settings(home).database_url)
     try:

@@ -92,7 +92,7 @@ def write_settings(home: Path, extra: dict[str, dict[str, object]] | None = None
 
     raw = tomllib.loads((home / "mssgw.toml").read_text())
     raw["listen"].update({"submission": f"127.0.0.1:{free_port()}", "submissions": f"127.0.0.1:{free_port()}",
-                          "inbound": f"127.0.0.1:{free_port()}", "imap": "", "imaps": "",
+                          "inbound": f"127.0.0.1:{free_port()}", "imap": "", "imaps": "", "api": "",
                           "metrics": f"127.0.0.1:{free_port()}"})
     raw["auth"].update({"base_delay": 0.01, "max_delay": 0.02, "max_failures": 3})
     raw["limits"].update({"max_message_size": 200_000, "max_recipients": 3})

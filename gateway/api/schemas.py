@@ -1,0 +1,323 @@
+"""The JSON of ``POST /v1/messages``, checked field by field, and the MIME message it becomes.
+
+``parse_submission(body)`` returns a ``Submission`` or raises ``Problem`` (400, every bad field
+named by its JSON pointer, RFC 6901); nothing of the request reaches a log. ``build_message``
+writes the RFC 5322 message (CRLF line ends) the SMTP edge would have received from a mail
+client: ``From``, ``To``, ``Cc``, ``Subject``, ``Date``, ``Message-ID``, a text and/or HTML body,
+attachments, and ``Disposition-Notification-To`` when a receipt is asked (RFC 8098 2.1). A health
+document goes through ``gateway.documents.compose`` (an IHE XDM package with its CDA R2 document,
+``X-MSS-CODECDA`` and ``X-MSS-INS``), exactly as ``mssgw message compose`` writes it.
+
+Bounds: at most ``MAX_RECIPIENTS_FIELD`` addresses per list, ``MAX_ATTACHMENTS`` attachments and
+one document (``compose`` packages one), header texts without control characters; the total
+size is bounded by the server's request size limit before parsing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+from typing import Any
+
+from gateway.api.problems import S501_5_5_2_BAD_JSON, Problem
+from gateway.documents.cda import Author, Patient
+from gateway.documents.compose import ComposeError, ComposeRequest, compose
+from gateway.documents.ins import InsError, parse_ins
+
+MAX_RECIPIENTS_FIELD = 1000  # per list; the recipient limit of the policy applies after
+MAX_ATTACHMENTS = 100
+MAX_DOCUMENTS = 1
+MAX_SUBJECT = 900  # characters: one header field under RFC 5322's 998-octet line once encoded
+MAX_FILENAME = 200
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+#: ``local@domain`` with dot-atom parts (ASCII): the addresses the SMTP edge takes without SMTPUTF8.
+ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\Z")
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FIELDS = {"from", "to", "cc", "subject", "text", "html", "attachments", "documents", "receipt"}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Document:
+    """A PDF (and optionally its CDA R2) for one patient, with its LOINC document type."""
+
+    pdf: bytes
+    filename: str
+    loinc: str
+    patient: Patient
+    cda: bytes | None = None
+    author_rpps: str | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    sender: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...] = ()
+    subject: str = ""
+    text: str | None = None
+    html: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    documents: tuple[Document, ...] = ()
+    receipt: bool = False
+    canonical: str = field(default="", compare=False)  # sorted-keys JSON: what an Idempotency-Key is bound to
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """``to`` then ``cc``, each address once (case-insensitively)."""
+        seen: dict[str, str] = {}
+        for address in (*self.to, *self.cc):
+            seen.setdefault(address.lower(), address)
+        return tuple(seen.values())
+
+
+def load_json(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 problem saying why not."""
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Problem(400, S501_5_5_2_BAD_JSON, "json-malformed", detail="The request body is not UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise Problem(400, S501_5_5_2_BAD_JSON, "json-malformed",
+                      detail=f"The request body is not valid JSON{where}") from None
+    if not isinstance(value, dict):
+        raise Problem(400, S501_5_5_2_BAD_JSON, "json-malformed", detail="The request body must be a JSON object")
+    return value
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, pointer: str, reason: str) -> None:
+        self.items.append((pointer, reason))
+
+
+def _string(raw: dict[str, Any], name: str, errors: _Errors, *, pointer: str, required: bool = False,
+            limit: int | None = None, header: bool = False) -> str | None:  # fmt: skip
+    value = raw.get(name)
+    where = f"{pointer}/{name}"
+    if value is None:
+        if required:
+            errors.add(where, "required")
+        return None
+    if not isinstance(value, str):
+        errors.add(where, f"must be a string, not {_kind(value)}")
+        return None
+    if limit is not None and len(value) > limit:
+        errors.add(where, f"at most {limit} characters")
+        return None
+    if header and _CONTROL.search(value):
+        errors.add(where, "must not contain control characters (line breaks, tabs)")
+        return None
+    return value
+
+
+def _address(value: Any, where: str, errors: _Errors) -> str | None:
+    if not isinstance(value, str):
+        errors.add(where, f"must be a mail address string, not {_kind(value)}")
+        return None
+    text = value.strip()
+    if len(text) > 254 or not ADDRESS.match(text) or len(text.rpartition("@")[0]) > 64:
+        errors.add(where, "not a mail address (local@domain, ASCII)")
+        return None
+    return text
+
+
+def _addresses(raw: dict[str, Any], name: str, errors: _Errors, *, required: bool) -> tuple[str, ...]:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            errors.add(f"/{name}", "required: a list of one or more addresses")
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        errors.add(f"/{name}", f"must be a list of addresses, not {_kind(value)}")
+        return ()
+    if required and not value:
+        errors.add(f"/{name}", "at least one address")
+    if len(value) > MAX_RECIPIENTS_FIELD:
+        errors.add(f"/{name}", f"at most {MAX_RECIPIENTS_FIELD} addresses")
+        return ()
+    out = [_address(item, f"/{name}/{i}", errors) for i, item in enumerate(value)]
+    return tuple(a for a in out if a is not None)
+
+
+def _base64(value: Any, where: str, errors: _Errors) -> bytes | None:
+    if not isinstance(value, str):
+        errors.add(where, f"must be base64 text, not {_kind(value)}")
+        return None
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        errors.add(where, "not valid base64 (RFC 4648 4)")
+        return None
+
+
+def _attachment(value: Any, where: str, errors: _Errors) -> Attachment | None:
+    if not isinstance(value, dict):
+        errors.add(where, f"must be an object, not {_kind(value)}")
+        return None
+    filename = _string(value, "filename", errors, pointer=where, required=True, limit=MAX_FILENAME, header=True)
+    ctype = _string(value, "content_type", errors, pointer=where, limit=191) or "application/octet-stream"
+    if not _MEDIA_TYPE.match(ctype):
+        errors.add(f"{where}/content_type", "not a media type (type/subtype)")
+    content = _base64(value.get("content"), f"{where}/content", errors)
+    if filename is None or content is None or not _MEDIA_TYPE.match(ctype):
+        return None
+    return Attachment(filename, ctype.lower(), content)
+
+
+def _document(value: Any, where: str, errors: _Errors) -> Document | None:
+    if not isinstance(value, dict):
+        errors.add(where, f"must be an object, not {_kind(value)}")
+        return None
+    pdf = _base64(value.get("pdf"), f"{where}/pdf", errors) if "pdf" in value else None
+    if "pdf" not in value:
+        errors.add(f"{where}/pdf", "required: the document as a base64 PDF")
+    cda = _base64(value.get("cda"), f"{where}/cda", errors) if value.get("cda") is not None else None
+    filename = _string(value, "filename", errors, pointer=where, limit=MAX_FILENAME, header=True) or "document.pdf"
+    loinc = _string(value, "loinc", errors, pointer=where, required=True, limit=16)
+    rpps = _string(value, "author_rpps", errors, pointer=where, limit=11)
+    if rpps is not None and (len(rpps) != 11 or not rpps.isdigit()):
+        errors.add(f"{where}/author_rpps", "an RPPS number has 11 digits")
+    patient = _patient(value.get("patient"), f"{where}/patient", errors)
+    if pdf is None or loinc is None or patient is None:
+        return None
+    return Document(pdf, filename, loinc.strip(), patient, cda, rpps)
+
+
+def _patient(value: Any, where: str, errors: _Errors) -> Patient | None:
+    if not isinstance(value, dict):
+        errors.add(where, "required: an object with the patient's ins (and ins_oid, family, given, birth_date, gender)")
+        return None
+    nir = _string(value, "ins", errors, pointer=where, required=True, limit=32)
+    oid = _string(value, "ins_oid", errors, pointer=where, limit=64) or "real"
+    family = _string(value, "family", errors, pointer=where, limit=100, header=True) or ""
+    given = _string(value, "given", errors, pointer=where, limit=100, header=True) or ""
+    birth = _string(value, "birth_date", errors, pointer=where, limit=8) or ""
+    gender = _string(value, "gender", errors, pointer=where, limit=1) or ""
+    if birth and (len(birth) != 8 or not birth.isdigit()):
+        errors.add(f"{where}/birth_date", "expected YYYYMMDD")
+    if gender and gender not in ("F", "M", "U"):
+        errors.add(f"{where}/gender", "one of F, M, U")
+    if nir is None:
+        return None
+    try:
+        ins = parse_ins(nir, oid)
+    except InsError as exc:  # the reason never repeats the number
+        errors.add(f"{where}/ins", str(exc))
+        return None
+    return Patient(ins, family, given, birth, gender)
+
+
+def parse_submission(raw: dict[str, Any]) -> Submission:
+    """The checked request, or ``Problem.invalid`` naming every bad field."""
+    errors = _Errors()
+    for name in sorted(set(raw) - _FIELDS):
+        errors.add(f"/{name}", "unknown field")
+    sender = _address(raw.get("from"), "/from", errors) if "from" in raw else None
+    if "from" not in raw:
+        errors.add("/from", "required: the sending mailbox")
+    to = _addresses(raw, "to", errors, required=True)
+    cc = _addresses(raw, "cc", errors, required=False)
+    subject = _string(raw, "subject", errors, pointer="", limit=MAX_SUBJECT, header=True) or ""
+    text = _string(raw, "text", errors, pointer="")
+    html = _string(raw, "html", errors, pointer="")
+    receipt = raw.get("receipt", False)
+    if not isinstance(receipt, bool):
+        errors.add("/receipt", f"must be true or false, not {_kind(receipt)}")
+    attachments: list[Attachment] = []
+    documents: list[Document] = []
+    for name, limit, reader, out in (("attachments", MAX_ATTACHMENTS, _attachment, attachments),
+                                     ("documents", MAX_DOCUMENTS, _document, documents)):  # fmt: skip
+        items = raw.get(name)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            errors.add(f"/{name}", f"must be a list, not {_kind(items)}")
+            continue
+        if len(items) > limit:
+            errors.add(f"/{name}", f"at most {limit} per message" + (
+                " (one IHE XDM package per message: send one message per document)" if name == "documents" else ""))
+            continue
+        for i, item in enumerate(items):
+            got = reader(item, f"/{name}/{i}", errors)
+            if got is not None:
+                out.append(got)  # type: ignore[arg-type]
+    if not errors.items and text is None and html is None and not attachments and not documents:
+        errors.add("", "a message needs a text, an html body, an attachment or a document")
+    if errors.items:
+        raise Problem.invalid(errors.items)
+    assert sender is not None
+    return Submission(sender, to, cc, subject, text, html, tuple(attachments), tuple(documents), bool(receipt),
+                      canonical=json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=True))
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+# --- the MIME message -------------------------------------------------------------------------
+
+
+def build_message(sub: Submission, *, author: Author | None = None, now: datetime | None = None) -> bytes:
+    """The message's bytes (CRLF); ``ComposeError`` when a document cannot be packaged."""
+    moment = now or datetime.now(UTC)
+    if sub.documents:
+        doc = sub.documents[0]
+        composed = compose(ComposeRequest(
+            sender=sub.sender, recipients=sub.to, pdf=doc.pdf, pdf_name=doc.filename, patient=doc.patient,
+            loinc=doc.loinc, subject=sub.subject, cda=doc.cda,
+            author=author if author is not None else Author(doc.author_rpps), body=sub.text or ""), now=moment)
+        msg = message_from_bytes(composed, _class=EmailMessage, policy=SMTP)
+        assert isinstance(msg, EmailMessage)
+        if sub.html is not None:
+            first = msg.get_payload()[0]  # type: ignore[index]
+            assert isinstance(first, EmailMessage)
+            first.add_alternative(sub.html, subtype="html")
+    else:
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = sub.sender
+        msg["To"] = ", ".join(sub.to)
+        msg["Subject"] = sub.subject
+        msg["Date"] = format_datetime(moment)
+        msg["Message-ID"] = make_msgid(domain=sub.sender.rpartition("@")[2])
+        if sub.text is not None:
+            msg.set_content(sub.text)
+            if sub.html is not None:
+                msg.add_alternative(sub.html, subtype="html")
+        elif sub.html is not None:
+            msg.set_content(sub.html, subtype="html")
+        else:
+            msg.set_content("")
+    if sub.cc:
+        msg["Cc"] = ", ".join(sub.cc)
+    if sub.receipt:
+        msg["Disposition-Notification-To"] = sub.sender
+    for att in sub.attachments:
+        maintype, _, subtype = att.content_type.partition("/")
+        msg.add_attachment(att.content, maintype=maintype, subtype=subtype, filename=att.filename)
+    return msg.as_bytes(policy=SMTP)
+
+
+__all__ = ["ADDRESS", "Attachment", "ComposeError", "Document", "Submission", "build_message", "load_json",
+           "parse_submission"]

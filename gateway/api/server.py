@@ -1,0 +1,439 @@
+"""The HTTPS listener of the API (``listen.api``): aiohttp on the gateway's own event loop, mutual TLS.
+
+Why aiohttp: a maintained asyncio HTTP/1.1 server that runs on the loop ``mssgw serve``
+already drives (uvloop included), takes the listeners' ``ssl.SSLContext`` as it is (so the
+live trust reload and the client-certificate verification are the SMTP listeners' own), exposes
+the TLS object of each request, bounds request bodies (``client_max_size``) and streams
+responses (Server-Sent Events) without a second server process or thread.
+
+Every request but ``/v1/openapi.json`` logs in by its TLS client certificate
+(``ApiEdge.login``), then passes a token bucket per certificate (``api.rate_per_minute``,
+``api.burst``; over it: 429 with ``Retry-After``). Bodies over the message size limit (base64
+included) are refused before they are read (413, 552 5.3.4). Every refusal, including
+aiohttp's own 404/405/413 and an unexpected error (503, 451 4.3.0, never a traceback), is an
+RFC 9457 problem (``gateway.api.problems``). Access logs carry method, route, status and the
+mailbox, never a body or a query string.
+
+Endpoints: see ``gateway.api.openapi``. Events (``GET /v1/events``, text/event-stream, RFC
+8895-era HTML Living Standard format): ``message.state`` when a recipient of one of the
+mailbox's messages changes state (from the queue, so any node's workers count),
+``mailbox.message`` for new mail in its INBOX, ``message.receipt`` when that mail is an MDN or
+DSN about one of its messages; a comment every ``HEARTBEAT`` seconds keeps proxies from closing
+an idle stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import json
+import logging
+import math
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import func, select
+
+from gateway.api.edge import ApiEdge, Caller, select_recent
+from gateway.api.mailbox import Mailbox, describe, read_report
+from gateway.api.openapi import document
+from gateway.api.problems import (
+    PROBLEM_TYPE,
+    S450_4_7_1_RATE,
+    S500_5_5_1_METHOD,
+    S500_5_5_1_NOT_FOUND,
+    S501_5_5_2_BAD_JSON,
+    S501_5_5_4_BAD_FIELD,
+    S550_5_1_1_NO_SUCH,
+    S550_5_7_1_NOT_YOURS,
+    Problem,
+)
+from gateway.api.schemas import ADDRESS, load_json
+from gateway.delivery.maildir import DeliveryError, mailbox_events
+from gateway.process.verdict import as_utc
+from gateway.smtp import replies as R
+from gateway.smtp.tls import peer_certificate, tls_summary
+
+log = logging.getLogger("mssgw.api")
+
+HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle event stream
+#: JSON carries attachments in base64 (4/3) plus field names: the request may exceed the message
+#: size limit by this factor and margin before the composed message is measured against it.
+BASE64_FACTOR = 4 / 3
+BODY_MARGIN = 64 * 1024
+MAX_BUCKETS = 10_000
+PUBLIC = frozenset({"/v1/openapi.json"})
+#: The logged-in caller of the request being handled (set by the middleware, in the handler's task).
+CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("mssgw_api_caller")
+
+
+def _caller() -> Caller:
+    return CALLER.get()
+
+
+class RateLimiter:
+    """A token bucket per client certificate: ``burst`` at once, then ``per_minute`` (LRU-bounded)."""
+
+    def __init__(self, per_minute: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = max(1.0, burst)
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str) -> float:
+        """0 when the request may go; else the seconds until a token is there."""
+        now = self.clock()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate if self.rate > 0 else 60.0
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def _problem_response(problem: Problem) -> web.Response:
+    headers = {"Retry-After": str(problem.retry_after)} if problem.retry_after is not None else None
+    return web.Response(status=problem.status, body=problem.encode(), content_type=PROBLEM_TYPE, charset="utf-8",
+                        headers=headers)  # fmt: skip
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(data, ensure_ascii=False).encode("utf-8"),
+                        content_type="application/json", charset="utf-8", headers=headers)  # fmt: skip
+
+
+class ApiServer:
+    """The aiohttp application and its site; ``start`` binds, ``close`` drains and stops."""
+
+    def __init__(self, edge: ApiEdge, tls: ssl.SSLContext) -> None:
+        self.edge = edge
+        self.settings = edge.settings
+        self.tls = tls
+        self.mail_root = self.settings.mail_dir
+        self.limit = int(self.edge.max_size * BASE64_FACTOR) + BODY_MARGIN
+        self.rate = RateLimiter(float(self.settings.get("api", "rate_per_minute")),
+                                float(self.settings.get("api", "burst")))  # fmt: skip
+        self.poll = max(0.05, float(self.settings.get("api", "events_poll_seconds")))
+        self.openapi = json.dumps(document(self.edge.max_size)).encode("utf-8")
+        self.app = web.Application(client_max_size=self.limit, middlewares=[self._guard])
+        self.app.add_routes([
+            web.get("/v1/openapi.json", self.get_openapi),
+            web.post("/v1/messages", self.post_message),
+            web.get("/v1/messages/{id}", self.get_message),
+            web.get("/v1/mailboxes/{address}/messages", self.list_mailbox),
+            web.get("/v1/mailboxes/{address}/messages/{id}", self.get_mailbox_message),
+            web.delete("/v1/mailboxes/{address}/messages/{id}", self.delete_mailbox_message),
+            web.get("/v1/events", self.events),
+        ])  # fmt: skip
+        self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._closing = asyncio.Event()
+        self.address: tuple[str, int] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Bind ``host:port`` (``OSError`` when taken); returns the bound address."""
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=5.0)  # fmt: skip
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        bound = self._runner.addresses[0]
+        self.address = (str(bound[0]), int(bound[1]))
+        return self.address
+
+    async def close(self) -> None:
+        """Stop accepting, end event streams, let submissions in flight commit, then stop."""
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- middleware: problems, login, rate ----------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:  # fmt: skip
+        started = time.monotonic()
+        status = 500
+        caller: Caller | None = None
+        try:
+            if request.path not in PUBLIC:
+                caller = await self._login(request)
+                wait = self.rate.take(caller.fingerprint)
+                if wait > 0:
+                    self.edge.metrics.inc("mssgw_api_rate_limited_total")
+                    raise Problem(429, S450_4_7_1_RATE, "rate-limit", retry_after=max(1, math.ceil(wait)))
+                CALLER.set(caller)
+            response = await handler(request)
+            status = response.status
+            return response
+        except Problem as problem:
+            status = problem.status
+            return _problem_response(problem)
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            return _problem_response(self._too_big())
+        except web.HTTPNotFound:
+            status = 404
+            return _problem_response(Problem(404, S500_5_5_1_NOT_FOUND, "no-such-endpoint",
+                                             detail=f"No endpoint {request.method} {request.path[:100]}"))
+        except web.HTTPMethodNotAllowed as exc:
+            status = 405
+            allowed = Problem(405, S500_5_5_1_METHOD, "method-not-allowed",
+                              detail=f"{request.method} is not allowed here; allowed: {', '.join(sorted(exc.allowed_methods))}")
+            response = _problem_response(allowed)
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499
+            raise
+        except web.HTTPException as exc:  # any other of aiohttp's own answers, as a problem
+            status = exc.status
+            return _problem_response(Problem(exc.status, R.S500_5_5_2_SYNTAX if exc.status < 500
+                                             else R.S451_4_3_0_LOCAL_ERROR, "http-error", detail=exc.reason))
+        except Exception as exc:
+            status = 503
+            log.error("listener=api outcome=error route=%s error=%s", _route(request), type(exc).__name__,
+                      exc_info=exc)  # fmt: skip
+            self.edge.metrics.inc("mssgw_errors_total", listener="api")
+            return _problem_response(Problem(503, R.S451_4_3_0_LOCAL_ERROR, "internal-error"))
+        finally:
+            self.edge.metrics.inc("mssgw_api_requests_total", route=_route(request), status=str(status))
+            log.info("listener=api method=%s route=%s status=%d identity=%s ms=%.1f", request.method,
+                     _route(request), status, caller.identity if caller else "-",
+                     (time.monotonic() - started) * 1000)  # fmt: skip
+
+    async def _login(self, request: web.Request) -> Caller:
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        peer = request.remote
+        return await self.edge.login(peer_certificate(ssl_object), peer, tls_summary(ssl_object))
+
+    def _too_big(self) -> Problem:
+        return Problem(413, R.S552_5_3_4_TOO_BIG, "message-size",
+                       detail=f"The request is larger than {self.limit} octets (limits.max_message_size "
+                              f"{self.edge.max_size}, in base64 within JSON)")  # fmt: skip
+
+    # --- handlers --------------------------------------------------------------------------------
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.openapi, content_type="application/json", charset="utf-8")
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        caller = _caller()
+        if request.content_type != "application/json":
+            raise Problem(415, S501_5_5_2_BAD_JSON, "media-type",
+                          detail="Send the message as application/json (see /v1/openapi.json)")
+        if request.content_length is not None and request.content_length > self.limit:
+            raise self._too_big()
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and (not key or len(key) > 255 or not key.isprintable() or not key.isascii()):
+            raise Problem(400, S501_5_5_4_BAD_FIELD, "idempotency-key-malformed",
+                          detail="Idempotency-Key: 1 to 255 printable ASCII characters")
+        body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge (413)
+        raw = load_json(body)
+        status, answer = await self.edge.submit(caller, raw, key)
+        headers = {"Location": f"/v1/messages/{answer['id']}"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        return _json(answer, status, headers)
+
+    async def get_message(self, request: web.Request) -> web.Response:
+        caller = _caller()
+        info = await self.edge.message(caller, request.match_info["id"])
+        receipts = [{"kind": r["kind"], "direction": "sent", "queue_id": r["id"], "created_at": r["created_at"]}
+                    for r in info.get("receipts", [])]  # fmt: skip
+        sender = info.get("sender") or ""
+        if sender and sender != "<>":
+            mailbox = Mailbox(self.mail_root, sender)
+            since = datetime.fromisoformat(info["created_at"])
+            received = await asyncio.to_thread(mailbox.reports_about, info.get("message_id"), info["id"], since)
+            receipts += [{**r, "direction": "received"} for r in received]
+        return _json({
+            "id": info["id"],
+            "message_id": info.get("message_id"),
+            "state": info["state"],
+            "created_at": info["created_at"],
+            "sender": sender,
+            "size": info["size"],
+            "recipients": info["recipient_states"],
+            "receipts": receipts,
+        })
+
+    async def _mailbox(self, request: web.Request) -> Mailbox:
+        caller = _caller()
+        address = request.match_info["address"]
+        if not ADDRESS.match(address):
+            raise Problem(400, R.S501_5_1_3_BAD_ADDRESS, "address-syntax", detail="Not a mail address in the path")
+        if not await self.edge.may_act_as(caller, address):
+            self.edge.audit_writer.submit(_read_refused(caller, address))
+            raise Problem(403, S550_5_7_1_NOT_YOURS, "mailbox-not-owned",
+                          detail=f"{caller.identity} may not read {address}: not its mailbox nor delegated to it")
+        folder = request.query.get("folder", "INBOX")
+        try:
+            return Mailbox(self.mail_root, address, folder)
+        except (DeliveryError, ValueError) as exc:
+            raise Problem(400, S501_5_5_4_BAD_FIELD, "folder-invalid", detail=f"folder: {exc}") from None
+
+    async def list_mailbox(self, request: web.Request) -> web.Response:
+        mailbox = await self._mailbox(request)
+        since = _since(request)
+        messages = await asyncio.to_thread(mailbox.list, since)
+        return _json({"mailbox": mailbox.address, "messages": messages})
+
+    async def get_mailbox_message(self, request: web.Request) -> web.StreamResponse:
+        mailbox = await self._mailbox(request)
+        path = await asyncio.to_thread(mailbox.find, request.match_info["id"])
+        if path is None:
+            raise Problem(404, S550_5_1_1_NO_SUCH, "message-unknown", detail="No such message in this mailbox")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise Problem(404, S550_5_1_1_NO_SUCH, "message-unknown", detail="No such message in this mailbox") from None
+        if request.query.get("raw") == "1":
+            return web.Response(body=data, content_type="message/rfc822")
+        described = await asyncio.to_thread(describe, data)
+        return _json({"id": request.match_info["id"], **described})
+
+    async def delete_mailbox_message(self, request: web.Request) -> web.Response:
+        mailbox = await self._mailbox(request)
+        if not await asyncio.to_thread(mailbox.remove, request.match_info["id"]):
+            raise Problem(404, S550_5_1_1_NO_SUCH, "message-unknown", detail="No such message in this mailbox")
+        return web.Response(status=204)
+
+    # --- events ----------------------------------------------------------------------------------
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        caller = _caller()
+        since = _since(request) or datetime.now(UTC)
+        mailbox = Mailbox(self.mail_root, caller.identity)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})  # fmt: skip
+        await response.prepare(request)
+        await response.write(b": mssgw events\n\n")
+        seen = {e["id"] for e in await asyncio.to_thread(mailbox.list)
+                if datetime.fromisoformat(e["received_at"]) <= since}  # fmt: skip
+        cursor = since
+        last_write = time.monotonic()
+        with mailbox_events.listen(mailbox.inbox) as changed:
+            while not self._closing.is_set():
+                out: list[tuple[str, dict[str, Any]]] = []
+                states, cursor = await self.edge.lookup(
+                    functools.partial(_states_since, identity=caller.identity, since=cursor))
+                out += [("message.state", s) for s in states]
+                fresh = [e for e in await asyncio.to_thread(mailbox.list) if e["id"] not in seen]
+                for entry in fresh:
+                    seen.add(entry["id"])
+                    out.append(("mailbox.message", {"mailbox": caller.identity, **entry}))
+                    receipt = await self._receipt_event(caller, mailbox, entry["id"])
+                    if receipt is not None:
+                        out.append(("message.receipt", receipt))
+                for name, data in out:
+                    await response.write(_sse(name, data))
+                    last_write = time.monotonic()
+                if time.monotonic() - last_write >= HEARTBEAT:
+                    await response.write(b": keep-alive\n\n")
+                    last_write = time.monotonic()
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=self.poll)
+        return response
+
+    async def _receipt_event(self, caller: Caller, mailbox: Mailbox, entry_id: str) -> dict[str, Any] | None:
+        path = await asyncio.to_thread(mailbox.find, entry_id)
+        if path is None:
+            return None
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+        report = await asyncio.to_thread(read_report, data)
+        if report is None or not report["refers_to"]:
+            return None
+        refers = sorted(report["refers_to"])
+        queue_id = await self.edge.lookup(lambda db: _original(db, caller.identity, refers))
+        if queue_id is None:
+            return None
+        return {"id": queue_id, "kind": report["kind"], "mailbox_message": entry_id, "recipients": report["recipients"]}
+
+
+def _states_since(db: Any, *, identity: str, since: datetime) -> tuple[list[dict[str, Any]], datetime]:
+    rows = db.execute(select_recent(identity, since.astimezone(UTC))).all()
+    out: list[dict[str, Any]] = []
+    cursor = since
+    for row in rows:
+        updated = as_utc(row.updated_at)
+        cursor = max(cursor, updated)
+        out.append({"id": row.id, "address": row.address, "state": row.state.value, "attempts": row.attempts,
+                    "protection": row.protection, "last_reply": row.last_reply,
+                    "updated_at": updated.isoformat()})  # fmt: skip
+    return out, cursor
+
+
+def _original(db: Any, identity: str, refers: list[str]) -> str | None:
+    """The queue id of ``identity``'s message a report refers to (by Message-ID or by our queue id)."""
+    from gateway.queue.models import QueuedMessage
+
+    wanted = [f"<{r}>" for r in refers]
+    stmt = (select(QueuedMessage.id).where(QueuedMessage.auth_identity == identity)
+            .where(QueuedMessage.id.in_(refers) | func.lower(QueuedMessage.message_id).in_(wanted))
+            .limit(1))  # fmt: skip
+    found = db.execute(stmt).scalar()
+    return str(found) if found is not None else None
+
+
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _since(request: web.Request) -> datetime | None:
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise Problem(400, S501_5_5_4_BAD_FIELD, "since-malformed",
+                      detail="since: an ISO 8601 date and time (2026-11-30T10:00:00Z)") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource if request.match_info.route is not None else None
+    return resource.canonical if resource is not None else "-"
+
+
+def _read_refused(caller: Caller, address: str) -> Any:
+    from gateway.audit.trail import AuditEvent
+
+    return AuditEvent("read", "refuse", actor=caller.identity, client=caller.client, recipient=address,
+                      rule="mailbox-not-owned", reply=S550_5_7_1_NOT_YOURS.short, detail={"listener": "api"})
+
+
+async def start_api(edge: ApiEdge, tls: ssl.SSLContext, host: str, port: int) -> ApiServer:
+    """The API listening on ``host:port``; ``OSError`` when the address is taken."""
+    server = ApiServer(edge, tls)
+    await server.start(host, port)
+    return server
+
+
+__all__ = ["ApiServer", "RateLimiter", "start_api"]

@@ -63,7 +63,7 @@ def issue_api_certs(pki_template: Path, out: Path) -> ApiCerts:
     leaf.cert_chain_pems[0].write_to_path(foreign.cert)
     leaf.private_key_pem.write_to_path(foreign.key)
     peer = PeerCerts(app, app, app, foreign, "CN=unused")
-    return ApiCerts(app, issue("app2", kind="app", email=APP2), issue("dr", kind="user", email=DR),
+    return ApiCerts(app, issue("app2", kind="app", email=APP2), issue("dr", kind="app", email=DR),
                     issue("stranger", kind="app", email=f"nobody@{DOMAIN}"), foreign, peer)
 
 

@@ -125,7 +125,7 @@ class Mailbox:
 
 
 def _iso(stamp: float) -> str:
-    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="microseconds")
 
 
 def _bare(message_id: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -183,7 +184,7 @@ def import_(app: AppContext, file: Path, batch_size: int, quiet: bool, as_json: 
 @click.option("--local", "local_only", is_flag=True, help="Only this operator's mailboxes.")
 @click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-")
 @pass_app
-def export(app: AppContext, fmt: str, local_only: bool, output: click.utils.LazyFile) -> None:
+def export(app: AppContext, fmt: str, local_only: bool, output: TextIO) -> None:
     """Export mailboxes as JSON lines or in the MSSanté extract format."""
     from directory.importers import export_directory
 

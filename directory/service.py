@@ -15,9 +15,10 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import bindparam, exists, func, or_, select, true
+from sqlalchemy import Exists, Select, bindparam, exists, func, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
+from sqlalchemy.sql.elements import BindParameter
 from directory.consumer import CONSUMER_PROVIDERS, consumer_pattern_for
 from directory.identifiers import (
     InvalidIdentifier,
@@ -36,7 +37,8 @@ from directory.models import (
     PgpKey,
     Practitioner,
 )
-from gateway.core.errors import DirectoryError, NotFoundError
+from gateway.core.errors import DirectoryError as DirectoryError  # re-exported: the directory's errors
+from gateway.core.errors import NotFoundError as NotFoundError
 
 #: Argon2id with RFC 9106 / OWASP parameters sized for a mail server that checks a
 #: password on every new connection (19 MiB, 2 passes, 1 lane: tens of ms, not hundreds).
@@ -613,14 +615,15 @@ def recipient_facts(session: Session, address: str) -> RecipientFacts:
     )
 
 
-def _build_facts_query():  # type: ignore[no-untyped-def]
+def _build_facts_query() -> Select[Any]:
     """The domain row, the mailbox (outer-joined) and whether mail for it can be protected.
 
     Built once: constructing a statement costs more than running it on this hot path.
     """
-    addr, domain = bindparam("addr"), bindparam("domain")
+    addr: BindParameter[str] = bindparam("addr")
+    domain: BindParameter[str] = bindparam("domain")
 
-    def cert_of(owner):  # type: ignore[no-untyped-def]
+    def cert_of(owner: BindParameter[str]) -> Exists:
         return exists().where(
             Certificate.address == owner,
             Certificate.purpose.in_(("encrypt", "smime")),

@@ -221,12 +221,12 @@ class Throttle:
             src.locked_until = now + self.lockout_seconds
         if pair.failures >= self.max_failures:
             pair.locked_until = now + self.lockout_seconds
-        return min(self.base_delay * (2 ** (pair.failures - 1)), self.max_delay)
+        return float(min(self.base_delay * (2 ** (pair.failures - 1)), self.max_delay))
 
     def _account_delay(self, failures: int) -> float:
         if failures < self.max_failures:
             return 0.0
-        return min(self.base_delay * (2 ** min(failures - self.max_failures, 32)), self.max_delay)
+        return float(min(self.base_delay * (2 ** min(failures - self.max_failures, 32)), self.max_delay))
 
     def _is_trusted(self, account: str, source: str, now: float) -> bool:
         until = self._trusted.get(self._pair(account, source))

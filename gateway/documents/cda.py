@@ -229,7 +229,7 @@ def build_n1(pdf: bytes, *, patient: Patient, author: Author, loinc: str, title:
     body = SubElement(SubElement(root, "component"), "nonXMLBody")
     text = SubElement(body, "text", mediaType="application/pdf", representation="B64")
     text.text = base64.b64encode(pdf).decode("ascii")
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + tostring(root, encoding="utf-8", xml_declaration=False)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + bytes(tostring(root, encoding="utf-8", xml_declaration=False))
 
 
 def wrapped_pdf(data: bytes) -> bytes | None:

@@ -384,7 +384,7 @@ def metadata_xml(documents: list[NewDocument], patient: Ins, *, source_oid: str,
         assoc = SubElement(objects, "rim:Association", id=f"as{number:02d}", associationType=HAS_MEMBER,
                            sourceObject="SubmissionSet01", targetObject=f"Document{number:02d}")
         _add_slot(assoc, "SubmissionSetStatus", "Original")
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + tostring(root, encoding="utf-8", xml_declaration=False)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + bytes(tostring(root, encoding="utf-8", xml_declaration=False))
 
 
 README = """This archive follows IHE ITI XDM (Cross-Enterprise Document Media Interchange).

@@ -83,7 +83,7 @@ def open_message(settings: Settings, factory: sessionmaker[Session], data: bytes
 
         ring = OpenPgp(settings.gnupg_dir)
         try:
-            return ring.open(data)  # type: ignore[no-any-return]
+            return ring.open(data)
         finally:
             ring.close()
     keys = KeyStore(settings, factory)

@@ -72,7 +72,7 @@ def backoff_delay(attempts: int, base: float, maximum: float, rng: random.Random
     attempts = max(1, attempts)
     delay = min(maximum, base * (2 ** min(attempts - 1, 30)))
     factor = 1.0 + (rng or random).uniform(-JITTER, JITTER)
-    return max(1.0, min(maximum, delay * factor))
+    return float(max(1.0, min(maximum, delay * factor)))
 
 
 def exit_with_parent(parent: int, interval: float = 1.0) -> None:

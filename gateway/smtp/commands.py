@@ -162,7 +162,7 @@ class GuardedSMTP(LoopTlsSMTP):
             self._writer.write(f"{reply}\r\n".encode())
         self.transport.close()
 
-    async def push(self, status: str | bytes) -> None:  # type: ignore[override]
+    async def push(self, status: str | bytes) -> None:
         if (status[:1] if isinstance(status, str) else status[:1].decode("ascii", "replace")) == "5":
             self.counts.errors += 1
         if isinstance(status, str):

@@ -282,12 +282,12 @@ class GatewaySMTP(GuardedSMTP):
                 return
             if failure is not None:
                 await self.push(failure)
-                self._set_post_data_state()
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
                 return
             self.envelope.content = content
             self.envelope.original_content = content
             status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("250 OK" if status is MISSING else status)
         finally:
             DATA_BUDGET.give_back(self._held)  # the content is stored (or refused) by now
@@ -343,7 +343,7 @@ class GatewaySMTP(GuardedSMTP):
         finally:
             reader._limit = saved_limit  # type: ignore[attr-defined]
 
-    async def push(self, status: str | bytes) -> None:  # type: ignore[override]
+    async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             await super().push(translate(status))
         else:

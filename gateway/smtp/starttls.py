@@ -41,7 +41,7 @@ class LoopTlsSMTP(SMTP):
             raise TLSSetupException() from error
         if secure is None:  # the connection closed during the handshake
             raise TLSSetupException()
-        self._set_rset_state()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
         self.session = self._create_session()
         self._reset_timeout()
         self._reader._transport = secure  # type: ignore[attr-defined]

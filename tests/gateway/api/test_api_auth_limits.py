@@ -176,3 +176,14 @@ async def test_rate_per_certificate(sqlite_home, api_certs) -> None:  # type: ig
     assert theirs.status_code == 403  # refused for its revocation, not for app@'s rate
 
 
+
+
+async def test_submission_and_idempotency_on_each_database(api_any_db: ApiWorld) -> None:
+    api = api_any_db
+    async with api.client() as http:
+        first = await http.post("/v1/messages", json=new_message(), headers={"Idempotency-Key": "k-db"})
+        again = await http.post("/v1/messages", json=new_message(), headers={"Idempotency-Key": "k-db"})
+        state = await http.get(f"/v1/messages/{first.json()['id']}")
+    assert first.status_code == again.status_code == 202 and again.json() == first.json()
+    assert state.json()["recipients"][0]["state"] == "queued"
+    assert len(api.gateway.store.list()) == 1

@@ -30,6 +30,7 @@ databases and Maildirs that each (message, recipient) ended exactly once as expe
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import random
@@ -54,10 +55,11 @@ from sqlalchemy import Engine, func, select
 
 from certs import service as certs
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import make_engine, read_session_factory, session_factory, transaction
 from gateway.config import CONFIG_NAME, load_settings, render_toml
 from gateway.delivery.maildir import MaildirDelivery
-from gateway.operator import init_operator, register_certificate
+from gateway.operator import init_operator
 from gateway.queue.models import QueuedMessage, QueuedRecipient
 
 NURSE = f"infirmiere@{B_DOMAIN}"  # a second S/MIME recipient at B
@@ -289,18 +291,20 @@ def plan_messages(n: int, seed: int) -> list[Planned]:
     return out
 
 
-FILLER = "".join(f"Ligne {i:03d} du compte rendu de test, sans donnee de sante.\n" for i in range(120))
+FILLER = "".join(f"Ligne {i:03d} du compte rendu de test, sans donnee de sante.\n" for i in range(40))
 
 
 def render(p: Planned) -> bytes:
-    """A text message big enough (about 7 KB) for the proxy to tell its DATA flush from a TLS flight."""
+    """A message big enough for the proxy to tell its DATA flush from a TLS flight, even compressed
+    (OpenPGP compresses: 6 KB of seeded random bytes, base64, keep it above 6 KB on the wire)."""
+    noise = base64.encodebytes(random.Random(p.message_id).randbytes(6000)).decode()
     msg = EmailMessage()
     msg["From"] = p.sender
     msg["To"] = ", ".join(p.recipients)
     msg["Subject"] = "Compte rendu de test"
     msg["Date"] = "Tue, 03 Nov 2026 10:00:00 +0100"
     msg["Message-ID"] = p.message_id
-    msg.set_content(f"Bonjour,\n{FILLER}")
+    msg.set_content(f"Bonjour,\n{FILLER}\nReference de test:\n{noise}")
     return msg.as_bytes(policy=SMTP_POLICY)
 
 
@@ -518,6 +522,7 @@ async def run_fault_injection(root: Path, *, messages: int, kills: int, seed: in
                 node.engine.dispose()
     report.counts["kills_a"], report.counts["kills_b"] = a.kills, b.kills
     report.counts["connections"], report.counts["drops"] = proxy.connections, proxy.dropped
+    report.counts["faults_planned"] = sum(proxy.planned.values())
     report.counts["resubmitted"], report.counts["kept_after_cut"] = stats.resubmitted, stats.kept_after_cut
     report.drops = dict(proxy.drops)
     report.problems += stats.anomalies
@@ -564,6 +569,7 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
                     copies[(token, box)] += 1
                     files.setdefault((token, box), []).append(path.name)
     dsns: Counter[tuple[str, str, str]] = Counter()
+    dsn_files: dict[tuple[str, str, str], list[str]] = {}
     for sender in SENDERS:
         for path in a.mailbox(sender):
             data = path.read_bytes()
@@ -575,6 +581,7 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
             for token in _tokens(path):
                 for rcpt in dsn[1]:
                     dsns[(token, rcpt, dsn[0])] += 1
+                    dsn_files.setdefault((token, rcpt, dsn[0]), []).append(path.name)
     notices: Counter[str] = Counter()
     for path in b.mailbox(FRONT):
         m = re.search(rb"X-Mssgw-Quarantined: *(\w+)", path.read_bytes())
@@ -587,11 +594,14 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
         protections = s.execute(select(QueuedRecipient.protection, func.count()).group_by(QueuedRecipient.protection)
                                 .join(QueuedMessage, QueuedRecipient.message_id == QueuedMessage.id)
                                 .where(QueuedMessage.origin == "submission")).all()  # fmt: skip
-        rows = s.execute(select(QueuedMessage.message_id, QueuedRecipient.address, QueuedRecipient.state)
+        rows = s.execute(select(QueuedMessage.message_id, QueuedRecipient.address, QueuedRecipient.state,
+                                QueuedMessage.id)
                          .join(QueuedRecipient, QueuedRecipient.message_id == QueuedMessage.id)
                          .where(QueuedMessage.origin == "submission")).all()  # fmt: skip
-    for mid, addr, state in rows:
+    a_ids: dict[str, set[str]] = {}  # A's queue id(s) per submitted message
+    for mid, addr, state, qid in rows:
         a_states.setdefault(((mid or "").strip("<>"), addr.lower()), []).append(str(state.value))
+        a_ids.setdefault((mid or "").strip("<>"), set()).add(qid)
     quarantined: Counter[tuple[str, str]] = Counter()
     quarantine_ids: dict[tuple[str, str], list[str]] = {}
     with read_session_factory(b.db())() as s:
@@ -646,7 +656,10 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
                     if notices[qid] != 1:
                         problems.append(f"{pair}: {notices[qid]} quarantine notices for B's queue {qid}")
                 if dsns[(p.token, r, b_host)] != 1:
-                    problems.append(f"{pair}: {dsns[(p.token, r, b_host)]} DSNs from B, expected 1")
+                    counts["duplicate_dsns" if dsns[(p.token, r, b_host)] > 1 else "lost_dsns"] += 1
+                    problems.append(f"{pair}: {dsns[(p.token, r, b_host)]} DSNs from B, expected 1: files "
+                                    f"{dsn_files.get((p.token, r, b_host), [])}, B's queue ids "
+                                    f"{quarantine_ids.get((p.token, r), [])}, A's {sorted(a_ids.get(p.token, ()))}")  # fmt: skip
             for host in (a_host, b_host):
                 if host not in expected_dsn and dsns[(p.token, r, host)]:
                     problems.append(f"{pair}: {dsns[(p.token, r, host)]} unexpected DSN(s) from {host}")
@@ -655,7 +668,9 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
                 problems.append(f"{pair}: lost (no copy, DSN or quarantine)")
             elif n > 1:
                 counts["duplicates"] += 1
-                where = f"files {files.get((p.token, r), [])}, B's queue ids {b_queue.get((p.token, r), [])}"
+                names = dsn_files.get((p.token, r, a_host), []) if r == GHOST else files.get((p.token, r), [])
+                where = (f"files {names}, B's queue ids {b_queue.get((p.token, r), [])}, "
+                         f"A's {sorted(a_ids.get(p.token, ()))}")  # fmt: skip
                 problems.append(f"{pair}: {n} times (duplicate): {where}")
             elif r == GHOST:
                 counts["bounced"] += 1
@@ -669,8 +684,8 @@ def check(a: Node, b: Node, submitted: list[Planned]) -> Report:
     for token, r in copies:
         if token not in by_token or r not in by_token[token].recipients:
             problems.append(f"copy of ({token}, {r}) that was never sent to it")
-    order = ("submitted", "pairs", "delivered", "bounced", "dsns", "quarantined", "duplicates", "lost", "pending",
-             "claimed")  # fmt: skip
+    order = ("submitted", "pairs", "delivered", "bounced", "dsns", "quarantined", "duplicates", "lost",
+             "duplicate_dsns", "lost_dsns", "pending", "claimed")  # fmt: skip
     summary = {k: counts[k] for k in order}
     summary |= {f"protection_{name or 'none'}": int(n) for name, n in sorted(protections, key=str)}
     return Report(summary, problems, {}, 0.0)

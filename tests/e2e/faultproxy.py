@@ -87,6 +87,12 @@ class FaultProxy:
         self.big_chunk = big_chunk
         self.connections = 0
         self.drops: Counter[str] = Counter()
+        self.planned: Counter[str] = (
+            Counter()
+        )  # faults drawn (a drawn fault fires only if the exchange gets there)
+        #: (fault drawn or "-", client chunks, server chunks, messages) of the connections that ended
+        #: without a fault firing: shows whether the fault points are drawn where exchanges go.
+        self.shapes: Counter[tuple[str, int, int, int]] = Counter()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._open: set[asyncio.StreamWriter] = set()
@@ -113,6 +119,8 @@ class FaultProxy:
         n = self.connections
         self.connections += 1
         conn = _Conn(plan(random.Random(f"{self.seed}:{n}"), self.drop_probability))
+        if conn.fault is not None:
+            self.planned[conn.fault.kind] += 1
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:  # B is down (killed): A sees a refused connection
@@ -126,6 +134,9 @@ class FaultProxy:
         try:
             await asyncio.gather(*pumps, return_exceptions=True)
         finally:
+            if not conn.cut:
+                kind = f"{conn.fault.kind}@{conn.fault.at}" if conn.fault else "-"
+                self.shapes[(kind, conn.client_chunks, conn.server_chunks, conn.messages)] += 1
             for p in pumps:
                 p.cancel()
             for w in ends:

@@ -502,13 +502,19 @@ async def run_fault_injection(root: Path, *, messages: int, kills: int, seed: in
     try:
         await _restart(b, timeout)
         await _restart(a, timeout)
-        await asyncio.gather(
-            _submit_all(a, plan, stats, progress, window, timeout),
-            _killer(
-                {"a": a, "b": b}, list(zip(thresholds, targets, strict=True)), rng, stats, progress, timeout
-            ),
-        )
-        await _quiescent(a, b, timeout)
+        schedule = list(zip(thresholds, targets, strict=True))
+        tasks = [asyncio.create_task(_submit_all(a, plan, stats, progress, window, timeout)),
+                 asyncio.create_task(_killer({"a": a, "b": b}, schedule, rng, stats, progress, timeout))]  # fmt: skip
+        try:
+            for task in asyncio.as_completed(tasks):
+                await task
+            await _quiescent(a, b, timeout)
+        except HarnessError as exc:  # stuck or not drained: still check, so the report says what is where
+            stats.anomalies.append(f"run stopped early: {exc}")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         stats.seconds = time.monotonic() - flow_started
     finally:
         await proxy.stop()

@@ -23,7 +23,7 @@ COLUMNS = ("id", "created_at", "origin", "sender", "recipients", "size", "state"
 
 def open_store(app: AppContext) -> QueueStore:
     q = app.settings.values["queue"]
-    return QueueStore(app.sessions, app.settings.spool_dir, lifetime=timedelta(hours=float(q["lifetime_hours"])),
+    return QueueStore.for_database(app.sessions, app.settings.spool_dir, lifetime=timedelta(hours=float(q["lifetime_hours"])),
                       lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
 
 

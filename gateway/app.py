@@ -41,13 +41,13 @@ from gateway.audit.trail import AuditEvent, AuditWriter, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.core.errors import ConfigurationError
+from gateway.core.tls import ReloadableServerTls, TlsConfigError, server_context, server_files
 from gateway.metrics import Metrics, serve_metrics
 from gateway.queue.intake import Intake
 from gateway.queue.store import QueueError, QueueStore
 from gateway.smtp.inbound import InboundHandler
 from gateway.smtp.server import EdgeDeps, EdgeHandler, GatewaySMTP, start_listener
 from gateway.smtp.submission import SubmissionHandler
-from gateway.smtp.tls import ReloadableServerTls, TlsConfigError, server_context, server_files
 
 log = logging.getLogger("mssgw.app")
 
@@ -125,7 +125,7 @@ class Gateway:
         # (``QueueStore.group``), so even SQLite sees one writer and no busy-waits.
         self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="queue-writer")
         q = self.settings.values["queue"]
-        self.store = QueueStore(self.sessions, self.settings.spool_dir,
+        self.store = QueueStore.for_database(self.sessions, self.settings.spool_dir,
                                 lifetime=timedelta(hours=float(q["lifetime_hours"])),
                                 lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
         self.metrics.gauge("mssgw_quarantined_messages", self.store.quarantined_count)

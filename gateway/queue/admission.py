@@ -29,6 +29,7 @@ from gateway.audit.trail import AuditEvent, append
 from gateway.core.errors import QueueError
 from gateway.core.states import RecipientState
 from gateway.queue.models import QueueDedupe, QueuedMessage, QueuedRecipient
+from gateway.queue.spool import Spool
 
 __all__ = ["GroupCommit", "NewMessage", "QueueError", "dedupe_recipient", "insert_new", "new_message"]
 
@@ -46,6 +47,9 @@ class NewMessage:
     #: under ``message["dedupe_key"]``, decided anew in each transaction that writes the item).
     offered: list[dict[str, Any]] = field(default_factory=list)
     duplicate_of: str | None = None  # every recipient was already accepted, by this queue id
+    #: The message's bytes when the spool keeps them in the database (``Spool.in_database``):
+    #: inserted by ``insert_new`` in the same transaction as the rows.  None for spool files.
+    data: bytes | None = field(default=None, repr=False)
 
 
 _MESSAGES = cast(Table, QueuedMessage.__table__)
@@ -67,8 +71,9 @@ class GroupCommit:
     taken by the next round. Thread-safe; the callers are the enqueue threads.
     """
 
-    def __init__(self, factory: Callable[[], sessionmaker[Session]]) -> None:
+    def __init__(self, factory: Callable[[], sessionmaker[Session]], spool: Spool | None = None) -> None:
         self._factory_of = factory  # asked at each commit: the store's current session factory
+        self._spool = spool  # stores the bytes that ride in the transaction (``NewMessage.data``)
         self._cond = threading.Condition()
         self._pending: list[NewMessage] = []
         self._committing = False
@@ -103,7 +108,7 @@ class GroupCommit:
         for it in batch:
             try:
                 with write_connection(factory) as conn:
-                    insert_new(conn, [it])
+                    insert_new(conn, [it], self._spool)
             except Exception as exc:
                 it.error = exc
                 it.done = True
@@ -114,7 +119,7 @@ class GroupCommit:
         """Commit the whole batch in one transaction; False when it failed (each is then tried alone)."""
         try:
             with write_connection(factory) as conn:
-                insert_new(conn, batch)
+                insert_new(conn, batch, self._spool)
         except Exception:  # one member is at fault (e.g. a known dedupe key): the caller retries each alone
             return False
         self._finish(batch)
@@ -163,8 +168,11 @@ def _keep_fresh(conn: Connection, batch: Sequence[NewMessage]) -> list[dict[str,
     return rows
 
 
-def insert_new(conn: Connection, batch: Sequence[NewMessage]) -> None:
-    """Bulk inserts (Core executemany) of the batch's messages, recipients and audit records."""
+def insert_new(conn: Connection, batch: Sequence[NewMessage], spool: Spool | None = None) -> None:
+    """Bulk inserts (Core executemany) of the batch's messages, recipients, bytes and audit records.
+
+    The bytes carried in ``NewMessage.data`` go to ``spool`` in this transaction (after their
+    message rows, which they reference): accepted with the rows or not at all."""
     dedupe_rows = _keep_fresh(conn, batch)
     messages = [it.message for it in batch if it.message is not None and it.duplicate_of is None]
     if messages:
@@ -174,6 +182,12 @@ def insert_new(conn: Connection, batch: Sequence[NewMessage]) -> None:
     recipients = [r for it in batch if it.duplicate_of is None for r in it.recipients]
     if recipients:
         conn.execute(_INSERT_RECIPIENTS, recipients)
+    carried = [(it.message["id"], it.data) for it in batch
+               if it.message is not None and it.duplicate_of is None and it.data is not None]  # fmt: skip
+    if carried:
+        if spool is None:
+            raise QueueError("message bytes to store in the database, but no spool to store them")
+        spool.insert(conn, carried)
     events = [ev for it in batch if it.duplicate_of is None for ev in it.events]
     if events:
         append(conn, events)
@@ -185,10 +199,11 @@ def new_message(queue_id: str, data: bytes, *, sender: str, recipients: Sequence
                 dedupe_key: str | None = None, related_id: str | None = None,
                 security: Mapping[str, Any] | None = None, protections: Mapping[str, str] | None = None,
                 audit_events: Sequence[AuditEvent] = (), claimed_by: str | None = None,
-                riders: Sequence[AuditEvent] = ()) -> NewMessage:  # fmt: skip
+                riders: Sequence[AuditEvent] = (), carry: bool = False) -> NewMessage:  # fmt: skip
     """The rows of a message whose bytes are stored under ``queue_id``: one message row, one row
     per distinct recipient (state ``queued``, the protection decided at RCPT time if any), and
-    its audit records (given the queue id); ``riders`` are earlier records committed with it."""
+    its audit records (given the queue id); ``riders`` are earlier records committed with it.
+    ``carry``: the bytes go in the transaction too (a spool in the database)."""
     events = [
         *riders, *(AuditEvent(**{**ev.__dict__, "queue_id": ev.queue_id or queue_id}) for ev in audit_events)
     ]
@@ -209,6 +224,7 @@ def new_message(queue_id: str, data: bytes, *, sender: str, recipients: Sequence
             for r in dict.fromkeys(recipients)
         ],
         events=events,
+        data=data if carry else None,
     )  # fmt: skip
     item.offered = list(item.recipients)
     return item

@@ -1,21 +1,22 @@
 """Tables of the durable queue: one row per accepted message, one per recipient.
 
 The message bytes live in a spool file (written tmp -> fsync -> rename) named by
-the queue id; the row is committed after the file, so a row never points at a
-missing file. A message's state is derived from its recipients'.
+the queue id, committed before the row, or, on PostgreSQL, in a ``queue_spool`` row
+committed with it (``gateway.queue.spool``): a row never points at missing bytes.
+A message's state is derived from its recipients'.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, LargeBinary, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from directory.models import Base, utcnow
 from gateway.core.states import PENDING, RELEASED, RecipientState
 
-__all__ = ["PENDING", "RELEASED", "TRANSITIONS", "QueueDedupe", "QueuedMessage", "QueuedRecipient", "RecipientState",
+__all__ = ["PENDING", "RELEASED", "TRANSITIONS", "QueueDedupe", "QueuedBytes", "QueuedMessage", "QueuedRecipient", "RecipientState",
            "may_move"]
 
 
@@ -103,3 +104,13 @@ class QueuedRecipient(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     message: Mapped[QueuedMessage] = relationship(back_populates="recipients")
+
+
+class QueuedBytes(Base):
+    """A message's bytes when the queue's database is PostgreSQL (``gateway.queue.spool.DatabaseSpool``):
+    inserted with the message's rows, deleted in the transaction that makes it final.  Unused on SQLite."""
+
+    __tablename__ = "queue_spool"
+
+    name: Mapped[str] = mapped_column(ForeignKey("queue_messages.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

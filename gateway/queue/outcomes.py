@@ -15,9 +15,10 @@ claim is only cleared when it is still ours.  A crash before the commit loses th
 the lease expires: the message is redone (at least once; peers drop the duplicate by its
 dedupe key, per recipient).
 
-A message whose recipients are all final is marked ``done`` and its spool bytes are removed
-(``purge``, after the commit: the row says done before the bytes go, so removed bytes are
-never claimable; a crash in between leaves a file ``QueueStore.sweep_orphans`` removes).
+A message whose recipients are all final is marked ``done`` and its spool bytes are removed:
+spool files after the commit (the row says done before the bytes go, so removed bytes are
+never claimable; a crash in between leaves a file ``QueueStore.sweep_orphans`` removes), bytes
+kept in the database in the same transaction (``Spool.drop``).
 Quarantined messages with nothing pending are ``parked``: never claimed until released.
 
 Errors: database errors propagate (the worker logs them; the lease then expires and the
@@ -93,7 +94,7 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending], *, spo
     UPDATE on PostgreSQL), so an admin's concurrent ``queue delete`` is never overwritten.
 
     The receipts of each verdict (DSNs, MDNs, notices; they expire after ``lifetime``) are
-    written to ``spool`` first, then inserted in the same transaction as the outcomes they
+    written to ``spool`` first (files) or carried into the transaction (database), then inserted in the same transaction as the outcomes they
     follow from: either both commit or neither does, so a crash never queues a receipt for a
     verdict that is then redone.  A fenced verdict's receipts are dropped with it.
     """
@@ -102,7 +103,7 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending], *, spo
     kept: list[NewMessage] = []
     try:
         with write_connection(factory) as conn:
-            results, purged = _commit_in(conn, items, admitted, kept, now)
+            results, purged = _commit_in(conn, items, admitted, kept, now, spool)
     except BaseException:
         _discard(spool, [m for ms in admitted.values() for m in ms])
         raise
@@ -114,7 +115,7 @@ def commit_many(factory: sessionmaker[Session], items: Sequence[Pending], *, spo
 
 def _admit_receipts(items: Sequence[Pending], spool: Spool | None, now: _dt.datetime,
                     lifetime: _dt.timedelta) -> dict[int, list[NewMessage]]:  # fmt: skip
-    """Write each verdict's receipts to the spool (before the transaction); their rows, by item."""
+    """Stage each verdict's receipts in the spool (files: before the transaction); their rows, by item."""
     admitted: dict[int, list[NewMessage]] = {}
     for index, item in enumerate(items):
         if not item.batch.receipts:
@@ -133,10 +134,11 @@ def _admit_receipts(items: Sequence[Pending], spool: Spool | None, now: _dt.date
 
 def _receipt_rows(spool: Spool, receipt: Receipt, now: _dt.datetime, lifetime: _dt.timedelta) -> NewMessage:
     queue_id = secrets.token_hex(16)
-    spool.write(queue_id, receipt.data)
+    spool.stage(queue_id, receipt.data)
     return new_message(queue_id, receipt.data, sender=receipt.sender, recipients=[receipt.to], origin="receipt",
                        kind=receipt.kind, related_id=receipt.related_id, dedupe_key=receipt.dedupe_key, now=now,
-                       lifetime=lifetime, lease=_dt.timedelta(0), audit_events=receipt.events)  # fmt: skip
+                       lifetime=lifetime, lease=_dt.timedelta(0), audit_events=receipt.events,
+                       carry=spool.in_database)  # fmt: skip
 
 
 def _discard(spool: Spool | None, rows: Sequence[NewMessage]) -> None:
@@ -150,9 +152,10 @@ def _discard(spool: Spool | None, rows: Sequence[NewMessage]) -> None:
 
 
 def _commit_in(conn: Connection, items: Sequence[Pending], admitted: dict[int, list[NewMessage]],
-               kept: list[NewMessage], now: _dt.datetime) -> tuple[list[bool], list[str]]:  # fmt: skip
+               kept: list[NewMessage], now: _dt.datetime,
+               spool: Spool | None = None) -> tuple[list[bool], list[str]]:  # fmt: skip
     """The body of ``commit_many``'s transaction: whether each item's message is done, and the
-    spool names to purge once it has committed."""
+    spool names to purge once it has committed (bytes in the database are dropped here)."""
     ids = list(dict.fromkeys(p.queue_id for p in items))
     lock = conn.dialect.name == "postgresql"
     claims, rows = (_CLAIMS_FOR_UPDATE, _ROWS_FOR_UPDATE) if lock else (_CLAIMS, _ROWS)
@@ -190,9 +193,12 @@ def _commit_in(conn: Connection, items: Sequence[Pending], admitted: dict[int, l
     for keys, group in _by_keys(messages).items():
         conn.execute(_message_update(keys), group)
     if kept:
-        insert_new(conn, kept)  # the receipts, kept once per (dedupe key, recipient)
+        insert_new(conn, kept, spool)  # the receipts, kept once per (dedupe key, recipient)
     append(conn, events)
-    return results, [h["spool_name"] for h in heads.values() if h.get("purged_at") == now]
+    purged = [h["spool_name"] for h in heads.values() if h.get("purged_at") == now]
+    if purged and spool is not None:
+        spool.drop(conn, purged)  # a no-op for files: they go after the commit
+    return results, purged
 
 
 _MESSAGES = cast(Table, QueuedMessage.__table__)

@@ -1,9 +1,10 @@
-"""The durable queue: message bytes in a spool folder, envelope and state in the database.
+"""The durable queue: message bytes in a spool (``gateway.queue.spool``), envelope and state in the database.
 
-``enqueue`` is the only writer of new messages. It writes the bytes to a
+``enqueue`` is the only writer of new messages. On SQLite it writes the bytes to a
 temporary file, fsyncs it, renames it into place and fsyncs the folder (in the
 caller's thread, so several messages do this at once), then commits the envelope
-rows and the acceptance's audit records. Commits are grouped: one caller at a
+rows and the acceptance's audit records; on PostgreSQL the bytes are a row of the
+same transaction, so any node that shares the database can deliver the message. Commits are grouped: one caller at a
 time writes to the database and takes, in ONE transaction, every message (and
 audit batch, ``append_audit``) queued while the previous commit ran; the others
 wait for that commit. No timer: a lone message commits at once. If a grouped
@@ -24,7 +25,6 @@ import builtins
 import json
 import logging
 import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,7 +41,7 @@ from gateway.process.verdict import as_utc
 from gateway.queue.admission import GroupCommit, NewMessage, QueueError, new_message
 from gateway.queue.models import RELEASED, QueuedMessage, QueuedRecipient, RecipientState, may_move
 from gateway.queue.outcomes import fold_state
-from gateway.queue.spool import Spool
+from gateway.queue.spool import FileSpool, Spool, spool_for
 
 __all__ = ["Enqueued", "QueueError", "QueueStore", "as_utc", "message_dict", "new_queue_id", "now_utc"]
 
@@ -99,17 +99,29 @@ _RECIPIENTS_OF = (
 
 class QueueStore:
     def __init__(self, factory: sessionmaker[Session], spool_dir: Path, *, lifetime: timedelta = timedelta(days=5),
-                 lease: timedelta = timedelta(minutes=5)) -> None:
+                 lease: timedelta = timedelta(minutes=5), spool: Spool | None = None) -> None:
         self._factory = factory
-        self.group = GroupCommit(lambda: self._factory)
         self.spool_dir = spool_dir
-        self.spool = Spool(spool_dir)  # plaintext of messages waiting: 0700 (files are 0600)
+        # Plaintext of messages waiting: files 0600 in 0700 folders unless ``spool`` says otherwise;
+        # the gateway and the CLI pass ``spool_for`` (rows of the database on PostgreSQL).
+        self.spool: Spool = spool if spool is not None else FileSpool(spool_dir)
+        self.group = GroupCommit(lambda: self._factory, self.spool)
         self.lifetime = lifetime
         self.lease = lease
+
+    @classmethod
+    def for_database(cls, factory: sessionmaker[Session], spool_dir: Path, *, lifetime: timedelta = timedelta(days=5),
+                     lease: timedelta = timedelta(minutes=5)) -> QueueStore:  # fmt: skip
+        """The store with the spool the database implies (``spool_for``): what ``mssgw serve`` and
+        the CLI open, so that every node sharing a PostgreSQL reads the same bytes."""
+        return cls(factory, spool_dir, lifetime=lifetime, lease=lease, spool=spool_for(factory, spool_dir))
 
     # --- writing ---------------------------------------------------------------------
 
     def spool_path(self, spool_name: str) -> Path:
+        """The file of ``spool_name`` (spool files only: a database spool has no path)."""
+        if not isinstance(self.spool, FileSpool):
+            raise QueueError("the spool is in the database: its bytes have no file")
         return self.spool.path(spool_name)
 
     def enqueue(
@@ -147,7 +159,7 @@ class QueueStore:
             raise QueueError("a message needs at least one recipient")
         queue_id = queue_id or new_queue_id()
         try:
-            path = self.spool.write(queue_id, data)
+            self.spool.stage(queue_id, data)
         except OSError as exc:
             raise QueueError(f"cannot write the spool file ({exc.strerror or exc})") from exc
         item = new_message(
@@ -155,7 +167,7 @@ class QueueStore:
             lifetime=self.lifetime, lease=self.lease, kind=kind, auth_identity=auth_identity,
             client_address=client_address, peer_operator=peer_operator, message_id=message_id,
             dedupe_key=dedupe_key, related_id=related_id, security=security, protections=protections,
-            audit_events=audit_events, claimed_by=claimed_by, riders=riders,
+            audit_events=audit_events, claimed_by=claimed_by, riders=riders, carry=self.spool.in_database,
         )  # fmt: skip
         self.group.run(item)
         if isinstance(item.error, IntegrityError) and dedupe_key is not None:
@@ -165,13 +177,13 @@ class QueueStore:
             self.group.run(item)
         error = item.error
         if isinstance(error, IntegrityError):
-            path.unlink(missing_ok=True)
+            self.spool.discard(queue_id)
             raise QueueError("the queue refused the message (conflict); try again") from None
         if error is not None:
-            path.unlink(missing_ok=True)
+            self.spool.discard(queue_id)
             raise QueueError(f"the queue database cannot store the message ({type(error).__name__})") from error
         if item.duplicate_of is not None:  # every recipient already accepted: stored nowhere
-            path.unlink(missing_ok=True)
+            self.spool.discard(queue_id)
             return Enqueued(item.duplicate_of, duplicate=True)
         assert item.message is not None
         return Enqueued(queue_id, row={**item.message, "recipients": item.recipients})
@@ -197,24 +209,12 @@ class QueueStore:
         try:
             return self.spool.read(name)
         except OSError as exc:
-            raise QueueError(f"spool file of {queue_id} cannot be read ({exc.strerror})") from exc
+            raise QueueError(f"spool bytes of {queue_id} cannot be read ({exc.strerror})") from exc
 
     def sweep_orphans(self, older_than: float = 3600.0) -> int:
-        """Remove spool files with no queue row (a crash before commit; never acknowledged) or
+        """Remove spool bytes with no queue row (a crash before commit; never acknowledged) or
         whose message is finished (a crash between the final commit and ``purge_spool``)."""
-        removed = 0
-        cutoff = time.time() - older_than
-        with self._factory() as session:
-            for path in self.spool.files():
-                name = path.name.lstrip(".").removesuffix(".tmp")
-                msg = None if path.name.endswith(".tmp") else session.get(QueuedMessage, name)
-                finished = msg is not None and msg.purged_at is not None
-                if not finished and path.stat().st_mtime > cutoff:
-                    continue
-                if msg is None or finished:
-                    path.unlink(missing_ok=True)
-                    removed += 1
-        return removed
+        return self.spool.sweep(self._factory, older_than)
 
     # --- claiming and outcomes --------------------------------------------------------------
 
@@ -222,11 +222,33 @@ class QueueStore:
         """Lease up to ``limit`` ready messages to ``worker``; returns their queue ids."""
         return [row["id"] for row in self.claim_rows(worker, limit=limit, now=now)]
 
-    def claim_rows(self, worker: str, *, limit: int = 10, now: datetime | None = None) -> list[dict[str, Any]]:
+    def claim_with_bytes(self, worker: str, *, limit: int = 10,
+                         now: datetime | None = None) -> list[tuple[dict[str, Any], bytes | QueueError]]:  # fmt: skip
+        """``claim_rows`` with each message's bytes (or why they cannot be read): read in the claim's
+        transaction when the spool is in the database, from the files after it otherwise."""
+        found: dict[str, bytes] = {}
+        rows = self.claim_rows(worker, limit=limit, now=now, read_into=found)
+        out: list[tuple[dict[str, Any], bytes | QueueError]] = []
+        for row in rows:
+            name = row["spool_name"]
+            data: bytes | QueueError
+            if self.spool.in_database:
+                data = found[name] if name in found else QueueError(f"spool bytes of {row['id']} are missing")
+            else:
+                try:
+                    data = self.spool.read(name)
+                except OSError as exc:
+                    data = QueueError(f"spool file of {row['id']} cannot be read ({exc.strerror})")
+            out.append((row, data))
+        return out
+
+    def claim_rows(self, worker: str, *, limit: int = 10, now: datetime | None = None,
+                   read_into: dict[str, bytes] | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """``claim``, returning each claimed message's columns with its ``recipients`` (lists of dicts).
 
         The worker needs the rows anyway: reading them in the claim's transaction saves a
-        query and a thread hop per message.  Three prebuilt statements (the ready ids, the
+        query and a thread hop per message.  ``read_into`` receives the bytes of the claimed
+        messages when the spool is in the database.  Three prebuilt statements (the ready ids, the
         lease with ``UPDATE ... RETURNING`` the rows, their recipients): claims run for every
         few messages, and building statements cost more CPU than running them.
         """
@@ -241,6 +263,8 @@ class QueueStore:
                                                      "lease_until": now + self.lease}).mappings()}  # fmt: skip
             for row in conn.execute(_RECIPIENTS_OF, {"ids": ids}).mappings():
                 rows[row["message_id"]]["recipients"].append(dict(row))
+            if read_into is not None and self.spool.in_database:  # the bytes, for the node that claims
+                read_into.update(self.spool.read_many(conn, [r["spool_name"] for r in rows.values()]))
         return [rows[i] for i in ids if i in rows]
 
     def renew(self, queue_id: str, worker: str, claim_gen: int, now: datetime | None = None) -> bool:
@@ -300,11 +324,15 @@ class QueueStore:
         self.purge_spool(purged)
 
     def _fold(self, msg: QueuedMessage) -> list[str]:
-        """Set ``done``/``parked``/``purged_at`` from the recipients; the spool names to remove after commit."""
+        """Set ``done``/``parked``/``purged_at`` from the recipients; the spool names to remove after
+        commit (bytes kept in the database are dropped here, in the caller's transaction)."""
         cols = fold_state({"purged_at": msg.purged_at}, [{"state": r.state} for r in msg.recipients], now_utc())
         msg.done, msg.parked = cols["done"], cols["parked"]
         if "purged_at" in cols:
             msg.purged_at = cols["purged_at"]
+            session = Session.object_session(msg)
+            if session is not None and self.spool.in_database:
+                self.spool.drop(session.connection(), [msg.spool_name])
             return [msg.spool_name]
         return []
 

@@ -296,19 +296,14 @@ class Workers:
         return await loop.run_in_executor(self._db, self._claim_and_read, limit, self.now())
 
     def _claim_and_read(self, limit: int, now: _dt.datetime) -> list[Claimed]:
-        """Claim up to ``limit`` messages and read their spool files, in the worker's database thread.
+        """Claim up to ``limit`` messages and read their bytes, in the worker's database thread
+        (in the claim's transaction when the spool is in the database: any node reads any message).
 
         One thread hop and one transaction for the whole batch: the rows come back with the claim.
         A spool file that cannot be read is reported with the job, which is then deferred.
         """
-        claimed: list[Claimed] = []
-        for row in self.store.claim_rows(self.worker_id, limit=limit, now=now):
-            job = Job.from_columns(row)
-            try:
-                claimed.append((job, self.store.spool.read(row["spool_name"])))
-            except OSError as exc:
-                claimed.append((job, QueueError(f"spool file of {job.id} cannot be read ({exc.strerror})")))
-        return claimed
+        return [(Job.from_columns(row), data)
+                for row, data in self.store.claim_with_bytes(self.worker_id, limit=limit, now=now)]  # fmt: skip
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

@@ -119,6 +119,21 @@ def activate(app: AppContext, address: str) -> None:
     click.echo(f"mailbox {address.lower()} activated")
 
 
+@directory.command("sent-copy")
+@click.argument("address")
+@click.argument("choice", type=click.Choice(["on", "off", "default"], case_sensitive=False))
+@pass_app
+def sent_copy(app: AppContext, address: str, choice: str) -> None:
+    """Whether the gateway files a copy of what ADDRESS sends in its Sent folder.
+
+    "default" follows mailboxes.server_sent_copy (mailbox types whose senders are software);
+    "off" suits people whose mail client saves its own copy, "on" software that saves none."""
+    value = {"on": True, "off": False}.get(choice.lower())
+    with app.transaction() as session:
+        service.set_sent_copy(session, address, value)
+    click.echo(f"Sent copy of {address.lower()}: {choice.lower()}")
+
+
 @directory.command("show")
 @click.argument("address")
 @click.option("--json", "as_json", is_flag=True)

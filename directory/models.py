@@ -112,6 +112,9 @@ class Mailbox(Base):
     service: Mapped[str | None] = mapped_column(String(256))  # "Service de rattachement"
     password_hash: Mapped[str | None] = mapped_column(String(256))
     source: Mapped[str] = mapped_column(String(32), default="admin")
+    # Whether the gateway files a copy of what this mailbox sends in its Sent folder: None follows
+    # ``mailboxes.server_sent_copy`` (by mailbox type), True/False is the admin's choice for it.
+    sent_copy: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=None)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     practitioner: Mapped[Practitioner | None] = relationship(back_populates="mailboxes")

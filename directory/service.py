@@ -10,6 +10,7 @@ function here, and the gateway's policy reads the directory only through
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,8 +18,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Exists, Select, bindparam, exists, func, or_, select, true
 from sqlalchemy.orm import Session, aliased
-
 from sqlalchemy.sql.elements import BindParameter
+
 from directory.consumer import CONSUMER_PROVIDERS, consumer_pattern_for
 from directory.identifiers import (
     InvalidIdentifier,
@@ -404,6 +405,35 @@ def set_active(session: Session, address: str, active: bool) -> Mailbox:
     return row
 
 
+def set_sent_copy(session: Session, address: str, value: bool | None) -> Mailbox:
+    """Choose whether the gateway files a Sent copy for ``address`` (None: its type's default)."""
+    row = get_mailbox(session, address)
+    if not row.local:
+        raise DirectoryError(f"{row.address} is not one of our mailboxes: it has no Sent folder here")
+    row.sent_copy = value
+    session.flush()
+    return row
+
+
+def wants_sent_copy(session: Session, address: str, *, default_types: Iterable[str], origin: str) -> bool:
+    """Whether a message ``address`` sent gets a server-side copy in its Sent folder.
+
+    Mail clients (Thunderbird, Outlook, neomutt) APPEND their own copy, so a server copy would be a
+    duplicate: the mailbox's own setting decides, else its type (``default_types``, the types whose
+    senders are software), else the way in: the HTTP API (``origin == "api"``) has no client that
+    keeps a copy. An address that is not a local mailbox gets none."""
+    try:
+        addr = normalise_address(address)
+    except InvalidIdentifier:
+        return False
+    row = session.scalar(select(Mailbox).where(Mailbox.address == addr, Mailbox.local.is_(True)))
+    if row is None:
+        return False
+    if row.sent_copy is not None:
+        return bool(row.sent_copy)
+    return origin == "api" or row.type.value in {t.upper() for t in default_types}
+
+
 def delegates_of(session: Session, mailbox: Mailbox) -> list[str]:
     who = aliased(Mailbox)
     return list(
@@ -440,6 +470,7 @@ def mailbox_dict(session: Session, row: Mailbox, *, detail: bool = False) -> dic
         "organisation": row.organisation.name if row.organisation else None,
     }
     if detail:
+        data["sent_copy"] = "default" if row.sent_copy is None else ("on" if row.sent_copy else "off")
         p = row.practitioner
         data.update(
             {

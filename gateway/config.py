@@ -76,6 +76,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "encrypt_for_sender": True,
         "outer_subject": "Message securise",
         "banner": True,  # add a short human-readable verification banner on inbound messages
+        "banner_language": "fr",  # fr | en: the language of that banner (the clinicians')
         "require_signature_inbound": True,
         "crl_soft_fail": True,  # a stale CRL is accepted with a warning in the verification header
         # S/MIME 4.0 sending (RFC 8551): the cipher for recipients whose certificate announces no
@@ -109,6 +110,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "burst": 60,  # requests a certificate may make at once before the rate applies
         "idempotency_hours": 24.0,  # how long an Idempotency-Key's first answer is kept
         "events_poll_seconds": 1.0,  # how often an event stream looks at the queue and the mailbox
+    },
+    "mailboxes": {
+        # Mailbox types whose messages the gateway copies into the sender's Sent folder. People read
+        # over IMAP and their client saves its own copy (a second one would be a duplicate); software
+        # (APP) saves none. The HTTP API always gets a copy; `mssgw directory sent-copy` overrides both.
+        "server_sent_copy": ["APP"],
     },
     "documents": {
         # An IHE XDM package with a CDA but without X-MSS-CODECDA/X-MSS-INS (MSSanté Ref. #2 ECO.2.4):
@@ -301,6 +308,11 @@ def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = N
         raise ConfigError("runtime.event_loop: must be uvloop or asyncio")
     if values["documents"]["missing_headers"] not in {"add", "refuse"}:
         raise ConfigError("documents.missing_headers: must be add or refuse")
+    bad_types = [t for t in values["mailboxes"]["server_sent_copy"] if str(t).upper() not in {"PER", "ORG", "APP"}]
+    if bad_types:
+        raise ConfigError(f"mailboxes.server_sent_copy: mailbox types are PER, ORG and APP, got {bad_types!r}")
+    if values["crypto"]["banner_language"] not in {"fr", "en"}:
+        raise ConfigError(f"crypto.banner_language: must be fr or en, got {values['crypto']['banner_language']!r}")
     if values["receipts"]["mdn_profile"] not in {"rfc8098", "direct"}:
         raise ConfigError("receipts.mdn_profile: must be rfc8098 or direct")
     for key, allowed in _CRYPTO_CHOICES.items():

@@ -7,10 +7,15 @@ The job, for a claimed message of origin ``inbound``:
    A signature by the sending domain's organisation certificate is accepted for a From of
    that domain when the certificate is the one registered for the domain or its subject is
    the trust list's operator DN (Direct Project domain-bound certificates).
-2. Verified: the recovered original goes to each local recipient's INBOX with an
+2. Verified: the recovered original goes to each local recipient's INBOX (``present``) with
+   ``Return-Path`` and the ``Received`` fields of the peer hop (RFC 5321 §4.4), an
    ``Authentication-Results`` header (RFC 8601; forged ones claiming our host are removed
-   first) and, if ``crypto.banner`` is set and the structure is simple, a short banner
-   (text/plain body prefix, or a first text part of a multipart/mixed: attachments untouched).
+   first) and, if ``crypto.banner`` is set, a short banner in ``crypto.banner_language``
+   (``gateway.process.banner``: the signer as the directory knows them, "revocation not
+   checked" when the CRL was not current) where every client shows it: a text/plain body
+   prefix, a first text part of a multipart/mixed, or else a multipart/mixed around the
+   original (attachments and inner signatures untouched). Mail between two of our own
+   mailboxes is delivered the same way (``gateway.process.outbound``).
    IHE XDM packages are checked as at submission (``gateway.documents.describe``): the banner
    names the document types in words and their authors as the directory knows them, or says
    the check failed and why; ``Authentication-Results`` carries ``x-mss-xdm=pass|fail|none``.
@@ -43,6 +48,7 @@ from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypai
 from gateway.crypto.result import SecurityResult
 from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_request
 from gateway.delivery.relay import Attempt, dn_equal
+from gateway.delivery.trace import peer_trace, with_trace
 from gateway.documents.describe import (
     DocumentSummary,
     auth_results_method,
@@ -50,12 +56,13 @@ from gateway.documents.describe import (
     may_carry_documents,
     summarise,
 )
+from gateway.process.banner import Transit, banner_text
 from gateway.process.common import Context, Job
 from gateway.process.outbound import defer_or_bounce
 from gateway.process.reports import PEER_TLS, peer_report_results, quarantine_notice, transport_report
 from gateway.process.verdict import RELEASED, RecipientState
 
-__all__ = ["annotate", "open_job", "process_inbound"]
+__all__ = ["annotate", "open_job", "present", "process_inbound"]
 
 log = logging.getLogger("mssgw.inbound")
 
@@ -116,20 +123,16 @@ def _fold(name: str, value: str, width: int = 76) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-def _banner_text(result: SecurityResult, signer: str | None = None) -> str:
-    """One line a clinician reads first, e.g. "Signed by Dr Anne Martin (RPPS 10000000009), ..."."""
-    who = signer or result.signer_email or result.signer_subject or "unknown signer"
-    transit = "encrypted in transit" if result.encrypted else "sent over authenticated TLS between operators"
-    return f"[Signed by {who}, certificate valid, {transit}]"
-
-
 def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: bool,
              signer: str | None = None, results: str | None = None, documents: str | None = None,
-             extra_result: str | None = None) -> bytes:
+             extra_result: str | None = None, language: str = "en", transit: Transit = "peer",
+             released: bool = False) -> bytes:  # fmt: skip
     """Prepend Authentication-Results (removing forged ones for ``authserv_id``) and maybe a banner.
 
     ``results`` replaces the header value built from ``result`` (a report trusted for its transport);
-    ``extra_result`` is one more resinfo (``x-mss-xdm=...``) and ``documents`` a second banner line."""
+    ``extra_result`` is one more resinfo (``x-mss-xdm=...``) and ``documents`` a second banner line.
+    The banner (``gateway.process.banner``: ``signer`` is the directory's label, ``language``,
+    ``transit`` and ``released`` its wording) says what was checked, and what failed if anything."""
     inner = _mime.to_crlf(inner)
     block, body = _mime.split_entity(inner)
     fields = _mime.parse_headers(block)
@@ -142,30 +145,76 @@ def annotate(inner: bytes, result: SecurityResult, *, authserv_id: str, banner: 
     if extra_result:
         value = f"{value}; {extra_result}"
     header = _fold("Authentication-Results", value).encode("utf-8")
-    if banner and result.ok:
-        text = _banner_text(result, signer) + (f"\r\n{documents}" if documents else "")
+    if banner:
+        text = banner_text(result, label=signer, language=language, transit=transit, released=released)
+        text += f"\r\n{documents}" if documents else ""
         body, kept = _with_banner(fields, kept, body, text)
     return header + b"".join(kept) + b"\r\n" + body
 
 
+_CONTENT_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition", "content-id",
+                   "content-description", "content-language", "content-location", "content-md5")  # fmt: skip
+
+
+def _banner_part(text: str) -> bytes:
+    return (b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            b"Content-Disposition: inline\r\n\r\n" + text.encode("utf-8") + b"\r\n")  # fmt: skip
+
+
 def _with_banner(fields: list[tuple[str, str, bytes]], kept: list[bytes], body: bytes,
                  text: str) -> tuple[bytes, list[bytes]]:  # fmt: skip
-    """A banner only where it cannot break anything: plain 7/8-bit text, or multipart/mixed."""
+    """The banner where every mail client shows it, without touching what it does not own.
+
+    * plain 7/8-bit text (us-ascii or utf-8): the banner opens the body (the part becomes utf-8, 8bit:
+      us-ascii is a subset);
+    * multipart/mixed: a first inline text part, the other parts byte for byte;
+    * a report (multipart/report: DSN, MDN) stays as it is, without a banner;
+    * anything else (multipart/alternative or related, HTML, base64 or quoted-printable text, a
+      single attachment, a signed or encrypted entity): the original content becomes the second
+      part of a new multipart/mixed whose first part is the banner (its Content-* fields move
+      with it; a signature inside still covers the same bytes)."""
     mtype, params = _mime.content_type(_mime.header_value(fields, "content-type"))
     cte = (_mime.header_value(fields, "content-transfer-encoding") or "7bit").strip().lower()
     charset = params.get("charset", "us-ascii").lower()
     if mtype == "text/plain" and cte in ("7bit", "8bit") and charset in ("us-ascii", "utf-8"):
-        return text.encode("ascii", "replace") + b"\r\n\r\n" + body, kept
+        extra = "".join(f"; {k}={_mime_param(v)}" for k, v in params.items() if k not in ("charset",))
+        rest = [raw for raw in kept if _name(raw) not in ("content-type", "content-transfer-encoding")]
+        if not any(_name(raw) == "mime-version" for raw in rest):
+            rest.append(b"MIME-Version: 1.0\r\n")
+        rest += [f"Content-Type: text/plain; charset=utf-8{extra}\r\n".encode(),
+                 b"Content-Transfer-Encoding: 8bit\r\n"]  # fmt: skip
+        return text.encode("utf-8") + b"\r\n\r\n" + body, rest
     boundary = params.get("boundary", "")
     if mtype == "multipart/mixed" and boundary:
         delim = b"--" + boundary.encode("ascii", "replace")
         m = re.search(rb"(?:\A|\r\n)" + re.escape(delim) + rb"[ \t]*\r\n", body)
         if m:
             at = m.start() + (2 if body[m.start():m.start() + 2] == b"\r\n" else 0)
-            part = (delim + b"\r\nContent-Type: text/plain; charset=us-ascii\r\n"
-                    b"Content-Disposition: inline\r\n\r\n" + text.encode("ascii", "replace") + b"\r\n")  # fmt: skip
-            return body[:at] + part + body[at:], kept
-    return body, kept
+            return body[:at] + delim + b"\r\n" + _banner_part(text) + body[at:], kept
+    if mtype == "multipart/report" or (mtype.startswith("multipart/") and not boundary):
+        # A receipt (RFC 6522) must stay a report at the top for clients to show it as one; a
+        # broken structure is left as received. Authentication-Results still says what was checked.
+        return body, kept
+    moved = [raw for raw in kept if _name(raw) in _CONTENT_FIELDS]
+    if not any(_name(raw) == "content-type" for raw in moved):
+        moved.insert(0, b"Content-Type: text/plain; charset=us-ascii\r\n")
+    rest = [raw for raw in kept if _name(raw) not in _CONTENT_FIELDS]
+    new_boundary = _mime.new_boundary(body, text.encode("utf-8"))
+    if not any(_name(raw) == "mime-version" for raw in rest):
+        rest.append(b"MIME-Version: 1.0\r\n")
+    rest.append(f'Content-Type: multipart/mixed; boundary="{new_boundary}"\r\n'.encode("ascii"))
+    delim = b"--" + new_boundary.encode("ascii")
+    wrapped = (delim + b"\r\n" + _banner_part(text) + delim + b"\r\n" + b"".join(moved) + b"\r\n"
+               + body + b"\r\n" + delim + b"--\r\n")  # fmt: skip
+    return wrapped, rest
+
+
+def _name(raw: bytes) -> str:
+    return raw.partition(b":")[0].strip().decode("ascii", "replace").lower()
+
+
+def _mime_param(value: str) -> str:
+    return value if re.fullmatch(r"[A-Za-z0-9!#$&+.^_`|~-]+", value) else '"' + value.replace('"', "") + '"'
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -263,15 +312,7 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     if not accept or inner is None:
         await _quarantine(ctx, job, data, inner, result, pending)
         return
-    banner = bool(ctx.settings.get("crypto", "banner"))
-    signer = None
-    if banner and result.signer_email:
-        signer = await _signer_label(ctx, result.signer_email)
-    documents = await ctx.io(summarise, inner) if may_carry_documents(inner) else None  # CPU: in a thread
-    doc_line = banner_line(documents, await _author_labels(ctx, documents.authors)) if documents and banner else None
-    delivered_bytes = annotate(inner, result, authserv_id=ctx.settings.hostname, banner=banner, signer=signer,
-                               documents=doc_line,
-                               extra_result=auth_results_method(documents) if documents else None)
+    delivered_bytes, documents = await present(ctx, job, inner, result, received=peer_trace(data), transit="peer")
     delivered: list[str] = []
     for addr in pending:
         try:
@@ -288,15 +329,40 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     await _processed_mdns(ctx, job, inner, delivered)
 
 
+async def present(ctx: Context, job: Job, inner: bytes, result: SecurityResult, *, received: bytes,
+                  transit: Transit, released: bool = False) -> tuple[bytes, DocumentSummary | None]:  # fmt: skip
+    """The message as a clinician's mail client gets it, the same for a peer's mail and ours.
+
+    Trace first (RFC 5321 §4.4): ``Return-Path`` (the envelope sender), ``Authentication-Results``
+    (RFC 8601), then ``received`` (the ``Received`` fields of the hops that the unwrapped outer
+    message carried), then the original's own fields. The banner (``crypto.banner``, in
+    ``crypto.banner_language``) names the signer as the directory knows them and says what was
+    checked; IHE XDM packages are described and checked (``gateway.documents.describe``)."""
+    banner = bool(ctx.settings.get("crypto", "banner"))
+    signer = await _signer_label(ctx, result.signer_email) if banner and result.signer_email else None
+    documents = await ctx.io(summarise, inner) if may_carry_documents(inner) else None  # CPU: in a thread
+    doc_line = banner_line(documents, await _author_labels(ctx, documents.authors)) if documents and banner else None
+    annotated = annotate(received + _mime.to_crlf(inner), result, authserv_id=ctx.settings.hostname, banner=banner,
+                         signer=signer, documents=doc_line,
+                         extra_result=auth_results_method(documents) if documents else None,
+                         language=str(ctx.settings.get("crypto", "banner_language")), transit=transit,
+                         released=released)  # fmt: skip
+    return with_trace(annotated, job.sender), documents
+
+
 async def _deliver_released(ctx: Context, job: Job, data: bytes, inner: bytes | None, result: SecurityResult,
                             released: list[str]) -> None:  # fmt: skip
     """An admin released these recipients from quarantine: deliver the message as it is, once.
 
     No new verdict and no second failure notice: the quarantine's verification result goes
     in the Authentication-Results header (what could be opened is delivered, else the bytes
-    received), no banner, and the release is in the audit trail (``quarantine-release``).
+    received), the banner says in words what failed and that an administrator released it, and
+    the release is in the audit trail (``quarantine-release``).
     """
-    body = annotate(inner if inner is not None else data, result, authserv_id=ctx.settings.hostname, banner=False)
+    if inner is not None:
+        body, _ = await present(ctx, job, inner, result, received=peer_trace(data), transit="peer", released=True)
+    else:
+        body = with_trace(annotate(data, result, authserv_id=ctx.settings.hostname, banner=False), job.sender)
     for addr in released:
         try:
             await ctx.io(ctx.local.deliver, addr, body, folder="INBOX")
@@ -314,7 +380,8 @@ async def _deliver_report(ctx: Context, job: Job, data: bytes, result: SecurityR
 
     Never answered (it is a report), never bannered; a local delivery problem defers it."""
     results = peer_report_results(ctx.settings.hostname, result, job.peer_operator or "")
-    body = annotate(data, result, authserv_id=ctx.settings.hostname, banner=False, results=results)
+    body = with_trace(annotate(data, result, authserv_id=ctx.settings.hostname, banner=False, results=results),
+                      job.sender)  # fmt: skip
     for addr in pending:
         try:
             await ctx.io(ctx.local.deliver, addr, body, folder="INBOX")

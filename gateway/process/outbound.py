@@ -2,8 +2,9 @@
 
 The job, for a claimed message of origin ``submission`` or ``receipt``:
 
-1. Local recipients (our domains) get the message signed (``multipart/signed``, RFC 8551 §3.5)
-   in their INBOX; nothing goes on the wire.
+1. Local recipients (our domains) get the original message in their INBOX, signed and verified
+   on the way (``local_job``) and presented exactly as a peer's mail (``inbound.present``:
+   Return-Path, Authentication-Results, the banner); nothing goes on the wire.
 2. Remote recipients are grouped by domain, then by protection (``protection_for``):
    ``smime`` (the recipient's certificate), ``smime-domain`` (the domain-bound certificate,
    Direct Project), ``openpgp`` (PGP/MIME RFC 3156, when the recipient has a key and no
@@ -14,7 +15,9 @@ The job, for a claimed message of origin ``submission`` or ``receipt``:
 3. Outcomes: 2xx delivered; 4xx, network and TLS problems deferred (retried with backoff by the
    worker) until ``queue.lifetime_hours``, then bounced with a DSN (RFC 3464, 4.4.7); 5xx
    bounced with a DSN; a delay DSN once after ``queue.delay_warning_hours``.
-4. A local sender of an original message gets a copy in its ``Sent`` folder (flag ``\\Seen``).
+4. A local sender of an original message gets a copy in its ``Sent`` folder (flag ``\\Seen``) only
+   where no mail client saves one: the mailbox's ``sent_copy`` setting, else its type
+   (``mailboxes.server_sent_copy``, APP by default), else yes for the HTTP API.
 
 The crypto runs through ``Context.crypto`` (worker processes); keys travel as ``KeyRef`` paths.
 A domain's route and its recipients' protections are reused for ``PLAN_TTL`` seconds (and
@@ -34,14 +37,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from directory.service import recipient_facts
-from gateway.crypto.keystore import KeyRef, KeyStoreError, load_keypair
+from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypair, load_trust
+from gateway.crypto.result import SecurityResult
 from gateway.delivery.receipts import DsnRecipient, receipt_author
 from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.trace import with_trace
 from gateway.policy.recipients import protection_for
 from gateway.process.common import Context, Job, route_for
 from gateway.process.verdict import RecipientState
 
-__all__ = ["process_outbound", "protect_job", "sign_job"]
+__all__ = ["local_job", "process_outbound", "protect_job", "sign_job"]
 
 log = logging.getLogger("mssgw.outbound")
 
@@ -102,23 +107,62 @@ async def process_outbound(ctx: Context, job: Job, data: bytes) -> None:
         tasks.append(_deliver_local(ctx, job, data, signer, local))
     await asyncio.gather(*tasks)
 
-    if first_attempt and job.kind == "message" and job.origin == "submission" and ctx.is_local(job.sender):
+    if first_attempt and job.kind == "message" and job.origin in ("submission", "api") and ctx.is_local(job.sender):
         try:
-            await ctx.io(ctx.local.deliver, job.sender, data, folder="Sent", flags="S")
+            if await ctx.cached_io(("sent-copy", job.sender, job.origin), _wants_sent_copy, ctx, job.sender, job.origin):
+                await ctx.io(ctx.local.deliver, job.sender, data, folder="Sent", flags="S")
         except Exception as exc:  # a missing Sent copy never fails the delivery itself
             log.warning("no Sent copy for %s: %s", job.id, type(exc).__name__)
 
     await _maybe_warn(ctx, job, data, now)
 
 
+def _wants_sent_copy(ctx: Context, sender: str, origin: str) -> bool:
+    """The directory's answer (``wants_sent_copy``): mail clients save their own Sent copy, software does not."""
+    from directory.service import wants_sent_copy
+
+    with ctx.read() as session:
+        return wants_sent_copy(session, sender, default_types=ctx.settings.get("mailboxes", "server_sent_copy"),
+                               origin=origin)  # fmt: skip
+
+
+def local_job(data: bytes, signer: KeyRef, trust: TrustRef, now: _dt.datetime | None) -> tuple[bytes | None, SecurityResult]:
+    """Sign ``data`` for its sender and verify it as a peer's mail would be (runs in a worker process).
+
+    Local mail never crosses a network, but its reader is owed the same check as for a peer's: the
+    sender's certificate (or the organisation's) signs, our trust anchors and CRLs verify, and the
+    result fills Authentication-Results and the banner. Nothing signed is delivered: the original is."""
+    from gateway.crypto.smime import open_message, sign_only
+
+    cert, key = load_keypair(signer)
+    signed = sign_only(data, signer_cert=cert, signer_key=key)
+    return open_message(signed, recipient_cert=cert, recipient_key=key, trust=load_trust(trust), now=now,
+                        require_encryption=False)  # fmt: skip
+
+
 async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rcpts: Sequence[str]) -> None:
-    # A receipt for one of our mailboxes never left this gateway: it is delivered as the report
-    # it is (multipart/report at the top, which mail clients show as a bounce or a receipt), not
-    # inside a signature wrapper that would hide it from them.
-    signed = data if job.is_receipt else await ctx.crypto(sign_job, data, signer)
+    """Deliver to our own mailboxes the original message, presented exactly as a peer's would be
+    (``inbound.present``: Return-Path, Authentication-Results, the banner), not a signed wrapper
+    that clients flag ("certificate owner does not match sender") and quote as a header block.
+
+    A receipt for one of our mailboxes is delivered as the report it is (multipart/report at the
+    top, which mail clients show as a bounce or a receipt), with its trace only."""
+    from gateway.process.inbound import _domain_bound, present
+
+    if job.is_receipt:
+        presented = with_trace(data, job.sender)
+    else:
+        trust = await ctx.cached_io(("trust",), ctx.keys.trust)
+        inner, result = await ctx.crypto(local_job, data, signer, trust, ctx.now())
+        if result.failure == "from-mismatch":
+            result = await ctx.io(_domain_bound, ctx, result)
+        if not result.ok:
+            log.warning("local message %s failed its own verification: %s", job.id, result.failure)
+        presented, _ = await present(ctx, job, inner if inner is not None else data, result, received=b"",
+                                     transit="local")  # fmt: skip
     for addr in rcpts:
         try:
-            await ctx.io(ctx.local.deliver, addr, signed, folder="INBOX")
+            await ctx.io(ctx.local.deliver, addr, presented, folder="INBOX")
         except Exception as exc:
             reason = f"local delivery failed: {type(exc).__name__}: {exc}"[:300]
             await defer_or_bounce(ctx, job, data, [Attempt(addr, 451, "4.3.0", reason)], "local")

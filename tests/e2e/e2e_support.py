@@ -333,10 +333,11 @@ def parse(data: bytes) -> EmailMessage:
     return message_from_bytes(data, policy=policy.default)  # type: ignore[return-value]
 
 
-def unwrap_signed(data: bytes) -> EmailMessage:
-    """The message inside a multipart/signed local delivery (message/rfc822 wrapper)."""
+def local_original(data: bytes) -> EmailMessage:
+    """A message between two of an operator's mailboxes, as its reader's client gets it: the original
+    (no multipart/signed or message/rfc822 wrapper), with Return-Path and one Authentication-Results."""
     msg = parse(data)
-    assert msg.get_content_type() == "multipart/signed", msg.get_content_type()
-    inner = msg.get_payload()[0]  # type: ignore[index]
-    assert inner.get_content_type() == "message/rfc822"
-    return inner.get_payload()[0]  # type: ignore[no-any-return,index]
+    assert msg.get_content_type() not in ("multipart/signed", "message/rfc822"), msg.get_content_type()
+    assert len(msg.get_all("Return-Path") or []) == 1
+    assert len(msg.get_all("Authentication-Results") or []) == 1
+    return msg

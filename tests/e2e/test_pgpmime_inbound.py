@@ -116,7 +116,7 @@ async def test_client_pgp_mime_is_delivered_with_its_outer_from(pair: Pair, clie
     pdf = next(p for p in got.iter_attachments() if p.get_content_type() == "application/pdf")
     assert pdf.get_content() == PDF  # type: ignore[attr-defined]
     texts = [p.get_content() for p in got.walk() if p.get_content_type() == "text/plain"]  # type: ignore[attr-defined]
-    assert texts[0].startswith("[Signed by ")  # the banner part, then the client's text
+    assert texts[0].startswith("[Signé par ")  # the banner part (crypto.banner_language fr), then the client's text
     assert any("posologie inchangée" in t for t in texts[1:])
 
     # The MDN B owed the client reaches A's user as a disposition-notification report.

@@ -62,8 +62,6 @@ def _reports(messages: list[bytes], report_type: str) -> list:  # type: ignore[t
     out = []
     for raw in messages:
         msg = parse(raw)
-        if msg.get_content_type() == "multipart/signed":
-            msg = unwrap_signed(raw)
         if msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == report_type:
             out.append(msg)
     return out
@@ -91,8 +89,12 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
     assert ar.startswith(f"mx.{B_DOMAIN};") and "smime=pass" in ar and f"body.smime-identifier={CLINICIAN}" in ar
     attachments = [p for p in got.iter_attachments() if p.get_content_type() == "application/pdf"]
     assert len(attachments) == 1 and attachments[0].get_content() == PDF
-    # the banner names the signer as the national directory knows them
-    assert b"[Signed by Dr Anne Martin (RPPS 10000000009), certificate valid, encrypted in transit]" in inbox[0]
+    # the banner names the signer as the national directory knows them, in French (crypto.banner_language),
+    # and does not call the certificate valid: these operators publish no CRL (revocation not checked)
+    banner = ("[Signé par Dr Anne Martin (RPPS 10000000009) : signature vérifiée, révocation non vérifiée "
+              "(liste de révocation indisponible), chiffré pendant le transport]")
+    assert banner.encode() in inbox[0]
+    assert len(got.get_all("Authentication-Results")) == 1 and got["Return-Path"] == f"<{CLINICIAN}>"
 
     # Nothing of the content crossed the wire in clear, and B stored only ciphertext.
     wire = pair.proxy.wire
@@ -104,8 +106,9 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
     assert held["state"] == "done" and held["bytes"] == "removed"
     assert not b.store.spool_path(held["id"]).exists()
 
-    # A's sender has its Sent copy and the processed MDN (verified: signed by B's operator).
-    assert len(a.mailbox(CLINICIAN, "Sent")) == 1
+    # A's sender (a PER mailbox: its mail client saves its own Sent copy, so the gateway files none)
+    # has the processed MDN (verified: signed by B's operator).
+    assert a.mailbox(CLINICIAN, "Sent") == []
     mdns = _reports(a.mailbox(CLINICIAN), "disposition-notification")
     assert len(mdns) == 1
     mdn_raw = a.mailbox(CLINICIAN)[0]
@@ -117,7 +120,7 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
     assert [r["kind"] for r in b.receipts()] == ["mdn"]
 
 
-async def test_local_to_local_is_signed_and_never_relayed(pair: Pair) -> None:
+async def test_local_to_local_is_verified_delivered_like_peer_mail_and_never_relayed(pair: Pair) -> None:
     a = pair.a
     qid = a.enqueue(prescription(to=COLLEAGUE, mdn=False), CLINICIAN, [COLLEAGUE])
     await pair.flow()
@@ -126,8 +129,17 @@ async def test_local_to_local_is_signed_and_never_relayed(pair: Pair) -> None:
     assert info["recipient_states"][0]["protection"] == "local"
     inbox = a.mailbox(COLLEAGUE)
     assert len(inbox) == 1
-    inner = unwrap_signed(inbox[0])
-    assert inner["Subject"] == SUBJECT
+    inner = local_original(inbox[0])
+    assert inner["Subject"] == SUBJECT and inner["Return-Path"] == f"<{CLINICIAN}>"
+    ar = str(inner["Authentication-Results"])
+    assert ar.startswith(f"mx.{A_DOMAIN};") and "smime=pass" in ar and f"body.smime-identifier={CLINICIAN}" in ar
+    # the banner names the signer as the directory knows them (not the operator's CN=localhost)
+    # (A holds its own CA's CRL: revocation was checked, so the certificate is called valid)
+    banner = "[Signé par Dr Anne Martin (RPPS 10000000009) : certificat valide, envoyé au sein de cet opérateur]"
+    parts = list(inner.iter_parts())
+    assert parts[0].get_content().strip() == banner and "CN=" not in parts[0].get_content()
+    attachments = [p for p in inner.iter_attachments() if p.get_content_type() == "application/pdf"]
+    assert len(attachments) == 1 and attachments[0].get_content() == PDF  # not inside a wrapped message
     assert pair.proxy.wire == b""
 
 

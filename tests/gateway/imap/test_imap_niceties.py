@@ -78,6 +78,7 @@ async def test_unsupported_list_option_is_refused_and_a_user_folder_gets_no_attr
                 refused = str(exc)
             assert client.create("Sent/Archives")[0] == "OK"
             typ, lines = client.list()
+            assert typ == "OK"
             return refused, parse_list(lines)
         finally:
             client.logout()

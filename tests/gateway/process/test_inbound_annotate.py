@@ -47,11 +47,19 @@ def test_multipart_mixed_gets_a_first_text_part_attachment_intact() -> None:
     assert not out.defects
 
 
-def test_no_banner_where_it_could_break_something_or_when_not_verified() -> None:
+def test_other_structures_are_wrapped_and_a_failure_is_said_in_words() -> None:
+    """Base64 text (which a prefix would corrupt) keeps its bytes as the second part of a new
+    multipart/mixed whose first part is the banner; a failed check gets a banner saying so."""
     b64 = b"From: dr@a.test\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nQm9uam91cg==\r\n"
     out = annotate(b64, OK, authserv_id="mx.b.test", banner=True)
-    assert out.endswith(b"\r\n\r\nQm9uam91cg==\r\n")
+    assert b"\r\n\r\nQm9uam91cg==\r\n" in out
+    msg = parse(out)
+    assert msg.get_content_type() == "multipart/mixed" and not msg.defects
+    banner, original = list(msg.iter_parts())
+    assert banner.get_content().startswith("[Signed by ") and original.get_content() == "Bonjour"
     failed = OK.with_failure("from-mismatch", "x")
     plain = b"From: dr@a.test\r\n\r\nBonjour\r\n"
     out = annotate(plain, failed, authserv_id="mx.b.test", banner=True)
     assert out.endswith(b"\r\n\r\nBonjour\r\n") and b"smime=policy" in out  # verified, From not the signer's
+    text = parse(out).get_content()
+    assert text.startswith("[NOT VERIFIED: the signer is not the sender shown in From.") and "Signed by" not in text

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives import serialization
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import load_settings
 from gateway.delivery.relay import Attempt, Route
-from gateway.operator import register_certificate
 from gateway.queue.store import QueueStore
 from gateway.queue.worker import Workers, backoff_delay
 
@@ -83,7 +83,7 @@ def operator(sqlite_home: Path):  # type: ignore[no-untyped-def]
 
 async def test_running_loop_delivers_after_wake(operator) -> None:  # type: ignore[no-untyped-def]
     settings, factory, store = operator
-    local = Recorder(asyncio.get_running_loop(), expect=2)  # INBOX, then the sender's Sent copy
+    local = Recorder(asyncio.get_running_loop(), expect=1)  # INBOX (an ORG sender's client keeps its Sent copy)
     workers = Workers(settings, factory, store, local=local, crypto_executor="thread", poll_interval=30)
     await workers.start()
     try:
@@ -94,13 +94,49 @@ async def test_running_loop_delivers_after_wake(operator) -> None:  # type: igno
         await workers.stop()  # waits for the in-flight message to record its outcome
     info = store.get(qid)
     assert info["recipient_states"][0]["state"] == "delivered"
-    assert [(a, f) for a, f, _ in local.delivered] == [(LOCAL, "INBOX"), (SENDER, "Sent")]
-    assert b"multipart/signed" in local.delivered[0][2]
+    assert [(a, f) for a, f, _ in local.delivered] == [(LOCAL, "INBOX")]
+    # Delivered like a peer's mail: the original (no signature wrapper), its trace and the verification.
+    delivered = local.delivered[0][2]
+    assert b"multipart/signed" not in delivered and delivered.endswith(b"\r\n\r\nbody\r\n")
+    assert delivered.startswith(f"Return-Path: <{SENDER}>\r\nAuthentication-Results: ".encode())
+    assert b"smime=pass" in delivered and b"\r\nSubject: test\r\n" in delivered
+
+
+async def test_sent_copy_only_for_software_and_the_api_unless_the_mailbox_says(operator) -> None:  # type: ignore[no-untyped-def]
+    """People's clients save their own Sent copy; software (APP mailboxes, the HTTP API) does not."""
+    settings, factory, store = operator
+    local = Recorder(asyncio.get_running_loop())
+    workers = Workers(settings, factory, store, local=local, crypto_executor="inline", poll_interval=30)
+
+    async def sent_copies(origin: str) -> list[str]:
+        local.delivered.clear()
+        store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin=origin)
+        assert await workers.run_once() == 1
+        return [f for a, f, _ in local.delivered if a == SENDER]
+
+    try:
+        assert await sent_copies("submission") == []  # ORG, over SMTP: the client keeps its copy
+        assert await sent_copies("api") == ["Sent"]  # the API: no client, the gateway keeps one
+        with transaction(factory) as s:
+            service.set_sent_copy(s, SENDER, True)
+        workers.ctx.plans.clear()  # the directory's answer is cached for PLAN_TTL seconds
+        assert await sent_copies("submission") == ["Sent"]
+        with transaction(factory) as s:
+            service.set_sent_copy(s, SENDER, None)
+            service.add_mailbox(s, SENDER, type="APP")
+        workers.ctx.plans.clear()
+        assert await sent_copies("submission") == ["Sent"]  # mailboxes.server_sent_copy = ["APP"]
+        with transaction(factory) as s:
+            service.set_sent_copy(s, SENDER, False)
+        workers.ctx.plans.clear()
+        assert await sent_copies("api") == []
+    finally:
+        await workers.stop()
 
 
 async def test_no_claim_after_a_completion_when_nothing_else_is_queued(operator) -> None:  # type: ignore[no-untyped-def]
     settings, factory, store = operator
-    local = Recorder(asyncio.get_running_loop(), expect=2)
+    local = Recorder(asyncio.get_running_loop(), expect=1)
     workers = Workers(settings, factory, store, local=local, crypto_executor="inline", poll_interval=30)
     claims: list[int] = []
     claim_rows = store.claim_rows
@@ -136,7 +172,7 @@ async def test_crypto_in_worker_processes(operator) -> None:  # type: ignore[no-
     finally:
         await workers.stop()
     assert store.get(qid)["recipient_states"][0]["state"] == "delivered"
-    assert b"application/pkcs7-signature" in local.delivered[0][2]
+    assert b"smime=pass" in local.delivered[0][2]  # signed and verified in the worker process
 
 
 async def test_unexpected_error_defers_and_is_audited(operator) -> None:  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ from e2e_support import (
     free_port,
     parse,
     prescription,
-    unwrap_signed,
+    local_original,
 )
 
 from directory import service

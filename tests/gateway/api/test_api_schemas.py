@@ -6,6 +6,8 @@ import base64
 from email import message_from_bytes, policy
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.api.problems import Problem
 from gateway.api.schemas import build_message, load_json, parse_submission
@@ -28,7 +30,7 @@ def _read(body: dict) -> tuple[bytes, object]:  # type: ignore[type-arg]
 def test_plain_messages_read_back_exactly(text: str, html: str | None, attach: bool) -> None:
     pdf = b"%PDF-1.4\n" + bytes(range(256)) * 3
     body = {"from": "app@a.mssante.test", "to": ["bob@a.mssante.test"], "cc": ["sec@a.mssante.test"],
-            "subject": "Compte rendu – patiente été", "text": text, "receipt": True}
+            "subject": "Compte rendu \u2013 patiente été", "text": text, "receipt": True}
     if html is not None:
         body["html"] = html
     if attach:
@@ -39,7 +41,7 @@ def test_plain_messages_read_back_exactly(text: str, html: str | None, attach: b
     assert all(len(line) <= 998 for line in data.split(b"\r\n"))
     facts = inspect_content(data)
     assert decide_content(facts).accepted
-    assert msg["Subject"] == "Compte rendu – patiente été"  # type: ignore[index]
+    assert msg["Subject"] == "Compte rendu \u2013 patiente été"  # type: ignore[index]
     assert msg["Cc"] == "sec@a.mssante.test" and msg["Disposition-Notification-To"] == "app@a.mssante.test"  # type: ignore[index]
     expected = text.replace("\r\n", "\n").replace("\r", "\n")
     got_text = msg.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
@@ -58,3 +60,36 @@ def test_header_injection_is_a_field_error() -> None:
         parse_submission(load_json(b'{"from": "app@a.mssante.test", "to": ["b@a.mssante.test"], '
                                    b'"subject": "x\\r\\nBcc: e@x.fr", "text": "t"}'))
     assert caught.value.status == 400 and caught.value.extra["errors"][0]["pointer"] == "/subject"
+
+
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                             max_size=4), max_leaves=12)
+_fields = st.sampled_from(["from", "to", "cc", "subject", "text", "html", "attachments", "documents", "receipt",
+                           "filename", "content", "content_type", "x"])
+_bodies = st.dictionaries(_fields, _values | st.just("app@a.mssante.test") | st.just(["bob@a.mssante.test"]),
+                          max_size=9)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_bodies)
+def test_any_json_object_is_a_message_or_a_field_error(raw: dict) -> None:  # type: ignore[type-arg]
+    """Fuzz: whatever the JSON, a 400 problem naming fields, or a message the content rules accept."""
+    try:
+        sub = parse_submission(raw)
+    except Problem as problem:
+        assert problem.status == 400 and problem.extra["errors"]
+        return
+    data = build_message(sub)
+    assert decide_content(inspect_content(data)).accepted
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_are_json_or_a_problem(body: bytes) -> None:
+    try:
+        value = load_json(body)
+    except Problem as problem:
+        assert problem.status == 400 and problem.rule == "json-malformed"
+    else:
+        assert isinstance(value, dict)

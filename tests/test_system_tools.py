@@ -32,6 +32,10 @@ def test_swaks_speaks_tls() -> None:
     ("curl", ["curl", "--version"], "curl "),
     ("unzip", ["unzip", "-v"], "UnZip"),
     ("zip", ["zip", "-v"], "Zip"),
+    ("neomutt", ["neomutt", "-v"], "NeoMutt"),
+    ("mbsync", ["mbsync", "--version"], "isync "),
+    ("fetchmail", ["fetchmail", "--version"], "fetchmail release"),
+    ("getmail", ["getmail", "--version"], "getmail 6."),
 ])
 def test_oracle_tool_present(tool: str, argv: list[str], expect: str) -> None:
     assert shutil.which(tool), f"{tool} is missing (scripts/install-system-deps installs it)"

@@ -154,3 +154,132 @@ async def test_neomutt_sends_with_an_attachment_over_both_submission_ports(world
     await mbsync(world)
     sent = world.folder(ALICE, "Sent")
     assert sorted(parse(m)["Subject"] for m in sent) == ["CR 465", "CR 587"]
+
+
+def imap_state(world: World, address: str, folder: str) -> list[tuple[bytes, str]]:
+    """(bytes, Maildir info letters) of each message the server holds in ``folder``."""
+    base = world.maildir.folder_path(address, folder)
+    out = []
+    for path in sorted([*base.glob("new/*"), *base.glob("cur/*")]):
+        out.append((path.read_bytes(), path.name.partition(":2,")[2]))
+    return out
+
+
+def local_files(root: Path, folder: str) -> list[Path]:
+    return sorted([*(root / folder).glob("new/*"), *(root / folder).glob("cur/*")])
+
+
+async def test_mbsync_syncs_every_folder_twice_with_a_local_change_in_between(world: World) -> None:
+    for n in range(2):  # two messages waiting in the INBOX, one Draft
+        world.maildir.deliver(ALICE, f"From: {BOB}\r\nTo: {ALICE}\r\nSubject: labo {n}\r\n\r\nresultat {n}\r\n".encode())
+    world.maildir.deliver(ALICE, b"From: x@a.mssante.test\r\nSubject: brouillon\r\n\r\n...\r\n", folder="Drafts", flags="D")
+    root = local_maildir(world)
+    first = await mbsync(world)  # over IMAPS
+    assert {p.name for p in root.iterdir()} >= {"INBOX", "Sent", "Drafts", "Trash", "Junk"}, first
+    inbox = local_files(root, "INBOX")
+    assert len(inbox) == 2 and len(local_files(root, "Drafts")) == 1
+    # the clinician reads one message (flag S) and deletes the other (moved to Trash by the client:
+    # here the local file goes and a copy is put in the local Trash), then files a local draft
+    read, deleted = inbox
+    read.rename(read.parent.parent / "cur" / (read.name.partition(":2,")[0] + ":2,S"))
+    (root / "Trash" / "new" / "2.local.trash").write_bytes(deleted.read_bytes())  # a new file: no U= of mbsync's
+    deleted.unlink()
+    (root / "Drafts" / "new" / "1.local.draft").write_bytes(b"From: " + ALICE.encode() + b"\r\nSubject: suite\r\n\r\nA suivre.\r\n")
+    await mbsync(world, starttls=True)  # the second run over the STARTTLS port, same sync state
+    server_inbox = imap_state(world, ALICE, "INBOX")
+    assert len(server_inbox) == 1 and "S" in server_inbox[0][1] and b"labo 0" in server_inbox[0][0]
+    assert [b"labo 1" in raw for raw, _ in imap_state(world, ALICE, "Trash")] == [True]
+    drafts = sorted(raw.split(b"Subject: ")[1].split(b"\r\n")[0] for raw, _ in imap_state(world, ALICE, "Drafts"))
+    assert drafts == [b"brouillon", b"suite"]
+    # a third run has nothing left to do and still exits 0
+    await mbsync(world)
+    assert len(local_files(root, "INBOX")) == 1 and len(imap_state(world, ALICE, "INBOX")) == 1
+
+
+async def test_fetchmail_fetches_with_sslcertck_over_both_imap_ports(world: World) -> None:
+    world.maildir.deliver(BOB, f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: ordonnance\r\n\r\nTexte.\r\n".encode())
+    out = world.tmp / "fetched.mbox"
+    for port, tls in ((world.port("imaps"), "ssl"), (world.port("imap"), "sslproto tls1.2+")):
+        rc = private(world.tmp / "fetchmailrc", f"""
+poll localhost service {port} protocol IMAP auth password
+  user "{BOB}" password "{PASSWORD}" is "{BOB}"
+  {tls} sslcertck sslcertfile "{world.ca}"
+  keep fetchall
+  mda "/usr/bin/tee -a {out}"
+""")
+        proc = await world.run(["fetchmail", "--nosyslog", "--nodetach", "-f", str(rc)], env=client_env(world))
+        output = (proc.stdout + proc.stderr).decode(errors="replace")
+        assert proc.returncode == 0, output
+        assert "1 message for" in output, output
+    assert out.read_bytes().count(b"Subject: ordonnance") == 2
+
+
+async def test_fetchmail_refuses_a_server_it_cannot_verify(world: World) -> None:
+    """sslcertck is on: without our CA the client must not log in (the certificate is checked)."""
+    other_ca = world.tmp / "other-ca.pem"
+    other_ca.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
+    rc = private(world.tmp / "fetchmailrc-untrusted", f"""
+poll localhost service {world.port('imaps')} protocol IMAP auth password
+  user "{BOB}" password "{PASSWORD}"
+  ssl sslcertck sslcertfile "{other_ca}"
+  keep mda "/bin/true"
+""")
+    proc = await world.run(["fetchmail", "--nosyslog", "--nodetach", "-f", str(rc)], env=client_env(world))
+    assert proc.returncode not in (0, 1), (proc.stdout + proc.stderr).decode(errors="replace")  # 1 = no mail
+
+
+async def test_curl_reads_over_both_imap_ports_and_lists_special_use(world: World) -> None:
+    message = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: curl\r\n\r\nLu par curl.\r\n".encode()
+    world.maildir.deliver(BOB, message)
+    user = f"{BOB}:{PASSWORD}"
+    for url in (f"imaps://localhost:{world.port('imaps')}", f"imap://localhost:{world.port('imap')}"):
+        common = ["curl", "--silent", "--show-error", "--cacert", str(world.ca), "--ssl-reqd", "--user", user]
+        fetched = await world.run([*common, f"{url}/INBOX;UID=1"], env=client_env(world))
+        assert fetched.returncode == 0, fetched.stderr.decode(errors="replace")
+        assert fetched.stdout.replace(b"\r\n", b"\n") == message.replace(b"\r\n", b"\n")
+        listed = await world.run([*common, url + "/"], env=client_env(world))
+        assert listed.returncode == 0, listed.stderr.decode(errors="replace")
+        lines = listed.stdout.decode().splitlines()
+        for folder, flag in (("Sent", "\\Sent"), ("Drafts", "\\Drafts"), ("Trash", "\\Trash"), ("Junk", "\\Junk")):
+            (line,) = [x for x in lines if x.rstrip().endswith(f" {folder}") or x.rstrip().endswith(f'"{folder}"')]
+            assert flag in line, line
+
+
+async def test_getmail_retrieves_and_knows_who_sent_it(world: World) -> None:
+    """getmail showed ``<unknown>`` as the sender before delivery wrote Return-Path."""
+    attachment = world.tmp / "cr.pdf"
+    attachment.write_bytes(PDF)
+    user = ALICE.replace("@", "%40")
+    await neomutt_send(world, f"smtps://{user}@localhost:{world.port('submissions')}/", "CR getmail", attachment)
+    await world.delivered(BOB, 1)
+    dest = world.tmp / "getmail-maildir"
+    for sub in ("cur", "new", "tmp"):
+        (dest / sub).mkdir(parents=True)
+    rc = private(world.tmp / "getmailrc", f"""
+[retriever]
+type = SimpleIMAPSSLRetriever
+server = localhost
+port = {world.port('imaps')}
+username = {BOB}
+password = {PASSWORD}
+ca_certs = {world.ca}
+mailboxes = ("INBOX",)
+
+[destination]
+type = MDA_external
+path = /bin/sh
+arguments = ("-c", "cat > {dest}/new/fetched")
+allow_root_commands = true
+
+[options]
+read_all = true
+delete = false
+verbose = 2
+""")
+    proc = await world.run(["getmail", "--rcfile", str(rc), "--getmaildir", str(world.tmp)], env=client_env(world))
+    output = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 0, output
+    assert f"from <{ALICE}>" in output and "<unknown>" not in output, output
+    (got,) = [p.read_bytes() for p in (dest / "new").iterdir()]
+    msg = parse(got)
+    assert msg["Subject"] == "CR getmail" and len(msg.get_all("Return-Path")) == 1

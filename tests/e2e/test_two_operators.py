@@ -95,6 +95,9 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
               "(liste de révocation indisponible), chiffré pendant le transport]")
     assert banner.encode() in inbox[0]
     assert len(got.get_all("Authentication-Results")) == 1 and got["Return-Path"] == f"<{CLINICIAN}>"
+    # the peer hop's Received (written on the encrypted outer message) survives the unwrapping
+    hops = [" ".join(str(r).split()) for r in got.get_all("Received")]
+    assert len(hops) == 1 and hops[0].startswith(f"from mx.{A_DOMAIN}") and f"by mx.{B_DOMAIN} (mssgw)" in hops[0]
 
     # Nothing of the content crossed the wire in clear, and B stored only ciphertext.
     wire = pair.proxy.wire

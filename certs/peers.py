@@ -3,7 +3,7 @@
 ``mssgw peers`` is a thin shell over these functions. ``add_peer`` does what connecting two
 operators used to take an hour of guessing for: the peer's CA becomes a trust anchor (S/MIME
 signatures, their server's certificate, and their client certificate on our inbound port:
-``gateway.smtp.tls`` builds the inbound client-CA set from the anchors), each domain is
+``gateway.core.tls`` builds the inbound client-CA set from the anchors), each domain is
 trusted with its route (``relay`` HOST:PORT or its MX records) and the operator's certificate
 identity (``operator_dn``, the MSSanté whitelist's ``DNCertificatOperateur``), and the
 operator certificate, when given, is registered as the domain-bound encryption certificate
@@ -35,11 +35,11 @@ from sqlalchemy.orm import Session
 
 from certs.service import add_trust_anchor, fingerprint_of, load_material
 from directory import service
+from directory.certificates import register_certificate
 from directory.identifiers import normalise_domain
 from directory.models import Certificate, Domain, DomainKind
 from gateway.config import Settings
 from gateway.core.errors import DirectoryError
-from gateway.operator import register_certificate
 
 BUNDLE_FORMAT = 1
 #: A bundle is a few kilobytes; anything much larger is not one.

@@ -31,7 +31,7 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.core.errors import ConfigurationError
@@ -45,7 +45,6 @@ __all__ = [
     "load_certificate",
     "load_dev_pki",
     "load_private_key",
-    "load_smime_key",
     "revoke_certificate",
     "save_certificate_and_key",
     "write_private_key",
@@ -156,19 +155,6 @@ def load_private_key(path: Path) -> rsa.RSAPrivateKey:
         raise PkiError(f"cannot read private key {path}: {exc.__class__.__name__}") from exc
     if not isinstance(key, rsa.RSAPrivateKey):
         raise PkiError(f"private key {path} is not an RSA key")
-    return key
-
-
-def load_smime_key(path: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
-    """A mailbox's or operator's S/MIME private key: RSA, or EC for ECDSA signatures and ECDH
-    key agreement (RFC 5753).  Other key types are refused here, as `certs import` refuses them."""
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        # The message deliberately omits the exception text: it could quote key material.
-        raise PkiError(f"cannot read private key {path}: {exc.__class__.__name__}") from exc
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise PkiError(f"private key {path} is neither an RSA nor an EC key")
     return key
 
 

@@ -28,11 +28,11 @@ from sqlalchemy.orm import Session
 
 from certs import pki
 from directory import service
+from directory.certificates import register_certificate
 from directory.models import Certificate, MailboxType, PgpKey
 from gateway.config import Settings
 from gateway.core.errors import DirectoryError
 from gateway.crypto.cms_keys import encryption_problem, signing_problem
-from gateway.operator import register_certificate
 
 
 class CertError(DirectoryError):

@@ -19,8 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.models import Base
+from gateway.core.durable import PRIVATE_FILE_MODE, private_dir, private_file, private_umask
 from gateway.core.errors import OutageError
-from gateway.durable import PRIVATE_FILE_MODE, private_dir, private_file, private_umask
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READ_ONLY_OPTION = "mssgw_read_only"

@@ -11,12 +11,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
-
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import make_engine, migrate, session_factory, transaction
 from directory.identifiers import normalise_domain
-from directory.models import Certificate
 from gateway.config import CONFIG_NAME, Settings, load_settings, render_toml
 
 
@@ -33,36 +31,6 @@ class InitReport:
 def _private_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-
-
-def register_certificate(session, pem: bytes, *, address: str | None, purpose: str, key_path: str | None = None) -> str:  # type: ignore[no-untyped-def]
-    """Record a certificate in the directory (idempotent); returns its SHA-256 fingerprint."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    cert = x509.load_pem_x509_certificate(pem)
-    fingerprint = cert.fingerprint(hashes.SHA256()).hex()
-    row = session.scalar(
-        select(Certificate).where(
-            Certificate.fingerprint == fingerprint, Certificate.purpose == purpose, Certificate.address == address
-        )
-    )
-    if row is None:
-        row = Certificate(
-            address=address,
-            purpose=purpose,
-            fingerprint=fingerprint,
-            subject=cert.subject.rfc4514_string(),
-            issuer=cert.issuer.rfc4514_string(),
-            serial=format(cert.serial_number, "x"),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            pem=pem.decode("ascii"),
-        )
-        session.add(row)
-    row.key_path = key_path
-    session.flush()
-    return fingerprint
 
 
 def init_operator(

@@ -47,7 +47,9 @@ from gateway.api.schemas import ComposeError, Submission, build_message, parse_s
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.auth import Authenticator, certificate_fingerprint
 from gateway.config import Settings
+from gateway.core import replies as R
 from gateway.core.errors import OutageError
+from gateway.core.ttlcache import TtlCache
 from gateway.documents.cda import Author
 from gateway.documents.scan import inspect_message
 from gateway.metrics import Metrics
@@ -65,8 +67,6 @@ from gateway.policy.recipients import decide_recipient
 from gateway.policy.senders import decide_sender
 from gateway.queue.intake import Arrival, Intake
 from gateway.queue.store import QueueError, QueueStore, new_queue_id
-from gateway.smtp import replies as R
-from gateway.ttlcache import TtlCache
 
 log = logging.getLogger("mssgw.api")
 T = TypeVar("T")

@@ -4,7 +4,7 @@ A ``Problem`` is raised by a handler and written by the server's middleware as
 ``application/problem+json``: ``type`` (a URN naming the rule), ``title``, ``status`` (HTTP),
 ``detail`` (the reason a person reads), and the extension members ``smtp_code``,
 ``enhanced_status`` (RFC 3463) and ``rule`` that the SMTP edge would give for the same decision
-(``gateway.smtp.replies``, ``gateway.policy``). Validation errors add ``errors`` (a JSON pointer
+(``gateway.core.replies``, ``gateway.policy``). Validation errors add ``errors`` (a JSON pointer
 and a reason per field). Temporary failures (4xx SMTP codes) are HTTP 503 or 429 with
 ``Retry-After``: the client tries again, never treats them as final (ARCHITECTURE rule 7).
 """
@@ -15,8 +15,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway.core import replies as R
 from gateway.policy.decision import Decision
-from gateway.smtp import replies as R
 
 PROBLEM_TYPE = "application/problem+json"
 

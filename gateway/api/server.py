@@ -56,10 +56,10 @@ from gateway.api.problems import (
     Problem,
 )
 from gateway.api.schemas import ADDRESS, load_json
+from gateway.core import replies as R
+from gateway.core.tls import peer_certificate, tls_summary
 from gateway.delivery.maildir import DeliveryError, mailbox_events
 from gateway.process.verdict import as_utc
-from gateway.smtp import replies as R
-from gateway.smtp.tls import peer_certificate, tls_summary
 
 log = logging.getLogger("mssgw.api")
 

@@ -55,8 +55,8 @@ from directory.db import read_session_factory
 from gateway.audit.models import AuditRecord
 from gateway.audit.trail import check_chain, read_only
 from gateway.audit.watch import watch_for
+from gateway.core.durable import fsync_dir, write_durably
 from gateway.core.errors import MssgwError
-from gateway.durable import fsync_dir, write_durably
 
 log = logging.getLogger("mssgw.audit")
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from certs.pki import PkiError, load_smime_key
 from directory.models import Certificate
 from gateway.config import Settings
 from gateway.core.errors import CryptoError
@@ -86,10 +86,16 @@ def _load_cert(pem: bytes) -> x509.Certificate:
 
 @functools.lru_cache(maxsize=256)
 def _load_key(path: str, _mtime: float) -> PrivateKey:
+    """A mailbox's or operator's S/MIME private key: RSA, or EC for ECDSA signatures and ECDH key
+    agreement (RFC 5753).  Other key types are refused here, as ``certs import`` refuses them."""
     try:
-        return load_smime_key(Path(path))
-    except PkiError as exc:
-        raise KeyStoreError(str(exc)) from None
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        # The message deliberately omits the exception text: it could quote key material.
+        raise KeyStoreError(f"cannot read private key {path}: {exc.__class__.__name__}") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise KeyStoreError(f"private key {path} is neither an RSA nor an EC key")
+    return key
 
 
 def load_keypair(ref: KeyRef) -> tuple[x509.Certificate, PrivateKey]:

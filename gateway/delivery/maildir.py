@@ -45,8 +45,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from directory.identifiers import InvalidIdentifier, normalise_address
+from gateway.core.durable import write_durably
 from gateway.core.errors import QueueError
-from gateway.durable import write_durably
 
 __all__ = ["DEFAULT_FOLDERS", "DeliveryError", "MailboxEvents", "MaildirDelivery", "folder_subdir", "mailbox_events"]
 

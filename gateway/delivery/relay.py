@@ -202,7 +202,7 @@ class Relay:
     def _context(self, check_hostname: bool) -> ssl.SSLContext:
         ctx = self._contexts.get(check_hostname)
         if ctx is None:
-            from gateway.smtp.tls import TlsConfigError, client_context
+            from gateway.core.tls import TlsConfigError, client_context
 
             try:
                 ctx = client_context(self.settings)

@@ -46,8 +46,8 @@ from pymap.parsing.message import AppendMessage
 from pymap.parsing.response import ResponseCode
 from pymap.parsing.specials import ObjectId
 
+from gateway.core.durable import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 from gateway.delivery.maildir import DeliveryError, folder_subdir
-from gateway.durable import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 from gateway.imap.limits import FOLDER_NAME_MAX
 
 __all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "RawMailboxSet", "RawMaildir", "SafeLayout", "write_metadata_beside_target"]

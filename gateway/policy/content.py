@@ -26,10 +26,10 @@ from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses
 
+from gateway.core import replies as R
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
 from gateway.policy.limits import EDGE_MAX_HEADER_BYTES, EDGE_MAX_HEADER_FIELDS, MAX_MIME_DEPTH, MAX_PARTS
-from gateway.smtp import replies as R
 
 _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 #: RFC 5322 3.6: fields that may appear at most once.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.smtp.replies import Reply
+from gateway.core.replies import Reply
 
 
 @dataclass(frozen=True)

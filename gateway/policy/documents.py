@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.core import replies as R
 from gateway.policy.decision import Decision
-from gateway.smtp import replies as R
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 
 from gateway.audit.redact import PATIENT_DOMAIN
+from gateway.core import replies as R
 from gateway.policy.decision import Decision
-from gateway.smtp import replies as R
 
 #: Mailbox types that may write to a patient (Ref. #2: professionals and organisations).
 SENDER_TYPES = frozenset({"PER", "ORG"})

@@ -12,10 +12,10 @@ messaging) and its local part an INS with a valid key.
 from __future__ import annotations
 
 from directory.service import RecipientFacts
+from gateway.core import replies as R
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
 from gateway.policy.patients import check_patient_address, is_patient_domain
-from gateway.smtp import replies as R
 
 Facts = RecipientFacts
 

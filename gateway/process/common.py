@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.audit.trail import AuditEvent
 from gateway.config import Settings
 from gateway.core.errors import QueueError
+from gateway.core.ttlcache import TtlCache
 from gateway.crypto.keystore import KeyStore
 from gateway.delivery.receipts import DsnRecipient, build_dsn
 from gateway.delivery.relay import Attempt, Route
 from gateway.process.verdict import Job, Outcome, Receipt, Recipient, RecipientState, Verdict
-from gateway.ttlcache import TtlCache
 
 log = logging.getLogger("mssgw.process")
 T = TypeVar("T")

@@ -36,8 +36,8 @@ from typing import Any
 
 from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, MISSING, TLSSetupException, _Missing
 
+from gateway.core import replies as R
 from gateway.policy import limits as L
-from gateway.smtp import replies as R
 from gateway.smtp.starttls import LoopTlsSMTP
 
 __all__ = ["ClientTextFilter", "GuardedSMTP"]

@@ -2,7 +2,7 @@
 
 A peer must say STARTTLS before MAIL (RFC 3207; else 530 5.7.0) and present a client
 certificate that chains to our trust anchors (checked by the TLS layer,
-``gateway.smtp.tls``). At MAIL FROM the certificate must belong to the operator of
+``gateway.core.tls``). At MAIL FROM the certificate must belong to the operator of
 the sender's domain: that domain must be in the trust list, and the certificate must
 name it (a SAN dNSName, exactly: a wildcard never stands for a mail domain, RFC 5280
 4.2.1.6, RFC 6125 7.2) or carry the subject recorded for it as
@@ -43,12 +43,14 @@ from sqlalchemy.orm import Session as DbSession
 from directory.models import Domain, DomainKind
 from directory.service import recipient_facts
 from gateway.audit.trail import AuditEvent
+from gateway.core import replies as R
+from gateway.core.tls import certificate_names
+from gateway.core.ttlcache import TtlCache
 from gateway.crypto.keystore import KeyStore
 from gateway.crypto.trust import ChainResult, TrustStore
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
 from gateway.queue.store import new_queue_id
-from gateway.smtp import replies as R
 from gateway.smtp.server import (
     NULL_PATH,
     RCPT_CACHE_SECONDS,
@@ -59,8 +61,6 @@ from gateway.smtp.server import (
     Outage,
     verdict,
 )
-from gateway.smtp.tls import certificate_names
-from gateway.ttlcache import TtlCache
 
 log = logging.getLogger("mssgw.smtp")
 

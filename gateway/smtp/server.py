@@ -41,7 +41,10 @@ from sqlalchemy.orm import sessionmaker
 from directory.service import recipient_facts, sender_facts
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.config import Settings
+from gateway.core import replies as R
 from gateway.core.errors import OutageError
+from gateway.core.tls import peer_certificate, tls_summary
+from gateway.core.ttlcache import TtlCache
 from gateway.metrics import Metrics
 from gateway.policy.content import ContentFacts, cheap_to_inspect, decide_content, inspect_content
 from gateway.policy.decision import Decision
@@ -50,10 +53,7 @@ from gateway.policy.recipients import decide_recipient
 from gateway.policy.senders import decide_sender
 from gateway.queue.intake import Arrival, Intake
 from gateway.queue.store import Enqueued, QueueError
-from gateway.smtp import replies as R
 from gateway.smtp.commands import GuardedSMTP
-from gateway.smtp.tls import peer_certificate, tls_summary
-from gateway.ttlcache import TtlCache
 
 log = logging.getLogger("mssgw.smtp")
 T = TypeVar("T")

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session as DbSession
 from directory.service import sender_facts
 from gateway.audit.trail import AuditEvent
 from gateway.auth import Authenticator
+from gateway.core import replies as R
 from gateway.documents.scan import inspect_message
 from gateway.policy.content import ContentFacts
 from gateway.policy.decision import Decision
@@ -48,7 +49,6 @@ from gateway.policy.patients import (
 )
 from gateway.policy.senders import auth_required, decide_sender
 from gateway.queue.store import new_queue_id
-from gateway.smtp import replies as R
 from gateway.smtp.server import (
     EdgeDeps,
     EdgeHandler,

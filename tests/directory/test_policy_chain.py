@@ -8,10 +8,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from directory import service
 from directory.db import transaction
 from directory.service import RecipientFacts
+from gateway.core import replies as R
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
 from gateway.policy.recipients import INBOUND_CHAIN, SUBMISSION_CHAIN, decide_recipient
-from gateway.smtp import replies as R
 
 
 @pytest.fixture

@@ -15,9 +15,10 @@ from cryptography.hazmat.primitives import serialization
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import CONFIG_NAME, Settings, load_settings, render_toml
-from gateway.operator import init_operator, register_certificate
+from gateway.operator import init_operator
 
 A_DOMAIN = "a.mssante.test"
 B_DOMAIN = "b.mssante.test"

@@ -25,10 +25,10 @@ from e2e_support import A_DOMAIN, PRACTITIONER, Pair, parse
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.api.edge import ApiEdge
 from gateway.api.server import ApiServer
-from gateway.operator import register_certificate
 
 BACKENDS = ("sqlite", "postgresql")
 RX = f"rx@{A_DOMAIN}"

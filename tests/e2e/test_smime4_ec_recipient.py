@@ -21,9 +21,9 @@ from e2e_support import B_DOMAIN, CLINICIAN, Operator, Pair, parse, prescription
 
 from certs.pki import load_certificate, load_dev_pki, load_private_key, write_private_key
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.crypto import _mime
-from gateway.operator import register_certificate
 
 LAB = f"labo@{B_DOMAIN}"
 

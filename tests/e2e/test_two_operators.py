@@ -30,15 +30,15 @@ from e2e_support import (
     Operator,
     Pair,
     free_port,
+    local_original,
     parse,
     prescription,
-    local_original,
 )
 
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.delivery.relay import Relay
-from gateway.operator import register_certificate
 from gateway.queue.models import RecipientState
 
 BACKENDS = ("sqlite", "postgresql")  # the delivery tests run on both stores

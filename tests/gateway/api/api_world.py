@@ -24,10 +24,10 @@ from smtp_world import DOMAIN, CertFiles, PeerCerts, free_port, populate, write_
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
 from gateway.config import Settings, load_settings
-from gateway.operator import register_certificate
 
 APP = f"app@{DOMAIN}"
 APP2 = f"app2@{DOMAIN}"

@@ -19,10 +19,10 @@ from sqlalchemy.exc import OperationalError
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import load_settings
 from gateway.delivery.relay import Attempt, Route
-from gateway.operator import register_certificate
 from gateway.process import pipeline
 from gateway.queue import outcomes
 from gateway.queue.store import QueueStore

@@ -21,10 +21,10 @@ import aiosmtplib
 from cryptography.hazmat.primitives import serialization
 
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
 from gateway.config import Settings, load_settings
-from gateway.operator import register_certificate
 
 PASSWORD = "correct horse battery staple"
 DOMAIN = "a.mssante.test"

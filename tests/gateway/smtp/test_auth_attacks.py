@@ -45,10 +45,10 @@ from certs.pki import issue_certificate, load_certificate, load_dev_pki, load_pr
 from certs.pki import save_certificate_and_key as save_pair
 from cli.main import cli
 from directory import service
+from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.auth import Authenticator, Throttle
 from gateway.config import load_settings
-from gateway.operator import register_certificate
 
 SEC = f"sec@{DOMAIN}"
 APP = f"app@{DOMAIN}"

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import is_migrated, make_engine, read_session_factory, session_factory
+from gateway.audit.trail import bind_node
 from gateway.config import ConfigError, Settings, load_settings, resolve_home
 
 
@@ -41,6 +42,7 @@ class AppContext:
                 raise ConfigError(
                     f"the database of {self.home} is not initialised: run 'mssgw init --data-dir {self.home}'"
                 )
+            bind_node(engine, str(self.settings.get("audit", "node")))  # records go to this node's chain
             self._engine = engine
         return self._engine
 

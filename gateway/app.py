@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from directory.db import DatabaseError, make_engine, migrate, session_factory
 from gateway.audit.redact import install_log_redaction, load_or_create_salt, set_salt
 from gateway.audit.seal import Sealer
-from gateway.audit.trail import AuditEvent, AuditWriter, purge
+from gateway.audit.trail import AuditEvent, AuditWriter, bind_node, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.core.errors import ConfigurationError
@@ -107,6 +107,7 @@ class Gateway:
         except TlsConfigError as exc:
             raise GatewayStartError(str(exc)) from None
         self.engine = make_engine(self.settings.database_url, echo=bool(self.settings.get("database", "echo")))
+        bind_node(self.engine, str(self.settings.get("audit", "node")))  # this node's audit chain
         try:
             await asyncio.to_thread(migrate, self.engine)
         except DatabaseError as exc:
@@ -232,6 +233,9 @@ class Gateway:
             log.info("queue workers not available in this build: messages stay queued")
             return
         assert self.sessions is not None and self.store is not None
+        if int(self.settings.get("queue", "workers")) <= 0:  # an accept-only node: other nodes deliver
+            log.info("queue workers off (queue.workers = 0): messages wait for another node's workers")
+            return
         self.workers = Workers(self.settings, self.sessions, self.store)
         await self.workers.start()
         self._services.append(("workers", self.workers.stop))

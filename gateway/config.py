@@ -88,6 +88,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "audit": {
         "retention_days": 183,  # about 6 months
+        # This node's audit chain when several nodes share one PostgreSQL (a distinct name each,
+        # e.g. MSSGW_AUDIT_NODE=a1): nodes then never wait for each other's audit records.
+        "node": "",
     },
     "receipts": {
         "mdn_processed": True,

@@ -1,7 +1,7 @@
 """Table of the audit trail: append-only records chained by SHA-256.
 
-Each record stores the hash of the previous one; ``hash`` covers every field of
-the record plus ``prev_hash``, so editing or deleting any record breaks the chain
+Each record stores the hash of the previous one of its chain (one chain per node);
+``hash`` covers every field of the record plus ``prev_hash``, so editing or deleting any record breaks the chain
 from that point (``mssgw audit verify``). Records never hold bodies, subjects or
 attachment names: only envelopes, identities, rules and outcomes.
 """
@@ -19,7 +19,10 @@ from directory.models import Base, utcnow
 class AuditRecord(Base):
     __tablename__ = "audit_records"
 
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: The chain the record belongs to: one per gateway node (``audit.node``; "" for a lone node).
+    #: Each node appends to its own chain, so nodes never wait for each other's audit records.
+    node: Mapped[str] = mapped_column(String(64), primary_key=True, default="", server_default="")
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # within the chain
     ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     event: Mapped[str] = mapped_column(String(32))  # connect, auth, mail, rcpt, accept, deliver, ...
     outcome: Mapped[str] = mapped_column(String(16))  # accept, refuse, fail, info

@@ -18,6 +18,11 @@ The running gateway seals through ``AuditWriter`` (``Sealer.run``): when
 once more at clean shutdown. Reading the head is one indexed query every
 ``poll`` seconds; nothing is sealed when nothing changed.
 
+Several nodes sharing one PostgreSQL each append to a chain of their own
+(``gateway.audit.trail``) and each seals its own chain in its own home; a seal also
+names the head of every other chain it sees (``chains``), so a chain cut back while
+its node is down is caught by any other node's seals (``sealcheck``).
+
 What a seal cannot see: records added after the last seal (reported as the
 unsealed tail) and seal lines cut from the end of the file by someone who can
 write the operator's home.
@@ -48,7 +53,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import read_session_factory
@@ -129,18 +134,32 @@ class Head:
     count: int
 
 
-_LAST = select(AuditRecord.seq, AuditRecord.hash, AuditRecord.ts).order_by(AuditRecord.seq.desc()).limit(1)
+_LAST = (select(AuditRecord.seq, AuditRecord.hash, AuditRecord.ts)
+         .where(AuditRecord.node == bindparam("node", type_=AuditRecord.node.type))
+         .order_by(AuditRecord.seq.desc()).limit(1))  # fmt: skip
+_HEADS = select(AuditRecord.node, func.max(AuditRecord.seq)).group_by(AuditRecord.node)
 
 
-def read_head(session: Session, hint: dict[str, Any] | None = None) -> Head | None:
+def other_heads(session: Session, node: str) -> dict[str, list[Any]]:
+    """[seq, hash] of the head of every chain but ``node``'s: what a seal vouches for across nodes."""
+    out: dict[str, list[Any]] = {}
+    for name, seq in session.execute(_HEADS).all():
+        if name == node or seq is None:
+            continue
+        digest = session.scalar(select(AuditRecord.hash).where(AuditRecord.node == name, AuditRecord.seq == seq))
+        out[str(name)] = [int(seq), str(digest)]
+    return out
+
+
+def read_head(session: Session, hint: dict[str, Any] | None = None, node: str = "") -> Head | None:
     """The trail's head and size. ``hint`` (the previous seal) turns the count into a count of the
     records added since, when nothing was purged in between: a full ``count(*)`` of a large table
     every minute would cost more than all the sealing."""
-    last = session.execute(_LAST).first()
+    last = session.execute(_LAST, {"node": node}).first()
     if last is None:
         return None
     seq = int(last[0])
-    first = int(session.scalar(select(func.min(AuditRecord.seq))) or seq)
+    first = int(session.scalar(select(func.min(AuditRecord.seq)).where(AuditRecord.node == node)) or seq)
     since, base = 0, 0
     try:
         if hint is not None and int(hint["first_seq"]) == first and 0 < int(hint["head_seq"]) <= seq:
@@ -148,7 +167,7 @@ def read_head(session: Session, hint: dict[str, Any] | None = None) -> Head | No
     except (KeyError, TypeError, ValueError):
         since, base = 0, 0
     added = session.scalar(select(func.count()).select_from(AuditRecord)
-                           .where(AuditRecord.seq > since, AuditRecord.seq <= seq))  # fmt: skip
+                           .where(AuditRecord.node == node, AuditRecord.seq > since, AuditRecord.seq <= seq))  # fmt: skip
     return Head(seq, str(last[1]), ts_text(last[2]), first, base + int(added or 0))
 
 
@@ -224,6 +243,12 @@ class Sealer:
         tmp.unlink(missing_ok=True)
         write_durably(tmp, target, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
 
+    @property
+    def node(self) -> str:
+        """The chain this process appends to, which its seals cover (``trail.bind_node``)."""
+        bind = self._factory.kw.get("bind")
+        return watch_for(bind).node if isinstance(bind, Engine) else ""
+
     def due(self, head_seq: int) -> bool:
         if head_seq <= self._sealed_seq:
             return False
@@ -250,8 +275,9 @@ class Sealer:
 
     def _seal_locked(self, key: Any, cert: x509.Certificate, fp: str, *, force: bool,
                      breaks: list[dict[str, Any]]) -> dict[str, Any] | None:
+        node = self.node
         with self._reader() as session:
-            probe = session.execute(_LAST).first()
+            probe = session.execute(_LAST, {"node": node}).first()
         if probe is None or (not force and not self.due(int(probe[0]))):
             return None
         _private_dir(self.path.parent)
@@ -268,7 +294,8 @@ class Sealer:
                     loaded = json.loads(last)
                     previous = loaded if isinstance(loaded, dict) else None
             with self._reader() as session:
-                head = read_head(session, previous)
+                head = read_head(session, previous, node)
+                others = other_heads(session, node)
             if head is None:
                 return None
             if (previous and previous.get("head_seq") == head.head_seq
@@ -281,6 +308,10 @@ class Sealer:
                 "first_seq": head.first_seq, "count": head.count,
                 "signer": fp, "prev": line_digest(last) if last is not None else GENESIS,
             }  # fmt: skip
+            if node:
+                fields["node"] = node
+            if others:  # the other nodes' chains, as this node sees them now
+                fields["chains"] = others
             if breaks:  # what this process found deleted or changed since its previous seal
                 fields["breaks"] = breaks
             fields["sig"] = base64.b64encode(sign(key, canonical(fields))).decode("ascii")

@@ -17,6 +17,10 @@ signature by a known operator certificate, and still match the records:
   its next seal's ``breaks``; the lost seqs are named. Seal 0 means a break record not
   yet sealed. A break stays reported: it is the evidence.
 
+- ``other-chain``: a seal names the head of another node's chain (``chains``) and that
+  record is now missing above that chain's head, or has another hash.
+
+A home's seals cover its node's chain (``audit.node``; "" for a lone node).
 Records after the newest good seal are the unsealed tail: not an error, reported.
 A seal older than a legitimate purge is checked through the retention record (its
 ``last_removed_hash`` when it names the sealed seq).
@@ -136,10 +140,11 @@ def _parse(ordinal: int, text: str, prev_digest: str, signers: dict[str, x509.Ce
     return fields  # genuinely signed: its records are checked even when a seal before it is missing
 
 
-def _retention(session: Session) -> tuple[int, str | None]:
-    """The highest ``removed_through`` of the retention records, with its last removed hash."""
+def _retention(session: Session, node: str = "") -> tuple[int, str | None]:
+    """The highest ``removed_through`` of the chain's retention records, with its last removed hash."""
     best: tuple[int, str | None] = (0, None)
-    for raw in session.scalars(select(AuditRecord.detail).where(AuditRecord.event == "retention")):
+    for raw in session.scalars(select(AuditRecord.detail).where(AuditRecord.node == node,
+                                                                AuditRecord.event == "retention")):
         try:
             detail = json.loads(raw or "{}")
             through = int(detail.get("removed_through", 0))
@@ -150,10 +155,10 @@ def _retention(session: Session) -> tuple[int, str | None]:
     return best
 
 
-def _seq_with_ts(session: Session, head_ts: str) -> int | None:
+def _seq_with_ts(session: Session, head_ts: str, node: str = "") -> int | None:
     """Where the record with the sealed head's timestamp is now (a renumbering keeps timestamps)."""
     when = datetime.fromisoformat(head_ts)
-    rows = session.execute(select(AuditRecord.seq, AuditRecord.ts).where(
+    rows = session.execute(select(AuditRecord.seq, AuditRecord.ts).where(AuditRecord.node == node,
         AuditRecord.ts >= when - timedelta(seconds=1), AuditRecord.ts <= when + timedelta(seconds=1)))
     for seq, ts in rows:
         if ts_text(ts) == head_ts:
@@ -162,8 +167,8 @@ def _seq_with_ts(session: Session, head_ts: str) -> int | None:
 
 
 def _check_against_records(session: Session, seals: Sequence[tuple[int, dict[str, Any]]], report: SealReport, *,
-                           retention: timedelta, now: datetime) -> None:
-    head = read_head(session)
+                           retention: timedelta, now: datetime, node: str = "") -> None:
+    head = read_head(session, node=node)
     if head is None:
         ordinal, s = seals[-1]
         report.problems.append(SealProblem(ordinal, "deleted-all", f"the table is empty, but this seal covers "
@@ -175,15 +180,15 @@ def _check_against_records(session: Session, seals: Sequence[tuple[int, dict[str
     for i in range(0, len(ordered), _CHUNK):
         chunk = ordered[i: i + _CHUNK]
         hashes.update((int(q), str(h)) for q, h in session.execute(
-            select(AuditRecord.seq, AuditRecord.hash).where(AuditRecord.seq.in_(chunk))))
-    purged_through, purged_hash = _retention(session)
+            select(AuditRecord.seq, AuditRecord.hash).where(AuditRecord.node == node, AuditRecord.seq.in_(chunk))))
+    purged_through, purged_hash = _retention(session, node)
     young = now - retention
     for ordinal, s in seals:
         seq, digest = int(s["head_seq"]), str(s["head_hash"])
         if seq in hashes:
             if hashes[seq] == digest:
                 continue
-            moved = _seq_with_ts(session, str(s["head_ts"]))
+            moved = _seq_with_ts(session, str(s["head_ts"]), node)
             if moved is not None and moved != seq:
                 report.problems.append(SealProblem(ordinal, "renumbered",
                                                    f"the record sealed as seq {seq} is now seq {moved}"))
@@ -192,7 +197,7 @@ def _check_against_records(session: Session, seals: Sequence[tuple[int, dict[str
                                                    f"record seq {seq} does not have the sealed hash (edited, "
                                                    "later hashes recomputed)"))  # fmt: skip
         elif seq > head.head_seq:
-            moved = _seq_with_ts(session, str(s["head_ts"]))
+            moved = _seq_with_ts(session, str(s["head_ts"]), node)
             if moved is not None:
                 report.problems.append(SealProblem(ordinal, "renumbered",
                                                    f"the record sealed as seq {seq} is now seq {moved}"))
@@ -218,7 +223,7 @@ def _check_against_records(session: Session, seals: Sequence[tuple[int, dict[str
     seq = int(s["head_seq"])
     if int(s["first_seq"]) == head.first_seq and seq in hashes:
         now_count = int(session.scalar(select(func.count()).select_from(AuditRecord)
-                                       .where(AuditRecord.seq <= seq)) or 0)  # fmt: skip
+                                       .where(AuditRecord.node == node, AuditRecord.seq <= seq)) or 0)  # fmt: skip
         if now_count != int(s["count"]):
             report.problems.append(SealProblem(ordinal, "count", f"{s['count']} records were sealed through seq "
                                                f"{seq}, {now_count} are there now"))  # fmt: skip
@@ -226,7 +231,37 @@ def _check_against_records(session: Session, seals: Sequence[tuple[int, dict[str
         report.unsealed_tail = head.head_seq - report.sealed_seq
 
 
-def _check_breaks(session: Session, seals: Sequence[tuple[int, dict[str, Any]]], report: SealReport) -> None:
+def _check_other_chains(session: Session, seals: Sequence[tuple[int, dict[str, Any]]], report: SealReport) -> None:
+    """Heads of other nodes' chains a seal vouched for: still there with that hash, or purged."""
+    named: dict[tuple[str, int], tuple[int, str]] = {}
+    for ordinal, s in seals:
+        others = s.get("chains")
+        if not isinstance(others, dict):
+            continue
+        for name, head in others.items():
+            try:
+                named[(str(name), int(head[0]))] = (ordinal, str(head[1]))
+            except (TypeError, ValueError, IndexError):
+                continue
+    for (name, seq), (ordinal, digest) in sorted(named.items()):
+        found = session.scalar(select(AuditRecord.hash).where(AuditRecord.node == name, AuditRecord.seq == seq))
+        if found == digest:
+            continue
+        if found is not None:
+            report.problems.append(SealProblem(ordinal, "other-chain", f"record seq {seq} of chain {name!r} does "
+                                               "not have the hash this seal saw (edited)"))  # fmt: skip
+            continue
+        bounds = session.execute(select(func.min(AuditRecord.seq), func.max(AuditRecord.seq))
+                                 .where(AuditRecord.node == name)).first()  # fmt: skip
+        low, high = (bounds[0], bounds[1]) if bounds is not None else (None, None)
+        if low is not None and seq < int(low):
+            continue  # purged with its chain's retention (that chain's own seals check the proof)
+        report.problems.append(SealProblem(ordinal, "other-chain", f"record seq {seq} of chain {name!r}, seen by "
+                                           f"this seal, is gone (that chain now ends at {high or 0})"))  # fmt: skip
+
+
+def _check_breaks(session: Session, seals: Sequence[tuple[int, dict[str, Any]]], report: SealReport,
+                  node: str = "") -> None:
     """Breaks a gateway recorded: named in a seal, or as an ``audit-chain-break`` record (once each)."""
     seen: set[tuple[Any, Any, Any]] = set()
 
@@ -244,7 +279,8 @@ def _check_breaks(session: Session, seals: Sequence[tuple[int, dict[str, Any]]],
             add(ordinal, detail)
     heads = sorted((int(s["head_seq"]), ordinal) for ordinal, s in seals)
     for seq, raw in session.execute(select(AuditRecord.seq, AuditRecord.detail)
-                                    .where(AuditRecord.event == BREAK_EVENT).order_by(AuditRecord.seq)):
+                                    .where(AuditRecord.node == node, AuditRecord.event == BREAK_EVENT)
+                                    .order_by(AuditRecord.seq)):  # fmt: skip
         try:
             detail = json.loads(raw or "{}")
         except ValueError:
@@ -254,7 +290,7 @@ def _check_breaks(session: Session, seals: Sequence[tuple[int, dict[str, Any]]],
 
 
 def check_seals(session: Session, path: Path, *, current_cert: Path, retention: timedelta,
-                now: datetime | None = None, lines: Sequence[str] | None = None) -> SealReport:
+                now: datetime | None = None, lines: Sequence[str] | None = None, node: str = "") -> SealReport:
     """Check every seal of ``path`` (or its ``lines``, read earlier) and the records against them.
 
     Read the lines BEFORE the session's snapshot begins (``seal_lines``): a seal made while
@@ -273,12 +309,13 @@ def check_seals(session: Session, path: Path, *, current_cert: Path, retention: 
         if fields is not None:
             good.append((ordinal, fields))
     report.good = len(good)
-    _check_breaks(session, good, report)
+    _check_breaks(session, good, report, node)
+    _check_other_chains(session, good, report)
     if good:
         report.sealed_seq = max(int(s["head_seq"]) for _, s in good)
-        _check_against_records(session, good, report, retention=retention, now=now or datetime.now(UTC))
+        _check_against_records(session, good, report, retention=retention, now=now or datetime.now(UTC), node=node)
     else:
-        head = read_head(session)
+        head = read_head(session, node=node)
         report.unsealed_tail = head.count if head is not None else 0
     return report
 
@@ -294,4 +331,4 @@ def check_home(session: Session, settings: Any, *, now: datetime | None = None,
     return check_seals(session, seals_path(settings.home),
                        current_cert=settings.path("tls", "operator_cert", pki / "operator.pem"),
                        retention=timedelta(days=int(settings.get("audit", "retention_days"))), now=now,
-                       lines=lines)  # fmt: skip
+                       lines=lines, node=str(settings.get("audit", "node")))  # fmt: skip

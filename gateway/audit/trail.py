@@ -13,8 +13,18 @@ an ``audit-chain-break`` record (expected seq and hash, what was found; no conte
 is linked to the current head and the next seal names the break.
 
 Records hold envelopes, identities, rules and outcomes, never bodies, subjects
-or attachment names. Appends are serialised: SQLite's write lock (BEGIN
-IMMEDIATE), PostgreSQL's transaction-level advisory lock.
+or attachment names.
+
+One chain per gateway node (``audit.node``, bound to the engine with ``bind_node``; "" for a
+lone node): each record carries its chain's name and a seq within it, and its hash covers the
+name.  Appends to one chain are serialised (SQLite's write lock, BEGIN IMMEDIATE; on PostgreSQL
+a transaction-level advisory lock keyed by the chain), so the nodes sharing a PostgreSQL never
+wait for each other's audit records: the lock that made every enqueue and outcome of the
+cluster commit one at a time is now one per node.  Why chains per node rather than one chain
+built later by a single sealer: every record is chained in the transaction that decides it (no
+window where a committed decision has no hash), each chain verifies alone, and the seals of
+each node name the heads of every chain (``gateway.audit.seal``), so a chain cut back while its
+node is down is still seen by the others' seals.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -45,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mssgw.audit")
 
 GENESIS = "0" * 64
-_PG_LOCK_KEY = 0x6D7373677741  # "mssgwA"
+_PG_LOCK_CLASS = 0x6D737367  # "mssg": with the chain's CRC-32, the two-key advisory lock of one chain
 
 
 @dataclass(frozen=True)
@@ -69,9 +80,12 @@ def _ts_text(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def record_hash(seq: int, ts: datetime, fields: dict[str, Any], prev_hash: str) -> str:
+def record_hash(seq: int, ts: datetime, fields: dict[str, Any], prev_hash: str, node: str = "") -> str:
+    """SHA-256 of the record's canonical JSON; a named chain's records cover its name too (a record
+    moved to another chain breaks), the lone node's ("") hash as they always did."""
+    chained = {"node": node} if node else {}
     canonical = json.dumps(
-        {"seq": seq, "ts": _ts_text(ts), **fields, "prev_hash": prev_hash},
+        {"seq": seq, "ts": _ts_text(ts), **fields, **chained, "prev_hash": prev_hash},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -95,33 +109,55 @@ def _fields(row: Any) -> dict[str, Any]:
     }
 
 
-def _lock_chain(db: Session | Connection) -> None:
+def bind_node(engine: Engine, node: str) -> None:
+    """Records this process appends through ``engine`` go to chain ``node`` (``audit.node``)."""
+    watch_for(engine).node = node[:64]
+
+
+def chain_lock_key(node: str) -> int:
+    """The second key of a chain's advisory lock (a signed 32-bit CRC of its name)."""
+    crc = zlib.crc32(node.encode("utf-8"))
+    return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+
+def _lock_chain(db: Session | Connection, node: str) -> None:
     dialect = db.dialect if isinstance(db, Connection) else db.get_bind().dialect
     if dialect.name == "postgresql":
-        db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        db.execute(text("SELECT pg_advisory_xact_lock(:c, :k)"), {"c": _PG_LOCK_CLASS, "k": chain_lock_key(node)})
 
 
-_LAST = select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
-_HASH_AT = select(AuditRecord.hash).where(AuditRecord.seq == bindparam("seq", type_=Integer))
+_NODE = bindparam("node", type_=AuditRecord.node.type)
+_LAST = select(AuditRecord.seq, AuditRecord.hash).where(AuditRecord.node == _NODE).order_by(
+    AuditRecord.seq.desc()).limit(1)
+_HASH_AT = select(AuditRecord.hash).where(AuditRecord.node == _NODE,
+                                          AuditRecord.seq == bindparam("seq", type_=Integer))
 _INSERT = insert(cast(Table, AuditRecord.__table__))
 _WALK = (
     select(*cast(Table, AuditRecord.__table__).c)
-    .where(AuditRecord.seq > bindparam("after", type_=Integer))
+    .where(AuditRecord.node == _NODE, AuditRecord.seq > bindparam("after", type_=Integer))
     .order_by(AuditRecord.seq)
     .limit(bindparam("batch", type_=Integer))
 )
+_CHAINS = select(AuditRecord.node).distinct().order_by(AuditRecord.node)
 
 
-def append(db: Session | Connection, events: Sequence[AuditEvent]) -> list[int]:
+def chains(db: Session | Connection) -> list[str]:
+    """The names of the chains in the trail ("" is the lone node's)."""
+    return [str(n) for n in db.execute(_CHAINS).scalars()]
+
+
+def append(db: Session | Connection, events: Sequence[AuditEvent], *, node: str | None = None) -> list[int]:
     """Append ``events`` in the caller's transaction (committed with it); returns their seq numbers.
 
     ``db`` is an ORM session (admin commands) or a bare connection (the queue's hot paths).
+    The chain is this process's (``bind_node``) unless ``node`` names another (a purge's
+    retention record goes to each chain it shortens).
     When this process's last record is no longer where it wrote it (``watch``), an
     ``audit-chain-break`` record goes first: the gap is recorded, never chained over silently.
     """
     if not events:
         return []
-    return _append(db, list(events))
+    return _append(db, list(events), node)
 
 
 def repair(db: Session | Connection) -> bool:
@@ -137,13 +173,14 @@ def check_chain(factory: sessionmaker[Session], reader: Engine | None = None) ->
     bind = factory.kw.get("bind")
     if not isinstance(bind, Engine):
         return False
-    own = watch_for(bind).last
+    watch = watch_for(bind)
+    own = watch.last
     if own is None:
         return False
     if reader is None:
         reader = read_only(bind)
     with reader.connect() as conn:  # a bare connection: a third of a Session's cost
-        if conn.execute(_HASH_AT, {"seq": own[0]}).scalar() == own[1]:
+        if conn.execute(_HASH_AT, {"node": watch.node, "seq": own[0]}).scalar() == own[1]:
             return False
     with factory() as session, session.begin():
         return repair(session)
@@ -158,13 +195,15 @@ def _break_event(found: dict[str, Any]) -> AuditEvent:
     return AuditEvent(BREAK_EVENT, "fail", rule=BREAK_EVENT, detail=dict(found))
 
 
-def _append(db: Session | Connection, events: list[AuditEvent]) -> list[int]:
+def _append(db: Session | Connection, events: list[AuditEvent], node: str | None = None) -> list[int]:
     watch = watch_for(db)
-    if not events and watch.last is None:
+    chain = watch.node if node is None else node
+    own = chain == watch.node  # this process watches its own chain only
+    if not events and (watch.last is None or not own):
         return []
-    _lock_chain(db)
-    last = db.execute(_LAST).first()
-    found = inspect(db, watch, (int(last[0]), str(last[1])) if last else None)
+    _lock_chain(db, chain)
+    last = db.execute(_LAST, {"node": chain}).first()
+    found = inspect(db, watch, (int(last[0]), str(last[1])) if last else None) if own else None
     if found is not None:
         log.error("audit chain break: %s", describe(found))
         events = [_break_event(found), *events]
@@ -189,14 +228,15 @@ def _append(db: Session | Connection, events: list[AuditEvent]) -> list[int]:
             "reply": ev.reply,
             "detail": detail,
         }
-        digest = record_hash(seq, ts, fields, prev)
-        rows.append({"seq": seq, "ts": ts, **fields, "prev_hash": prev, "hash": digest})
+        digest = record_hash(seq, ts, fields, prev, chain)
+        rows.append({"node": chain, "seq": seq, "ts": ts, **fields, "prev_hash": prev, "hash": digest})
         prev = digest
         out.append(seq)
     if isinstance(db, Session):
         db.flush()  # ORM changes of the caller's transaction first, then one bulk insert
     db.execute(_INSERT, rows)
-    stage(db, watch, seq, prev, found)
+    if own:
+        stage(db, watch, seq, prev, found)
     return out
 
 
@@ -208,17 +248,44 @@ class VerifyResult:
     last_seq: int | None
     broken_at: int | None = None
     problem: str | None = None
+    node: str = ""  # the chain (the broken one, or the lone node's)
+    #: Every chain checked: name -> (records, first seq, last seq), when there are named chains.
+    chains: dict[str, tuple[int, int | None, int | None]] = field(default_factory=dict)
 
     def summary(self) -> str:
+        where = f" (chain {self.node!r})" if self.node else ""
         if self.ok:
             if not self.records:
                 return "audit trail is empty"
+            if len(self.chains) > 1 or self.node:
+                parts = ", ".join(f"{name or '(lone)'}: {n} seq {a}..{b}" for name, (n, a, b) in self.chains.items())
+                return f"audit trail intact: {self.records} records in {len(self.chains)} chains ({parts})"
             return f"audit trail intact: {self.records} records, seq {self.first_seq}..{self.last_seq}"
-        return f"audit trail BROKEN at seq {self.broken_at}: {self.problem}"
+        return f"audit trail BROKEN at seq {self.broken_at}{where}: {self.problem}"
 
 
-def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
-    """Walk the chain in order and report the first record that does not fit."""
+def verify(session: Session, *, batch: int = 5000, node: str | None = None) -> VerifyResult:
+    """Walk every chain (or ``node``'s) in order; report the first record that does not fit.
+
+    Each chain verifies alone: a node's records never depend on another node's."""
+    names = [node] if node is not None else chains(session)
+    results = [_verify_chain(session, name, batch) for name in names] or [VerifyResult(True, 0, None, None)]
+    broken = next((r for r in results if not r.ok), None)
+    if broken is not None:
+        return broken
+    summary = {r.node: (r.records, r.first_seq, r.last_seq) for r in results}
+    if len(results) == 1:
+        return VerifyResult(True, results[0].records, results[0].first_seq, results[0].last_seq,
+                            node=results[0].node, chains=summary)  # fmt: skip
+    return VerifyResult(True, sum(r.records for r in results), None, None, chains=summary)
+
+
+def _verify_chain(session: Session, node: str, batch: int) -> VerifyResult:
+    res = _walk_chain(session, node, batch)
+    return VerifyResult(res.ok, res.records, res.first_seq, res.last_seq, res.broken_at, res.problem, node)
+
+
+def _walk_chain(session: Session, node: str, batch: int) -> VerifyResult:
     count = 0
     first: int | None = None
     expected_seq: int | None = None
@@ -226,7 +293,7 @@ def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
     after = 0
     while True:
         # Plain rows, not ORM objects: a long trail is walked several times faster.
-        rows = list(session.execute(_WALK, {"after": after, "batch": batch}))
+        rows = list(session.execute(_WALK, {"node": node, "after": after, "batch": batch}))
         if not rows:
             break
         for row in rows:
@@ -234,7 +301,7 @@ def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
                 first = row.seq
                 expected_seq = row.seq
                 if row.seq != 1:
-                    proof = _retention_proof(session, row.seq - 1, row.prev_hash)
+                    proof = _retention_proof(session, node, row.seq - 1, row.prev_hash)
                     if not proof:
                         return VerifyResult(False, count, first, row.seq, row.seq,
                                             f"chain starts at seq {row.seq} with no retention record for the records before it")
@@ -245,7 +312,7 @@ def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
             if row.prev_hash != prev:
                 return VerifyResult(False, count, first, row.seq, row.seq,
                                     "its link to the previous record does not match (a record before it was changed or removed)")
-            if record_hash(row.seq, row.ts, _fields(row), row.prev_hash) != row.hash:
+            if record_hash(row.seq, row.ts, _fields(row), row.prev_hash, node) != row.hash:
                 return VerifyResult(False, count, first, row.seq, row.seq, "its content does not match its hash (edited)")
             prev = row.hash
             expected_seq = row.seq + 1
@@ -254,8 +321,9 @@ def verify(session: Session, *, batch: int = 5000) -> VerifyResult:
     return VerifyResult(True, count, first, after or None)
 
 
-def _retention_proof(session: Session, last_removed: int, last_hash: str) -> bool:
-    rows = session.scalars(select(AuditRecord).where(AuditRecord.event == "retention").order_by(AuditRecord.seq.desc()))
+def _retention_proof(session: Session, node: str, last_removed: int, last_hash: str) -> bool:
+    rows = session.scalars(select(AuditRecord).where(AuditRecord.node == node, AuditRecord.event == "retention")
+                           .order_by(AuditRecord.seq.desc()))  # fmt: skip
     for row in rows:
         detail = json.loads(row.detail or "{}")
         if detail.get("removed_through") == last_removed and detail.get("last_removed_hash") == last_hash:
@@ -264,12 +332,16 @@ def _retention_proof(session: Session, last_removed: int, last_hash: str) -> boo
 
 
 def purge(session: Session, *, older_than: timedelta, now: datetime | None = None) -> int:
-    """Remove records older than the retention period, keeping the chain verifiable."""
+    """Remove records older than the retention period from every chain, keeping each verifiable."""
     cutoff = (now or datetime.now(UTC)) - older_than
-    _lock_chain(session)
+    return sum(_purge_chain(session, node, cutoff) for node in chains(session))
+
+
+def _purge_chain(session: Session, node: str, cutoff: datetime) -> int:
+    _lock_chain(session, node)
     last_old = session.execute(
         select(AuditRecord.seq, AuditRecord.hash)
-        .where(AuditRecord.ts < cutoff, AuditRecord.event != "retention")
+        .where(AuditRecord.node == node, AuditRecord.ts < cutoff, AuditRecord.event != "retention")
         .order_by(AuditRecord.seq.desc())
         .limit(1)
     ).first()
@@ -278,8 +350,10 @@ def purge(session: Session, *, older_than: timedelta, now: datetime | None = Non
     # The retention record first: it takes the next seq after the head even when every record
     # goes (numbering never restarts, so seals of the removed records still place them).
     append(session, [AuditEvent("retention", "info", detail={
-        "removed_through": last_old[0], "last_removed_hash": last_old[1], "cutoff": cutoff.isoformat()})])
-    removed = session.execute(delete(AuditRecord).where(AuditRecord.seq <= last_old[0])).rowcount or 0  # type: ignore[attr-defined]
+        "removed_through": last_old[0], "last_removed_hash": last_old[1], "cutoff": cutoff.isoformat()})],
+        node=node)
+    removed = session.execute(delete(AuditRecord).where(AuditRecord.node == node,
+                                                        AuditRecord.seq <= last_old[0])).rowcount or 0  # type: ignore[attr-defined]
     return int(removed)
 
 
@@ -291,7 +365,7 @@ def query(
     event: str | None = None,
     limit: int = 200,
 ) -> list[dict[str, Any]]:
-    stmt = select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(limit)
+    stmt = select(AuditRecord).order_by(AuditRecord.seq.desc(), AuditRecord.node).limit(limit)
     if since is not None:
         stmt = stmt.where(AuditRecord.ts >= since)
     if address:
@@ -302,7 +376,8 @@ def query(
     rows = list(session.scalars(stmt))
     rows.reverse()
     return [
-        {"seq": r.seq, "ts": _ts_text(r.ts), **_fields(r), "detail": json.loads(r.detail) if r.detail else None}
+        {"seq": r.seq, "ts": _ts_text(r.ts), **_fields(r), "detail": json.loads(r.detail) if r.detail else None,
+         **({"node": r.node} if r.node else {})}
         for r in rows
     ]
 

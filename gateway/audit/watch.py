@@ -37,6 +37,7 @@ class ChainWatch:
     """The last record this process committed to one database's trail, and breaks not yet sealed."""
 
     last: tuple[int, str] | None = None
+    node: str = ""  # the chain this process appends to (``trail.bind_node``)
     breaks: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -78,9 +79,10 @@ def watch_for(db: Session | Connection | Engine) -> ChainWatch:
         return found
 
 
-def _covered_by_retention(db: Session | Connection, seq: int, digest: str) -> bool:
+def _covered_by_retention(db: Session | Connection, node: str, seq: int, digest: str) -> bool:
     """A record gone because a purge removed it (the retention record names it or a later one)."""
-    for raw in db.execute(select(AuditRecord.detail).where(AuditRecord.event == "retention")).scalars():
+    for raw in db.execute(select(AuditRecord.detail).where(AuditRecord.node == node,
+                                                           AuditRecord.event == "retention")).scalars():
         try:
             detail = json.loads(raw or "{}")
             through = int(detail.get("removed_through", 0))
@@ -103,10 +105,11 @@ def inspect(db: Session | Connection, watch: ChainWatch, head: tuple[int, str] |
     elif head_seq < seq:
         found_hash = None
     else:
-        found_hash = db.execute(select(AuditRecord.hash).where(AuditRecord.seq == seq)).scalar()
+        found_hash = db.execute(select(AuditRecord.hash).where(AuditRecord.node == watch.node,
+                                                               AuditRecord.seq == seq)).scalar()
     if found_hash == digest:
         return None
-    if found_hash is None and _covered_by_retention(db, seq, digest):
+    if found_hash is None and _covered_by_retention(db, watch.node, seq, digest):
         return None
     if found_hash is not None:
         kind = "changed"

@@ -12,7 +12,9 @@ The job: one ``Spool`` interface, two implementations, chosen from the database 
   ``gateway.queue.admission.insert_new`` on the transaction's connection), read by whichever
   node claims the message in the claim's transaction (``read_many``), and deleted IN the
   transaction that makes the message final (``drop``).  Bytes and rows commit or vanish
-  together: no orphan to sweep, no node-local disk on the delivery path.
+  together: no orphan to sweep, no node-local disk on the delivery path.  Spool files a
+  single-node PostgreSQL install queued before it switched (``legacy``) are still read, and
+  removed once their message is final, so an upgrade strands nothing.
 
 Why ``bytea`` and not large objects: a message is bounded (``limits.max_message_bytes``, tens of
 MB, far below bytea's 1 GB) and is always read whole, which is what bytea does in one round
@@ -200,11 +202,13 @@ class DatabaseSpool:
 
     in_database = True
 
-    def __init__(self, factory: sessionmaker[Session]) -> None:
+    def __init__(self, factory: sessionmaker[Session], legacy: FileSpool | None = None) -> None:
         bind = factory.kw.get("bind")
         if not isinstance(bind, Engine):
             raise TypeError("the session factory has no engine bound")
         self._engine = bind
+        #: Files queued before the spool moved into the database (this node's own folder).
+        self.legacy = legacy
 
     def stage(self, name: str, data: bytes) -> None:
         return None  # the bytes ride in the transaction (``insert``)
@@ -226,26 +230,35 @@ class DatabaseSpool:
     def read_many(self, conn: Connection, names: Sequence[str]) -> dict[str, bytes]:
         if not names:
             return {}
-        return {row[0]: bytes(row[1]) for row in conn.execute(_READ, {"names": list(names)})}
+        found = {row[0]: bytes(row[1]) for row in conn.execute(_READ, {"names": list(names)})}
+        if self.legacy is not None and len(found) < len(names):
+            found.update(self.legacy.read_many(conn, [n for n in names if n not in found and self.legacy.holds(n)]))
+        return found
 
     def drop(self, conn: Connection, names: Sequence[str]) -> None:
         if names:
             conn.execute(_DROP, {"names": list(names)})
 
     def remove(self, names: Sequence[str]) -> None:
-        return None  # dropped in the transaction that made the messages final
+        """Rows were dropped in the transaction that made the messages final; files of before the switch go now."""
+        if self.legacy is not None:
+            self.legacy.remove(names)
 
     def holds(self, name: str) -> bool:
         with self._engine.connect() as conn:
-            return conn.execute(select(exists().where(_BYTES.c.name == name))).scalar() is True
+            if conn.execute(select(exists().where(_BYTES.c.name == name))).scalar() is True:
+                return True
+        return self.legacy is not None and self.legacy.holds(name)
 
     def sweep(self, factory: sessionmaker[Session], older_than: float) -> int:
         """Rows of finished messages (none expected: they are dropped in the final transaction;
         bytes of a message removed by hand).  The foreign key rules out rows with no message."""
         finished = select(_MESSAGES.c.id).where(_MESSAGES.c.purged_at.is_not(None))
         with self._engine.begin() as conn:
-            result = conn.execute(delete(_BYTES).where(_BYTES.c.name.in_(finished)))
-            return int(result.rowcount or 0)
+            removed = int(conn.execute(delete(_BYTES).where(_BYTES.c.name.in_(finished))).rowcount or 0)
+        if self.legacy is not None:
+            removed += self.legacy.sweep(factory, older_than)
+        return removed
 
 
 def spool_for(factory: sessionmaker[Session], directory: Path) -> FileSpool | DatabaseSpool:
@@ -254,5 +267,5 @@ def spool_for(factory: sessionmaker[Session], directory: Path) -> FileSpool | Da
     than bytes in the single-writer database)."""
     bind = factory.kw.get("bind")
     if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
-        return DatabaseSpool(factory)
+        return DatabaseSpool(factory, FileSpool(directory))
     return FileSpool(directory)

@@ -167,3 +167,19 @@ def test_spool_for_follows_the_database(factory: sessionmaker[Session], tmp_path
     assert isinstance(spool, DatabaseSpool if bind.dialect.name == "postgresql" else FileSpool)
     store = QueueStore.for_database(factory, tmp_path / "spool", lifetime=dt.timedelta(hours=1))
     assert type(store.spool) is type(spool)
+
+
+def test_files_queued_before_the_switch_to_the_database_are_read_and_removed(operator_home: Path,
+                                                                            factory: sessionmaker[Session]) -> None:
+    """An install that queued spool files, then opens the database spool (the upgrade): nothing strands."""
+    spool_dir = load_settings(operator_home).spool_dir
+    before = QueueStore(factory, spool_dir, spool=FileSpool(spool_dir))
+    qid = before.enqueue(DATA, sender=SENDER, recipients=[RCPT], origin="submission").queue_id
+    after = QueueStore(factory, spool_dir, spool=DatabaseSpool(factory, FileSpool(spool_dir)))
+    assert after.spool.holds(qid) and rows_in_database(factory) == 0
+    [(row, data)] = after.claim_with_bytes("w1")
+    assert data == DATA
+    verdict = Verdict([Outcome(RCPT, RecipientState.DELIVERED, "250 2.0.0 ok")])
+    assert outcomes.commit_many(factory, [outcomes.Pending(qid, "w1", verdict, None, row["claim_gen"])],
+                                spool=after.spool) == [True]  # fmt: skip
+    assert not FileSpool(spool_dir).holds(qid) and not after.spool.holds(qid)

@@ -74,7 +74,8 @@ T = TypeVar("T")
 #: Policy answers reused this long (seconds), as on the SMTP edge (``gateway.smtp.server``).
 DECISION_CACHE_SECONDS = 5.0
 DECISION_CACHE_SIZE = 20_000
-#: A certificate login is reused this long: a revocation in the directory or a CRL counts within it.
+#: A certificate login (or refusal) is reused this long: a revocation in the directory or a CRL, or a
+#: newly registered certificate, counts within it.
 LOGIN_CACHE_SECONDS = 5.0
 #: A ``pending`` idempotency row older than this, whose queue id was never stored, was abandoned
 #: (its node died before the queue commit): the key may be used again.
@@ -136,10 +137,10 @@ class ApiEdge:
         self.audit_writer = audit
         self.metrics = metrics
         self.authenticator = authenticator
-        self.max_recipients = int(settings.get("limits", "max_recipients"))
-        self.max_line = int(settings.get("limits", "max_line_length"))
-        self.max_size = min(int(settings.get("limits", "max_message_size")), EDGE_MAX_MESSAGE_BYTES)
-        self.keep_keys = timedelta(hours=float(settings.get("api", "idempotency_hours")))
+        self.max_recipients = settings.limits.max_recipients
+        self.max_line = settings.limits.max_line_length
+        self.max_size = min(settings.limits.max_message_size, EDGE_MAX_MESSAGE_BYTES)
+        self.keep_keys = timedelta(hours=settings.api.idempotency_hours)
         self._decisions = TtlCache(DECISION_CACHE_SECONDS, DECISION_CACHE_SIZE)
         self._logins = TtlCache(LOGIN_CACHE_SECONDS, 4096)
         self._inflight = 0
@@ -199,17 +200,20 @@ class ApiEdge:
                 "A TLS client certificate registered for an APP or ORG mailbox is required"), "client-certificate")
         fingerprint = certificate_fingerprint(der)
         hit = self._logins.get(fingerprint)
-        if hit is not None:
-            return Caller(hit, client, fingerprint, tls)
-        outcome = await self.authenticator.check_certificate(der, client=client, protocol="api")
-        self.metrics.inc("mssgw_auth_total", result=outcome.reason, method="certificate")
-        if not outcome.ok or outcome.identity is None:
+        if hit is None:
+            outcome = await self.authenticator.check_certificate(der, client=client, protocol="api")
+            self.metrics.inc("mssgw_auth_total", result=outcome.reason, method="certificate")
+            hit = outcome.identity if outcome.ok and outcome.identity else ("refused", outcome.reason)
             reply = certificate_refusal(outcome.reason)
-            self.audit(AuditEvent("login", "refuse", client=client, rule="client-certificate", reply=reply.short,
-                                  detail={"listener": self.listener, "reason": outcome.reason}))  # fmt: skip
-            raise Problem(503 if reply.temporary else 403, reply, f"certificate-{outcome.reason}")
-        self._logins.put(fingerprint, outcome.identity)
-        return Caller(outcome.identity, client, fingerprint, tls)
+            if not (isinstance(hit, tuple) and reply.temporary):  # outages are never remembered
+                self._logins.put(fingerprint, hit)
+            if isinstance(hit, tuple):
+                self.audit(AuditEvent("login", "refuse", client=client, rule="client-certificate", reply=reply.short,
+                                      detail={"listener": self.listener, "reason": outcome.reason}))  # fmt: skip
+        if isinstance(hit, tuple):  # a refusal, remembered like a login so a loop of retries costs no lookup
+            reply = certificate_refusal(hit[1])
+            raise Problem(503 if reply.temporary else 403, reply, f"certificate-{hit[1]}")
+        return Caller(hit, client, fingerprint, tls)
 
     # --- POST /v1/messages --------------------------------------------------------------------
 
@@ -340,7 +344,7 @@ class ApiEdge:
 
     async def _check_documents(self, data: bytes, recipients: list[str]) -> DocumentsDecision:
         """The health-document rules as at DATA on the submission listener (``gateway.policy.documents``)."""
-        mode = str(self.settings.get("documents", "missing_headers"))
+        mode = self.settings.documents.missing_headers
 
         def run() -> tuple[DocumentFacts, DocumentsDecision]:
             facts = inspect_message(data).policy_facts()

@@ -6,9 +6,9 @@ live trust reload and the client-certificate verification are the SMTP listeners
 the TLS object of each request, bounds request bodies (``client_max_size``) and streams
 responses (Server-Sent Events) without a second server process or thread.
 
-Every request but ``/v1/openapi.json`` logs in by its TLS client certificate
-(``ApiEdge.login``), then passes a token bucket per certificate (``api.rate_per_minute``,
-``api.burst``; over it: 429 with ``Retry-After``). Bodies over the message size limit (base64
+Every request but ``/v1/openapi.json`` first takes a token from the bucket of its client
+certificate (of its address when it has none: ``api.rate_per_minute``, ``api.burst``; over it:
+429 with ``Retry-After``), then logs in by that certificate (``ApiEdge.login``). Bodies over the message size limit (base64
 included) are refused before they are read (413, 552 5.3.4). Every refusal, including
 aiohttp's own 404/405/413 and an unexpected error (503, 451 4.3.0, never a traceback), is an
 RFC 9457 problem (``gateway.api.problems``). Access logs carry method, route, status and the
@@ -56,6 +56,7 @@ from gateway.api.problems import (
     Problem,
 )
 from gateway.api.schemas import ADDRESS, load_json
+from gateway.auth import certificate_fingerprint
 from gateway.core import replies as R
 from gateway.core.tls import peer_certificate, tls_summary
 from gateway.delivery.maildir import DeliveryError, mailbox_events
@@ -123,9 +124,9 @@ class ApiServer:
         self.tls = tls
         self.mail_root = self.settings.mail_dir
         self.limit = int(self.edge.max_size * BASE64_FACTOR) + BODY_MARGIN
-        self.rate = RateLimiter(float(self.settings.get("api", "rate_per_minute")),
-                                float(self.settings.get("api", "burst")))  # fmt: skip
-        self.poll = max(0.05, float(self.settings.get("api", "events_poll_seconds")))
+        self.rate = RateLimiter(self.settings.api.rate_per_minute,
+                                self.settings.api.burst)  # fmt: skip
+        self.poll = max(0.05, self.settings.api.events_poll_seconds)
         self.openapi = json.dumps(document(self.edge.max_size)).encode("utf-8")
         self.app = web.Application(client_max_size=self.limit, middlewares=[self._guard])
         self.app.add_routes([
@@ -177,11 +178,15 @@ class ApiServer:
         caller: Caller | None = None
         try:
             if request.path not in PUBLIC:
-                caller = await self._login(request)
-                wait = self.rate.take(caller.fingerprint)
+                transport = request.transport
+                ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+                der = peer_certificate(ssl_object)
+                # The bucket is taken before the login, so refused certificates are throttled too.
+                wait = self.rate.take(certificate_fingerprint(der) if der is not None else f"ip:{request.remote}")
                 if wait > 0:
                     self.edge.metrics.inc("mssgw_api_rate_limited_total")
                     raise Problem(429, S450_4_7_1_RATE, "rate-limit", retry_after=max(1, math.ceil(wait)))
+                caller = await self.edge.login(der, request.remote, tls_summary(ssl_object))
                 CALLER.set(caller)
             response = await handler(request)
             status = response.status
@@ -221,12 +226,6 @@ class ApiServer:
             log.info("listener=api method=%s route=%s status=%d identity=%s ms=%.1f", request.method,
                      _route(request), status, caller.identity if caller else "-",
                      (time.monotonic() - started) * 1000)  # fmt: skip
-
-    async def _login(self, request: web.Request) -> Caller:
-        transport = request.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        peer = request.remote
-        return await self.edge.login(peer_certificate(ssl_object), peer, tls_summary(ssl_object))
 
     def _too_big(self) -> Problem:
         return Problem(413, R.S552_5_3_4_TOO_BIG, "message-size",

@@ -122,7 +122,7 @@ async def test_wrong_types_name_each_field(api: ApiWorld) -> None:
 
 
 async def test_oversized_body_refused_before_reading(api: ApiWorld) -> None:
-    limit = int(api.settings.get("limits", "max_message_size"))  # 200 000 in the test settings
+    limit = api.settings.limits.max_message_size  # 200 000 in the test settings
     big = base64.b64encode(b"x" * (limit * 2)).decode()
     async with api.client() as http:
         got = await http.post("/v1/messages", json=new_message(attachments=[
@@ -187,3 +187,23 @@ async def test_submission_and_idempotency_on_each_database(api_any_db: ApiWorld)
     assert first.status_code == again.status_code == 202 and again.json() == first.json()
     assert state.json()["recipients"][0]["state"] == "queued"
     assert len(api.gateway.store.list()) == 1
+
+
+async def test_refused_certificates_are_throttled_and_checked_once(sqlite_home, api_certs) -> None:  # type: ignore[no-untyped-def]
+    prepare_home(sqlite_home, api_certs, {"api": {"burst": 3, "rate_per_minute": 1}})
+    async with started_api(sqlite_home, api_certs) as world:
+        async with world.client(world.certs.app2) as revoked:
+            refused = [await revoked.get("/v1/messages/0123456789abcdef0123456789abcdef") for _ in range(4)]
+        async with httpx.AsyncClient(base_url=world.base, verify=world.context(None)) as anonymous:
+            bare = [await anonymous.get("/v1/messages/0123456789abcdef0123456789abcdef") for _ in range(4)]
+        assert world.gateway.audit is not None
+        await world.gateway.audit.flush()
+        with world.gateway.sessions() as db:  # type: ignore[misc]
+            from sqlalchemy import select
+
+            from gateway.audit.models import AuditRecord
+
+            logins = [r for r in db.scalars(select(AuditRecord)) if r.event == "login" and r.outcome == "refuse"]
+    assert [r.status_code for r in refused] == [403, 403, 403, 429]
+    assert [r.status_code for r in bare] == [403, 403, 403, 429]
+    assert len(logins) == 1  # the revoked certificate was looked up once, its refusal remembered

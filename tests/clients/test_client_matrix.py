@@ -16,7 +16,7 @@ from email import message_from_bytes
 from email.message import EmailMessage
 from pathlib import Path
 
-from conftest import ALICE, BOB, PASSWORD, World
+from client_world import ALICE, BOB, PASSWORD, World
 
 PDF = b"%PDF-1.4\n% compte rendu\n" + bytes(range(256)) * 16 + b"\n%%EOF\n"
 BANNER = "[Signé par Dr Anne Martin (RPPS 10000000009) : certificat valide, envoyé au sein de cet opérateur]"

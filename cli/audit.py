@@ -106,7 +106,7 @@ def purge_(app: AppContext) -> None:
     from gateway.app import purge_audit
 
     removed = purge_audit(app.sessions, app.settings)
-    click.echo(f"{removed} record(s) older than {app.settings.get('audit', 'retention_days')} days removed")
+    click.echo(f"{removed} record(s) older than {app.settings.audit.retention_days} days removed")
 
 
 commands = audit

@@ -22,9 +22,9 @@ COLUMNS = ("id", "created_at", "origin", "sender", "recipients", "size", "state"
 
 
 def open_store(app: AppContext) -> QueueStore:
-    q = app.settings.values["queue"]
-    return QueueStore.for_database(app.sessions, app.settings.spool_dir, lifetime=timedelta(hours=float(q["lifetime_hours"])),
-                      lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
+    q = app.settings.queue
+    return QueueStore.for_database(app.sessions, app.settings.spool_dir, lifetime=timedelta(hours=q.lifetime_hours),
+                                   lease=timedelta(seconds=q.lease_seconds))  # fmt: skip
 
 
 @click.group("queue")

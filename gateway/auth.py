@@ -339,14 +339,14 @@ class Authenticator:
         self._audit = audit
         self.credentials = CredentialCache()
         self.throttle = Throttle(
-            max_failures=int(settings.get("auth", "max_failures")),
-            lockout_seconds=float(settings.get("auth", "lockout_seconds")),
-            base_delay=float(settings.get("auth", "base_delay")),
-            max_delay=float(settings.get("auth", "max_delay")),
+            max_failures=settings.auth.max_failures,
+            lockout_seconds=settings.auth.lockout_seconds,
+            base_delay=settings.auth.base_delay,
+            max_delay=settings.auth.max_delay,
         )
         #: Anchors and CRLs for client certificates (cached 30 s: ``keystore.invalidate()`` to reload now).
         self.keystore = KeyStore(settings, self._readers)
-        self.crl_soft_fail = bool(settings.get("crypto", "crl_soft_fail"))
+        self.crl_soft_fail = settings.crypto.crl_soft_fail
         #: How delays are waited (tests replace it to record them instead).
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         #: Set (and replaced) each time a password check finishes: attempts waiting on ``Ticket.busy``.

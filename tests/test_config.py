@@ -60,9 +60,9 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     env = {"MSSGW_QUEUE_WORKERS": "8", "MSSGW_DATABASE_URL": "postgresql+psycopg://u@db/mssgw",
            "MSSGW_OPERATOR_DOMAINS": "x.mssante.test, y.mssante.test", "MSSGW_DATABASE_ECHO": "yes"}
     settings = validate(raw, tmp_path, environ=env)
-    assert settings.get("queue", "workers") == 8
+    assert settings.queue.workers == 8
     assert settings.database_url == "postgresql+psycopg://u@db/mssgw"
-    assert settings.domains == ["x.mssante.test", "y.mssante.test"] and settings.get("database", "echo") is True
+    assert settings.domains == ["x.mssante.test", "y.mssante.test"] and settings.database.echo is True
     with pytest.raises(ConfigError, match=r"queue\.workers: expected an integer"):
         validate({}, tmp_path, environ={"MSSGW_QUEUE_WORKERS": "lots"})
 
@@ -83,3 +83,25 @@ def test_cli_reports_an_unknown_key_in_one_line(sqlite_home: Path) -> None:
     result = CliRunner().invoke(cli, ["--data-dir", str(sqlite_home), "domains", "list"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: audit.retention_dayz: unknown key"
+
+
+def test_every_section_is_a_typed_attribute(tmp_path: Path) -> None:
+    """Settings are read as typed objects (``settings.queue.lease_seconds``), never by string keys."""
+    import dataclasses
+
+    from gateway.config import SECTIONS, Settings
+
+    settings = validate({"queue": {"lease_seconds": 42}}, tmp_path, environ={"MSSGW_LIMITS_MAX_RECIPIENTS": "7"})
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    for name, cls in SECTIONS.items():
+        if name == "listen":  # settings.listen(name) parses HOST:PORT
+            continue
+        assert name in fields, f"section [{name}] has no typed attribute on Settings"
+        section = getattr(settings, name)
+        assert isinstance(section, cls)
+        for f in dataclasses.fields(cls):
+            assert isinstance(getattr(section, f.name), type(f.default) if f.default is not dataclasses.MISSING
+                              else list), f"{name}.{f.name}"  # fmt: skip
+    assert settings.queue.lease_seconds == 42.0 and isinstance(settings.queue.lease_seconds, float)
+    assert settings.limits.max_recipients == 7
+    assert not hasattr(settings, "get")

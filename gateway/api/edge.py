@@ -137,10 +137,10 @@ class ApiEdge:
         self.audit_writer = audit
         self.metrics = metrics
         self.authenticator = authenticator
-        self.max_recipients = int(settings.get("limits", "max_recipients"))
-        self.max_line = int(settings.get("limits", "max_line_length"))
-        self.max_size = min(int(settings.get("limits", "max_message_size")), EDGE_MAX_MESSAGE_BYTES)
-        self.keep_keys = timedelta(hours=float(settings.get("api", "idempotency_hours")))
+        self.max_recipients = settings.limits.max_recipients
+        self.max_line = settings.limits.max_line_length
+        self.max_size = min(settings.limits.max_message_size, EDGE_MAX_MESSAGE_BYTES)
+        self.keep_keys = timedelta(hours=settings.api.idempotency_hours)
         self._decisions = TtlCache(DECISION_CACHE_SECONDS, DECISION_CACHE_SIZE)
         self._logins = TtlCache(LOGIN_CACHE_SECONDS, 4096)
         self._inflight = 0
@@ -344,7 +344,7 @@ class ApiEdge:
 
     async def _check_documents(self, data: bytes, recipients: list[str]) -> DocumentsDecision:
         """The health-document rules as at DATA on the submission listener (``gateway.policy.documents``)."""
-        mode = str(self.settings.get("documents", "missing_headers"))
+        mode = self.settings.documents.missing_headers
 
         def run() -> tuple[DocumentFacts, DocumentsDecision]:
             facts = inspect_message(data).policy_facts()

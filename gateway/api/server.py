@@ -124,9 +124,9 @@ class ApiServer:
         self.tls = tls
         self.mail_root = self.settings.mail_dir
         self.limit = int(self.edge.max_size * BASE64_FACTOR) + BODY_MARGIN
-        self.rate = RateLimiter(float(self.settings.get("api", "rate_per_minute")),
-                                float(self.settings.get("api", "burst")))  # fmt: skip
-        self.poll = max(0.05, float(self.settings.get("api", "events_poll_seconds")))
+        self.rate = RateLimiter(self.settings.api.rate_per_minute,
+                                self.settings.api.burst)  # fmt: skip
+        self.poll = max(0.05, self.settings.api.events_poll_seconds)
         self.openapi = json.dumps(document(self.edge.max_size)).encode("utf-8")
         self.app = web.Application(client_max_size=self.limit, middlewares=[self._guard])
         self.app.add_routes([

@@ -99,7 +99,7 @@ def check_certificate(path: Path, setting: str, *, now: datetime | None = None) 
 
 def _base_context(settings: Settings, purpose: ssl.Purpose) -> ssl.SSLContext:
     ctx = ssl.create_default_context(purpose)
-    ctx.minimum_version = _VERSIONS[str(settings.get("tls", "min_version"))]
+    ctx.minimum_version = _VERSIONS[settings.tls.min_version]
     ctx.set_ciphers(CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     return ctx
@@ -117,7 +117,7 @@ def _load_chain(ctx: ssl.SSLContext, files: TlsFiles, cert_setting: str, key_set
 
 def _load_ca(ctx: ssl.SSLContext, settings: Settings, path: Path, anchors: Sequence[bytes] = ()) -> None:
     """``tls.client_ca`` (when set, it must load; the default file may be absent) plus ``anchors``."""
-    explicit = bool(str(settings.get("tls", "client_ca")))
+    explicit = bool(settings.tls.client_ca)
     if explicit or path.is_file() or not anchors:
         try:
             ctx.load_verify_locations(cafile=str(path))

@@ -182,7 +182,7 @@ class KeyStore:
         def compute() -> KeyRef:
             own = self._rows([addr], SIGN_PURPOSES, with_key=True) if addr else []
             rows = own
-            if not rows and self.settings.get("crypto", "sign_with_organisation"):
+            if not rows and self.settings.crypto.sign_with_organisation:
                 rows = self._rows([domain], SIGN_PURPOSES, with_key=True)
             for row in rows:
                 if row.key_path and Path(row.key_path).is_file():

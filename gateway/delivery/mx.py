@@ -100,8 +100,8 @@ class MxResolver:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.nameservers = [parse_nameserver(n, "relay.nameservers") for n in settings.get("relay", "nameservers")]
-        self.timeout = float(settings.get("relay", "dns_timeout"))
+        self.nameservers = [parse_nameserver(n, "relay.nameservers") for n in settings.relay.nameservers]
+        self.timeout = settings.relay.dns_timeout
         self._resolver: dns.asyncresolver.Resolver | None = None
 
     def resolver(self) -> dns.asyncresolver.Resolver:

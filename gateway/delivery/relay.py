@@ -330,7 +330,7 @@ class Relay:
         if isinstance(found, MxFailure):
             log.info("no MX route to %s: %s %s %s", route.domain, found.code, found.enhanced, found.text)
             return [Attempt(r, found.code, found.enhanced, found.text) for r in recipients]
-        port = int(self.settings.get("relay", "mx_port"))
+        port = self.settings.relay.mx_port
         failures: list[tuple[_Hop, _Unreached]] = []
         for host in found:
             for address in host.addresses:

@@ -125,7 +125,7 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext:
     key = settings.path("tls", "key", settings.pki_dir / "server.key")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if settings.get("tls", "min_version") == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+        ssl.TLSVersion.TLSv1_3 if settings.tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     )
     context.load_cert_chain(cert, key)
     return context
@@ -361,7 +361,7 @@ def _make_config(settings: Settings, tls: ssl.SSLContext, executor: ThreadPoolEx
         cpu_subsystem=Subsystem.for_executor(executor),
         invalid_user_sleep=0.0,  # the Authenticator delays failures itself
         reject_dnsbl=False,
-        max_append_len=int(settings.get("limits", "max_message_size")),  # the same bound as SMTP
+        max_append_len=settings.limits.max_message_size,  # the same bound as SMTP
     )
 
 

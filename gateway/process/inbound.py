@@ -298,7 +298,7 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     if result.failure == "from-mismatch":
         result = await ctx.io(_domain_bound, ctx, result)
     accept = result.ok or (
-        not ctx.settings.get("crypto", "require_signature_inbound")
+        not ctx.settings.crypto.require_signature_inbound
         and result.failure == "not-signed" and result.decrypted_ok and inner is not None
     )  # fmt: skip
     if released:
@@ -338,14 +338,14 @@ async def present(ctx: Context, job: Job, inner: bytes, result: SecurityResult, 
     message carried), then the original's own fields. The banner (``crypto.banner``, in
     ``crypto.banner_language``) names the signer as the directory knows them and says what was
     checked; IHE XDM packages are described and checked (``gateway.documents.describe``)."""
-    banner = bool(ctx.settings.get("crypto", "banner"))
+    banner = ctx.settings.crypto.banner
     signer = await _signer_label(ctx, result.signer_email) if banner and result.signer_email else None
     documents = await ctx.io(summarise, inner) if may_carry_documents(inner) else None  # CPU: in a thread
     doc_line = banner_line(documents, await _author_labels(ctx, documents.authors)) if documents and banner else None
     annotated = annotate(received + _mime.to_crlf(inner), result, authserv_id=ctx.settings.hostname, banner=banner,
                          signer=signer, documents=doc_line,
                          extra_result=auth_results_method(documents) if documents else None,
-                         language=str(ctx.settings.get("crypto", "banner_language")), transit=transit,
+                         language=ctx.settings.crypto.banner_language, transit=transit,
                          released=released)  # fmt: skip
     return with_trace(annotated, job.sender), documents
 
@@ -441,7 +441,7 @@ async def _quarantine(ctx: Context, job: Job, data: bytes, inner: bytes | None, 
                             error=f"security verification failed: {result.failure}", now=ctx.now())  # fmt: skip
             await ctx.enqueue_receipt(job, mdn, kind="mdn", to=job.sender, event="mdn-failed")
         return
-    if ctx.settings.get("receipts", "dsn_on_quarantine"):
+    if ctx.settings.receipts.dsn_on_quarantine:
         await ctx.send_dsn(job, data, [
             DsnRecipient(addr, "failed", "5.7.0", f"message failed security verification ({result.failure})",
                          last_attempt=ctx.now())
@@ -450,7 +450,7 @@ async def _quarantine(ctx: Context, job: Job, data: bytes, inner: bytes | None, 
 
 
 async def _processed_mdns(ctx: Context, job: Job, inner: bytes, delivered: list[str]) -> None:
-    if not delivered or not ctx.settings.get("receipts", "mdn_processed"):
+    if not delivered or not ctx.settings.receipts.mdn_processed:
         return
     if not job.sender or job.is_receipt or is_report(inner, envelope_sender=job.sender):
         return

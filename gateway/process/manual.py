@@ -56,8 +56,8 @@ def protect_message(settings: Settings, factory: sessionmaker[Session], data: by
         except KeyStoreError as exc:
             raise ManualError(str(exc)) from None
         out = protect_job(data, signer, tuple(dict.fromkeys(certs)),
-                          bool(settings.get("crypto", "encrypt_for_sender")),
-                          str(settings.get("crypto", "outer_subject")))
+                          settings.crypto.encrypt_for_sender,
+                          settings.crypto.outer_subject)
         return out, "smime"
     pgp_recipients = [fpr for r in recipients for fpr in _pgp_keys(factory, r, secret=False)[:1]]
     no_key = [r for r in recipients if not _pgp_keys(factory, r, secret=False)]

@@ -122,7 +122,7 @@ def _wants_sent_copy(ctx: Context, sender: str, origin: str) -> bool:
     from directory.service import wants_sent_copy
 
     with ctx.read() as session:
-        return wants_sent_copy(session, sender, default_types=ctx.settings.get("mailboxes", "server_sent_copy"),
+        return wants_sent_copy(session, sender, default_types=ctx.settings.mailboxes.server_sent_copy,
                                origin=origin)  # fmt: skip
 
 
@@ -256,7 +256,7 @@ async def _protect(ctx: Context, job: Job, data: bytes, signer: KeyRef, kind: st
             pems.extend(await ctx.cached_io(("encrypt", a), ctx.keys.recipient_certs, a))
         return await ctx.crypto(
             protect_job, data, signer, tuple(dict.fromkeys(pems)),
-            bool(settings.get("crypto", "encrypt_for_sender")), str(settings.get("crypto", "outer_subject")),
+            settings.crypto.encrypt_for_sender, settings.crypto.outer_subject,
         )  # fmt: skip
     if kind == "mtls-signed":
         return await ctx.crypto(sign_job, data, signer)
@@ -287,8 +287,8 @@ def _pgp_protect(ctx: Context, job: Job, data: bytes, addrs: list[str]) -> bytes
             pgp.import_key(k.armored)
         return bytes(pgp.protect(
             data, signer.fingerprint, [k.fingerprint for k in keys],
-            encrypt_for_sender=bool(ctx.settings.get("crypto", "encrypt_for_sender")),
-            outer_subject=str(ctx.settings.get("crypto", "outer_subject")),
+            encrypt_for_sender=ctx.settings.crypto.encrypt_for_sender,
+            outer_subject=ctx.settings.crypto.outer_subject,
         ))  # fmt: skip
 
 
@@ -315,7 +315,7 @@ async def defer_or_bounce(ctx: Context, job: Job, data: bytes, attempts: Sequenc
             await ctx.record(job, att.address, RecipientState.DEFERRED, reply=att.reply, event="deferred",
                              outcome="fail", protection=protection, detail={"remote": att.remote})  # fmt: skip
         return
-    hours = float(ctx.settings.get("queue", "lifetime_hours"))
+    hours = ctx.settings.queue.lifetime_hours
     expired = [Attempt(a.address, 554, "4.4.7", f"message expired after {hours:g} hours in the queue; "
                        f"last error: {a.reply}", a.remote) for a in attempts]  # fmt: skip
     for att in expired:
@@ -342,7 +342,7 @@ async def _maybe_warn(ctx: Context, job: Job, data: bytes, now: _dt.datetime) ->
     """One delay DSN (action delayed) once the message has waited ``queue.delay_warning_hours``."""
     if job.warned_at is not None or job.is_receipt or not job.sender:
         return
-    threshold = _dt.timedelta(hours=float(ctx.settings.get("queue", "delay_warning_hours")))
+    threshold = _dt.timedelta(hours=ctx.settings.queue.delay_warning_hours)
     if now - job.created_at < threshold:
         return
 

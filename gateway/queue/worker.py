@@ -144,7 +144,7 @@ class Workers:
             from gateway.delivery.maildir import MaildirDelivery
 
             local = MaildirDelivery(settings.mail_dir)
-        workers = int(settings.get("queue", "workers"))
+        workers = settings.queue.workers
         self._executor_kind = crypto_executor
         self._crypto_workers = crypto_workers or max(1, min(workers, os.cpu_count() or 1))
         self.concurrency = concurrency or max(8, 4 * workers)
@@ -375,8 +375,8 @@ class Workers:
     async def _commit(self, job: Job, batch: Verdict) -> bool:
         """The run's outcomes and the release, in one transaction shared with the messages that
         finished meanwhile (``gateway.queue.outcomes.commit_many``); returns whether it is done."""
-        base = float(self.settings.get("queue", "retry_base_seconds"))
-        cap = float(self.settings.get("queue", "retry_max_seconds"))
+        base = self.settings.queue.retry_base_seconds
+        cap = self.settings.queue.retry_max_seconds
         now = self.now()
 
         def schedule(attempts: int) -> _dt.datetime:

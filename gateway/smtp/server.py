@@ -392,8 +392,8 @@ class EdgeHandler:
         self.deps = deps
         self.settings = deps.settings
         self.metrics = deps.metrics
-        self.max_recipients = int(deps.settings.get("limits", "max_recipients"))
-        self.max_line = int(deps.settings.get("limits", "max_line_length"))
+        self.max_recipients = deps.settings.limits.max_recipients
+        self.max_line = deps.settings.limits.max_line_length
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -646,12 +646,12 @@ async def start_listener(
             hostname=settings.hostname,
             ident="mssgw ESMTP",
             # The workers wrap at most EDGE_MAX_MESSAGE_BYTES (plus the fields we add): never accept more.
-            data_size_limit=min(int(settings.get("limits", "max_message_size")), EDGE_MAX_MESSAGE_BYTES),
+            data_size_limit=min(settings.limits.max_message_size, EDGE_MAX_MESSAGE_BYTES),
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=None if implicit_tls else tls_context,
             require_starttls=require_starttls and not implicit_tls,
-            timeout=float(settings.get("limits", "session_timeout")),
+            timeout=settings.limits.session_timeout,
             auth_require_tls=True,
             auth_exclude_mechanism=None if auth else ["PLAIN", "LOGIN"],
             command_call_limit=CALL_LIMITS,

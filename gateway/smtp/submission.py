@@ -215,7 +215,7 @@ class SubmissionHandler(EdgeHandler):
             found = _NO_DOCUMENTS
             decided = decide_documents(found)
         else:
-            mode = str(self.settings.get("documents", "missing_headers"))
+            mode = self.settings.documents.missing_headers
 
             def run() -> tuple[DocumentFacts, DocumentsDecision]:
                 facts = inspect_message(data).policy_facts()

@@ -157,7 +157,7 @@ async def test_peer_down_defers_then_delivers_after_backoff(pair: Pair) -> None:
     assert _states(info) == {PRACTITIONER: "deferred"}
     assert "4.4.1" in _reply(info, PRACTITIONER)
     next_at = dt.datetime.fromisoformat(info["next_attempt_at"])
-    base = float(a.settings.get("queue", "retry_base_seconds"))
+    base = a.settings.queue.retry_base_seconds
     assert t0 + dt.timedelta(seconds=base * 0.7) <= next_at <= t0 + dt.timedelta(seconds=base * 1.3)
     assert await a.workers.run_once(now=t0 + dt.timedelta(seconds=1)) == 0  # not due yet
 
@@ -206,7 +206,7 @@ async def test_delay_warning_once_then_expiry_bounce(pair: Pair) -> None:
     _check_dsn(delayed[0], PRACTITIONER, action="delayed", status_prefix="4.")
     assert _states(a.queue(qid)) == {PRACTITIONER: "deferred"}
 
-    lifetime = float(a.settings.get("queue", "lifetime_hours"))
+    lifetime = a.settings.queue.lifetime_hours
     await a.workers.drain(now=t0 + dt.timedelta(hours=lifetime + 1))
     info = a.queue(qid)
     assert _states(info) == {PRACTITIONER: "bounced"}
@@ -294,7 +294,7 @@ async def test_crash_after_relay_is_reclaimed_and_delivered_once(pair: Pair) -> 
     assert len(b.store.list()) == 1  # B has it; A never learnt so
     assert a.queue(qid)["claimed_by"] == "dead-worker"
     assert await a.workers.run_once(now=t0 + dt.timedelta(seconds=5)) == 0  # lease still held
-    lease = float(a.settings.get("queue", "lease_seconds"))
+    lease = a.settings.queue.lease_seconds
     await pair.flow(now=t0 + dt.timedelta(seconds=lease + 5))
     assert _states(a.queue(qid)) == {PRACTITIONER: "delivered"}
     assert len(b.store.list(include_done=True)) == 1  # the resend was a duplicate

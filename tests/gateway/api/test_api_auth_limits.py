@@ -122,7 +122,7 @@ async def test_wrong_types_name_each_field(api: ApiWorld) -> None:
 
 
 async def test_oversized_body_refused_before_reading(api: ApiWorld) -> None:
-    limit = int(api.settings.get("limits", "max_message_size"))  # 200 000 in the test settings
+    limit = api.settings.limits.max_message_size  # 200 000 in the test settings
     big = base64.b64encode(b"x" * (limit * 2)).decode()
     async with api.client() as http:
         got = await http.post("/v1/messages", json=new_message(attachments=[

@@ -292,5 +292,5 @@ def test_nameserver_forms() -> None:
     assert parse_nameserver("2001:db8::1", "k") == ("2001:db8::1", 53)
     assert parse_nameserver("[2001:db8::1]:5353", "k") == ("2001:db8::1", 5353)
     settings = validate({"relay": {"nameservers": ["192.0.2.1", "[::1]:5353"], "dns_timeout": 2}}, Path("/x"), environ={})
-    assert settings.get("relay", "dns_timeout") == 2.0 and settings.get("relay", "mx_port") == 25
+    assert settings.relay.dns_timeout == 2.0 and settings.relay.mx_port == 25
 

@@ -315,7 +315,7 @@ async def test_pre_login_synchronizing_literal_is_bounded(imap: Imap) -> None:
 
 @pytest.mark.timeout(60)
 async def test_append_beyond_appendlimit_is_refused_at_once(imap: Imap) -> None:
-    limit = int(imap.settings.get("limits", "max_message_size"))
+    limit = imap.settings.limits.max_message_size
     async with logged_in(imap) as streams:
         caps = await command(streams, b"c", b"CAPABILITY")
         assert b"APPENDLIMIT=%d" % limit in caps[0]

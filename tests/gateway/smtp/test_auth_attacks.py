@@ -209,7 +209,7 @@ async def test_expired_registered_certificate_is_refused(world: World) -> None:
 
 async def test_stale_crl_with_soft_fail_logs_in_with_a_warning(world: World,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    assert world.settings.get("crypto", "crl_soft_fail") is True
+    assert world.settings.crypto.crl_soft_fail is True
     stale_crl(world)
     with caplog.at_level(logging.WARNING, logger="mssgw.auth"):
         code, text = await mail_with_certificate(world, world.certs.app)
@@ -289,7 +289,7 @@ async def test_attacker_cannot_lock_the_clinician_out(world: World) -> None:
     assert (await auth_from(world, "127.0.0.66", SEC, PASSWORD))[0] == 454
     code, text = await auth_from(world, "127.0.0.1", SEC, PASSWORD)  # the clinician, from elsewhere
     assert code == 235, text
-    assert max(sleeps.delays) <= world.settings.get("auth", "max_delay")
+    assert max(sleeps.delays) <= world.settings.auth.max_delay
 
 
 async def test_other_accounts_from_an_attacking_source_are_refused_too(world: World) -> None:

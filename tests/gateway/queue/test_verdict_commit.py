@@ -11,17 +11,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import OperationalError
 
-from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from directory import service
+from certs.pki import issue_certificate, load_dev_pki
 from directory.certificates import register_certificate
-from directory.db import make_engine, session_factory, transaction
-from gateway.config import load_settings
+from directory.db import transaction
 from gateway.delivery.relay import Attempt, Route
 from gateway.process import pipeline
 from gateway.queue import outcomes
@@ -45,24 +42,6 @@ class ScriptedPeer:
         self.sent.append(data)
         code, status = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         return [Attempt(r, code, status, "scripted reply", "127.0.0.1:9") for r in recipients]
-
-
-@pytest.fixture
-def operator(sqlite_home: Path):  # type: ignore[no-untyped-def]
-    settings = load_settings(sqlite_home)
-    engine = make_engine(settings.database_url)
-    factory = session_factory(engine)
-    cert, key = issue_certificate(load_dev_pki(settings.pki_dir), kind="user", email=SENDER)
-    save_certificate_and_key(cert, key, settings.keys_dir / "s.pem", settings.keys_dir / "s.key")
-    with transaction(factory) as s:
-        service.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
-        service.add_mailbox(s, SENDER, type="ORG")
-        service.add_mailbox(s, REMOTE, type="ORG")
-        register_certificate(s, cert.public_bytes(serialization.Encoding.PEM), address=SENDER, purpose="smime",
-                             key_path=str(settings.keys_dir / "s.key"))  # fmt: skip
-    store = QueueStore(factory, settings.spool_dir, lease=timedelta(seconds=300))
-    yield settings, factory, store
-    engine.dispose()
 
 
 def receipts(store: QueueStore) -> list[dict]:  # type: ignore[type-arg]

@@ -8,18 +8,10 @@ import random
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
-from cryptography.hazmat.primitives import serialization
-
-from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
 from directory import service
-from directory.certificates import register_certificate
-from directory.db import make_engine, session_factory, transaction
-from gateway.config import load_settings
+from directory.db import transaction
 from gateway.delivery.relay import Attempt, Route
-from gateway.queue.store import QueueStore
 from gateway.queue.worker import Workers, backoff_delay
 
 SENDER = "dr.martin@a.mssante.test"
@@ -60,25 +52,6 @@ class Recorder:
 class FailingRelay:
     async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
         raise RuntimeError("boom")
-
-
-@pytest.fixture
-def operator(sqlite_home: Path):  # type: ignore[no-untyped-def]
-    settings = load_settings(sqlite_home)
-    engine = make_engine(settings.database_url)
-    factory = session_factory(engine)
-    cert, key = issue_certificate(load_dev_pki(settings.pki_dir), kind="user", email=SENDER)
-    save_certificate_and_key(cert, key, settings.keys_dir / "s.pem", settings.keys_dir / "s.key")
-    with transaction(factory) as s:
-        service.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
-        service.add_mailbox(s, SENDER, type="ORG")
-        service.add_mailbox(s, LOCAL, type="ORG")
-        service.add_mailbox(s, REMOTE, type="ORG")
-        register_certificate(s, cert.public_bytes(serialization.Encoding.PEM), address=SENDER, purpose="smime",
-                             key_path=str(settings.keys_dir / "s.key"))  # fmt: skip
-    store = QueueStore(factory, settings.spool_dir, lease=timedelta(seconds=300))
-    yield settings, factory, store
-    engine.dispose()
 
 
 async def test_running_loop_delivers_after_wake(operator) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ COPY deploy/compose-setup.sh /usr/local/bin/mssgw-compose-setup
 # it exists in the image so that a new named volume mounted there belongs to mssgw.
 RUN useradd --system --create-home --home-dir /home/mssgw mssgw \
  && chmod 0755 /usr/local/bin/mssgw-compose-setup \
- && mkdir /data /bundles && chown mssgw:mssgw /data /bundles && chmod 0700 /data
+ && mkdir /data /bundles /data/mail && chown mssgw:mssgw /data /bundles /data/mail && chmod 0700 /data /data/mail
 USER mssgw
 WORKDIR /data
 VOLUME ["/data"]

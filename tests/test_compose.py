@@ -172,6 +172,7 @@ def test_compose_file_is_well_formed() -> None:
         "gateway-a1",
         "gateway-a2",
         "gateway-b",
+        "clone-a2",
     } <= set(found)
     volumes = declared_volumes()
     assert "bundles" in volumes
@@ -261,6 +262,36 @@ def test_certificates_name_the_hosts_peers_relay_to() -> None:
                 )
 
 
+def test_nodes_of_one_operator_share_the_database_and_the_mail_volume_only() -> None:
+    """Operator A's two nodes: one database, a home each (provisioned by ``clone`` from an init's
+    home before the node starts), one audit chain each, and no volume in common but the Maildir."""
+    by_db: dict[str, list[Service]] = {}
+    for gateway in gateways():
+        by_db.setdefault(gateway.env["MSSGW_DATABASE_URL"], []).append(gateway)
+    nodes = next(group for group in by_db.values() if len(group) > 1)
+    assert {g.name for g in nodes} == {"gateway-a1", "gateway-a2"}
+    assert len({g.env.get("MSSGW_AUDIT_NODE") for g in nodes}) == len(nodes), "two nodes on one audit chain"
+    assert all(g.env.get("MSSGW_AUDIT_NODE") for g in nodes)
+    mounts = [(target, source) for g in nodes for target, source in g.volumes.items()]
+    shared = {source for _, source in mounts if sum(1 for _, s in mounts if s == source) > 1}
+    assert shared == {"mail-a"}, f"volumes shared by A's nodes beyond the Maildir: {shared - {'mail-a'}}"
+    assert all(g.volumes.get("/data/mail") == "mail-a" for g in nodes)
+    init_homes = {s.volumes["/data"] for s, _ in setup_calls("init")}
+    clones = {s.volumes["/data"]: s for s, _ in setup_calls("clone")}
+    for gateway in nodes:
+        home = gateway.volumes["/data"]
+        if home in init_homes:
+            continue
+        clone = clones.get(home)
+        assert clone is not None, f"{gateway.name}'s home is neither initialised nor provisioned"
+        assert clone.name in gateway.depends_on, f"{gateway.name} may start before its home is provisioned"
+        assert clone.command[2:] == ["/source"] and clone.spec["volumes"][0].endswith(":/source:ro")
+        source = clone.volumes["/source"]
+        assert source in init_homes and source != home
+        peers_of_source = [s.name for s, _ in setup_calls("peer") if s.volumes["/data"] == source]
+        assert set(peers_of_source) <= set(clone.depends_on), "provisioned before the source trusts its peer"
+
+
 def test_ports_are_published_on_loopback_only() -> None:
     published = []
     for service in services().values():
@@ -346,6 +377,20 @@ def test_the_setup_script_connects_two_homes(tmp_path: Path, operator_databases:
     # Run again, as a second `docker compose up` does: every step is idempotent.
     for service, args in inits[:1] + peers:
         run(service, [service.command[1], *args])
+    clones = setup_calls("clone")
+    assert clones, "no node is provisioned from another's home"
+    for _ in range(2):  # idempotent too
+        for service, args in clones:
+            source = homes[service.volumes["/source"]]
+            run(service, ["clone", *[str(source) if a == "/source" else a for a in args]])
+    for service, _ in clones:
+        node, source = homes[service.volumes["/data"]], homes[service.volumes["/source"]]
+        for secret in ("pki/operator.key", "pki/server.key", "pki/ca.pem", "mssgw.toml"):
+            assert (node / secret).read_bytes() == (source / secret).read_bytes(), secret
+            if secret.endswith(".key"):
+                assert (node / secret).stat().st_mode & 0o077 == 0, f"{secret} readable by others"
+        assert (node / "gnupg").is_dir() and (node / "keys").is_dir()
+        assert not any((node / name).exists() for name in ("spool", "audit", "mail", "mssgw.db"))
 
     identity = {}
     for service, (domain, hostname, _) in inits:

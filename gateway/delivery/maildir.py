@@ -21,6 +21,13 @@ Maildir++ folder convention, RFC 3501 system flags mapped to Maildir info letter
 Delivery is tmp/ -> write -> fsync -> rename into new/ (or cur/ when flags are given) -> fsync
 of the directory: after ``deliver`` returns, the message survives a crash.
 
+Once per queue run: the queue's workers set ``DELIVERY_RUN`` (queue id, whether the message
+was claimed, i.e. an earlier run may have died after writing and before its outcome was
+committed).  The file name then carries ``K<key>`` (a digest of queue id, mailbox and folder);
+a claimed run first looks for that key in ``new/`` and ``cur/`` and, when a dead run already
+wrote the copy, returns its name instead of writing a second one.  Only claimed runs pay for
+that directory scan; a message handed to this process's worker at acceptance never does.
+
 Every successful ``deliver`` tells the IMAP sessions of that mailbox in this process
 (``mailbox_events``): an IDLE client hears of the message at once, without its folder being
 re-read every second. Deliveries by other processes are seen by the IMAP service's slower
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import os
 import secrets
@@ -42,13 +50,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from directory.identifiers import InvalidIdentifier, normalise_address
 from gateway.core.durable import write_durably
 from gateway.core.errors import QueueError
 
-__all__ = ["DEFAULT_FOLDERS", "DeliveryError", "MailboxEvents", "MaildirDelivery", "folder_subdir", "mailbox_events"]
+__all__ = ["DEFAULT_FOLDERS", "DELIVERY_RUN", "DeliveryError", "MailboxEvents", "MaildirDelivery", "folder_subdir", "mailbox_events"]
 
 #: Folders every mailbox has besides INBOX (created on first login or first delivery).
 DEFAULT_FOLDERS: tuple[str, ...] = ("Sent", "Drafts", "Trash", "Junk")
@@ -63,6 +72,25 @@ _FILE_MODE = 0o600
 _FORBIDDEN_IN_NAME = frozenset("/\\\x00.")  # '.' is the Maildir++ hierarchy separator
 
 _counter = itertools.count(1)
+
+#: The queue run local deliveries belong to: (queue id, claimed).  Set by the queue's workers
+#: around each pipeline run (``asyncio.to_thread`` carries it into the delivering thread).
+DELIVERY_RUN: ContextVar[tuple[str, bool] | None] = ContextVar("mssgw_delivery_run", default=None)
+
+
+def _run_key(queue_id: str, address: str, folder: str) -> str:
+    return hashlib.sha256(f"{queue_id}\0{address.lower()}\0{folder}".encode()).hexdigest()[:20]
+
+
+def _find_keyed(target_dir: Path, key: str) -> str | None:
+    """The name of a copy written under ``key`` (by a run that died before its outcome committed)."""
+    marker = f"K{key}."
+    for sub in ("new", "cur"):
+        with contextlib.suppress(FileNotFoundError), os.scandir(target_dir / sub) as entries:
+            for entry in entries:
+                if marker in entry.name:
+                    return entry.name
+    return None
 
 
 class DeliveryError(QueueError):
@@ -140,11 +168,12 @@ def _hostname() -> str:
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
 
 
-def _unique_name() -> str:
+def _unique_name(key: str | None = None) -> str:
     now = time.time()
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
-    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}.{_hostname()}"
+    keyed = f"K{key}" if key else ""
+    return f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}{keyed}.{_hostname()}"
 
 
 def _make_maildir(path: Path) -> None:
@@ -232,7 +261,13 @@ class MaildirDelivery:
                 self.ensure_folders(address)
             else:
                 raise DeliveryError(f"mailbox {address} has no folder {folder!r}")
-        name = _unique_name()
+        run = DELIVERY_RUN.get()
+        key = _run_key(run[0], address, folder) if run is not None else None
+        if key is not None and run is not None and run[1]:
+            earlier = _find_keyed(target_dir, key)
+            if earlier is not None:  # written by an earlier run of this message: once only
+                return earlier
+        name = _unique_name(key)
         tmp_path = target_dir / "tmp" / name
         final_name = f"{name}:2,{info}" if info else name
         final_dir = target_dir / ("cur" if info else "new")

@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from directory.db import read_session_factory
 from gateway.config import Settings
 from gateway.crypto.keystore import KeyStore
+from gateway.delivery.maildir import DELIVERY_RUN
 from gateway.process import pipeline
 from gateway.process.common import Context, LocalDelivery, RelayTransport
 from gateway.process.verdict import Job, Verdict
@@ -345,9 +346,13 @@ class Workers:
             return
         t_start = time.perf_counter()
         renewer = asyncio.create_task(self._renew(job), name=f"mssgw-renew-{job.id}")
+        # A claimed message may have been half done by a worker that died (a node SIGKILLed after
+        # a local delivery, before its outcome committed): local delivery then writes it once.
+        run = DELIVERY_RUN.set((job.id, job.claim_gen >= 1))
         try:
             verdict = await pipeline.run(self.ctx, job, data)
         finally:
+            DELIVERY_RUN.reset(run)
             renewer.cancel()
         t_processed = time.perf_counter()
         done = await self._commit(job, verdict)

@@ -101,11 +101,11 @@ def _assert_exactly_once(report: Report, messages: int) -> None:
     assert c["delivered"] + c["bounced"] + c["quarantined"] == c["pairs"], report.summary()
 
 
-async def _check(a: Node, b: Node, submitted: list[Planned]) -> Report:
+async def _check(a: Node, b: Node, submitted: list[Planned], *others: Node) -> Report:
     try:
         return await asyncio.to_thread(check, a, b, submitted)
     finally:
-        for node in (a, b):
+        for node in (a, b, *others):
             if node.engine is not None:
                 node.engine.dispose()
 
@@ -144,7 +144,7 @@ async def test_a_node_killed_with_a_full_queue_is_delivered_by_the_other(tmp_pat
     total, open_, rows = await asyncio.to_thread(_queue_counts, a2)
     assert (total, open_, rows) == (messages, 0, 0)  # every message final, its bytes dropped with it
     assert not (a1.home / "spool").exists()  # node 1 never came back
-    report = await _check(a1, b, stats.submitted)  # a1's Maildir is the shared mail volume
+    report = await _check(a1, b, stats.submitted, a2)  # a1's Maildir is the shared mail volume
     print(report.summary())
     _assert_exactly_once(report, messages)
 
@@ -207,6 +207,6 @@ async def test_both_nodes_working_and_one_killed_at_random(tmp_path: Path, backe
             await asyncio.to_thread(node.stop)
     total, open_, rows = await asyncio.to_thread(_queue_counts, a1)
     assert (total, open_, rows) == (messages, 0, 0) and stats.anomalies == []
-    report = await _check(a1, b, stats.submitted)
+    report = await _check(a1, b, stats.submitted, a2)
     print(report.summary(), f"victim={victim.name} resubmitted={stats.resubmitted}")
     _assert_exactly_once(report, messages)

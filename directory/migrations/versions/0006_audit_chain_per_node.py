@@ -29,7 +29,7 @@ _INDEXES = {"ix_audit_recipient": ["recipient"], "ix_audit_sender": ["sender"], 
 def _rebuild_sqlite(per_node: bool) -> None:
     """SQLite cannot change a primary key: a new table, the rows copied in order, the old one dropped."""
     keys = ["node", "seq"] if per_node else ["seq"]
-    columns = [
+    columns: list[sa.schema.SchemaItem] = [
         *([sa.Column("node", sa.String(length=64), server_default="", nullable=False)] if per_node else []),
         sa.Column("seq", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("ts", sa.DateTime(timezone=True), nullable=False),

@@ -1,4 +1,4 @@
-"""The recipient chain over facts read from the directory: the decisions ``mssgw domains check`` prints."""
+"""The recipient chain (``gateway.policy.recipients``) over directory facts: what ``mssgw domains check`` prints."""
 
 from __future__ import annotations
 

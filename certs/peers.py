@@ -5,7 +5,9 @@ operators used to take an hour of guessing for: the peer's CA becomes a trust an
 signatures, their server's certificate, and their client certificate on our inbound port:
 ``gateway.core.tls`` builds the inbound client-CA set from the anchors), each domain is
 trusted with its route (``relay`` HOST:PORT or its MX records) and the operator's certificate
-identity (``operator_dn``, the MSSanté whitelist's ``DNCertificatOperateur``), and the
+identity (``operator_dn``, the MSSanté whitelist's ``DNCertificatOperateur``), whether its mail
+must be encrypted end to end (``require_encryption``; False is the MSSanté model: signed mail
+over mutual TLS pinned to that identity), and the
 operator certificate, when given, is registered as the domain-bound encryption certificate
 (mail to a peer mailbox whose own certificate we do not know is encrypted to its operator).
 Everything is idempotent: running the same ``peers add`` twice leaves the same rows.
@@ -101,8 +103,13 @@ def add_peer(
     use_mx: bool,
     operator_dn: str | None,
     operator_cert_pem: bytes | None = None,
+    require_encryption: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Trust ``domains`` of one peer operator: anchor, route, pinned identity (see the module docstring)."""
+    """Trust ``domains`` of one peer operator: anchor, route, pinned identity (see the module docstring).
+
+    ``require_encryption`` False accepts the peer's mail signed but not encrypted end to end, over
+    mutual TLS pinned to its identity (the MSSanté model); None keeps the domain's setting (a new
+    peer requires encryption)."""
     if not domains:
         raise PeerError("no domain to add")
     if relay is None and not use_mx:
@@ -129,7 +136,8 @@ def add_peer(
         except Exception as exc:  # CertError: not a CA, expired, unreadable
             raise PeerError(f"--ca: {exc}") from None
         service.trust_domain(session, name, relay=relay, use_mx=use_mx, operator_dn=operator_dn,
-                             description="peer operator (mssgw peers add)")  # fmt: skip
+                             description="peer operator (mssgw peers add)",
+                             require_encryption=require_encryption)  # fmt: skip
         row = service.get_domain(session, name)
         assert row is not None
         if relay is not None:
@@ -160,6 +168,7 @@ def peer_dict(session: Session, domain: str) -> dict[str, Any]:
         "relay": row.relay,
         "use_mx": row.use_mx,
         "operator_dn": row.operator_dn,
+        "require_encryption": service.encryption_required(row),
         "source": row.source,
         "anchors": [{"subject": c.subject, "fingerprint": c.fingerprint} for c in certs if c.purpose == "anchor"],
         "operator_cert": next((c.fingerprint for c in certs if c.purpose == "encrypt"), None),

@@ -24,15 +24,21 @@ def domains() -> None:
 @click.option("--operator-dn", help="The operator's certificate identity, as in the MSSanté whitelist.")
 @click.option("--openpgp/--no-openpgp", "prefers_openpgp", default=None,
               help="The operator prefers OpenPGP when recipients publish keys.")
+@click.option("--require-encryption/--no-require-encryption", "require_encryption", default=None,
+              help="Whether its mail must be encrypted end to end (default for a new domain: yes); "
+                   "--no-require-encryption accepts it signed over mutual TLS pinned to --operator-dn.")
 @pass_app
 def trust(app: AppContext, domain: str, relay: str | None, use_mx: bool, operator_dn: str | None,
-          prefers_openpgp: bool | None) -> None:
+          prefers_openpgp: bool | None, require_encryption: bool | None) -> None:
     """Add a peer operator's domain to the trust list (or update it)."""
     with app.transaction() as session:
         row = service.trust_domain(session, domain, relay=relay, operator_dn=operator_dn, use_mx=use_mx,
-                                   prefers_openpgp=prefers_openpgp)
+                                   prefers_openpgp=prefers_openpgp, require_encryption=require_encryption)
         if row.relay is None and not row.use_mx:
             click.echo(f"note: {row.name} has no --relay HOST:PORT: mail to it goes to its MX records", err=True)
+        if require_encryption is False and not row.operator_dn:
+            click.echo(f"note: {row.name} has no --operator-dn: its mail must still be encrypted end to end "
+                       "until its identity is pinned", err=True)
     click.echo(f"{row.name} trusted")
 
 
@@ -65,7 +71,7 @@ def list_(app: AppContext, kind: str | None, as_json: bool) -> None:
     """List our domains, trusted operators and blocked domains."""
     with app.read() as session:
         rows = service.list_domains(session, kind)
-    emit(rows, ("domain", "kind", "relay", "operator_dn", "reason"), as_json)
+    emit(rows, ("domain", "kind", "relay", "operator_dn", "require_encryption", "reason"), as_json)
 
 
 @domains.command("import-whitelist")

@@ -39,9 +39,14 @@ def peers() -> None:
               help="The peer's operator certificate: its subject is pinned, it encrypts mail to the peer's domain.")
 @click.option("--from", "bundle_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A file written by the peer's 'mssgw peers export' (CA, DN, domains, inbound address).")
+@click.option("--require-encryption/--no-require-encryption", "require_encryption", default=None,
+              help="Whether the peer's mail must be encrypted end to end (default for a new peer: yes). "
+                   "--no-require-encryption accepts it signed over mutual TLS pinned to its identity "
+                   "(the MSSanté model).")
 @pass_app
 def add(app: AppContext, domain: str | None, ca_file: Path | None, relay: str | None, use_mx: bool,
-        operator_dn: str | None, operator_cert: Path | None, bundle_file: Path | None) -> None:
+        operator_dn: str | None, operator_cert: Path | None, bundle_file: Path | None,
+        require_encryption: bool | None) -> None:
     """Trust a peer operator's DOMAIN (or every domain of --from FILE); idempotent."""
     cert_pem = _read(operator_cert, "--operator-cert") if operator_cert else None
     if bundle_file is not None:
@@ -68,9 +73,11 @@ def add(app: AppContext, domain: str | None, ca_file: Path | None, relay: str | 
         raise click.UsageError("pin the peer's identity: --operator-dn DN or --operator-cert FILE")
     with app.transaction() as session:
         rows = svc.add_peer(session, app.settings, domains, ca_pem=ca_pem, relay=relay, use_mx=use_mx,
-                            operator_dn=operator_dn, operator_cert_pem=cert_pem)  # fmt: skip
+                            operator_dn=operator_dn, operator_cert_pem=cert_pem,
+                            require_encryption=require_encryption)  # fmt: skip
     for row in rows:
-        click.echo(f"{row['domain']}: peer trusted ({row['route']}; operator {row['operator_dn']})")
+        mode = "" if row["require_encryption"] else "; signed over pinned mutual TLS, not encrypted end to end"
+        click.echo(f"{row['domain']}: peer trusted ({row['route']}; operator {row['operator_dn']}{mode})")
 
 
 @peers.command("list")
@@ -80,7 +87,7 @@ def list_(app: AppContext, as_json: bool) -> None:
     """List the peer operators' domains with their route, identity and CA."""
     with app.read() as session:
         rows = svc.list_peers(session)
-    emit(rows, ("domain", "route", "operator_dn", "ca"), as_json)
+    emit(rows, ("domain", "route", "operator_dn", "require_encryption", "ca"), as_json)
 
 
 @peers.command("show")

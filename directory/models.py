@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -92,6 +93,9 @@ class Domain(Base):
     relay: Mapped[str | None] = mapped_column(String(300))  # "host:port" of the peer's inbound
     use_mx: Mapped[bool] = mapped_column(Boolean, default=False)
     prefers_openpgp: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Whether this peer's mail must be encrypted end to end (S/MIME enveloped). False is the MSSanté
+    # model: signed, over mutual TLS pinned to ``operator_dn`` (``service.signed_only_accepted``).
+    require_encryption: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     source: Mapped[str] = mapped_column(String(32), default="admin")  # admin, whitelist, seed, init
     description: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

@@ -10,6 +10,7 @@ function here, and the gateway's policy reads the directory only through
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -145,17 +146,27 @@ def trust_domain(
     prefers_openpgp: bool | None = None,
     source: str = "admin",
     description: str | None = None,
+    require_encryption: bool | None = None,
 ) -> Domain:
-    """Add (or update) a peer operator's domain to the trust list."""
+    """Add (or update) a peer operator's domain to the trust list.
+
+    ``require_encryption`` None keeps the row's setting; a new row requires end-to-end encryption,
+    except one imported from the MSSanté whitelist with its operator DN: the trust space's model is
+    signed mail over mutual TLS pinned to that DN, and requiring more would quarantine it all."""
     domain = normalise_domain(name)
     if relay is not None:
         _check_relay(relay)
     row = get_domain(session, domain)
     if row is not None and row.kind == DomainKind.LOCAL:
         raise DirectoryError(f"{domain} is one of our own domains; it cannot be a peer")
-    if row is None:
-        row = Domain(name=domain, kind=DomainKind.TRUSTED, source=source)
-        session.add(row)
+    if row is None or row.kind != DomainKind.TRUSTED:
+        mssante = source == "whitelist" and bool(operator_dn or (row is not None and row.operator_dn))
+        if row is None:
+            row = Domain(name=domain, kind=DomainKind.TRUSTED, source=source)
+            session.add(row)
+        row.require_encryption = not mssante
+    if require_encryption is not None:
+        row.require_encryption = require_encryption
     row.kind = DomainKind.TRUSTED
     row.reason = None
     if relay is not None:
@@ -227,9 +238,41 @@ def domain_dict(row: Domain) -> dict[str, Any]:
         "operator_dn": row.operator_dn,
         "use_mx": row.use_mx,
         "prefers_openpgp": row.prefers_openpgp,
+        "require_encryption": encryption_required(row) if row.kind == DomainKind.TRUSTED else None,
         "reason": row.reason,
         "source": row.source,
     }
+
+
+def encryption_required(row: Domain) -> bool:
+    """Whether mail from this peer must be encrypted end to end: yes unless the admin (or the
+    whitelist) relaxed it and the peer's identity is pinned (``operator_dn``), the MSSanté model."""
+    return bool(row.require_encryption) or not row.operator_dn
+
+
+def signed_only_accepted(session: Session, peer_domain: str, from_domain: str) -> bool:
+    """May a signed, unencrypted message whose From is in ``from_domain`` be accepted when it
+    came over mutual TLS from the verified peer operator of ``peer_domain``?
+
+    Both domains must be trusted peers that do not require end-to-end encryption, with the same
+    pinned operator identity (one operator serving both): the transport then vouches for the
+    operator, and the signature (checked by the caller) for the author. Anything else: no."""
+    peer, origin = get_domain(session, peer_domain), get_domain(session, from_domain)
+    if peer is None or origin is None or peer.kind != DomainKind.TRUSTED or origin.kind != DomainKind.TRUSTED:
+        return False
+    if encryption_required(peer) or encryption_required(origin):
+        return False
+    return peer.name == origin.name or _same_dn(peer.operator_dn or "", origin.operator_dn or "")
+
+
+def _same_dn(a: str, b: str) -> bool:
+    """``CN=x, O=y`` and ``/O=y/CN=x`` compare equal (RDN order, spaces and case aside)."""
+
+    def norm(dn: str) -> frozenset[tuple[str, str]]:
+        parts = [p for p in re.split(r"[,/]", dn) if "=" in p]
+        return frozenset((k.strip().upper(), v.strip().lower()) for k, v in (p.split("=", 1) for p in parts))
+
+    return bool(a and b) and norm(a) == norm(b)
 
 
 def list_domains(session: Session, kind: str | None = None) -> list[dict[str, Any]]:
@@ -269,7 +312,7 @@ def trust_signature(session: Session) -> dict[str, str]:
 
     parts: dict[str, list[str]] = {}
     for d in session.execute(select(Domain.name, Domain.kind, Domain.relay, Domain.operator_dn, Domain.use_mx,
-                                    Domain.prefers_openpgp, Domain.reason)):  # fmt: skip
+                                    Domain.prefers_openpgp, Domain.reason, Domain.require_encryption)):  # fmt: skip
         parts.setdefault(d.name, []).append(repr(tuple(d)))
     for c in session.execute(select(Certificate.address, Certificate.purpose, Certificate.fingerprint,
                                     Certificate.revoked_at, Certificate.key_path)

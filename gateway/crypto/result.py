@@ -9,6 +9,10 @@ with its registered `body.smime-identifier`, `body.smime-serial` and `body.smime
 properties (serial and issuer together or not at all, RFC 7281 §3.2.3); OpenPGP has no
 registered method, so it is the unregistered `x-pgp` (readers skip methods they do not know)
 with `header.from`, the address checked against the key's user IDs.  No DKIM property appears.
+A signed message accepted without encryption because a verified peer operator carried it over
+pinned mutual TLS (the MSSanté mode) also gets the transport's result, the unregistered
+`x-peer-tls=pass policy.peer-operator=<domain>`, and a comment saying it was not encrypted end
+to end.
 What has no registered property (the signer's subject, fingerprint, CRL state, the From that
 was checked) goes in a comment, which every reader skips.  Results are those of RFC 7281 §3:
 pass; policy (the signature verifies but our policy refuses its algorithm, key usage, stale CRL
@@ -129,6 +133,9 @@ class SecurityResult:
     signature_algorithm: str | None = None
     failure: str | None = None
     detail: str = ""
+    # The verified peer operator (its trust-list domain) whose pinned mutual TLS carried a message
+    # accepted signed but not encrypted (MSSanté mode, ``directory.service.signed_only_accepted``).
+    transport_peer: str | None = None
 
     def __post_init__(self) -> None:
         if self.failure is not None and self.failure not in FAILURE_CODES:
@@ -203,11 +210,16 @@ class SecurityResult:
             notes.append(f"{'key' if self.method == 'pgp' else 'sha256'} {self.signer_fingerprint}")
         if self.crl_status:
             notes.append(f"crl {self.crl_status}")
+        if self.transport_peer and not self.encrypted:
+            notes.append("signed, not encrypted end to end")
         if notes:
             parts.append(_comment(notes))
         if self.method == "smime" and self.signer_serial and self.signer_issuer and _HEX.fullmatch(self.signer_serial):
             parts += [f"body.smime-serial={self.signer_serial}", f"body.smime-issuer={_quote(self.signer_issuer)}"]
-        return f"{authserv_id}; " + " ".join(parts)
+        value = f"{authserv_id}; " + " ".join(parts)
+        if self.transport_peer:  # the transport's own result: mutual TLS with the pinned operator
+            value += f"; x-peer-tls=pass policy.peer-operator={pvalue(self.transport_peer)}"
+        return value
 
     def audit_fields(self) -> dict[str, Any]:
         """Flat dictionary for the audit trail: identities, algorithms, verdicts, never content."""

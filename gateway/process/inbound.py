@@ -7,6 +7,12 @@ The job, for a claimed message of origin ``inbound``:
    A signature by the sending domain's organisation certificate is accepted for a From of
    that domain when the certificate is the one registered for the domain or its subject is
    the trust list's operator DN (Direct Project domain-bound certificates).
+   MSSanté mode: a message signed but not encrypted is accepted when it came over the inbound
+   listener from a verified peer operator (``peer_operator``) whose trust-list row does not
+   require end-to-end encryption, and its From is in a domain of that same operator
+   (``directory.service.signed_only_accepted``); the signature must hold as always. It is
+   recorded as ``mtls-signed`` and its Authentication-Results adds
+   ``x-peer-tls=pass policy.peer-operator=...`` and says it was not encrypted end to end.
 2. Verified: the recovered original goes to each local recipient's INBOX (``present``) with
    ``Return-Path`` and the ``Received`` fields of the peer hop (RFC 5321 §4.4), an
    ``Authentication-Results`` header (RFC 8601; forged ones claiming our host are removed
@@ -62,6 +68,8 @@ from gateway.process.outbound import defer_or_bounce
 from gateway.process.reports import PEER_TLS, peer_report_results, quarantine_notice, transport_report
 from gateway.process.verdict import RELEASED, RecipientState
 
+MTLS_SIGNED = "mtls-signed"  # a recipient's protection: signed, over pinned mutual TLS (MSSanté mode)
+
 __all__ = ["annotate", "open_job", "present", "process_inbound"]
 
 log = logging.getLogger("mssgw.inbound")
@@ -69,9 +77,12 @@ log = logging.getLogger("mssgw.inbound")
 _RETRY_WITH_NEXT_KEY = {"wrong-recipient", "decrypt-failed"}
 
 
-def open_job(data: bytes, candidates: tuple[KeyRef, ...], trust: TrustRef,
-             now: _dt.datetime | None) -> tuple[bytes | None, SecurityResult]:  # fmt: skip
-    """Decrypt + verify S/MIME with the first candidate key that opens it (runs in a worker process)."""
+def open_job(data: bytes, candidates: tuple[KeyRef, ...], trust: TrustRef, now: _dt.datetime | None,
+             require_encryption: bool = True) -> tuple[bytes | None, SecurityResult]:  # fmt: skip
+    """Decrypt + verify S/MIME with the first candidate key that opens it (runs in a worker process).
+
+    ``require_encryption`` False: a signed message that is not encrypted may still verify (a peer
+    in MSSanté mode, ``_signed_only_peer``); the caller then checks its From's domain."""
     from gateway.crypto.smime import open_message
 
     store = load_trust(trust)
@@ -82,7 +93,8 @@ def open_job(data: bytes, candidates: tuple[KeyRef, ...], trust: TrustRef,
             cert, key = load_keypair(ref)
         except KeyStoreError:
             continue
-        inner, result = open_message(data, recipient_cert=cert, recipient_key=key, trust=store, now=now)
+        inner, result = open_message(data, recipient_cert=cert, recipient_key=key, trust=store, now=now,
+                                     require_encryption=require_encryption)  # fmt: skip
         if result.failure not in _RETRY_WITH_NEXT_KEY:
             break
     return inner, result
@@ -294,9 +306,12 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
     if not pending and not released:
         return
     now = ctx.now()
-    inner, result = await _open(ctx, data, pending or released, now)
+    relaxed = await _signed_only_peer(ctx, job, job.peer_operator or "")
+    inner, result = await _open(ctx, data, pending or released, now, require_encryption=not relaxed)
     if result.failure == "from-mismatch":
         result = await ctx.io(_domain_bound, ctx, result)
+    if relaxed and not result.encrypted:
+        result = await _mssante_mode(ctx, job, result)
     accept = result.ok or (
         not ctx.settings.crypto.require_signature_inbound
         and result.failure == "not-signed" and result.decrypted_ok and inner is not None
@@ -321,10 +336,13 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
             reason = f"local delivery failed: {type(exc).__name__}"
             await defer_or_bounce(ctx, job, data, [Attempt(addr, 451, "4.3.0", reason)], result.method)
             continue
+        signed_only = result.transport_peer is not None and not result.encrypted
         await ctx.record(job, addr, RecipientState.DELIVERED, reply="250 2.0.0 verified and delivered to INBOX",
-                         event="delivered-inbound", outcome="accept", protection=result.method,
+                         event="delivered-inbound", outcome="accept",
+                         protection=MTLS_SIGNED if signed_only else result.method,
                          detail={"verdict": result.verdict, "signer": result.signer_email,
-                                 "documents": _documents_rule(documents)})  # fmt: skip
+                                 "documents": _documents_rule(documents),
+                                 **({"peer": job.peer_operator} if signed_only else {})})  # fmt: skip
         delivered.append(addr)
     await _processed_mdns(ctx, job, inner, delivered)
 
@@ -396,7 +414,38 @@ async def _deliver_report(ctx: Context, job: Job, data: bytes, result: SecurityR
                                  "peer": job.peer_operator})  # fmt: skip
 
 
-async def _open(ctx: Context, data: bytes, pending: list[str], now: _dt.datetime) -> tuple[bytes | None, SecurityResult]:
+async def _signed_only_peer(ctx: Context, job: Job, from_domain: str) -> bool:
+    """Whether the verified peer that sent ``job`` may send mail from ``from_domain`` signed but not
+    encrypted (``directory.service.signed_only_accepted``; reused for ``PLAN_TTL`` seconds).
+
+    Only for a message that came in on the inbound listener, where ``peer_operator`` is set once
+    the peer's client certificate matched the trust list; never for anything else."""
+    if job.origin != "inbound" or not job.peer_operator or not from_domain:
+        return False
+    from directory.service import signed_only_accepted
+
+    peer, domain = job.peer_operator.lower(), from_domain.lower()
+
+    def read() -> bool:
+        with ctx.read() as session:
+            return signed_only_accepted(session, peer, domain)
+
+    return await ctx.cached_io(("signed-only", peer, domain), read)
+
+
+async def _mssante_mode(ctx: Context, job: Job, result: SecurityResult) -> SecurityResult:
+    """A signed, unencrypted message from a peer that need not encrypt: accepted only when its
+    From's domain is served by that same peer (then marked ``transport_peer`` for the
+    Authentication-Results); else it is "not-encrypted", as from any other peer."""
+    from_domain = (result.from_address or "").rpartition("@")[2]
+    if result.failure is None and await _signed_only_peer(ctx, job, from_domain):
+        return result.evolve(transport_peer=job.peer_operator)
+    return result.evolve(encryption_required=True).with_failure(
+        "not-encrypted", "message is not S/MIME enveloped-data")
+
+
+async def _open(ctx: Context, data: bytes, pending: list[str], now: _dt.datetime, *,
+                require_encryption: bool = True) -> tuple[bytes | None, SecurityResult]:  # fmt: skip
     if _is_pgp(data):
         def pgp_open() -> tuple[bytes | None, SecurityResult]:
             from gateway.crypto.openpgp import OpenPgp
@@ -414,7 +463,7 @@ async def _open(ctx: Context, data: bytes, pending: list[str], now: _dt.datetime
     except KeyStoreError as exc:
         return None, SecurityResult().with_failure("wrong-recipient", str(exc))
     unique = tuple(dict.fromkeys(candidates))
-    return await ctx.crypto(open_job, data, unique, trust, now)
+    return await ctx.crypto(open_job, data, unique, trust, now, require_encryption)
 
 
 async def _quarantine(ctx: Context, job: Job, data: bytes, inner: bytes | None, result: SecurityResult,

@@ -25,7 +25,7 @@ from directory.db import make_engine, session_factory, transaction
 from gateway.audit.models import AuditRecord
 from gateway.config import load_settings
 from gateway.delivery.relay import Attempt, Route
-from gateway.queue.models import QueuedMessage, RecipientState, may_move
+from gateway.queue.models import QueuedMessage, RecipientState
 from gateway.queue.outcomes import Outcome, Pending, Verdict, commit_many
 from gateway.queue.store import QueueError, QueueStore
 from gateway.queue.worker import Workers
@@ -208,43 +208,7 @@ def test_concurrent_copies_on_two_nodes_store_each_recipient_once(operator) -> N
     assert len(held) == 1
 
 
-# --- item 5: one state table, fencing, lease renewal --------------------------------------------------
-
-
-def test_final_states_stay_final(operator) -> None:  # type: ignore[no-untyped-def]
-    _settings, factory, store = operator
-    assert not may_move(RecipientState.DELIVERED, RecipientState.DEFERRED)
-    assert not may_move(RecipientState.DELETED, RecipientState.QUEUED)
-    assert may_move(RecipientState.QUARANTINED, RecipientState.QUEUED)
-    assert not may_move(RecipientState.QUARANTINED, RecipientState.DELIVERED)
-    qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL, OTHER], origin="submission").queue_id
-    store.claim("w1")
-    delivered = Verdict([Outcome(LOCAL, RecipientState.DELIVERED, "250 2.0.0 ok")])
-    assert commit_many(factory, [Pending(qid, None, delivered)]) == [False]
-    store.delete(qid, reason="admin test")
-    late = Verdict([Outcome(LOCAL, RecipientState.DEFERRED, "451 4.4.1 late"),
-                         Outcome(OTHER, RecipientState.DEFERRED, "451 4.4.1 late")])  # fmt: skip
-    assert commit_many(factory, [Pending(qid, "w1", late)]) == [True]
-    states = {r["address"]: r["state"] for r in store.get(qid)["recipient_states"]}
-    assert states == {LOCAL: "delivered", OTHER: "deleted"}
-    with pytest.raises(QueueError, match="cannot become"):
-        store.set_recipient_state(qid, LOCAL, RecipientState.DEFERRED)
-
-
-def test_outcomes_of_a_worker_whose_lease_was_taken_over_are_discarded(operator) -> None:  # type: ignore[no-untyped-def]
-    _settings, factory, store = operator
-    qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE], origin="submission").queue_id
-    [first] = store.claim_rows("w1")
-    later = dt.datetime.now(dt.UTC) + timedelta(minutes=10)  # w1's lease ran out
-    [second] = store.claim_rows("w1", now=later)  # the same worker id: only the generation tells
-    assert second["claim_gen"] == first["claim_gen"] + 1
-    stale = Verdict([Outcome(REMOTE, RecipientState.DEFERRED, "451 4.4.1 stale")])
-    commit_many(factory, [Pending(qid, "w1", stale, None, first["claim_gen"])])
-    info = store.get(qid)
-    assert info["recipient_states"][0]["state"] == "queued" and info["claimed_by"] == "w1"
-    fresh = Verdict([Outcome(REMOTE, RecipientState.DELIVERED, "250 2.0.0 ok")])
-    assert commit_many(factory, [Pending(qid, "w1", fresh, None, second["claim_gen"])]) == [True]
-    assert store.get(qid)["recipient_states"][0]["state"] == "delivered"
+# --- item 5: lease renewal (the state table and fencing: test_outcomes.py) -----------------------------
 
 
 async def test_lease_renewed_while_a_long_attempt_runs(operator) -> None:  # type: ignore[no-untyped-def]

@@ -57,7 +57,7 @@ class Operator:
             "MSSGW_LISTEN_SUBMISSION": f"127.0.0.1:{self.ports['submission']}",
             "MSSGW_LISTEN_INBOUND": f"127.0.0.1:{self.ports['inbound']}",
             "MSSGW_LISTEN_SUBMISSIONS": "", "MSSGW_LISTEN_IMAP": "", "MSSGW_LISTEN_IMAPS": "",
-            "MSSGW_LISTEN_METRICS": "", "PYTHONPATH": str(ROOT),
+            "MSSGW_LISTEN_METRICS": "", "MSSGW_LISTEN_API": "", "PYTHONPATH": str(ROOT),
         })  # fmt: skip
         env.update(self.extra_env)
         return env

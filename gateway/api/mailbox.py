@@ -76,13 +76,13 @@ class Mailbox:
     def list(self, since: datetime | None = None, limit: int = MAX_LIST) -> builtins.list[dict[str, Any]]:
         """Messages received after ``since`` (oldest first), with a few header fields each."""
         stamped: list[tuple[float, Path]] = []
-        floor = since.timestamp() if since is not None else None
         for path in self.files():
             try:
                 mtime = path.stat().st_mtime
             except FileNotFoundError:  # moved or removed meanwhile
                 continue
-            if floor is None or mtime > floor:
+            # Compared as the microsecond times the listing shows, so ``since=<a received_at>`` excludes it.
+            if since is None or datetime.fromtimestamp(mtime, UTC) > since:
                 stamped.append((mtime, path))
         stamped.sort()
         return [entry for entry in (_summary(p, t) for t, p in stamped[:limit]) if entry is not None]

@@ -35,7 +35,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -65,6 +65,9 @@ from gateway.process.verdict import as_utc
 log = logging.getLogger("mssgw.api")
 
 HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle event stream
+#: New mail is looked for from this long before the newest file already told (a delivery's
+#: rename can land after a later file's), so a late rename is still told.
+MAILBOX_SLACK = timedelta(seconds=5)
 #: JSON carries attachments in base64 (4/3) plus field names: the request may exceed the message
 #: size limit by this factor and margin before the composed message is measured against it.
 BASE64_FACTOR = 4 / 3
@@ -322,32 +325,43 @@ class ApiServer:
     # --- events ----------------------------------------------------------------------------------
 
     async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events from ``?since=`` (or the ``Last-Event-ID`` a reconnecting client sends).
+
+        Each event's id is its time (a recipient's state change, a file's arrival), events are
+        written in time order within a look, and a reconnect resumes after the last id received.
+        """
         caller = _caller()
-        since = _since(request) or datetime.now(UTC)
+        since = _since(request) or _last_event(request) or datetime.now(UTC)
         mailbox = Mailbox(self.mail_root, caller.identity)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})  # fmt: skip
         await response.prepare(request)
         await response.write(b": mssgw events\n\n")
-        seen = {e["id"] for e in await asyncio.to_thread(mailbox.list)
-                if datetime.fromisoformat(e["received_at"]) <= since}  # fmt: skip
-        cursor = since
+        cursor = floor = since
+        seen: dict[str, datetime] = {}  # mailbox entries already told, within the slack window
         last_write = time.monotonic()
         with mailbox_events.listen(mailbox.inbox) as changed:
             while not self._closing.is_set():
-                out: list[tuple[str, dict[str, Any]]] = []
+                out: list[tuple[datetime, str, dict[str, Any]]] = []
                 states, cursor = await self.edge.lookup(
                     functools.partial(_states_since, identity=caller.identity, since=cursor))
-                out += [("message.state", s) for s in states]
-                fresh = [e for e in await asyncio.to_thread(mailbox.list) if e["id"] not in seen]
-                for entry in fresh:
-                    seen.add(entry["id"])
-                    out.append(("mailbox.message", {"mailbox": caller.identity, **entry}))
+                out += [(datetime.fromisoformat(s["updated_at"]), "message.state", s) for s in states]
+                # Files are listed from a little before the newest one told (renames lag their mtime).
+                listed = await asyncio.to_thread(mailbox.list, floor - MAILBOX_SLACK)
+                for entry in listed:
+                    received = datetime.fromisoformat(entry["received_at"])
+                    if entry["id"] in seen or received <= since:
+                        continue
+                    seen[entry["id"]] = received
+                    out.append((received, "mailbox.message", {"mailbox": caller.identity, **entry}))
                     receipt = await self._receipt_event(caller, mailbox, entry["id"])
                     if receipt is not None:
-                        out.append(("message.receipt", receipt))
-                for name, data in out:
-                    await response.write(_sse(name, data))
+                        out.append((received, "message.receipt", receipt))
+                if seen:
+                    floor = max(floor, *seen.values())
+                    seen = {k: v for k, v in seen.items() if v > floor - MAILBOX_SLACK}
+                for moment, name, data in sorted(out, key=lambda item: item[0]):
+                    await response.write(_sse(name, data, moment))
                     last_write = time.monotonic()
                 if time.monotonic() - last_write >= HEARTBEAT:
                     await response.write(b": keep-alive\n\n")
@@ -400,8 +414,18 @@ def _original(db: Any, identity: str, refers: list[str]) -> str | None:
     return str(found) if found is not None else None
 
 
-def _sse(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+def _sse(name: str, data: dict[str, Any], moment: datetime) -> bytes:
+    return f"id: {moment.isoformat()}\nevent: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _last_event(request: web.Request) -> datetime | None:
+    """The time a reconnecting client last heard (its ``Last-Event-ID``); a malformed one is ignored."""
+    raw = request.headers.get("Last-Event-ID", "")
+    try:
+        value = datetime.fromisoformat(raw) if raw else None
+    except ValueError:
+        return None
+    return value if value is None or value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _since(request: web.Request) -> datetime | None:

@@ -149,3 +149,34 @@ async def test_event_stream_tells_new_mail_and_state_changes(api: ApiWorld) -> N
     assert kinds["mailbox.message"]["id"] == name and kinds["mailbox.message"]["mailbox"] == APP
     assert kinds["message.state"]["id"] == queue_id and kinds["message.state"]["state"] == "deleted"
     assert kinds["message.state"]["address"] == BOB
+
+
+async def _first_event(http: httpx.AsyncClient, headers: dict[str, str], ready: asyncio.Event) -> tuple[str, str, dict]:  # type: ignore[type-arg]
+    async with http.stream("GET", "/v1/events", headers=headers) as stream:
+        event_id = name = ""
+        async for line in stream.aiter_lines():
+            if line.startswith(": mssgw"):
+                ready.set()
+            elif line.startswith("id: "):
+                event_id = line[4:]
+            elif line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                return event_id, name, json.loads(line[6:])
+    raise AssertionError("the stream ended without an event")
+
+
+async def test_event_stream_resumes_after_last_event_id(api: ApiWorld) -> None:
+    maildir = MaildirDelivery(api.settings.mail_dir)
+    async with api.client() as http:
+        ready = asyncio.Event()
+        reader = asyncio.create_task(_first_event(http, {}, ready))
+        await asyncio.wait_for(ready.wait(), 20)
+        first = maildir.deliver(APP, _incoming("premier")).split(":")[0]
+        event_id, name, data = await asyncio.wait_for(reader, 20)
+        assert (name, data["id"]) == ("mailbox.message", first)
+        # Disconnected: a second message arrives; the reconnect names the last event it saw.
+        second = maildir.deliver(APP, _incoming("second")).split(":")[0]
+        again = asyncio.Event()
+        _, name, data = await asyncio.wait_for(_first_event(http, {"Last-Event-ID": event_id}, again), 20)
+    assert (name, data["id"], data["subject"]) == ("mailbox.message", second, "second")

@@ -309,11 +309,22 @@ def check_seals(session: Session, path: Path, *, current_cert: Path, retention: 
         if fields is not None:
             good.append((ordinal, fields))
     report.good = len(good)
-    _check_breaks(session, good, report, node)
+    # Each seal covers the chain of the node that made it ("node"; none: the lone node's): nodes
+    # that share a home (one seal file) each seal their own chain.
+    by_node: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for ordinal, fields in good:
+        by_node.setdefault(str(fields.get("node") or ""), []).append((ordinal, fields))
+    mine = by_node.pop(node, [])
+    _check_breaks(session, mine, report, node)
     _check_other_chains(session, good, report)
-    if good:
-        report.sealed_seq = max(int(s["head_seq"]) for _, s in good)
-        _check_against_records(session, good, report, retention=retention, now=now or datetime.now(UTC), node=node)
+    when = now or datetime.now(UTC)
+    for other, seals in sorted(by_node.items()):
+        aside = SealReport()
+        _check_against_records(session, seals, aside, retention=retention, now=when, node=other)
+        report.problems += aside.problems
+    if mine:
+        report.sealed_seq = max(int(s["head_seq"]) for _, s in mine)
+        _check_against_records(session, mine, report, retention=retention, now=when, node=node)
     else:
         head = read_head(session, node=node)
         report.unsealed_tail = head.count if head is not None else 0
@@ -330,5 +341,5 @@ def check_home(session: Session, settings: Any, *, now: datetime | None = None,
     pki = settings.pki_dir
     return check_seals(session, seals_path(settings.home),
                        current_cert=settings.path("tls", "operator_cert", pki / "operator.pem"),
-                       retention=timedelta(days=int(settings.get("audit", "retention_days"))), now=now,
-                       lines=lines, node=str(settings.get("audit", "node")))  # fmt: skip
+                       retention=timedelta(days=settings.audit.retention_days), now=now,
+                       lines=lines, node=settings.audit.node)  # fmt: skip

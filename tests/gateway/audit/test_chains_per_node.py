@@ -161,3 +161,23 @@ def _as_node(settings, node: str):  # type: ignore[no-untyped-def]
     from gateway.config import validate
 
     return validate({}, settings.home, environ={"MSSGW_AUDIT_NODE": node, "MSSGW_DATABASE_URL": settings.database_url})
+
+
+def test_nodes_sharing_one_home_each_seal_their_own_chain_in_one_file(operator_home: Path,
+                                                                      nodes: tuple[Engine, Engine]) -> None:
+    one, two = nodes
+    settings = load_settings(operator_home)
+    for round_ in range(2):  # interleaved seals of both nodes in the same seal file
+        _fill(session_factory(one), 2, f"a{round_}")
+        _fill(session_factory(two), 3, f"b{round_}")
+        assert Sealer.for_settings(settings, session_factory(one)).seal() is not None
+        assert Sealer.for_settings(settings, session_factory(two)).seal() is not None
+    for node in ("n1", "n2"):
+        with session_factory(one)() as db:
+            report = check_home(db, _as_node(settings, node))
+        assert report.ok and report.good == 4, (node, report.lines())
+    with session_factory(two)() as db, db.begin():  # n2's sealed head cut off
+        db.execute(delete(AuditRecord).where(AuditRecord.node == "n2", AuditRecord.seq == 6))
+    with session_factory(one)() as db:
+        report = check_home(db, _as_node(settings, "n1"))
+    assert not report.ok and {p.kind for p in report.problems} >= {"truncated"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,110 +22,182 @@ from gateway.core.errors import ConfigurationError
 
 DEFAULT_HOME = "mssgw-data"
 CONFIG_NAME = "mssgw.toml"
+#: The listeners of ``tls.request_client_cert`` (the SMTP and HTTPS edges; IMAP never asks).
+CLIENT_CERT_LISTENERS = ("submission", "submissions", "inbound", "api")
 
-#: Every section, key and default value. The type of the default is the type of the key.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "operator": {
-        "domains": ["a.mssante.test"],  # mail domains this operator serves (local mailboxes)
-        "hostname": "localhost",  # our host name: TLS certificate, HELO, Received headers
-        "organisation": "",  # the operator's name, shown in receipts
-    },
-    "listen": {
-        "submission": "127.0.0.1:1587",  # STARTTLS submission for mail clients and software
-        "submissions": "127.0.0.1:1465",  # implicit TLS submission
-        "inbound": "127.0.0.1:1025",  # peer operators (mutual TLS)
-        "imap": "127.0.0.1:1143",  # IMAP with STARTTLS
-        "imaps": "127.0.0.1:1993",  # IMAP over implicit TLS
-        "metrics": "",  # "127.0.0.1:9125" serves Prometheus text at /metrics; empty: off
-        "api": "127.0.0.1:1443",  # HTTPS API for software (client certificates); empty: off
-    },
-    "database": {
-        "url": "",  # empty: sqlite under the data folder; or postgresql+psycopg://user:pw@host/db
-        "echo": False,
-    },
-    "tls": {
-        "cert": "",  # server certificate chain (PEM); empty: the development PKI's
-        "key": "",
-        "client_ca": "",  # CA(s) that issue client certificates of software and peer operators
-        "operator_cert": "",  # our client certificate towards peer operators (mutual TLS)
-        "operator_key": "",
-        "min_version": "TLSv1.2",
-    },
-    "limits": {
-        "max_message_size": 50 * 1024 * 1024,  # bytes, advertised with SIZE (RFC 1870)
-        "max_recipients": 100,  # per message; more answer 452 4.5.3
-        "max_line_length": 998,  # RFC 5322 2.1.1, without CRLF
-        "session_timeout": 300,  # seconds of client silence before the session is closed
-    },
-    "auth": {
-        "max_failures": 5,  # failures before a temporary lockout
-        "lockout_seconds": 900,
-        "base_delay": 0.5,  # seconds; doubles with each failure (exponential delay)
-        "max_delay": 8.0,
-    },
-    "queue": {
-        "lifetime_hours": 120.0,  # 5 days, then the message bounces with a DSN
-        "delay_warning_hours": 4.0,  # a delay DSN is sent once after this
-        "retry_base_seconds": 60.0,
-        "retry_max_seconds": 3600.0,
-        "lease_seconds": 300.0,  # a claim held longer than this by a dead worker is taken back
-        "workers": 4,
-    },
-    "crypto": {
-        "sign_with_organisation": True,  # sign with the domain's operator certificate when the sender has none
-        "encrypt_for_sender": True,
-        "outer_subject": "Message securise",
-        "banner": True,  # add a short human-readable verification banner on inbound messages
-        "banner_language": "fr",  # fr | en: the language of that banner (the clinicians')
-        "require_signature_inbound": True,
-        "crl_soft_fail": True,  # a stale CRL is accepted with a warning in the verification header
-        # S/MIME 4.0 sending (RFC 8551): the cipher for recipients whose certificate announces no
-        # capabilities (one that lists capabilities without GCM gets aes-256-cbc), RSA key transport
-        # and RSA signature schemes.  Receiving accepts all of them whatever these say.
-        "content_encryption": "aes-256-gcm",  # aes-256-gcm | aes-128-gcm | aes-256-cbc
-        "rsa_key_transport": "pkcs1v15",  # pkcs1v15 | oaep (RSAES-OAEP SHA-256, RFC 3560)
-        "rsa_signature": "pkcs1v15",  # pkcs1v15 | pss (RSASSA-PSS SHA-256, RFC 4056)
-    },
-    "audit": {
-        "retention_days": 183,  # about 6 months
-        # This node's audit chain when several nodes share one PostgreSQL (a distinct name each,
-        # e.g. MSSGW_AUDIT_NODE=a1): nodes then never wait for each other's audit records.
-        "node": "",
-    },
-    "receipts": {
-        "mdn_processed": True,
-        "dsn_on_quarantine": True,
-        # MDNs as RFC 8098 writes them ("rfc8098": a message we could not accept is "processed/error",
-        # From our postmaster) or as the Direct Project's delivery-notification guide does ("direct":
-        # "failed", From the final recipient), for trust spaces whose peers expect that form.
-        "mdn_profile": "rfc8098",
-    },
-    "relay": {
-        "mx_port": 25,  # SMTP port of the MX hosts of domains routed by their MX records (RFC 5321 5.1)
-        "nameservers": [],  # "IP" or "IP:PORT" ("[v6]:PORT"); empty: the system resolver (/etc/resolv.conf)
-        "dns_timeout": 10.0,  # seconds allowed for one DNS lookup (all nameservers together)
-    },
-    "runtime": {
-        "event_loop": "uvloop",  # uvloop (TLS and sockets in C: about half the CPU per message) or asyncio
-    },
-    "api": {
-        "rate_per_minute": 600,  # requests per client certificate (token bucket), then 429
-        "burst": 60,  # requests a certificate may make at once before the rate applies
-        "idempotency_hours": 24.0,  # how long an Idempotency-Key's first answer is kept
-        "events_poll_seconds": 1.0,  # how often an event stream looks at the queue and the mailbox
-    },
-    "mailboxes": {
-        # Mailbox types whose messages the gateway copies into the sender's Sent folder. People read
-        # over IMAP and their client saves its own copy (a second one would be a duplicate); software
-        # (APP) saves none. The HTTP API always gets a copy; `mssgw directory sent-copy` overrides both.
-        "server_sent_copy": ["APP"],
-    },
-    "documents": {
-        # An IHE XDM package with a CDA but without X-MSS-CODECDA/X-MSS-INS (MSSanté Ref. #2 ECO.2.4):
-        # "add" the fields from the package at submission, or "refuse" the message (554 5.6.0).
-        "missing_headers": "add",
-    },
-}
+# --- the settings, section by section: each key typed, with its default ---------------------------------
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """[operator]"""
+
+    domains: list[str] = field(default_factory=lambda: ["a.mssante.test"])  # mail domains this operator serves (local mailboxes)
+    hostname: str = "localhost"  # our host name: TLS certificate, HELO, Received headers
+    organisation: str = ""  # the operator's name, shown in receipts
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    """[listen]"""
+
+    submission: str = "127.0.0.1:1587"  # STARTTLS submission for mail clients and software
+    submissions: str = "127.0.0.1:1465"  # implicit TLS submission
+    inbound: str = "127.0.0.1:1025"  # peer operators (mutual TLS)
+    imap: str = "127.0.0.1:1143"  # IMAP with STARTTLS
+    imaps: str = "127.0.0.1:1993"  # IMAP over implicit TLS
+    metrics: str = ""  # "127.0.0.1:9125" serves Prometheus text at /metrics; empty: off
+    api: str = "127.0.0.1:1443"  # HTTPS API for software (client certificates); empty: off
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """[database]"""
+
+    url: str = ""  # empty: sqlite under the data folder; or postgresql+psycopg://user:pw@host/db
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """[tls]"""
+
+    cert: str = ""  # server certificate chain (PEM); empty: the development PKI's
+    key: str = ""
+    client_ca: str = ""  # CA(s) that issue client certificates of software and peer operators
+    operator_cert: str = ""  # our client certificate towards peer operators (mutual TLS)
+    operator_key: str = ""
+    min_version: str = "TLSv1.2"
+    # Listeners that ask clients for a certificate and name the CAs they accept: those software uses
+    # (api; submission or submissions when that port is set aside for software). The clinicians'
+    # ports do not ask (a smart-card user would get a certificate picker); inbound always asks.
+    request_client_cert: list[str] = field(default_factory=lambda: ["api"])
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """[limits]"""
+
+    max_message_size: int = 50 * 1024 * 1024  # bytes, advertised with SIZE (RFC 1870)
+    max_recipients: int = 100  # per message; more answer 452 4.5.3
+    max_line_length: int = 998  # RFC 5322 2.1.1, without CRLF
+    session_timeout: int = 300  # seconds of client silence before the session is closed
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """[auth]"""
+
+    max_failures: int = 5  # failures before a temporary lockout
+    lockout_seconds: int = 900
+    base_delay: float = 0.5  # seconds; doubles with each failure (exponential delay)
+    max_delay: float = 8.0
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """[queue]"""
+
+    lifetime_hours: float = 120.0  # 5 days, then the message bounces with a DSN
+    delay_warning_hours: float = 4.0  # a delay DSN is sent once after this
+    retry_base_seconds: float = 60.0
+    retry_max_seconds: float = 3600.0
+    lease_seconds: float = 300.0  # a claim held longer than this by a dead worker is taken back
+    workers: int = 4
+
+
+@dataclass(frozen=True)
+class CryptoSettings:
+    """[crypto]"""
+
+    sign_with_organisation: bool = True  # sign with the domain's operator certificate when the sender has none
+    encrypt_for_sender: bool = True
+    outer_subject: str = "Message securise"
+    banner: bool = True  # add a short human-readable verification banner on inbound messages
+    banner_language: str = "fr"  # fr | en: the language of that banner (the clinicians')
+    require_signature_inbound: bool = True
+    crl_soft_fail: bool = True  # a stale CRL is accepted with a warning in the verification header
+    # S/MIME 4.0 sending (RFC 8551): the cipher for recipients whose certificate announces no
+    # capabilities (one that lists capabilities without GCM gets aes-256-cbc), RSA key transport
+    # and RSA signature schemes.  Receiving accepts all of them whatever these say.
+    content_encryption: str = "aes-256-gcm"  # aes-256-gcm | aes-128-gcm | aes-256-cbc
+    rsa_key_transport: str = "pkcs1v15"  # pkcs1v15 | oaep (RSAES-OAEP SHA-256, RFC 3560)
+    rsa_signature: str = "pkcs1v15"  # pkcs1v15 | pss (RSASSA-PSS SHA-256, RFC 4056)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """[audit]"""
+
+    retention_days: int = 183  # about 6 months
+    # This node's audit chain when several nodes share one PostgreSQL (a distinct name each,
+    # e.g. MSSGW_AUDIT_NODE=a1): nodes then never wait for each other's audit records.
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class ReceiptsSettings:
+    """[receipts]"""
+
+    mdn_processed: bool = True
+    dsn_on_quarantine: bool = True
+    # MDNs as RFC 8098 writes them ("rfc8098": a message we could not accept is "processed/error",
+    # From our postmaster) or as the Direct Project's delivery-notification guide does ("direct":
+    # "failed", From the final recipient), for trust spaces whose peers expect that form.
+    mdn_profile: str = "rfc8098"
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """[relay]"""
+
+    mx_port: int = 25  # SMTP port of the MX hosts of domains routed by their MX records (RFC 5321 5.1)
+    nameservers: list[str] = field(default_factory=lambda: [])  # "IP" or "IP:PORT" ("[v6]:PORT"); empty: the system resolver (/etc/resolv.conf)
+    dns_timeout: float = 10.0  # seconds allowed for one DNS lookup (all nameservers together)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """[runtime]"""
+
+    event_loop: str = "uvloop"  # uvloop (TLS and sockets in C: about half the CPU per message) or asyncio
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """[api]"""
+
+    rate_per_minute: int = 600  # requests per client certificate (token bucket), then 429
+    burst: int = 60  # requests a certificate may make at once before the rate applies
+    idempotency_hours: float = 24.0  # how long an Idempotency-Key's first answer is kept
+    events_poll_seconds: float = 1.0  # how often an event stream looks at the queue and the mailbox
+
+
+@dataclass(frozen=True)
+class MailboxesSettings:
+    """[mailboxes]"""
+
+    # Mailbox types whose messages the gateway copies into the sender's Sent folder. People read
+    # over IMAP and their client saves its own copy (a second one would be a duplicate); software
+    # (APP) saves none. The HTTP API always gets a copy; `mssgw directory sent-copy` overrides both.
+    server_sent_copy: list[str] = field(default_factory=lambda: ["APP"])
+
+
+@dataclass(frozen=True)
+class DocumentsSettings:
+    """[documents]"""
+
+    # An IHE XDM package with a CDA but without X-MSS-CODECDA/X-MSS-INS (MSSanté Ref. #2 ECO.2.4):
+    # "add" the fields from the package at submission, or "refuse" the message (554 5.6.0).
+    missing_headers: str = "add"
+
+
+#: Every section of ``mssgw.toml`` and its typed value.  The fields, their defaults and the
+#: comments are the reference of every key (README "Configuration" summarises them).
+SECTIONS: dict[str, type] = {"operator": OperatorSettings, "listen": ListenSettings, "database": DatabaseSettings, "tls": TlsSettings, "limits": LimitsSettings, "auth": AuthSettings, "queue": QueueSettings, "crypto": CryptoSettings, "audit": AuditSettings, "receipts": ReceiptsSettings, "relay": RelaySettings, "runtime": RuntimeSettings, "api": ApiSettings, "mailboxes": MailboxesSettings, "documents": DocumentsSettings}
+
+#: Every section, key and default value (derived from ``SECTIONS``): the type of the default is the
+#: type of the key, checked when the file and the environment are read.
+DEFAULTS: dict[str, dict[str, Any]] = {name: asdict(cls()) for name, cls in SECTIONS.items()}
 
 
 #: Keys whose value is one of a few names (S/MIME algorithm choices, see gateway.crypto.envelope).
@@ -142,26 +214,44 @@ class ConfigError(ConfigurationError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated settings of one operator."""
+    """Validated settings of one operator: one typed object per section (``settings.queue.lease_seconds``).
+
+    ``listen`` is a method (``settings.listen("imap") -> (host, port) | None``) rather than a section."""
 
     home: Path
     values: dict[str, dict[str, Any]] = field(repr=False)
+    operator: OperatorSettings = field(init=False, repr=False)
+    database: DatabaseSettings = field(init=False, repr=False)
+    tls: TlsSettings = field(init=False, repr=False)
+    limits: LimitsSettings = field(init=False, repr=False)
+    auth: AuthSettings = field(init=False, repr=False)
+    queue: QueueSettings = field(init=False, repr=False)
+    crypto: CryptoSettings = field(init=False, repr=False)
+    audit: AuditSettings = field(init=False, repr=False)
+    receipts: ReceiptsSettings = field(init=False, repr=False)
+    relay: RelaySettings = field(init=False, repr=False)
+    runtime: RuntimeSettings = field(init=False, repr=False)
+    api: ApiSettings = field(init=False, repr=False)
+    mailboxes: MailboxesSettings = field(init=False, repr=False)
+    documents: DocumentsSettings = field(init=False, repr=False)
 
-    def get(self, section: str, key: str) -> Any:
-        return self.values[section][key]
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            if name != "listen":
+                object.__setattr__(self, name, cls(**self.values[name]))
 
     # Frequently used settings, named.
     @property
     def domains(self) -> list[str]:
-        return [d.lower() for d in self.values["operator"]["domains"]]
+        return [d.lower() for d in self.operator.domains]
 
     @property
     def hostname(self) -> str:
-        return str(self.values["operator"]["hostname"])
+        return self.operator.hostname
 
     @property
     def database_url(self) -> str:
-        url = str(self.values["database"]["url"])
+        url = self.database.url
         return url or f"sqlite:///{self.home / 'mssgw.db'}"
 
     @property
@@ -314,6 +404,10 @@ def validate(raw: dict[str, Any], home: Path, environ: dict[str, str] | None = N
     bad_types = [t for t in values["mailboxes"]["server_sent_copy"] if str(t).upper() not in {"PER", "ORG", "APP"}]
     if bad_types:
         raise ConfigError(f"mailboxes.server_sent_copy: mailbox types are PER, ORG and APP, got {bad_types!r}")
+    bad_listeners = [n for n in values["tls"]["request_client_cert"] if n not in CLIENT_CERT_LISTENERS]
+    if bad_listeners:
+        raise ConfigError(f"tls.request_client_cert: listeners are {', '.join(CLIENT_CERT_LISTENERS)}, "
+                          f"got {bad_listeners!r}")
     if values["crypto"]["banner_language"] not in {"fr", "en"}:
         raise ConfigError(f"crypto.banner_language: must be fr or en, got {values['crypto']['banner_language']!r}")
     if values["receipts"]["mdn_profile"] not in {"rfc8098", "direct"}:

@@ -45,7 +45,7 @@ def setup_home(base: Path) -> tuple[Path, int, int, Path, Path]:
     import tomllib
 
     from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-    from directory import service
+    from directory import admin
     from directory.certificates import register_certificate
     from directory.db import make_engine, session_factory, transaction
     from gateway.config import render_toml
@@ -64,8 +64,8 @@ def setup_home(base: Path) -> tuple[Path, int, int, Path, Path]:
     save_certificate_and_key(cert, key, cert_path, key_path)
     engine = make_engine(f"sqlite:///{home / 'mssgw.db'}")
     with transaction(session_factory(engine)) as db:
-        service.add_mailbox(db, APP, type="APP", display_name="Bench software")
-        service.add_mailbox(db, BOB, type="ORG", display_name="Bob")
+        admin.add_mailbox(db, APP, type="APP", display_name="Bench software")
+        admin.add_mailbox(db, BOB, type="ORG", display_name="Bob")
         register_certificate(db, cert_path.read_bytes(), address=APP, purpose="tls-client")
     engine.dispose()
     return home, smtp_port, api_port, cert_path, key_path

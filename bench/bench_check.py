@@ -3,7 +3,7 @@
 Generates an MSSanté extract (``../shared/tools/gen_annuaire.py mss --rows N``) and
 the whitelist, loads both into a fresh SQLite operator home (or PostgreSQL when
 ``MSSGW_TEST_PG_URL`` is set and ``--pg`` given), then times
-``service.recipient_facts`` + ``decide_recipient`` for a mix of addresses (known
+``facts.recipient_facts`` + ``decide_recipient`` for a mix of addresses (known
 remote, local, unknown in a trusted domain, consumer, unknown domain), each in its
 own short read transaction as the SMTP edge does, and finally the
 ``mssgw domains check`` command end to end (process start included).
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--pg", action="store_true", help="Use PostgreSQL (MSSGW_TEST_PG_URL) instead of SQLite.")
     args = parser.parse_args()
 
-    from directory import service
+    from directory import admin, facts
     from directory.importers import import_file
     from gateway.operator import init_operator
     from gateway.policy.recipients import decide_recipient
@@ -55,16 +55,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mssgw-bench-") as tmp:
         folder = Path(tmp)
         home = folder / "home"
-        admin = None
+        pg_admin = None
         env = dict(os.environ)
         if args.pg:
             from sqlalchemy import create_engine, text
 
             server = os.environ["MSSGW_TEST_PG_URL"]
             name = f"mssgw_bench_{uuid.uuid4().hex[:8]}"
-            admin = create_engine(server.replace("postgresql://", "postgresql+psycopg://", 1),
+            pg_admin = create_engine(server.replace("postgresql://", "postgresql+psycopg://", 1),
                                   isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
+            with pg_admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
             env["MSSGW_DATABASE_URL"] = os.environ["MSSGW_DATABASE_URL"] = (
                 server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + "/" + name)
@@ -85,7 +85,7 @@ def main() -> None:
                   f"({'postgresql' if args.pg else 'sqlite'})")
 
             with app.transaction() as session:
-                known = [row["address"] for row in service.list_mailboxes(session, limit=2000)]
+                known = [row["address"] for row in admin.list_mailboxes(session, limit=2000)]
             rng = random.Random(1)
             mix = known + [f"nobody{i}@medecin.mssante.fr" for i in range(200)] + \
                 [f"x{i}@gmail.com" for i in range(100)] + [f"x{i}@yahoo.fr" for i in range(100)] + \
@@ -96,8 +96,8 @@ def main() -> None:
                 address = rng.choice(mix)
                 t0 = time.perf_counter()
                 with app.read() as session:
-                    facts = service.recipient_facts(session, address)
-                decision = decide_recipient(facts)
+                    found = facts.recipient_facts(session, address)
+                decision = decide_recipient(found)
                 timings.append((time.perf_counter() - t0) * 1e6)
                 accepted += decision.accepted
             print(f"recipient_facts + decide_recipient: {len(timings)} decisions ({accepted} accepted), "
@@ -114,10 +114,10 @@ def main() -> None:
                 print(f"  mssgw domains check {address}: exit {out.returncode}: {out.stdout.strip()[:90]}")
             print(f"mssgw domains check (CLI, process start included): median {statistics.median(runs) * 1000:.0f} ms")
         finally:
-            if admin is not None:
-                with admin.connect() as conn:
+            if pg_admin is not None:
+                with pg_admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                admin.dispose()
+                pg_admin.dispose()
 
 
 if __name__ == "__main__":

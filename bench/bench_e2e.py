@@ -103,7 +103,7 @@ def prepare_homes(root: Path) -> dict[str, dict[str, Any]]:
     """Both homes from the e2e templates, with ports in mssgw.toml and relays pointing at each other."""
     from e2e_support import A_DOMAIN, B_DOMAIN, CLINICIAN, _write_config, build_templates
 
-    from directory import service
+    from directory import admin
     from directory.db import make_engine, session_factory, transaction
     from gateway.config import load_settings
 
@@ -119,10 +119,10 @@ def prepare_homes(root: Path) -> dict[str, dict[str, Any]]:
         settings = load_settings(ops[name]["home"])
         engine = make_engine(settings.database_url)
         with transaction(session_factory(engine)) as s:
-            service.trust_domain(s, peer_domain, relay=f"127.0.0.1:{ops[peer]['ports']['inbound']}",
-                                 operator_dn=ops[peer]["dn"])  # fmt: skip
+            admin.trust_domain(s, peer_domain, relay=f"127.0.0.1:{ops[peer]['ports']['inbound']}",
+                               operator_dn=ops[peer]["dn"])  # fmt: skip
             if name == "a":
-                service.set_password(s, CLINICIAN, PASSWORD)
+                admin.set_password(s, CLINICIAN, PASSWORD)
         engine.dispose()
         ops[name]["settings"] = settings
     return ops

@@ -33,7 +33,7 @@ from pymap.frozen import frozendict
 from pymap.imap import IMAPService
 from pymap.user import Passwords, UserMetadata
 
-from directory import service as directory
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.auth import Authenticator
 from gateway.config import load_settings
@@ -114,7 +114,7 @@ async def main(count: int, size: int, timeout: float) -> None:
         engine = make_engine(settings.database_url)
         factory = session_factory(engine)
         with transaction(factory) as session:
-            directory.add_mailbox(session, USER, type="APP", password=PASSWORD)
+            admin.add_mailbox(session, USER, type="APP", password=PASSWORD)
         delivery = MaildirDelivery(settings.mail_dir)
         delivery.ensure_folders(USER)
         fill(delivery.mailbox_path(USER), count, size)

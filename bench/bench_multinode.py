@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ from fault_harness import Node, Submitter, _restart, build_operators, plan_messa
 from faultproxy import FaultProxy  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from test_multinode import _route_reports_to, _second_node  # noqa: E402
+
+from gateway.config import CONFIG_NAME, render_toml  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -130,9 +133,11 @@ async def scenario(name: str, root: Path, urls: dict[str, str], nodes: int, args
     a_nodes = [a1]
     if nodes == 2:
         a_nodes.append(await asyncio.to_thread(_second_node, a1, root / "a2", workers=4))
-        for i, node in enumerate(a_nodes, 1):
-            cfg = node.home / "mssgw.toml"
-            cfg.write_text(cfg.read_text() + f'\n[audit]\nnode = "a{i}"\n')
+        for i, node in enumerate(a_nodes, 1):  # one audit chain per node
+            cfg = node.home / CONFIG_NAME
+            config = tomllib.loads(cfg.read_text(encoding="utf-8"))
+            config.setdefault("audit", {})["node"] = f"a{i}"
+            cfg.write_text(render_toml(config), encoding="utf-8")
     _route_reports_to(b, a_nodes[-1])
     try:
         for node in (b, *a_nodes):

@@ -61,7 +61,7 @@ def bare_server(port: int) -> None:
 
 def setup_home(base: Path) -> tuple[Path, int]:
     sys.path.insert(0, str(ROOT))
-    from directory import service
+    from directory import admin
     from directory.db import make_engine, session_factory, transaction
     from gateway.config import render_toml
     from gateway.operator import init_operator
@@ -77,8 +77,8 @@ def setup_home(base: Path) -> tuple[Path, int]:
     (home / "mssgw.toml").write_text(render_toml(raw))
     engine = make_engine(f"sqlite:///{home / 'mssgw.db'}")
     with transaction(session_factory(engine)) as db:
-        service.add_mailbox(db, f"sec@{DOMAIN}", type="ORG", display_name="Bench", password=PASSWORD)
-        service.add_mailbox(db, f"bob@{DOMAIN}", type="ORG", display_name="Bob")
+        admin.add_mailbox(db, f"sec@{DOMAIN}", type="ORG", display_name="Bench", password=PASSWORD)
+        admin.add_mailbox(db, f"bob@{DOMAIN}", type="ORG", display_name="Bob")
     engine.dispose()
     return home, port
 

@@ -36,7 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from certs.service import add_trust_anchor, fingerprint_of, load_material
-from directory import service
+from directory import admin, facts
 from directory.certificates import register_certificate
 from directory.identifiers import normalise_domain
 from directory.models import Certificate, Domain, DomainKind
@@ -135,10 +135,10 @@ def add_peer(
             add_trust_anchor(session, ca_pem, peer=name)
         except Exception as exc:  # CertError: not a CA, expired, unreadable
             raise PeerError(f"--ca: {exc}") from None
-        service.trust_domain(session, name, relay=relay, use_mx=use_mx, operator_dn=operator_dn,
-                             description="peer operator (mssgw peers add)",
-                             require_encryption=require_encryption)  # fmt: skip
-        row = service.get_domain(session, name)
+        admin.trust_domain(session, name, relay=relay, use_mx=use_mx, operator_dn=operator_dn,
+                           description="peer operator (mssgw peers add)",
+                           require_encryption=require_encryption)  # fmt: skip
+        row = facts.get_domain(session, name)
         assert row is not None
         if relay is not None:
             row.use_mx = False
@@ -152,7 +152,7 @@ def add_peer(
 
 
 def _peer_row(session: Session, domain: str) -> Domain:
-    row = service.get_domain(session, domain)
+    row = facts.get_domain(session, domain)
     if row is None or row.kind != DomainKind.TRUSTED:
         raise PeerNotFound(f"{domain.lower()} is not a peer operator's domain (see 'mssgw peers list')")
     return row
@@ -168,7 +168,7 @@ def peer_dict(session: Session, domain: str) -> dict[str, Any]:
         "relay": row.relay,
         "use_mx": row.use_mx,
         "operator_dn": row.operator_dn,
-        "require_encryption": service.encryption_required(row),
+        "require_encryption": facts.encryption_required(row),
         "source": row.source,
         "anchors": [{"subject": c.subject, "fingerprint": c.fingerprint} for c in certs if c.purpose == "anchor"],
         "operator_cert": next((c.fingerprint for c in certs if c.purpose == "encrypt"), None),

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from certs import pki
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.models import Certificate, MailboxType, PgpKey
 from gateway.config import Settings
@@ -78,7 +78,7 @@ def _write_key(settings: Settings, fingerprint: str, key: Any) -> Path:
 
 def issue_for_mailbox(session: Session, settings: Settings, address: str, *, days: int | None = None) -> dict[str, Any]:
     """Issue a certificate from the development CA for one of our mailboxes and record it."""
-    box = service.get_mailbox(session, address)
+    box = admin.get_mailbox(session, address)
     if not box.local:
         raise CertError(f"{box.address} is not one of our mailboxes: import its certificate instead")
     dev = pki.load_dev_pki(settings.pki_dir)
@@ -144,7 +144,7 @@ def import_certificate(
     target = address.strip().lower()
     is_domain = "@" not in target
     if not is_domain:
-        box = service.get_mailbox(session, target)
+        box = admin.get_mailbox(session, target)
         target = box.address
         emails = _emails(cert)
         if emails and target not in emails and purpose == "smime":
@@ -340,7 +340,7 @@ def pgp_import(session: Session, settings: Settings, address: str, armored: byte
     """Import a recipient's public key (or our own key pair) for ``address``; its user id must name it."""
     from email.utils import getaddresses
 
-    box = service.get_mailbox(session, address)
+    box = admin.get_mailbox(session, address)
     if b"PRIVATE KEY BLOCK" in armored and not box.local:
         raise CertError(f"{box.address} is a remote mailbox: never import its secret key here")
     ring = _keyring(settings)
@@ -370,7 +370,7 @@ def pgp_import(session: Session, settings: Settings, address: str, armored: byte
 
 def pgp_generate(session: Session, settings: Settings, address: str) -> str:
     """Create an OpenPGP key pair for one of our mailboxes (the secret part stays in the keyring)."""
-    box = service.get_mailbox(session, address)
+    box = admin.get_mailbox(session, address)
     if not box.local:
         raise CertError(f"{box.address} is not one of our mailboxes")
     ring = _keyring(settings)

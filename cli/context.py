@@ -37,12 +37,12 @@ class AppContext:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            engine = make_engine(self.settings.database_url, echo=bool(self.settings.get("database", "echo")))
+            engine = make_engine(self.settings.database_url, echo=self.settings.database.echo)
             if not is_migrated(engine):
                 raise ConfigError(
                     f"the database of {self.home} is not initialised: run 'mssgw init --data-dir {self.home}'"
                 )
-            bind_node(engine, str(self.settings.get("audit", "node")))  # records go to this node's chain
+            bind_node(engine, self.settings.audit.node)  # records go to this node's chain
             self._engine = engine
         return self._engine
 

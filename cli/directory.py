@@ -10,7 +10,7 @@ import click
 
 from cli.context import AppContext, pass_app
 from cli.output import emit, emit_json, emit_record
-from directory import service
+from directory import admin
 
 LIST_COLUMNS = ("address", "type", "local", "active", "display_name", "rpps")
 
@@ -42,7 +42,7 @@ def add_practitioner(app: AppContext, rpps: str | None, adeli: str | None, last_
     if bool(rpps) == bool(adeli):
         raise click.UsageError("give exactly one of --rpps or --adeli")
     with app.transaction() as session:
-        row = service.add_practitioner(
+        row = admin.add_practitioner(
             session,
             id_type="RPPS" if rpps else "ADELI",
             identifier=rpps or adeli or "",
@@ -69,8 +69,8 @@ def add_mailbox(app: AppContext, address: str, mailbox_type: str, rpps: str | No
     """Add (or update) a mailbox of ours or a trusted operator's."""
     password = _read_password_stdin() if password_stdin else None
     with app.transaction() as session:
-        row = service.add_mailbox(session, address, type=mailbox_type, rpps=rpps, display_name=display_name,
-                                  password=password)
+        row = admin.add_mailbox(session, address, type=mailbox_type, rpps=rpps, display_name=display_name,
+                                password=password)
         where = "local" if row.local else "remote"
         click.echo(f"mailbox {row.address} saved ({row.type.value}, {where})")
 
@@ -83,7 +83,7 @@ def set_password(app: AppContext, address: str, password_stdin: bool) -> None:
     """Set a local mailbox's password (read from standard input, never from the command line)."""
     password = _read_password_stdin()
     with app.transaction() as session:
-        service.set_password(session, address, password)
+        admin.set_password(session, address, password)
     click.echo(f"password of {address.lower()} updated")
 
 
@@ -95,7 +95,7 @@ def set_password(app: AppContext, address: str, password_stdin: bool) -> None:
 def delegate(app: AppContext, mailbox: str, delegate_to: str, revoke: bool) -> None:
     """Let DELEGATE_TO send as (and read) MAILBOX, usually an ORG mailbox."""
     with app.transaction() as session:
-        service.delegate(session, mailbox, delegate_to, revoke=revoke)
+        admin.delegate(session, mailbox, delegate_to, revoke=revoke)
     click.echo(f"{delegate_to.lower()} {'may no longer' if revoke else 'may now'} act for {mailbox.lower()}")
 
 
@@ -105,7 +105,7 @@ def delegate(app: AppContext, mailbox: str, delegate_to: str, revoke: bool) -> N
 def deactivate(app: AppContext, address: str) -> None:
     """Deactivate a mailbox: it no longer receives, sends or logs in."""
     with app.transaction() as session:
-        service.set_active(session, address, False)
+        admin.set_active(session, address, False)
     click.echo(f"mailbox {address.lower()} deactivated")
 
 
@@ -115,7 +115,7 @@ def deactivate(app: AppContext, address: str) -> None:
 def activate(app: AppContext, address: str) -> None:
     """Reactivate a mailbox."""
     with app.transaction() as session:
-        service.set_active(session, address, True)
+        admin.set_active(session, address, True)
     click.echo(f"mailbox {address.lower()} activated")
 
 
@@ -130,7 +130,7 @@ def sent_copy(app: AppContext, address: str, choice: str) -> None:
     "off" suits people whose mail client saves its own copy, "on" software that saves none."""
     value = {"on": True, "off": False}.get(choice.lower())
     with app.transaction() as session:
-        service.set_sent_copy(session, address, value)
+        admin.set_sent_copy(session, address, value)
     click.echo(f"Sent copy of {address.lower()}: {choice.lower()}")
 
 
@@ -141,7 +141,7 @@ def sent_copy(app: AppContext, address: str, choice: str) -> None:
 def show(app: AppContext, address: str, as_json: bool) -> None:
     """Everything the directory knows about a mailbox (never its password)."""
     with app.read() as session:
-        data = service.mailbox_dict(session, service.get_mailbox(session, address), detail=True)
+        data = admin.mailbox_dict(session, admin.get_mailbox(session, address), detail=True)
     emit_record(data, as_json)
 
 
@@ -156,7 +156,7 @@ def list_(app: AppContext, domain: str | None, mailbox_type: str | None, local_o
           as_json: bool) -> None:
     """List mailboxes."""
     with app.read() as session:
-        rows = service.list_mailboxes(session, domain=domain, type=mailbox_type, local_only=local_only, limit=limit)
+        rows = admin.list_mailboxes(session, domain=domain, type=mailbox_type, local_only=local_only, limit=limit)
     emit(rows, LIST_COLUMNS, as_json)
 
 
@@ -168,7 +168,7 @@ def list_(app: AppContext, domain: str | None, mailbox_type: str | None, local_o
 def search(app: AppContext, text: str, limit: int, as_json: bool) -> None:
     """Find mailboxes by address, name, RPPS or organisation."""
     with app.read() as session:
-        rows = service.search(session, text, limit=limit)
+        rows = admin.search(session, text, limit=limit)
     emit(rows, LIST_COLUMNS, as_json)
 
 

@@ -8,7 +8,7 @@ import click
 
 from cli.context import AppContext, pass_app
 from cli.output import emit, emit_json
-from directory import service
+from directory import admin, facts
 from gateway.policy.recipients import decide_recipient
 
 
@@ -32,8 +32,8 @@ def trust(app: AppContext, domain: str, relay: str | None, use_mx: bool, operato
           prefers_openpgp: bool | None, require_encryption: bool | None) -> None:
     """Add a peer operator's domain to the trust list (or update it)."""
     with app.transaction() as session:
-        row = service.trust_domain(session, domain, relay=relay, operator_dn=operator_dn, use_mx=use_mx,
-                                   prefers_openpgp=prefers_openpgp, require_encryption=require_encryption)
+        row = admin.trust_domain(session, domain, relay=relay, operator_dn=operator_dn, use_mx=use_mx,
+                                 prefers_openpgp=prefers_openpgp, require_encryption=require_encryption)
         if row.relay is None and not row.use_mx:
             click.echo(f"note: {row.name} has no --relay HOST:PORT: mail to it goes to its MX records", err=True)
         if require_encryption is False and not row.operator_dn:
@@ -49,7 +49,7 @@ def trust(app: AppContext, domain: str, relay: str | None, use_mx: bool, operato
 def block(app: AppContext, domain: str, reason: str) -> None:
     """Block a domain (a pattern like 'example.*' is allowed)."""
     with app.transaction() as session:
-        row = service.block_domain(session, domain, reason=reason)
+        row = admin.block_domain(session, domain, reason=reason)
     click.echo(f"{row.name} blocked")
 
 
@@ -59,7 +59,7 @@ def block(app: AppContext, domain: str, reason: str) -> None:
 def remove(app: AppContext, domain: str) -> None:
     """Remove a trusted or blocked domain."""
     with app.transaction() as session:
-        service.remove_domain(session, domain)
+        admin.remove_domain(session, domain)
     click.echo(f"{domain.lower()} removed")
 
 
@@ -70,7 +70,7 @@ def remove(app: AppContext, domain: str) -> None:
 def list_(app: AppContext, kind: str | None, as_json: bool) -> None:
     """List our domains, trusted operators and blocked domains."""
     with app.read() as session:
-        rows = service.list_domains(session, kind)
+        rows = admin.list_domains(session, kind)
     emit(rows, ("domain", "kind", "relay", "operator_dn", "require_encryption", "reason"), as_json)
 
 
@@ -104,13 +104,13 @@ def load_whitelist(app: AppContext, file: Path, as_json: bool) -> None:
 def check(app: AppContext, address: str, inbound: bool, as_json: bool) -> None:
     """Print the decision the SMTP edge takes for this recipient; exit 0 to accept, 1 to refuse."""
     with app.read() as session:
-        facts = service.recipient_facts(session, address)
-    decision = decide_recipient(facts, inbound=inbound)
+        found = facts.recipient_facts(session, address)
+    decision = decide_recipient(found, inbound=inbound)
     if as_json:
-        emit_json({"address": facts.address, **decision.as_dict()})
+        emit_json({"address": found.address, **decision.as_dict()})
     else:
         verdict = "ACCEPT" if decision.accepted else "REFUSE"
-        click.echo(f"{verdict} {facts.address}: {decision.reply.short} [{decision.rule}] {decision.reason}")
+        click.echo(f"{verdict} {found.address}: {decision.reply.short} [{decision.rule}] {decision.reason}")
     raise click.exceptions.Exit(0 if decision.accepted else 1)
 
 

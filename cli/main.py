@@ -1,11 +1,11 @@
 """The ``mssgw`` command: one group, one sub-group per area, errors as one line.
 
-Each command is a thin shell over a service function (``directory.service``,
+Each command is a thin shell over a service function (``directory.admin``,
 ``gateway.*``) that tests call too. Any failure prints one clear line on stderr
 and exits non-zero; a traceback is never shown to the admin.
 
 Exit status, the same for every command: 0 done; 1 refused or not found (an error whose
-class sets ``exit_code = 1``, e.g. ``directory.service.NotFoundError``, or a decision such
+class sets ``exit_code = 1``, e.g. ``directory.admin.NotFoundError``, or a decision such
 as ``domains check`` refusing); 2 usage or configuration error (click's own usage errors
 too). A database that cannot be reached exits 2 as well.
 """

@@ -38,7 +38,8 @@ def _read_file(path: str, limit: int, what: str) -> bytes:
 
 def _author_of(app: AppContext, sender: str, rpps: str | None) -> Author:
     """The author as the directory knows the sending mailbox (its practitioner), else ``--author-rpps`` alone."""
-    from directory.service import NotFoundError, get_mailbox
+    from directory.admin import get_mailbox
+    from gateway.core.errors import NotFoundError
 
     try:
         with app.read() as db:

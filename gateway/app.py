@@ -63,7 +63,7 @@ class GatewayStartError(ConfigurationError):
 
 def purge_audit(factory: sessionmaker[Session], settings: Settings) -> int:
     """Apply ``audit.retention_days``; returns the number of records removed."""
-    days = int(settings.get("audit", "retention_days"))
+    days = settings.audit.retention_days
     with factory() as session, session.begin():
         return purge(session, older_than=timedelta(days=days))
 
@@ -106,8 +106,8 @@ class Gateway:
             tls = server_context(self.settings)
         except TlsConfigError as exc:
             raise GatewayStartError(str(exc)) from None
-        self.engine = make_engine(self.settings.database_url, echo=bool(self.settings.get("database", "echo")))
-        bind_node(self.engine, str(self.settings.get("audit", "node")))  # this node's audit chain
+        self.engine = make_engine(self.settings.database_url, echo=self.settings.database.echo)
+        bind_node(self.engine, self.settings.audit.node)  # this node's audit chain
         try:
             await asyncio.to_thread(migrate, self.engine)
         except DatabaseError as exc:
@@ -125,10 +125,10 @@ class Gateway:
         # of new messages and audit batches are group-committed by one of them at a time
         # (``QueueStore.group``), so even SQLite sees one writer and no busy-waits.
         self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="queue-writer")
-        q = self.settings.values["queue"]
+        q = self.settings.queue
         self.store = QueueStore.for_database(self.sessions, self.settings.spool_dir,
-                                lifetime=timedelta(hours=float(q["lifetime_hours"])),
-                                lease=timedelta(seconds=float(q["lease_seconds"])))  # fmt: skip
+                                             lifetime=timedelta(hours=q.lifetime_hours),
+                                             lease=timedelta(seconds=q.lease_seconds))  # fmt: skip
         self.metrics.gauge("mssgw_quarantined_messages", self.store.quarantined_count)
         self.audit = AuditWriter(self.sessions, executor=self._writer, sink=self.store.append_audit,
                                  sealer=Sealer.for_settings(self.settings, self.sessions))  # sealed now and then
@@ -233,13 +233,13 @@ class Gateway:
             log.info("queue workers not available in this build: messages stay queued")
             return
         assert self.sessions is not None and self.store is not None
-        if int(self.settings.get("queue", "workers")) <= 0:  # an accept-only node: other nodes deliver
+        if self.settings.queue.workers <= 0:  # an accept-only node: other nodes deliver
             log.info("queue workers off (queue.workers = 0): messages wait for another node's workers")
             return
         self.workers = Workers(self.settings, self.sessions, self.store)
         await self.workers.start()
         self._services.append(("workers", self.workers.stop))
-        log.info("queue workers started count=%s", self.settings.get("queue", "workers"))
+        log.info("queue workers started count=%s", self.settings.queue.workers)
 
     def _wake(self, queue_id: str) -> None:
         if self.workers is not None:
@@ -439,7 +439,7 @@ class Gateway:
         gateway's CPU per message after the crypto.
         """
         factory = None
-        if self.settings.get("runtime", "event_loop") == "uvloop":
+        if self.settings.runtime.event_loop == "uvloop":
             try:
                 import uvloop
             except ImportError:  # a platform without uvloop wheels: asyncio's loop works the same, slower

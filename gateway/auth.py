@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives import hashes
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory import service
+from directory import passwords
 from directory.identifiers import InvalidIdentifier, normalise_address
 from directory.models import Certificate, Mailbox, MailboxType
 from gateway.audit.trail import AuditEvent, AuditWriter
@@ -414,7 +414,7 @@ class Authenticator:
                 return cached.address
             self.credentials.discard(key)  # deactivated, removed or a new password: verify in full
         with _FULL_CHECKS, self._factory() as session, session.begin():
-            box = service.verify_password(session, username, password)
+            box = passwords.verify_password(session, username, password)
             if box is None:
                 return None
             address, stored = box.address, box.password_hash

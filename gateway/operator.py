@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, migrate, session_factory, transaction
 from directory.identifiers import normalise_domain
@@ -62,8 +62,8 @@ def init_operator(
         migrate(engine)
         with transaction(session_factory(engine)) as session:
             for name in settings.domains:
-                service.add_local_domain(session, name)
-            seeded = service.seed_consumer_domains(session)
+                admin.add_local_domain(session, name)
+            seeded = admin.seed_consumer_domains(session)
             registered = [
                 register_certificate(session, pki.ca_cert.read_bytes(), address=None, purpose="anchor"),
                 register_certificate(

@@ -18,7 +18,7 @@ Every import returns an ``ImportReport``: how many data lines were read, how man
 rows were created, updated or left unchanged, and each bad line that was skipped
 (1-based line number in the file, reason). Errors that stop a whole import (an
 unknown header, a DTD in the XML, a database failure) raise
-``directory.service.DirectoryError`` with a sentence for a person; batches
+``directory.admin.DirectoryError`` with a sentence for a person; batches
 committed before the failure stay, and a re-run completes the rest.
 """
 

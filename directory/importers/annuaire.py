@@ -60,7 +60,7 @@ from directory.consumer import matches
 from directory.identifiers import InvalidIdentifier, check_practitioner_id, luhn_valid, normalise_address
 from directory.importers import ImportReport
 from directory.models import Domain, DomainKind, Mailbox, MailboxType, Organisation, Practitioner
-from directory.service import DirectoryError
+from gateway.core.errors import DirectoryError
 
 MSS_COLUMNS = 31
 RPPS_COLUMNS = 52
@@ -494,7 +494,7 @@ class _Domains:
         for name in local_domains:
             row = session.get(Domain, name.lower())
             if row is None or row.kind != DomainKind.LOCAL:
-                from directory.service import add_local_domain
+                from directory.admin import add_local_domain
 
                 add_local_domain(session, name)
         for name, kind, reason in session.execute(select(Domain.name, Domain.kind, Domain.reason)):

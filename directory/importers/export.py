@@ -12,7 +12,7 @@ Formats:
 
 Rows are streamed from the database in address order (``yield_per``), so memory
 stays flat however large the directory. An unknown format raises
-``directory.service.DirectoryError``.
+``directory.admin.DirectoryError``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from directory.importers.annuaire import MSS_COLUMNS, STRUCTURE_ID_CODES
 from directory.models import Mailbox, Organisation, Practitioner
-from directory.service import DirectoryError
+from gateway.core.errors import DirectoryError
 
 MSS_HEADER = (
     "Type de BAL|Adresse BAL|Type Identifiant PP|Identifiant PP|Identification nationale PP|"

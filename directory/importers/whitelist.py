@@ -7,7 +7,7 @@ which peers present in mutual TLS) and ``Description``; other children
 (contacts, dates) are ignored.
 
 Each listed domain becomes (or stays) TRUSTED through
-``directory.service.trust_domain(..., source="whitelist")``: its operator DN and
+``directory.admin.trust_domain(..., source="whitelist")``: its operator DN and
 description are set, and a relay an admin configured is kept. One of our own
 domains, a domain the operator blocked, an invalid name or a ``Domaine`` without
 ``Nom`` is skipped with its line number and the reason. All domains are written
@@ -18,7 +18,7 @@ under ``xml.etree``), which gives each element's line number. The same care as
 ``defusedxml``: a document type declaration or an entity declaration anywhere
 refuses the whole file (no DTD, no entity expansion, no external resource is ever
 fetched). Errors that stop the import (unreadable file, not well-formed XML, a
-DTD or entity, wrong root element) raise ``directory.service.DirectoryError``.
+DTD or entity, wrong root element) raise ``directory.admin.DirectoryError``.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from xml.parsers import expat
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from directory.admin import trust_domain
 from directory.consumer import matches
 from directory.identifiers import InvalidIdentifier, normalise_domain
 from directory.importers import ImportReport
 from directory.models import Domain, DomainKind
-from directory.service import DirectoryError, trust_domain
+from gateway.core.errors import DirectoryError
 
 NAMESPACE = "https://listeblanche.mssante.fr/schema"
 ROOT = "ListeBlanche"

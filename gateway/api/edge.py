@@ -2,7 +2,7 @@
 
 ``ApiEdge.submit`` is the API's DATA: the sender rules (as MAIL FROM), each recipient through the
 recipient chain exactly as RCPT TO and ``mssgw domains check`` (``gateway.policy.recipients``,
-facts from ``directory.service.recipient_facts``), the patients' rules, the content and
+facts from ``directory.facts.recipient_facts``), the patients' rules, the content and
 health-document rules on the message it builds, then ``Intake.accept`` (origin ``api``), durable
 before the 202 (ARCHITECTURE rule 2). It writes the same audit records as the SMTP submission
 listener (``mail``, ``rcpt``, ``data``, ``accept``; no content). Client certificates log in
@@ -35,7 +35,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory.service import recipient_facts, sender_facts
+from directory.facts import recipient_facts, sender_facts
 from gateway.api.models import ApiIdempotency
 from gateway.api.problems import (
     S451_4_3_0_IN_PROGRESS,
@@ -108,7 +108,8 @@ def _sender_decision(db: Session, identity: str, address: str) -> Decision:
 
 def _mailbox_author(db: Session, address: str, rpps: str | None) -> tuple[str | None, Author]:
     """The mailbox's type and the author of its documents, as ``mssgw message compose`` finds them."""
-    from directory.service import NotFoundError, get_mailbox
+    from directory.admin import get_mailbox
+    from gateway.core.errors import NotFoundError
 
     try:
         box = get_mailbox(db, address)

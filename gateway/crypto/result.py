@@ -134,7 +134,7 @@ class SecurityResult:
     failure: str | None = None
     detail: str = ""
     # The verified peer operator (its trust-list domain) whose pinned mutual TLS carried a message
-    # accepted signed but not encrypted (MSSanté mode, ``directory.service.signed_only_accepted``).
+    # accepted signed but not encrypted (MSSanté mode, ``directory.facts.signed_only_accepted``).
     transport_peer: str | None = None
 
     def __post_init__(self) -> None:

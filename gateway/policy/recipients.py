@@ -11,7 +11,7 @@ messaging) and its local part an INS with a valid key.
 
 from __future__ import annotations
 
-from directory.service import RecipientFacts
+from directory.facts import RecipientFacts
 from gateway.core import replies as R
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision

@@ -7,7 +7,7 @@ delegated to it. Nothing is relayed for anonymous clients.
 
 from __future__ import annotations
 
-from directory.service import SenderFacts
+from directory.facts import SenderFacts
 from gateway.core import replies as R
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision

@@ -185,7 +185,7 @@ def banner_text(result: SecurityResult, *, label: str | None = None, language: s
                 transit: Transit = "peer", released: bool = False) -> str:  # fmt: skip
     """The banner: one line for a verified message, two for one delivered despite a failed check.
 
-    ``label`` is the signer as the directory knows them (``directory.service.signer_label``);
+    ``label`` is the signer as the directory knows them (``directory.facts.signer_label``);
     ``transit`` says whether the message came from a peer operator or from one of our mailboxes;
     ``released`` that an administrator delivered it from quarantine."""
     lang = _lang(language)

@@ -214,8 +214,8 @@ def route_for(session: Session, domain: str) -> Route | None:
 
     A fixed relay (``domains trust --relay``) wins; a domain marked ``--mx`` (or with no route
     at all) goes to its MX hosts (RFC 5321 §5.1), resolved at delivery time by the relay."""
+    from directory.facts import get_domain
     from directory.models import DomainKind
-    from directory.service import get_domain
 
     row = get_domain(session, domain)
     if row is None or row.kind != DomainKind.TRUSTED:

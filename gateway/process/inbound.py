@@ -10,7 +10,7 @@ The job, for a claimed message of origin ``inbound``:
    MSSanté mode: a message signed but not encrypted is accepted when it came over the inbound
    listener from a verified peer operator (``peer_operator``) whose trust-list row does not
    require end-to-end encryption, and its From is in a domain of that same operator
-   (``directory.service.signed_only_accepted``); the signature must hold as always. It is
+   (``directory.facts.signed_only_accepted``); the signature must hold as always. It is
    recorded as ``mtls-signed`` and its Authentication-Results adds
    ``x-peer-tls=pass policy.peer-operator=...`` and says it was not encrypted end to end.
 2. Verified: the recovered original goes to each local recipient's INBOX (``present``) with
@@ -238,7 +238,7 @@ async def _signer_label(ctx: Context, email: str) -> str | None:
     Reused for ``PLAN_TTL`` seconds (``Context.plans``; a hit costs no thread hop): a peer's
     messages come in bursts from the same few signers.
     """
-    from directory.service import signer_label
+    from directory.facts import signer_label
 
     def read() -> str | None:
         with ctx.read() as session:
@@ -262,7 +262,8 @@ async def _author_labels(ctx: Context, rpps_numbers: tuple[str, ...]) -> dict[st
     """Document authors as the directory knows them ("Dr Anne Martin (RPPS ...)"); unknown ones left out."""
     if not rpps_numbers:
         return {}
-    from directory.service import NotFoundError, find_practitioner
+    from directory.admin import find_practitioner
+    from gateway.core.errors import NotFoundError
 
     def read() -> dict[str, str]:
         out: dict[str, str] = {}
@@ -290,7 +291,7 @@ def _domain_bound(ctx: Context, result: SecurityResult) -> SecurityResult:
     domain = result.from_address.rpartition("@")[2]
     ok = bool(result.signer_fingerprint and result.signer_fingerprint in ctx.keys.known_fingerprints(domain))
     if not ok and result.signer_subject:
-        from directory.service import get_domain
+        from directory.facts import get_domain
 
         with ctx.read() as session:
             row = get_domain(session, domain)
@@ -416,13 +417,13 @@ async def _deliver_report(ctx: Context, job: Job, data: bytes, result: SecurityR
 
 async def _signed_only_peer(ctx: Context, job: Job, from_domain: str) -> bool:
     """Whether the verified peer that sent ``job`` may send mail from ``from_domain`` signed but not
-    encrypted (``directory.service.signed_only_accepted``; reused for ``PLAN_TTL`` seconds).
+    encrypted (``directory.facts.signed_only_accepted``; reused for ``PLAN_TTL`` seconds).
 
     Only for a message that came in on the inbound listener, where ``peer_operator`` is set once
     the peer's client certificate matched the trust list; never for anything else."""
     if job.origin != "inbound" or not job.peer_operator or not from_domain:
         return False
-    from directory.service import signed_only_accepted
+    from directory.facts import signed_only_accepted
 
     peer, domain = job.peer_operator.lower(), from_domain.lower()
 

@@ -36,7 +36,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 
-from directory.service import recipient_facts
+from directory.facts import recipient_facts
 from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypair, load_trust
 from gateway.crypto.result import SecurityResult
 from gateway.delivery.receipts import DsnRecipient, receipt_author
@@ -119,7 +119,7 @@ async def process_outbound(ctx: Context, job: Job, data: bytes) -> None:
 
 def _wants_sent_copy(ctx: Context, sender: str, origin: str) -> bool:
     """The directory's answer (``wants_sent_copy``): mail clients save their own Sent copy, software does not."""
-    from directory.service import wants_sent_copy
+    from directory.facts import wants_sent_copy
 
     with ctx.read() as session:
         return wants_sent_copy(session, sender, default_types=ctx.settings.mailboxes.server_sent_copy,

@@ -40,8 +40,8 @@ from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DbSession
 
+from directory.facts import recipient_facts
 from directory.models import Domain, DomainKind
-from directory.service import recipient_facts
 from gateway.audit.trail import AuditEvent
 from gateway.core import replies as R
 from gateway.core.tls import certificate_names

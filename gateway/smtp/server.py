@@ -38,7 +38,7 @@ from aiosmtpd.smtp import MISSING, Envelope, Session, TLSSetupException, syntax
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
-from directory.service import recipient_facts, sender_facts
+from directory.facts import recipient_facts, sender_facts
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.config import Settings
 from gateway.core import replies as R

@@ -33,7 +33,7 @@ from email.utils import format_datetime
 from aiosmtpd.smtp import MISSING, Envelope, Session
 from sqlalchemy.orm import Session as DbSession
 
-from directory.service import sender_facts
+from directory.facts import sender_facts
 from gateway.audit.trail import AuditEvent
 from gateway.auth import Authenticator
 from gateway.core import replies as R
@@ -286,7 +286,8 @@ _NO_DOCUMENTS = DocumentFacts()
 
 def _mailbox_type(db: DbSession, address: str) -> str | None:
     """PER, ORG or APP for a mailbox of the directory, None when unknown."""
-    from directory.service import NotFoundError, get_mailbox
+    from directory.admin import get_mailbox
+    from gateway.core.errors import NotFoundError
 
     try:
         return str(get_mailbox(db, address).type.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from directory import service
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
 from gateway.config import Settings
@@ -86,12 +86,12 @@ def populate(settings: Settings) -> None:
         cert_path, key_path = settings.keys_dir / "alice.pem", settings.keys_dir / "alice.key"
         save_certificate_and_key(cert, key, cert_path, key_path)
         with transaction(session_factory(engine)) as db:
-            service.add_practitioner(db, identifier=ALICE_RPPS, last_name="Martin", first_name="Anne",
-                                     profession_code="10")  # fmt: skip
-            service.add_practitioner(db, identifier=BOB_RPPS, last_name="Durand", first_name="Bob",
-                                     profession_code="21")  # fmt: skip
-            service.add_mailbox(db, ALICE, type="PER", rpps=ALICE_RPPS, password=PASSWORD)
-            service.add_mailbox(db, BOB, type="PER", rpps=BOB_RPPS, password=PASSWORD)
+            admin.add_practitioner(db, identifier=ALICE_RPPS, last_name="Martin", first_name="Anne",
+                                   profession_code="10")  # fmt: skip
+            admin.add_practitioner(db, identifier=BOB_RPPS, last_name="Durand", first_name="Bob",
+                                   profession_code="21")  # fmt: skip
+            admin.add_mailbox(db, ALICE, type="PER", rpps=ALICE_RPPS, password=PASSWORD)
+            admin.add_mailbox(db, BOB, type="PER", rpps=BOB_RPPS, password=PASSWORD)
             register_certificate(db, cert.public_bytes(serialization.Encoding.PEM), address=ALICE, purpose="smime",
                                  key_path=str(key_path))  # fmt: skip
     finally:

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory import service
+from directory import admin
 from directory.db import make_engine, migrate, session_factory, transaction
 
 LOCAL = "a.mssante.test"
@@ -19,8 +19,8 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng = make_engine(database_url)
     migrate(eng)
     with transaction(session_factory(eng)) as session:
-        service.add_local_domain(session, LOCAL)
-        service.seed_consumer_domains(session)
+        admin.add_local_domain(session, LOCAL)
+        admin.seed_consumer_domains(session)
     yield eng
     eng.dispose()
 

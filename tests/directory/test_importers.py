@@ -10,14 +10,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory import service
+from directory import admin, facts
 from directory.db import transaction
 from directory.identifiers import luhn_valid
 from directory.importers import annuaire as annuaire_module
 from directory.importers import export_directory, import_file, import_whitelist
 from directory.importers.export import MSS_HEADER
 from directory.models import Domain, DomainKind, Mailbox, Organisation, Practitioner
-from directory.service import DirectoryError
+from gateway.core.errors import DirectoryError
 
 ANNUAIRE = Path(__file__).resolve().parent.parent / "fixtures" / "annuaire"
 MSS = ANNUAIRE / "Extraction_Correspondance_MSSante_202611200300.txt"
@@ -102,14 +102,14 @@ def test_rerun_is_idempotent(factory: sessionmaker[Session]) -> None:
 def test_mailbox_details_and_domains(factory: sessionmaker[Session]) -> None:
     import_file(factory, MSS, local_domains=["a.mssante.test", "hcl.mssante.fr"])
     with factory() as session:
-        box = service.get_mailbox(session, "noel.le-goff11@chu-rennes.mssante.fr")
+        box = admin.get_mailbox(session, "noel.le-goff11@chu-rennes.mssante.fr")
         assert box.type.value == "PER" and not box.local and box.active and box.source == "annuaire"
         assert box.practitioner is not None and box.practitioner.identifier == "10018780170"
         assert box.practitioner.specialty_code == "SM53" and box.practitioner.last_name == "LE GOFF"
         assert box.display_name == "Noël LE GOFF"
         assert box.organisation is not None
         assert (box.organisation.id_type, box.organisation.identifier) == ("FINESS", "598983478")
-        org_box = service.get_mailbox(session, "secretariat.cardio21@pharmacien.mssante.fr")
+        org_box = admin.get_mailbox(session, "secretariat.cardio21@pharmacien.mssante.fr")
         assert org_box.practitioner is None and org_box.service == "Urgences"
         assert org_box.organisation is not None and org_box.organisation.name == "CABINET MEDICAL DU PARC"
         assert org_box.display_name == "CABINET MEDICAL DU PARC (Urgences)"
@@ -126,7 +126,7 @@ def test_mailbox_details_and_domains(factory: sessionmaker[Session]) -> None:
 
 def test_never_a_mailbox_in_a_blocked_domain(factory: sessionmaker[Session], tmp_path: Path) -> None:
     with transaction(factory) as session:
-        service.block_domain(session, "spam.example", reason="abuse")
+        admin.block_domain(session, "spam.example", reason="abuse")
     path = write_mss(tmp_path, [
         mss_line("someone@gmail.com"),
         mss_line("someone@yahoo.fr", rpps=RPPS_B),
@@ -148,13 +148,13 @@ def test_updates_keep_admin_decisions(factory: sessionmaker[Session], tmp_path: 
     first = write_mss(tmp_path, [mss_line("dr@medecin.mssante.fr", last="DUPONT")])
     import_file(factory, first, local_domains=["a.mssante.test"])
     with transaction(factory) as session:
-        service.set_active(session, "dr@medecin.mssante.fr", False)
-        service.trust_domain(session, "medecin.mssante.fr", relay="mx.medecin.test:25")
+        admin.set_active(session, "dr@medecin.mssante.fr", False)
+        admin.trust_domain(session, "medecin.mssante.fr", relay="mx.medecin.test:25")
     second = write_mss(tmp_path, [mss_line("dr@medecin.mssante.fr", last="DUPONT-MARTIN")], name="b.txt")
     report = import_file(factory, second, local_domains=["a.mssante.test"])
     assert (report.created, report.updated, report.unchanged) == (0, 1, 0)
     with factory() as session:
-        box = service.get_mailbox(session, "dr@medecin.mssante.fr")
+        box = admin.get_mailbox(session, "dr@medecin.mssante.fr")
         assert not box.active  # the admin's deactivation survives
         assert box.practitioner is not None and box.practitioner.last_name == "DUPONT-MARTIN"
         assert box.display_name == "Marie DUPONT-MARTIN"
@@ -250,7 +250,7 @@ def test_progress_bar_goes_to_stderr(factory: sessionmaker[Session], capsys: pyt
 
 def test_whitelist(factory: sessionmaker[Session]) -> None:
     with transaction(factory) as session:
-        service.trust_domain(session, "aphp.mssante.fr", relay="mx.aphp.test:25")
+        admin.trust_domain(session, "aphp.mssante.fr", relay="mx.aphp.test:25")
     report = import_whitelist(factory, WHITELIST, local_domains=["a.mssante.test"])
     assert report.kind == "whitelist" and report.lines == 12 and not report.skipped
     assert (report.created, report.updated) == (11, 1)
@@ -268,8 +268,8 @@ def test_whitelist_fills_the_operator_dn_of_annuaire_domains(factory: sessionmak
     import_file(factory, MSS, local_domains=["a.mssante.test"])
     import_whitelist(factory, WHITELIST, local_domains=["a.mssante.test"])
     with factory() as session:
-        facts = service.recipient_facts(session, "noel.le-goff11@chu-rennes.mssante.fr")
-    assert facts.domain_kind == "trusted" and facts.mailbox_known and facts.operator_dn
+        found = facts.recipient_facts(session, "noel.le-goff11@chu-rennes.mssante.fr")
+    assert found.domain_kind == "trusted" and found.mailbox_known and found.operator_dn
 
 
 def _whitelist(tmp_path: Path, body: str, prolog: str = "") -> Path:

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import CONFIG_NAME, Settings, load_settings, render_toml
@@ -32,11 +32,11 @@ CLINICIAN_RPPS = "10000000009"  # the prescriber is a practitioner of the nation
 def _add(s, addr: str, **kw: object) -> None:  # type: ignore[no-untyped-def]
     """The clinician is a PER mailbox of a practitioner; the other mailboxes are ORG mailboxes."""
     if addr == CLINICIAN:
-        service.add_practitioner(s, identifier=CLINICIAN_RPPS, last_name="Martin", first_name="Anne",
-                                 profession_code="10")
-        service.add_mailbox(s, addr, type="PER", rpps=CLINICIAN_RPPS)
+        admin.add_practitioner(s, identifier=CLINICIAN_RPPS, last_name="Martin", first_name="Anne",
+                               profession_code="10")
+        admin.add_mailbox(s, addr, type="PER", rpps=CLINICIAN_RPPS)
     else:
-        service.add_mailbox(s, addr, type="ORG", **kw)  # type: ignore[arg-type]
+        admin.add_mailbox(s, addr, type="ORG", **kw)  # type: ignore[arg-type]
 
 
 def users_of() -> dict[str, list[str]]:
@@ -109,7 +109,7 @@ def build_templates(root: Path) -> dict[str, Template]:
         settings = load_settings(t.home)
         engine = make_engine(settings.database_url)
         with transaction(session_factory(engine)) as s:
-            service.trust_domain(s, p.domain, relay="127.0.0.1:1", operator_dn=p.operator_dn)
+            admin.trust_domain(s, p.domain, relay="127.0.0.1:1", operator_dn=p.operator_dn)
             register_certificate(s, p.ca_pem, address=None, purpose="anchor")
             for addr in users[name]:
                 if addr == GHOST:
@@ -203,7 +203,7 @@ class Operator:
 
     def set_relay(self, peer_domain: str, port: int, operator_dn: str | None = None) -> None:
         with transaction(self.sessions) as s:
-            service.trust_domain(s, peer_domain, relay=f"127.0.0.1:{port}", operator_dn=operator_dn)
+            admin.trust_domain(s, peer_domain, relay=f"127.0.0.1:{port}", operator_dn=operator_dn)
 
     def mailbox(self, address: str, folder: str = "INBOX") -> list[bytes]:
         from gateway.delivery.maildir import MaildirDelivery

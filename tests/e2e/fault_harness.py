@@ -54,7 +54,7 @@ from faultproxy import FaultProxy
 from sqlalchemy import Engine, func, select
 
 from certs import service as certs
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, read_session_factory, session_factory, transaction
 from gateway.config import CONFIG_NAME, load_settings, render_toml
@@ -164,22 +164,22 @@ def _populate(node: Node, peer: Node, issued: dict[str, tuple[bytes, Path]]) -> 
     engine = make_engine(settings.database_url)
     ca = (peer.home / "pki" / "ca.pem").read_bytes()
     with transaction(session_factory(engine)) as s:
-        service.trust_domain(s, peer.domain, relay="127.0.0.1:1", operator_dn=peer.operator_dn)
+        admin.trust_domain(s, peer.domain, relay="127.0.0.1:1", operator_dn=peer.operator_dn)
         register_certificate(s, ca, address=None, purpose="anchor")
         if node.name == "a":
-            service.add_practitioner(s, identifier="10000000009", last_name="Martin", first_name="Anne",
-                                     profession_code="10")  # fmt: skip
-            service.add_mailbox(s, CLINICIAN, type="PER", rpps="10000000009", password=PASSWORD)
-            service.add_mailbox(s, COLLEAGUE, type="ORG", display_name="secretariat", password=PASSWORD)
-            service.add_mailbox(s, WARD, type="ORG", display_name="cardiologie")
+            admin.add_practitioner(s, identifier="10000000009", last_name="Martin", first_name="Anne",
+                                   profession_code="10")  # fmt: skip
+            admin.add_mailbox(s, CLINICIAN, type="PER", rpps="10000000009", password=PASSWORD)
+            admin.add_mailbox(s, COLLEAGUE, type="ORG", display_name="secretariat", password=PASSWORD)
+            admin.add_mailbox(s, WARD, type="ORG", display_name="cardiologie")
             for addr in (PRACTITIONER, NURSE, LAB, FRONT, GHOST):
-                service.add_mailbox(s, addr, type="ORG")
+                admin.add_mailbox(s, addr, type="ORG")
             mine, theirs = (CLINICIAN, COLLEAGUE, WARD), (PRACTITIONER, NURSE, GHOST)
         else:
             for addr in (PRACTITIONER, NURSE, LAB, FRONT):  # no GHOST: B refuses it (550 5.1.1)
-                service.add_mailbox(s, addr, type="ORG", display_name=addr.split("@")[0])
+                admin.add_mailbox(s, addr, type="ORG", display_name=addr.split("@")[0])
             for addr in (CLINICIAN, COLLEAGUE):
-                service.add_mailbox(s, addr, type="ORG")
+                admin.add_mailbox(s, addr, type="ORG")
             mine, theirs = (PRACTITIONER, NURSE, FRONT), (CLINICIAN, COLLEAGUE)
         for addr in mine:
             pem, key_path = issued[addr]
@@ -260,7 +260,7 @@ def build_operators(root: Path, database_urls: dict[str, str] | None, proxy_port
     for node, peer_domain, port, peer in ((a, B_DOMAIN, proxy_port, b), (b, A_DOMAIN, a.ports["inbound"], a)):
         engine = make_engine(node.database_url)
         with transaction(session_factory(engine)) as s:
-            service.trust_domain(s, peer_domain, relay=f"127.0.0.1:{port}", operator_dn=peer.operator_dn)
+            admin.trust_domain(s, peer_domain, relay=f"127.0.0.1:{port}", operator_dn=peer.operator_dn)
         engine.dispose()
     return a, b
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from e2e_support import A_DOMAIN, PRACTITIONER, Pair, parse
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.api.edge import ApiEdge
@@ -45,11 +45,11 @@ async def rx_api(pair: Pair, tmp_path: Path) -> AsyncIterator[tuple[ApiServer, s
     save_certificate_and_key(smime_cert, smime_key, keys_dir / f"{RX}.pem", keys_dir / f"{RX}.key")
     smime_pem = smime_cert.public_bytes(serialization.Encoding.PEM)
     with transaction(a.sessions) as s:
-        service.add_mailbox(s, RX, type="APP", display_name="Logiciel de prescription")
+        admin.add_mailbox(s, RX, type="APP", display_name="Logiciel de prescription")
         register_certificate(s, tls_cert.public_bytes(serialization.Encoding.PEM), address=RX, purpose="tls-client")
         register_certificate(s, smime_pem, address=RX, purpose="smime", key_path=str(keys_dir / f"{RX}.key"))
     with transaction(b.sessions) as s:
-        service.add_mailbox(s, RX, type="ORG")
+        admin.add_mailbox(s, RX, type="ORG")
         register_certificate(s, smime_pem, address=RX, purpose="smime")
     for op in (a, b):
         op.workers.keys.invalidate()  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import pytest
 from e2e_support import B_DOMAIN, CLINICIAN, GHOST, PRACTITIONER, Pair, parse, prescription
 from sqlalchemy import select
 
-from directory import service
+from directory import admin
 from directory.db import transaction
 from gateway.audit.models import AuditRecord
 from gateway.delivery.relay import Route
@@ -44,7 +44,7 @@ async def _refused_then_resent(pair: Pair) -> None:
     """A's second recipient gets 452 at RCPT; its retry carries the same Message-ID and must arrive."""
     a, b = pair.a, pair.b
     with transaction(b.sessions) as s:
-        service.add_mailbox(s, GHOST, type="ORG")  # B gets a second mailbox (its key is in B's home)
+        admin.add_mailbox(s, GHOST, type="ORG")  # B gets a second mailbox (its key is in B's home)
     data = prescription(message_id=f"<resent.{dt.datetime.now().timestamp()}@a.mssante.test>")
     qid = a.enqueue(data, CLINICIAN, [PRACTITIONER, GHOST])
     await a.workers.run_once()  # type: ignore[attr-defined]
@@ -73,7 +73,7 @@ async def test_mixed_transaction_is_stored_for_new_recipients_only(pair: Pair) -
     """One transaction repeating an accepted recipient and adding a new one: only the new one is queued."""
     a, b = pair.a, pair.b
     with transaction(b.sessions) as s:
-        service.add_mailbox(s, GHOST, type="ORG")
+        admin.add_mailbox(s, GHOST, type="ORG")
     route = Route(B_DOMAIN, "127.0.0.1", pair.proxy.port, b.operator_dn)
     relay = a.workers.ctx.relay  # type: ignore[attr-defined]
     from gateway.process.outbound import protect_job

@@ -19,10 +19,11 @@ from click.testing import CliRunner
 from e2e_support import A_DOMAIN, B_DOMAIN, PDF, PRACTITIONER, SUBJECT, Pair, parse, prescription
 
 from cli.main import cli
-from directory import service
+from directory import admin
 from directory.db import transaction
 from gateway.delivery.relay import Route
 
+BACKENDS = ("sqlite", "postgresql")  # each operator on each store (conftest.pytest_generate_tests)
 DESK = f"accueil@{A_DOMAIN}"  # a mailbox of A that B has no certificate for
 
 
@@ -34,7 +35,7 @@ def _mssgw(home: Path, *args: str) -> str:
 
 def _add_desk(pair: Pair) -> None:
     with transaction(pair.a.sessions) as s:
-        service.add_mailbox(s, DESK, type="ORG", display_name="Accueil")
+        admin.add_mailbox(s, DESK, type="ORG", display_name="Accueil")
 
 
 def _relax(pair: Pair) -> None:

@@ -44,7 +44,7 @@ from fault_harness import (
 from faultproxy import FaultProxy
 from sqlalchemy import func, select
 
-from directory import service
+from directory import admin
 from directory.db import make_engine, read_session_factory, session_factory, transaction
 from gateway.config import CONFIG_NAME, render_toml
 from gateway.queue.models import QueuedBytes, QueuedMessage
@@ -77,8 +77,8 @@ def _route_reports_to(b: Node, a_node: Node) -> None:
     engine = make_engine(b.database_url)
     try:
         with transaction(session_factory(engine)) as s:
-            service.trust_domain(s, A_DOMAIN, relay=f"127.0.0.1:{a_node.ports['inbound']}",
-                                 operator_dn=a_node.operator_dn)  # fmt: skip
+            admin.trust_domain(s, A_DOMAIN, relay=f"127.0.0.1:{a_node.ports['inbound']}",
+                               operator_dn=a_node.operator_dn)  # fmt: skip
     finally:
         engine.dispose()
 

@@ -30,7 +30,7 @@ from e2e_support import (
     prescription,
 )
 
-from directory import service
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import CONFIG_NAME, load_settings, render_toml
 from gateway.delivery.maildir import MaildirDelivery
@@ -94,8 +94,8 @@ async def test_sigkill_while_relaying_then_restart_delivers_each_message_once(
         settings = load_settings(homes[name])
         engine = make_engine(settings.database_url)
         with transaction(session_factory(engine)) as s:
-            service.trust_domain(s, peer_domain, relay=f"127.0.0.1:{ports[peer]['inbound']}",
-                                 operator_dn=templates[peer].operator_dn)
+            admin.trust_domain(s, peer_domain, relay=f"127.0.0.1:{ports[peer]['inbound']}",
+                               operator_dn=templates[peer].operator_dn)
         engine.dispose()
 
     a_settings = load_settings(homes["a"])

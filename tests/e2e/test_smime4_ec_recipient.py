@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from e2e_support import B_DOMAIN, CLINICIAN, Operator, Pair, parse, prescription
 
 from certs.pki import load_certificate, load_dev_pki, load_private_key, write_private_key
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.crypto import _mime
@@ -66,10 +66,10 @@ async def test_smime4_ec_recipient_through_the_queue_both_ways(pair: Pair) -> No
     a, b = pair.a, pair.b
     pem, key_path = _ec_certificate(b)
     with transaction(b.sessions) as s:
-        service.add_mailbox(s, LAB, type="ORG", display_name="Laboratoire")
+        admin.add_mailbox(s, LAB, type="ORG", display_name="Laboratoire")
         register_certificate(s, pem, address=LAB, purpose="smime", key_path=key_path)
     with transaction(a.sessions) as s:
-        service.add_mailbox(s, LAB, type="ORG")
+        admin.add_mailbox(s, LAB, type="ORG")
         register_certificate(s, pem, address=LAB, purpose="smime")
 
     qid = a.enqueue(prescription(to=LAB, mdn=False), CLINICIAN, [LAB])

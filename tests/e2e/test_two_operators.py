@@ -35,7 +35,7 @@ from e2e_support import (
     prescription,
 )
 
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.delivery.relay import Relay
@@ -331,8 +331,8 @@ async def test_relay_to_independent_mta_is_plain_smime_openssl_accepts(pair: Pai
     cert, key = issue_certificate(load_dev_pki(a.home / "pki"), kind="user", email=rcpt)
     save_certificate_and_key(cert, key, tmp_path / "doc.pem", tmp_path / "doc.key")
     with transaction(a.sessions) as s:
-        service.trust_domain(s, "sink.test", relay=f"127.0.0.1:{port}")
-        service.add_mailbox(s, rcpt, type="ORG")
+        admin.trust_domain(s, "sink.test", relay=f"127.0.0.1:{port}")
+        admin.add_mailbox(s, rcpt, type="ORG")
         register_certificate(s, cert.public_bytes(serialization.Encoding.PEM), address=rcpt, purpose="smime")
         register_certificate(s, ca.cert_pem.bytes(), address=None, purpose="anchor")
     keys = a.workers.keys

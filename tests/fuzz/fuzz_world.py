@@ -59,7 +59,7 @@ def prepare_home(home: Path, pki_template: Path | None = None) -> Prepared:
     import tomllib
 
     from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-    from directory import service
+    from directory import admin
     from directory.db import make_engine, session_factory, transaction
     from gateway.config import load_settings, render_toml
     from gateway.operator import init_operator
@@ -87,14 +87,14 @@ def prepare_home(home: Path, pki_template: Path | None = None) -> Prepared:
     engine = make_engine(settings.database_url)
     try:
         with transaction(session_factory(engine)) as db:
-            service.trust_domain(db, "b.mssante.test", relay="127.0.0.1:1",
-                                 operator_dn=cert.subject.rfc4514_string())
-            service.add_mailbox(db, CREDS.user, type="ORG", display_name="Fuzz", password=PASSWORD)
-            service.add_mailbox(db, LEGIT, type="ORG", display_name="Secretariat", password=LEGIT_PASSWORD)
-            service.add_mailbox(db, f"bob@{DOMAIN}", type="ORG", display_name="Bob")
-            service.add_mailbox(db, f"old@{DOMAIN}", type="ORG", display_name="Old")
-            service.set_active(db, f"old@{DOMAIN}", False)
-            service.add_mailbox(db, "doc@b.mssante.test", type="ORG", source="whitelist")
+            admin.trust_domain(db, "b.mssante.test", relay="127.0.0.1:1",
+                               operator_dn=cert.subject.rfc4514_string())
+            admin.add_mailbox(db, CREDS.user, type="ORG", display_name="Fuzz", password=PASSWORD)
+            admin.add_mailbox(db, LEGIT, type="ORG", display_name="Secretariat", password=LEGIT_PASSWORD)
+            admin.add_mailbox(db, f"bob@{DOMAIN}", type="ORG", display_name="Bob")
+            admin.add_mailbox(db, f"old@{DOMAIN}", type="ORG", display_name="Old")
+            admin.set_active(db, f"old@{DOMAIN}", False)
+            admin.add_mailbox(db, "doc@b.mssante.test", type="ORG", source="whitelist")
     finally:
         engine.dispose()
     target = Target("127.0.0.1", ports["submission"], ports["submissions"], ports["inbound"], ports["imap"],

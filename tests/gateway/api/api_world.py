@@ -23,7 +23,7 @@ import trustme
 from smtp_world import DOMAIN, CertFiles, PeerCerts, free_port, populate, write_settings
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
@@ -79,13 +79,13 @@ def prepare_home(home: Path, certs: ApiCerts, extra: dict[str, dict[str, object]
     engine = make_engine(settings.database_url)
     try:
         with transaction(session_factory(engine)) as db:
-            service.add_mailbox(db, APP2, type="APP", display_name="Old software")
+            admin.add_mailbox(db, APP2, type="APP", display_name="Old software")
             register_certificate(db, certs.app2.cert.read_bytes(), address=APP2, purpose="tls-client")
-            service.add_practitioner(db, identifier=DR_RPPS, last_name="Martin", first_name="Anne",
-                                     profession_code="10")
-            service.add_mailbox(db, DR, type="PER", rpps=DR_RPPS)
+            admin.add_practitioner(db, identifier=DR_RPPS, last_name="Martin", first_name="Anne",
+                                   profession_code="10")
+            admin.add_mailbox(db, DR, type="PER", rpps=DR_RPPS)
             register_certificate(db, certs.dr.cert.read_bytes(), address=DR, purpose="tls-client")
-            service.delegate(db, SEC, APP)
+            admin.delegate(db, SEC, APP)
         with transaction(session_factory(engine)) as db:
             from certs.service import revoke
 

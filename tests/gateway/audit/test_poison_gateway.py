@@ -20,7 +20,7 @@ import aiosmtplib
 from click.testing import CliRunner
 
 from cli.main import cli
-from directory import service
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
 from gateway.audit.trail import AuditEvent, query
@@ -46,8 +46,8 @@ def _prepare(home: Path) -> None:
     engine = make_engine(load_settings(home).database_url)
     try:
         with transaction(session_factory(engine)) as db:
-            service.add_mailbox(db, "sec@a.mssante.test", type="ORG", display_name="Secretariat", password=PASSWORD)
-            service.add_mailbox(db, "bob@a.mssante.test", type="ORG", display_name="Bob")
+            admin.add_mailbox(db, "sec@a.mssante.test", type="ORG", display_name="Secretariat", password=PASSWORD)
+            admin.add_mailbox(db, "bob@a.mssante.test", type="ORG", display_name="Bob")
     finally:
         engine.dispose()
 

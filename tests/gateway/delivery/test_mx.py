@@ -249,7 +249,7 @@ async def test_own_host_name_as_best_mx_is_a_loop(
 
 
 def test_route_for_a_domain_routed_by_mx(sqlite_home: Path) -> None:
-    from directory import service
+    from directory import admin
     from directory.db import make_engine, session_factory, transaction
     from gateway.process.common import route_for
 
@@ -257,8 +257,8 @@ def test_route_for_a_domain_routed_by_mx(sqlite_home: Path) -> None:
     try:
         factory = session_factory(engine)
         with transaction(factory) as session:
-            service.trust_domain(session, "d.example", use_mx=True, operator_dn="CN=d-operator,O=D,C=FR")
-            service.trust_domain(session, "e.example", relay="127.0.0.1:2525", operator_dn="CN=e-operator")
+            admin.trust_domain(session, "d.example", use_mx=True, operator_dn="CN=d-operator,O=D,C=FR")
+            admin.trust_domain(session, "e.example", relay="127.0.0.1:2525", operator_dn="CN=e-operator")
         with factory() as session:
             d, e = route_for(session, "d.example"), route_for(session, "e.example")
             assert route_for(session, "unknown.example") is None

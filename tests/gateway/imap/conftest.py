@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory import service as directory
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from directory.identifiers import luhn_valid
 from gateway.audit.trail import AuditWriter
@@ -80,11 +80,11 @@ async def imap(sqlite_home: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         for n, (address, first, last) in enumerate(
             [(ALICE, "Alice", "Martin"), (BOB, "Bob", "Durand"), (GONE, "Paul", "Ancien")], start=1
         ):
-            directory.add_practitioner(session, identifier=rpps(n), first_name=first, last_name=last)
-            directory.add_mailbox(session, address, type="PER", rpps=rpps(n), password=PASSWORD)
-        directory.add_mailbox(session, SECRETARIAT, type="ORG", password=ORG_PASSWORD, display_name="Secretariat")
-        directory.delegate(session, SECRETARIAT, ALICE)
-        directory.set_active(session, GONE, False)
+            admin.add_practitioner(session, identifier=rpps(n), first_name=first, last_name=last)
+            admin.add_mailbox(session, address, type="PER", rpps=rpps(n), password=PASSWORD)
+        admin.add_mailbox(session, SECRETARIAT, type="ORG", password=ORG_PASSWORD, display_name="Secretariat")
+        admin.delegate(session, SECRETARIAT, ALICE)
+        admin.set_active(session, GONE, False)
     audit = AuditWriter(factory)
     audit.start()
     authenticator = Authenticator(factory, settings, audit)

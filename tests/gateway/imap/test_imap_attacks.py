@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import ALICE, BOB, PASSWORD, Imap, _free_port, lab_report, rpps
 
-from directory import service as directory
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.audit.trail import AuditWriter
 from gateway.auth import Authenticator
@@ -706,8 +706,8 @@ def test_client_reset_mid_command_on_uvloop_leaves_no_traceback(
     engine = make_engine(settings.database_url)
     factory = session_factory(engine)
     with transaction(factory) as session:
-        directory.add_practitioner(session, identifier=rpps(1), first_name="Alice", last_name="Martin")
-        directory.add_mailbox(session, ALICE, type="PER", rpps=rpps(1), password=PASSWORD)
+        admin.add_practitioner(session, identifier=rpps(1), first_name="Alice", last_name="Martin")
+        admin.add_mailbox(session, ALICE, type="PER", rpps=rpps(1), password=PASSWORD)
 
     async def main() -> list[object]:
         audit = AuditWriter(factory)

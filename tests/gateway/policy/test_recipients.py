@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory import service
+from directory import admin, facts
 from directory.db import transaction
-from directory.service import RecipientFacts
+from directory.facts import RecipientFacts
 from gateway.core import replies as R
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
@@ -17,13 +17,13 @@ from gateway.policy.recipients import INBOUND_CHAIN, SUBMISSION_CHAIN, decide_re
 @pytest.fixture
 def directory(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     with transaction(factory) as s:
-        service.add_mailbox(s, "ann@a.mssante.test", type="ORG")
-        service.add_mailbox(s, "gone@a.mssante.test", type="ORG")
-        service.set_active(s, "gone@a.mssante.test", False)
-        service.trust_domain(s, "b.mssante.test", relay="mx.b.test:25", operator_dn="CN=mx.b.mssante.test")
-        service.add_mailbox(s, "bob@b.mssante.test", type="ORG")
-        service.trust_domain(s, "c.mssante.test", relay="mx.c.test:25")  # no operator identity, no certificate
-        service.add_mailbox(s, "carl@c.mssante.test", type="ORG")
+        admin.add_mailbox(s, "ann@a.mssante.test", type="ORG")
+        admin.add_mailbox(s, "gone@a.mssante.test", type="ORG")
+        admin.set_active(s, "gone@a.mssante.test", False)
+        admin.trust_domain(s, "b.mssante.test", relay="mx.b.test:25", operator_dn="CN=mx.b.mssante.test")
+        admin.add_mailbox(s, "bob@b.mssante.test", type="ORG")
+        admin.trust_domain(s, "c.mssante.test", relay="mx.c.test:25")  # no operator identity, no certificate
+        admin.add_mailbox(s, "carl@c.mssante.test", type="ORG")
     return factory
 
 
@@ -43,19 +43,19 @@ CASES = [
 def test_submission_decisions(directory: sessionmaker[Session]) -> None:
     with directory() as s:
         for address, accepted, short, rule in CASES:
-            decision = decide_recipient(service.recipient_facts(s, address))
+            decision = decide_recipient(facts.recipient_facts(s, address))
             assert (decision.accepted, decision.reply.short, decision.rule) == (accepted, short, rule), address
     with directory() as s:
-        gmail = decide_recipient(service.recipient_facts(s, "x@gmail.com"))
+        gmail = decide_recipient(facts.recipient_facts(s, "x@gmail.com"))
     assert gmail.reason == "consumer mailbox: health data may not be sent to gmail.com"
     assert str(gmail.reply).endswith(gmail.reason)
 
 
 def test_inbound_decisions(directory: sessionmaker[Session]) -> None:
     with directory() as s:
-        assert decide_recipient(service.recipient_facts(s, "ann@a.mssante.test"), inbound=True).accepted
-        relay = decide_recipient(service.recipient_facts(s, "bob@b.mssante.test"), inbound=True)
-        gone = decide_recipient(service.recipient_facts(s, "gone@a.mssante.test"), inbound=True)
+        assert decide_recipient(facts.recipient_facts(s, "ann@a.mssante.test"), inbound=True).accepted
+        relay = decide_recipient(facts.recipient_facts(s, "bob@b.mssante.test"), inbound=True)
+        gone = decide_recipient(facts.recipient_facts(s, "gone@a.mssante.test"), inbound=True)
     assert relay.rule == "not-local" and gone.rule == "inactive-mailbox"
 
 
@@ -74,8 +74,8 @@ def test_first_rule_that_decides_wins() -> None:
             return Decision.refuse(R.S550_5_7_1_BLOCKED_DOMAIN, name, name) if decides else None
         return Rule(name, name, check)
 
-    facts = RecipientFacts(address="x@y.z", valid_syntax=True)
-    decision = evaluate([rule("a", False), rule("b", True), rule("c", True)], facts,
+    subject = RecipientFacts(address="x@y.z", valid_syntax=True)
+    decision = evaluate([rule("a", False), rule("b", True), rule("c", True)], subject,
                         lambda f: Decision.accept(R.S250_2_1_5_RECIPIENT_OK, "default", "ok"))
     assert decision.rule == "b" and seen == ["a", "b"]
-    assert evaluate([], facts, lambda f: Decision.accept(R.S250_2_1_5_RECIPIENT_OK, "default", "ok")).accepted
+    assert evaluate([], subject, lambda f: Decision.accept(R.S250_2_1_5_RECIPIENT_OK, "default", "ok")).accepted

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory import service
+from directory import admin, facts
 from directory.db import transaction
-from directory.service import SenderFacts
+from directory.facts import SenderFacts
 from gateway.policy.senders import SENDER_CHAIN, auth_required, decide_sender
 
 SECRETARIAT = "secretariat@a.mssante.test"
@@ -25,10 +25,10 @@ CLOSED = "closed@a.mssante.test"
 def directory(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     with transaction(factory) as s:
         for address in (SECRETARIAT, DOCTOR, OTHER, CLOSED):
-            service.add_mailbox(s, address, type="ORG")
-        service.delegate(s, SECRETARIAT, DOCTOR)  # the doctor may send as the secretariat
-        service.delegate(s, CLOSED, DOCTOR)
-        service.set_active(s, CLOSED, False)
+            admin.add_mailbox(s, address, type="ORG")
+        admin.delegate(s, SECRETARIAT, DOCTOR)  # the doctor may send as the secretariat
+        admin.delegate(s, CLOSED, DOCTOR)
+        admin.set_active(s, CLOSED, False)
     return factory
 
 
@@ -48,15 +48,15 @@ CASES = [
 def test_sender_decisions(directory: sessionmaker[Session]) -> None:
     with directory() as s:
         for identity, address, accepted, short, rule in CASES:
-            decision = decide_sender(service.sender_facts(s, identity, address))
+            decision = decide_sender(facts.sender_facts(s, identity, address))
             assert (decision.accepted, decision.reply.short, decision.rule) == (accepted, short, rule), address
 
 
 def test_reasons_name_the_rule_not_the_content(directory: sessionmaker[Session]) -> None:
     with directory() as s:
-        own = decide_sender(service.sender_facts(s, DOCTOR, DOCTOR))
-        delegated = decide_sender(service.sender_facts(s, DOCTOR, SECRETARIAT))
-        refused = decide_sender(service.sender_facts(s, DOCTOR, OTHER))
+        own = decide_sender(facts.sender_facts(s, DOCTOR, DOCTOR))
+        delegated = decide_sender(facts.sender_facts(s, DOCTOR, SECRETARIAT))
+        refused = decide_sender(facts.sender_facts(s, DOCTOR, OTHER))
     assert own.reason.endswith("its own mailbox") and delegated.reason.endswith("a mailbox delegated to it")
     assert refused.reason == f"{DOCTOR} may not send as {OTHER}: not its mailbox nor delegated to it"
     assert str(refused.reply) == f"550 5.7.1 {refused.reason}"  # the reply carries the reason
@@ -65,10 +65,10 @@ def test_reasons_name_the_rule_not_the_content(directory: sessionmaker[Session])
 
 def test_deactivating_the_owner_stops_its_delegates_too(directory: sessionmaker[Session]) -> None:
     with transaction(directory) as s:
-        service.set_active(s, SECRETARIAT, False)
+        admin.set_active(s, SECRETARIAT, False)
     with directory() as s:
-        assert decide_sender(service.sender_facts(s, DOCTOR, SECRETARIAT)).rule == "sender-inactive"
-        assert decide_sender(service.sender_facts(s, SECRETARIAT, SECRETARIAT)).rule == "sender-inactive"
+        assert decide_sender(facts.sender_facts(s, DOCTOR, SECRETARIAT)).rule == "sender-inactive"
+        assert decide_sender(facts.sender_facts(s, SECRETARIAT, SECRETARIAT)).rule == "sender-inactive"
 
 
 def test_chain_order_decides_which_reason_is_given() -> None:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import update
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import load_settings
@@ -84,10 +84,10 @@ def world(sqlite_home: Path) -> Iterator[World]:
     pki = load_dev_pki(settings.pki_dir)
     keys: dict[str, Path] = {}
     with transaction(factory) as s:
-        service.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
-        service.trust_domain(s, "c.mssante.test", relay="127.0.0.1:9")
+        admin.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
+        admin.trust_domain(s, "c.mssante.test", relay="127.0.0.1:9")
         for addr in (SENDER, LOCAL, CARDIO, RADIO, PHARMACY, NOWHERE):
-            service.add_mailbox(s, addr, type="ORG")
+            admin.add_mailbox(s, addr, type="ORG")
         for addr in (SENDER, CARDIO, RADIO):
             cert, key = issue_certificate(pki, kind="user", email=addr)
             name = addr.partition("@")[0]
@@ -189,7 +189,7 @@ async def test_a_temporary_failure_past_the_lifetime_bounces(world: World) -> No
 async def test_a_domain_dropped_from_the_trust_list_bounces_without_sending(world: World) -> None:
     qid = world.store.enqueue(MESSAGE, sender=SENDER, recipients=[PHARMACY], origin="submission").queue_id
     with transaction(world.factory) as s:
-        service.block_domain(s, "b.mssante.test", reason="operator left the trust space")
+        admin.block_domain(s, "b.mssante.test", reason="operator left the trust space")
     ((job, data),) = await world.workers._claim(1)
     assert job.id == qid
     verdict = await pipeline.run(world.workers.ctx, job, data)

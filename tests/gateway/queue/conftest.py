@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from certs.pki import issue_certificate, load_dev_pki, save_certificate_and_key
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import load_settings
@@ -35,10 +35,10 @@ def operator(sqlite_home: Path) -> Iterator[tuple[Any, Any, QueueStore]]:
     cert, key = issue_certificate(load_dev_pki(settings.pki_dir), kind="user", email=SENDER)
     save_certificate_and_key(cert, key, settings.keys_dir / "s.pem", settings.keys_dir / "s.key")
     with transaction(factory) as s:
-        service.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
-        service.add_mailbox(s, SENDER, type="ORG")
-        service.add_mailbox(s, LOCAL, type="ORG")
-        service.add_mailbox(s, REMOTE, type="ORG")
+        admin.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
+        admin.add_mailbox(s, SENDER, type="ORG")
+        admin.add_mailbox(s, LOCAL, type="ORG")
+        admin.add_mailbox(s, REMOTE, type="ORG")
         register_certificate(s, cert.public_bytes(serialization.Encoding.PEM), address=SENDER, purpose="smime",
                              key_path=str(settings.keys_dir / "s.key"))  # fmt: skip
     store = QueueStore(factory, settings.spool_dir, lease=timedelta(seconds=300))

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from cli.main import cli
-from directory import service
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.audit.models import AuditRecord
 from gateway.config import load_settings
@@ -78,9 +78,9 @@ def operator(operator_home: Path) -> Iterator[tuple[object, object, QueueStore]]
     engine = make_engine(settings.database_url)
     factory = session_factory(engine)
     with transaction(factory) as s:
-        service.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
+        admin.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
         for addr in (SENDER, LOCAL, OTHER):
-            service.add_mailbox(s, addr, type="ORG")
+            admin.add_mailbox(s, addr, type="ORG")
     store = QueueStore(factory, settings.spool_dir, lease=timedelta(seconds=300))
     yield settings, factory, store
     engine.dispose()

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from directory import service
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.audit.models import AuditRecord
 from gateway.audit.trail import AuditEvent
@@ -45,9 +45,9 @@ def queue(operator_home: Path) -> Iterator[Queue]:
     engine = make_engine(settings.database_url)
     factory = session_factory(engine)
     with transaction(factory) as s:
-        service.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
+        admin.trust_domain(s, "b.mssante.test", relay="127.0.0.1:9", operator_dn="CN=mx.b,O=B,C=FR")
         for addr in (SENDER, LOCAL, OTHER):
-            service.add_mailbox(s, addr, type="ORG")
+            admin.add_mailbox(s, addr, type="ORG")
     yield factory, QueueStore(factory, settings.spool_dir, lease=timedelta(seconds=300))
     engine.dispose()
 

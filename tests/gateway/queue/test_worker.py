@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from datetime import timedelta
 
-from directory import service
+from directory import admin
 from directory.db import transaction
 from gateway.delivery.relay import Attempt, Route
 from gateway.queue.worker import Workers, backoff_delay
@@ -91,16 +91,16 @@ async def test_sent_copy_only_for_software_and_the_api_unless_the_mailbox_says(o
         assert await sent_copies("submission") == []  # ORG, over SMTP: the client keeps its copy
         assert await sent_copies("api") == ["Sent"]  # the API: no client, the gateway keeps one
         with transaction(factory) as s:
-            service.set_sent_copy(s, SENDER, True)
+            admin.set_sent_copy(s, SENDER, True)
         workers.ctx.plans.clear()  # the directory's answer is cached for PLAN_TTL seconds
         assert await sent_copies("submission") == ["Sent"]
         with transaction(factory) as s:
-            service.set_sent_copy(s, SENDER, None)
-            service.add_mailbox(s, SENDER, type="APP")
+            admin.set_sent_copy(s, SENDER, None)
+            admin.add_mailbox(s, SENDER, type="APP")
         workers.ctx.plans.clear()
         assert await sent_copies("submission") == ["Sent"]  # mailboxes.server_sent_copy = ["APP"]
         with transaction(factory) as s:
-            service.set_sent_copy(s, SENDER, False)
+            admin.set_sent_copy(s, SENDER, False)
         workers.ctx.plans.clear()
         assert await sent_copies("api") == []
     finally:

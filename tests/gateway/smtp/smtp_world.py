@@ -20,7 +20,7 @@ from pathlib import Path
 import aiosmtplib
 from cryptography.hazmat.primitives import serialization
 
-from directory import service
+from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
@@ -117,14 +117,14 @@ def populate(settings: Settings, certs: PeerCerts) -> None:
     engine = make_engine(settings.database_url)
     try:
         with transaction(session_factory(engine)) as db:
-            service.trust_domain(db, "b.mssante.test", relay="127.0.0.1:1", operator_dn=certs.peer_b_subject)
-            service.trust_domain(db, "c.mssante.test", relay="127.0.0.1:1", operator_dn="CN=c-operator")
-            service.add_mailbox(db, f"sec@{DOMAIN}", type="ORG", display_name="Secretariat", password=PASSWORD)
-            service.add_mailbox(db, f"bob@{DOMAIN}", type="ORG", display_name="Bob")
-            service.add_mailbox(db, f"app@{DOMAIN}", type="APP", display_name="Prescription software")
-            service.add_mailbox(db, f"old@{DOMAIN}", type="ORG", display_name="Old")
-            service.set_active(db, f"old@{DOMAIN}", False)
-            service.add_mailbox(db, "doc@b.mssante.test", type="ORG", source="whitelist")
+            admin.trust_domain(db, "b.mssante.test", relay="127.0.0.1:1", operator_dn=certs.peer_b_subject)
+            admin.trust_domain(db, "c.mssante.test", relay="127.0.0.1:1", operator_dn="CN=c-operator")
+            admin.add_mailbox(db, f"sec@{DOMAIN}", type="ORG", display_name="Secretariat", password=PASSWORD)
+            admin.add_mailbox(db, f"bob@{DOMAIN}", type="ORG", display_name="Bob")
+            admin.add_mailbox(db, f"app@{DOMAIN}", type="APP", display_name="Prescription software")
+            admin.add_mailbox(db, f"old@{DOMAIN}", type="ORG", display_name="Old")
+            admin.set_active(db, f"old@{DOMAIN}", False)
+            admin.add_mailbox(db, "doc@b.mssante.test", type="ORG", source="whitelist")
             register_certificate(db, certs.app.cert.read_bytes(), address=f"app@{DOMAIN}", purpose="tls-client")
     finally:
         engine.dispose()

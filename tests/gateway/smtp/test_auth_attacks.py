@@ -44,7 +44,7 @@ from smtp_world import (
 from certs.pki import issue_certificate, load_certificate, load_dev_pki, load_private_key, revoke_certificate
 from certs.pki import save_certificate_and_key as save_pair
 from cli.main import cli
-from directory import service
+from directory import passwords
 from directory.certificates import register_certificate
 from directory.db import transaction
 from gateway.auth import Authenticator, Throttle
@@ -248,9 +248,9 @@ async def test_password_login_still_works_with_a_refused_certificate(world: Worl
 
 async def parallel_wrong_logins(world: World, users: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, set[int]]:
     """Every user in ``users`` tried at once with a wrong password from 127.0.0.1; (Argon2 checks, codes)."""
-    hasher = CountingHasher(service._HASHER)
-    service._dummy_hash()  # made before counting starts
-    monkeypatch.setattr(service, "_HASHER", hasher)
+    hasher = CountingHasher(passwords._HASHER)
+    passwords._dummy_hash()  # made before counting starts
+    monkeypatch.setattr(passwords, "_HASHER", hasher)
     authenticator(world).sleep = Sleeps()
     results = await asyncio.gather(*(auth_from(world, "127.0.0.1", u, "wrong password!!") for u in users))
     return hasher.verifies, {code for code, _ in results}
@@ -408,9 +408,9 @@ async def test_a_burst_of_first_logins_runs_a_bounded_number_of_argon2_checks_at
 
 
 async def _burst_of_first_logins(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    hasher = PeakHasher(service._HASHER)
-    service._dummy_hash()
-    monkeypatch.setattr(service, "_HASHER", hasher)
+    hasher = PeakHasher(passwords._HASHER)
+    passwords._dummy_hash()
+    monkeypatch.setattr(passwords, "_HASHER", hasher)
     authenticator(world).sleep = Sleeps()
     users = [f"nobody{i}@{DOMAIN}" for i in range(39)] + [SEC]
     results = await asyncio.gather(*(auth_from(world, f"127.0.0.{10 + i}", u, "wrong password!!")

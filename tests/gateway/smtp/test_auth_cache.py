@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from smtp_world import DOMAIN, PASSWORD, World
 
-from directory import service
+from directory import admin
 from directory.db import transaction
 from gateway.auth import CredentialCache
 
@@ -41,15 +41,15 @@ async def test_deactivation_and_password_change_apply_at_once(world: World) -> N
     assert world.gateway.sessions is not None
     assert await login(world, user, PASSWORD) == (True, "ok")
     with transaction(world.gateway.sessions) as db:
-        service.set_password(db, user, NEW_PASSWORD)
+        admin.set_password(db, user, NEW_PASSWORD)
     assert await login(world, user, PASSWORD) == (False, "bad-credentials")  # the cached entry no longer counts
     assert not cached(world, user, PASSWORD)
     assert await login(world, user, NEW_PASSWORD) == (True, "ok")
     with transaction(world.gateway.sessions) as db:
-        service.set_active(db, user, False)
+        admin.set_active(db, user, False)
     assert await login(world, user, NEW_PASSWORD) == (False, "bad-credentials")
     with transaction(world.gateway.sessions) as db:
-        service.set_active(db, user, True)
+        admin.set_active(db, user, True)
     assert await login(world, user, NEW_PASSWORD) == (True, "ok")
 
 

@@ -16,7 +16,7 @@ import aiosmtplib
 import pytest
 from smtp_world import DOMAIN, PeerCerts, World, started
 
-from directory import service
+from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.audit.redact import pseudonym
 from gateway.audit.trail import query
@@ -32,7 +32,7 @@ PATIENT = f"{NIR}@patient.mssante.fr"
 async def world(gateway_home: Path, peer_certs: PeerCerts) -> AsyncIterator[World]:
     engine = make_engine(load_settings(gateway_home).database_url)
     with transaction(session_factory(engine)) as db:
-        service.trust_domain(db, "patient.mssante.fr", relay="127.0.0.1:1", operator_dn="CN=patient-operator")
+        admin.trust_domain(db, "patient.mssante.fr", relay="127.0.0.1:1", operator_dn="CN=patient-operator")
     engine.dispose()
     async with started(gateway_home, peer_certs) as running:
         yield running

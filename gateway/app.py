@@ -45,8 +45,9 @@ from gateway.core.tls import ReloadableServerTls, TlsConfigError, server_context
 from gateway.metrics import Metrics, serve_metrics
 from gateway.queue.intake import Intake
 from gateway.queue.store import QueueError, QueueStore
+from gateway.smtp.handler import EdgeDeps, EdgeHandler
 from gateway.smtp.inbound import InboundHandler
-from gateway.smtp.server import EdgeDeps, EdgeHandler, GatewaySMTP, start_listener
+from gateway.smtp.server import GatewaySMTP, start_listener
 from gateway.smtp.submission import SubmissionHandler
 
 log = logging.getLogger("mssgw.app")

@@ -71,7 +71,7 @@ from gateway.queue.store import QueueError, QueueStore, new_queue_id
 log = logging.getLogger("mssgw.api")
 T = TypeVar("T")
 
-#: Policy answers reused this long (seconds), as on the SMTP edge (``gateway.smtp.server``).
+#: Policy answers reused this long (seconds), as on the SMTP edge (``gateway.smtp.handler``).
 DECISION_CACHE_SECONDS = 5.0
 DECISION_CACHE_SIZE = 20_000
 #: A certificate login (or refusal) is reused this long: a revocation in the directory or a CRL, or a

@@ -14,7 +14,7 @@
 The CLI (``cli.main.SafeGroup``) prints ``error: <message>`` for any ``MssgwError`` and exits with
 its ``exit_code`` (2 by default: usage or configuration; 1 for "refused / not found").  The SMTP
 edge turns an ``OutageError`` into a temporary reply and anything else into 451 4.3.0 without
-its text (``gateway.smtp.server.EdgeHandler.handle_exception``).  Subclasses that were once
+its text (``gateway.smtp.handler.EdgeHandler.handle_exception``).  Subclasses that were once
 ``ValueError``s keep that base too, so ``except ValueError`` in callers still holds.
 """
 

@@ -51,16 +51,8 @@ from gateway.crypto.trust import ChainResult, TrustStore
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
 from gateway.queue.store import new_queue_id
-from gateway.smtp.server import (
-    NULL_PATH,
-    RCPT_CACHE_SECONDS,
-    EdgeDeps,
-    EdgeHandler,
-    GatewayEnvelope,
-    GatewaySMTP,
-    Outage,
-    verdict,
-)
+from gateway.smtp.handler import RCPT_CACHE_SECONDS, EdgeDeps, EdgeHandler, Outage, verdict
+from gateway.smtp.server import NULL_PATH, GatewayEnvelope, GatewaySMTP
 
 log = logging.getLogger("mssgw.smtp")
 

@@ -49,15 +49,8 @@ from gateway.policy.patients import (
 )
 from gateway.policy.senders import auth_required, decide_sender
 from gateway.queue.store import new_queue_id
-from gateway.smtp.server import (
-    EdgeDeps,
-    EdgeHandler,
-    GatewayEnvelope,
-    GatewaySession,
-    GatewaySMTP,
-    Outage,
-    verdict,
-)
+from gateway.smtp.handler import EdgeDeps, EdgeHandler, Outage, verdict
+from gateway.smtp.server import GatewayEnvelope, GatewaySession, GatewaySMTP
 
 log = logging.getLogger("mssgw.smtp")
 

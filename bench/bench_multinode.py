@@ -6,8 +6,9 @@ recipients at B, a local ward at A, a recipient B refuses and one B quarantines,
 notices flow back); B is one node on the same database server as A (its own database).  A's
 second node has a home of its own (``tests/e2e/test_multinode.py``'s provisioning: same
 configuration and keys, its own spool, the Maildir folder shared) and its own audit chain.
-The bench submits ``--messages`` messages over SMTP submission, spread over A's nodes (4
-connections per node), and stops the clock when neither A's nor B's queue has work left.
+After ``--warmup`` messages (crypto processes spawned, pools filled), the bench submits
+``--messages`` messages over SMTP submission, spread over A's nodes (4 connections per node), and
+stops the clock when neither A's nor B's queue has work left.
 
 Figures per scenario: end-to-end msg/s (first submission to empty queues), and CPU seconds per
 message of every gateway process and its crypto processes (A's nodes and B), plus the
@@ -16,7 +17,7 @@ PostgreSQL server's when ``--pg-datadir`` names its data folder (its postmaster.
 run, not absolute figures across runs: the machine is shared.
 
     MSSGW_TEST_PG_URL=postgresql://... .venv/bin/python bench/bench_multinode.py \\
-        [--messages 150] [--pg-datadir /tmp/pg-XXXX/data] [--scenarios sqlite-1,pg-1,pg-2]
+        [--messages 150] [--warmup 12] [--pg-datadir /tmp/pg-XXXX/data] [--scenarios sqlite-1,pg-1,pg-2]
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ async def scenario(name: str, root: Path, urls: dict[str, str], nodes: int, args
         for node in (b, *a_nodes):
             await _restart(node, 300)
         roots = [n.proc.pid for n in (b, *a_nodes) if n.proc is not None] + ([pg_pid] if pg_pid else [])
+        if args.warmup:  # crypto processes spawned, caches and connection pools filled: not measured
+            await _submit(a_nodes, args.warmup, seed=5, per_node=1)
+            await _drained(a1, b, args.timeout)
         before = cpu_now(roots)
         started = time.monotonic()
         await _submit(a_nodes, args.messages, seed=11, per_node=4)
@@ -194,6 +198,7 @@ def main() -> None:
     parser.add_argument("--scenarios", default="sqlite-1,pg-1,pg-2")
     parser.add_argument("--pg-datadir", help="the PostgreSQL data folder, to count the server's CPU too")
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--warmup", type=int, default=12, help="messages sent and delivered before the clock starts")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -10,7 +10,7 @@ accepting connections, lets transactions already in DATA finish committing, says
 The audit retention purge runs at start and then daily.
 
 Live reload: every ``RELOAD_INTERVAL`` seconds a cheap summary of the trust list, certificates
-and anchors (``directory.service.trust_counter``) and the TLS files' mtimes are compared with
+and anchors (``directory.facts.trust_counter``) and the TLS files' mtimes are compared with
 the last ones; when they moved, per-domain digests (``trust_signature``) say what changed. On a
 change (``mssgw peers``, ``domains``, ``certs import``, ``certs trust-anchor``), the
 listeners' TLS context and the relay's are rebuilt for new connections,
@@ -41,7 +41,13 @@ from gateway.audit.trail import AuditEvent, AuditWriter, bind_node, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.core.errors import ConfigurationError
-from gateway.core.tls import ReloadableServerTls, TlsConfigError, server_context, server_files
+from gateway.core.tls import (
+    ReloadableServerTls,
+    TlsConfigError,
+    requests_client_cert,
+    server_context,
+    server_files,
+)
 from gateway.metrics import Metrics, serve_metrics
 from gateway.queue.intake import Intake
 from gateway.queue.store import QueueError, QueueStore
@@ -92,7 +98,8 @@ class Gateway:
         self._connections: set[GatewaySMTP] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._services: list[tuple[str, Callable[[], Awaitable[Any]]]] = []  # (name, async close)
-        self.tls: ReloadableServerTls | None = None
+        self.tls: ReloadableServerTls | None = None  # listeners that ask for a client certificate
+        self.tls_people: ReloadableServerTls | None = None  # listeners that do not
         self.api: Any = None  # gateway.api.server.ApiServer when listen.api is set
         self._trust_seen: tuple[tuple[object, ...], tuple[float, ...]] | None = None  # (counter, file stamps)
         self._trust_digest: dict[str, str] = {}
@@ -118,10 +125,15 @@ class Gateway:
         try:
             self._trust_seen = await asyncio.to_thread(self._trust_state)
             self._trust_digest = await asyncio.to_thread(self._trust_digest_now)
-            tls = server_context(self.settings, await asyncio.to_thread(self._anchors))
+            anchors = await asyncio.to_thread(self._anchors)
+            tls = server_context(self.settings, anchors)
+            people = server_context(self.settings, anchors, request_client_cert=False)
         except TlsConfigError as exc:
             raise GatewayStartError(str(exc)) from None
+        # Two contexts: listeners that ask clients for a certificate (inbound, tls.request_client_cert)
+        # and the clinicians' ones that do not; both reloaded together.
         self.tls = ReloadableServerTls(tls)
+        self.tls_people = ReloadableServerTls(people)
         # Enqueue threads: they write and fsync spool files side by side; the database writes
         # of new messages and audit batches are group-committed by one of them at a time
         # (``QueueStore.group``), so even SQLite sees one writer and no busy-waits.
@@ -143,10 +155,10 @@ class Gateway:
         inbound = InboundHandler(deps)
         self.handlers = [submission, inbound]
         try:
-            await self._listen("submission", submission, tls, implicit_tls=False)
-            await self._listen("submissions", submission, tls, implicit_tls=True)
-            await self._listen("inbound", inbound, tls, implicit_tls=False, auth=False)
-            await self._start_api(tls)
+            await self._listen("submission", submission, self._tls_for("submission"), implicit_tls=False)
+            await self._listen("submissions", submission, self._tls_for("submissions"), implicit_tls=True)
+            await self._listen("inbound", inbound, self._tls_for("inbound"), implicit_tls=False, auth=False)
+            await self._start_api(self._tls_for("api"))
             where = self.settings.listen("metrics")
             if where is not None:
                 server = await self._bind("metrics", where, serve_metrics(self.metrics, *where))
@@ -162,6 +174,12 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._watch_trust(), name="trust-watch"))
         self.audit.submit(AuditEvent("start", "info", actor=self.settings.hostname,
                                      detail={k: f"{h}:{p}" for k, (h, p) in self.addresses.items()}))
+
+    def _tls_for(self, listener: str) -> ssl.SSLContext:
+        """The listener's TLS context: asking for a client certificate or not (``requests_client_cert``)."""
+        chosen = self.tls if requests_client_cert(self.settings, listener) else self.tls_people
+        assert chosen is not None
+        return chosen.context
 
     def _reader_factory(self) -> sessionmaker[Session]:
         """SQLite: a second engine for directory reads without ``BEGIN IMMEDIATE``.
@@ -277,7 +295,7 @@ class Gateway:
 
     def _trust_state(self) -> tuple[tuple[object, ...], tuple[float, ...]]:
         """Cheap: two aggregate reads and three stats (every ``RELOAD_INTERVAL``)."""
-        from directory.service import trust_counter
+        from directory.facts import trust_counter
 
         assert self.readers is not None
         with self.readers() as session:
@@ -288,7 +306,7 @@ class Gateway:
 
     def _trust_digest_now(self) -> dict[str, str]:
         """Per-domain digests (reads every domain and certificate row): only when the counter moved."""
-        from directory.service import trust_signature
+        from directory.facts import trust_signature
 
         assert self.readers is not None
         with self.readers() as session:
@@ -312,12 +330,14 @@ class Gateway:
         old_stamps = before[1] if before is not None else ()
         digest, old_digest = await asyncio.to_thread(self._trust_digest_now), self._trust_digest
         changed = {k for k in digest.keys() | old_digest.keys() if digest.get(k) != old_digest.get(k)}
-        from directory.service import ANCHORS_KEY
+        from directory.facts import ANCHORS_KEY
 
         anchors = await asyncio.to_thread(self._anchors)
         if self.tls is not None and (force or ANCHORS_KEY in changed or stamps != old_stamps):
             try:
                 self.tls.replace(server_context(self.settings, anchors))
+                if self.tls_people is not None:
+                    self.tls_people.replace(server_context(self.settings, anchors, request_client_cert=False))
             except TlsConfigError as exc:  # keep serving with the last good context
                 log.warning("trust reload: TLS context kept error=%s", exc)
         relay = getattr(getattr(self.workers, "ctx", None), "relay", None)

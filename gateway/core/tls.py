@@ -3,10 +3,17 @@
 Servers (submission, submissions, inbound) use TLS 1.2 or newer (``tls.min_version``)
 with ECDHE key exchange and AEAD suites (AES-GCM, ChaCha20-Poly1305) plus the two
 ECDHE-RSA SHA-2 CBC suites of the MSSanté client profile. Client certificates are
-requested on every listener and verified against the directory's trust anchors
-(``mssgw peers add``, ``mssgw certs trust-anchor add``) plus ``tls.client_ca`` (default:
-the development CA, ``DATA/pki/ca.pem``): software may log in with one on submission,
-and peer operators must present one on inbound (checked by ``gateway.smtp.inbound``).
+requested only where they are used: always on inbound (peer operators must present one,
+checked by ``gateway.smtp.inbound``), and on the listeners of ``tls.request_client_cert``
+(software logging in with one: the API, or a submission port set aside for software). The
+clinicians' submission ports do not ask, so a smart-card user's mail client shows no
+certificate picker. Where asked, a certificate is verified against the directory's trust
+anchors (``mssgw peers add``, ``mssgw certs trust-anchor add``) plus ``tls.client_ca``
+(default: the development CA, ``DATA/pki/ca.pem``), and the request names those CAs
+(``certificate_authorities``, RFC 8446 §4.2.4; RFC 5246 §7.4.4), so a client offers only a
+certificate that can work. Python's ``ssl`` has no call for that list (OpenSSL's
+``SSL_CTX_set_client_CA_list``): ``_CaNames`` reaches it through the ``_ssl`` module's own
+OpenSSL and refuses to act unless the context it found answers exactly like the Python one.
 RFC 8314 (implicit TLS for submission), RFC 3207 (STARTTLS), RFC 7525 (TLS BCP).
 
 Live reload: the listeners keep one ``ReloadableServerTls.context`` for their whole life;
@@ -20,7 +27,10 @@ missing, unreadable, expired, or does not match its key.
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import functools
+import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +41,8 @@ from cryptography import x509
 
 from gateway.config import Settings
 from gateway.core.errors import ConfigurationError
+
+log = logging.getLogger("mssgw.tls")
 
 #: ECDHE only (forward secrecy), AEAD first; TLS 1.3 suites are OpenSSL's defaults (all AEAD).
 CIPHERS = ":".join(
@@ -130,21 +142,112 @@ def _load_ca(ctx: ssl.SSLContext, settings: Settings, path: Path, anchors: Seque
             continue  # an anchor the directory holds but OpenSSL refuses: the others still apply
 
 
-def server_context(settings: Settings, anchors: Sequence[bytes] = ()) -> ssl.SSLContext:
-    """The listeners' context: our certificate; client certificates requested and verified if sent.
+def requests_client_cert(settings: Settings, listener: str) -> bool:
+    """Whether ``listener`` asks clients for a certificate: inbound always, others when listed."""
+    return listener == "inbound" or listener in settings.tls.request_client_cert
 
-    ``CERT_OPTIONAL`` on every listener: a client certificate, when presented, must chain
-    to a trust anchor (``anchors``, from the directory) or ``tls.client_ca``, or the handshake
-    fails. The inbound listener then *requires* one before MAIL (with a reply the peer can
-    log), rather than failing the handshake blindly.
+
+def server_context(settings: Settings, anchors: Sequence[bytes] = (), *,
+                   request_client_cert: bool = True) -> ssl.SSLContext:  # fmt: skip
+    """A listener's context: our certificate, and a client certificate asked for or not.
+
+    Asking (``CERT_OPTIONAL``): the request names the acceptable CAs, and a certificate, when
+    presented, must chain to a trust anchor (``anchors``, from the directory) or
+    ``tls.client_ca``, or the handshake fails. The inbound listener then *requires* one before
+    MAIL (with a reply the peer can log), rather than failing the handshake blindly.
+    Not asking (``CERT_NONE``): no certificate request at all; the CA files are still loaded,
+    so a broken ``tls.client_ca`` is reported the same way whichever listeners are on.
     """
     files = server_files(settings)
     ctx = _base_context(settings, ssl.Purpose.CLIENT_AUTH)
     _load_chain(ctx, files, "tls.cert", "tls.key")
     _load_ca(ctx, settings, files.client_ca, anchors)
-    ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.check_hostname = False
+    if request_client_cert:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        CA_NAMES.set(ctx, ctx.get_ca_certs(binary_form=True))
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class _CaNames:
+    """The CA names a server sends with its certificate request (OpenSSL's client CA list).
+
+    Python's ``ssl`` module loads CAs for verification but never names them to the client, so
+    clients see "no client certificate CA names" and offer any certificate they hold. OpenSSL's
+    ``SSL_CTX_add_client_CA`` is called through ``ctypes`` on the very OpenSSL the ``_ssl``
+    module is linked with (symbols looked up from its handle). The ``SSL_CTX`` pointer is the
+    first field after the object header of CPython's ``PySSLContext``; before any write it is
+    checked by reading the verify mode and options back through OpenSSL and comparing them with
+    the Python object's. Anything unexpected (another layout, missing symbols): nothing is
+    written, one warning is logged, and the handshake works as before, only without names.
+    """
+
+    def __init__(self) -> None:
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+        self._warned = False
+
+    def _load(self) -> ctypes.CDLL | None:
+        if not self._tried:
+            self._tried = True
+            try:
+                lib = ctypes.CDLL(_ssl.__file__)
+                vp = ctypes.c_void_p
+                for name, args, res in (
+                    ("SSL_CTX_get_verify_mode", [vp], ctypes.c_int),
+                    ("SSL_CTX_get_options", [vp], ctypes.c_uint64),
+                    ("SSL_CTX_add_client_CA", [vp, vp], ctypes.c_int),
+                    ("SSL_CTX_set_client_CA_list", [vp, vp], None),
+                    ("d2i_X509", [vp, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long], vp),
+                    ("X509_free", [vp], None),
+                ):
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, res
+                self._lib = lib
+            except (OSError, AttributeError) as exc:
+                self._unavailable(f"OpenSSL functions not found ({exc.__class__.__name__})")
+                self._lib = None
+        return self._lib
+
+    def _unavailable(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("tls: client certificate requests name no CA: %s", why)
+
+    def _pointer(self, ctx: ssl.SSLContext) -> int | None:
+        lib = self._load()
+        if lib is None or not isinstance(ctx, _ssl._SSLContext):
+            return None
+        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not pointer or lib.SSL_CTX_get_verify_mode(pointer) != int(ctx.verify_mode) \
+                or lib.SSL_CTX_get_options(pointer) != int(ctx.options):  # fmt: skip
+            self._unavailable("the SSL context's layout is not the one expected")
+            return None
+        return int(pointer)
+
+    def set(self, ctx: ssl.SSLContext, ders: Sequence[bytes]) -> bool:
+        """Name the CAs of ``ders`` (DER certificates, duplicates ignored) in ``ctx``'s requests."""
+        pointer = self._pointer(ctx)
+        if pointer is None:
+            return False
+        lib = self._lib
+        assert lib is not None
+        lib.SSL_CTX_set_client_CA_list(pointer, None)
+        for der in dict.fromkeys(ders):
+            buf = ctypes.c_char_p(der)
+            cert = lib.d2i_X509(None, ctypes.byref(buf), len(der))
+            if not cert:
+                continue
+            try:
+                lib.SSL_CTX_add_client_CA(pointer, cert)  # copies the subject name
+            finally:
+                lib.X509_free(cert)
+        return True
+
+
+CA_NAMES = _CaNames()
 
 
 class ReloadableServerTls:
@@ -168,7 +271,10 @@ class ReloadableServerTls:
             ssl_object.context = current
 
     def replace(self, context: ssl.SSLContext) -> None:
-        """New connections from now on use ``context``; sessions already in TLS keep theirs."""
+        """New connections from now on use ``context``; sessions already in TLS keep theirs.
+
+        The CA names of a certificate request are read from the switched context too (a new
+        anchor is named from the next handshake on): ``test_client_cert_request`` checks it."""
         self.current = context
         self.generation += 1
 

@@ -85,12 +85,17 @@ class World:
 
 
 def write_settings(home: Path, extra: dict[str, dict[str, object]] | None = None) -> None:
-    """Random loopback ports, fast login throttling, no IMAP; ``extra`` overrides."""
+    """Random loopback ports, fast login throttling, no IMAP; ``extra`` overrides.
+
+    Both submission ports ask for a client certificate here (``tls.request_client_cert``), as
+    a port set aside for software does: the certificate-login tests use them. The default
+    (only the API and inbound ask) is tested by ``test_client_cert_request``."""
     import tomllib
 
     from gateway.config import render_toml
 
     raw = tomllib.loads((home / "mssgw.toml").read_text())
+    raw.setdefault("tls", {})["request_client_cert"] = ["submission", "submissions", "api"]
     raw["listen"].update({"submission": f"127.0.0.1:{free_port()}", "submissions": f"127.0.0.1:{free_port()}",
                           "inbound": f"127.0.0.1:{free_port()}", "imap": "", "imaps": "", "api": "",
                           "metrics": f"127.0.0.1:{free_port()}"})

@@ -28,3 +28,13 @@ def engine(database_url: str) -> Iterator[Engine]:
 @pytest.fixture
 def factory(engine: Engine) -> sessionmaker[Session]:
     return session_factory(engine)
+
+
+@pytest.fixture
+def people(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """The directory with ``tests.directory.directory_world``'s people in it."""
+    from tests.directory.directory_world import populate
+
+    with transaction(factory) as s:
+        populate(s)
+    return factory

@@ -244,7 +244,7 @@ class SessionState(ConnectionState):
         if implicit_tls:
             with contextlib.suppress(ValueError):
                 self._capability.remove(b"STARTTLS")
-            self.auth = config.tls_auth  # type: ignore[attr-defined]
+            self.auth = config.tls_auth
 
     @property
     def authenticated(self) -> bool:
@@ -520,7 +520,7 @@ class Connection(IMAPConnection):
             await super().send_error_disconnect()
 
     async def idle(self, state: ConnectionState, cmd: IdleCommand) -> CommandResponse:
-        response = await self._exec(state.do_command(cmd))
+        response: CommandResponse = await self._exec(state.do_command(cmd))
         if not isinstance(response, ResponseOk):
             return response
         await self.write_response(ResponseContinuation(b"Idling."))

@@ -26,8 +26,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from pymap.backend.maildir.mailbox import LoadedMessage, Message
-from pymap.fetch import FetchRequirement
 from pymap.mime import MessageContent
+from pymap.parsing.specials.fetchattr import FetchRequirement
 
 __all__ = ["PARSE_CONCURRENCY", "GatedMessage", "ParseGate"]
 

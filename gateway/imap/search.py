@@ -34,10 +34,10 @@ from typing import Any, TypeVar
 from pymap.backend.maildir import Session as MaildirSession
 from pymap.backend.maildir.mailbox import LoadedMessage, Message
 from pymap.exceptions import ResponseError
-from pymap.fetch import FetchRequirement
 from pymap.mime import MessageContent
 from pymap.parsing.response import ResponseCode, ResponseNo
 from pymap.parsing.specials import SearchKey
+from pymap.parsing.specials.fetchattr import FetchRequirement
 from pymap.search import SearchCriteriaSet, SearchParams
 from pymap.selected import SelectedMailbox
 

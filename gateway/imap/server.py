@@ -252,7 +252,7 @@ class _DirectoryLogin(LoginInterface):
         if isinstance(credentials, TokenCredentials):
             raise InvalidAuth()
         capture = _SecretCapture()
-        credentials.verify(capture)  # type: ignore[arg-type]
+        credentials.verify(capture)
         if capture.secret is None:
             raise InvalidAuth()
         try:

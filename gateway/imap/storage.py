@@ -95,7 +95,7 @@ class RawMaildir(Maildir):
 
     def get_message(self, key: str) -> _RawMessage:
         subpath = self._lookup(key)
-        path = os.path.join(self._path, subpath)  # type: ignore[attr-defined]
+        path = os.path.join(self._path, subpath)
         with open(path, "rb") as f:
             msg = _RawMessage(f.read())
         subdir, name = os.path.split(subpath)

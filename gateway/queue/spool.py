@@ -42,6 +42,7 @@ from sqlalchemy import Connection, Engine, Table, bindparam, delete, exists, ins
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.core.durable import PRIVATE_DIR_MODE, private_dir, write_durably
+from gateway.core.errors import QueueError
 from gateway.queue.models import QueuedBytes, QueuedMessage
 
 __all__ = ["DatabaseSpool", "FileSpool", "Spool", "SpoolMissing", "spool_for"]
@@ -55,7 +56,7 @@ _READ = select(_BYTES.c.name, _BYTES.c.data).where(_BYTES.c.name.in_(bindparam("
 _DROP = delete(_BYTES).where(_BYTES.c.name.in_(bindparam("names", expanding=True)))
 
 
-class SpoolMissing(FileNotFoundError):
+class SpoolMissing(QueueError, FileNotFoundError):
     """The bytes of a message are not in the spool (removed, or lost outside the gateway)."""
 
     def __init__(self, name: str) -> None:

@@ -54,8 +54,9 @@ log = logging.getLogger("mssgw.outbound")
 
 
 def protect_job(data: bytes, signer: KeyRef, recipient_pems: tuple[bytes, ...], encrypt_for_sender: bool,
-                outer_subject: str) -> bytes:  # fmt: skip
-    """Sign then encrypt ``data`` (S/MIME) for the given certificates."""
+                outer_subject: str, content_encryption: str = "aes-256-gcm", rsa_key_transport: str = "pkcs1v15",
+                rsa_signature: str = "pkcs1v15") -> bytes:  # fmt: skip
+    """Sign then encrypt ``data`` (S/MIME) for the given certificates (algorithms: ``crypto.*``)."""
     from gateway.crypto.keystore import _load_cert
     from gateway.crypto.smime import protect
 
@@ -63,6 +64,8 @@ def protect_job(data: bytes, signer: KeyRef, recipient_pems: tuple[bytes, ...], 
     return protect(
         data, signer_cert=cert, signer_key=key, recipient_certs=[_load_cert(p) for p in recipient_pems],
         encrypt_for_sender=encrypt_for_sender, outer_subject=outer_subject,
+        content_encryption=content_encryption, rsa_key_transport=rsa_key_transport,  # type: ignore[arg-type]
+        rsa_signature=rsa_signature,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -256,7 +259,8 @@ async def _protect(ctx: Context, job: Job, data: bytes, signer: KeyRef, kind: st
             pems.extend(await ctx.cached_io(("encrypt", a), ctx.keys.recipient_certs, a))
         return await ctx.crypto(
             protect_job, data, signer, tuple(dict.fromkeys(pems)),
-            settings.crypto.encrypt_for_sender, settings.crypto.outer_subject,
+            settings.crypto.encrypt_for_sender, settings.crypto.outer_subject, settings.crypto.content_encryption,
+            settings.crypto.rsa_key_transport, settings.crypto.rsa_signature,
         )  # fmt: skip
     if kind == "mtls-signed":
         return await ctx.crypto(sign_job, data, signer)

@@ -12,12 +12,24 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
+from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from e2e_support import B_DOMAIN, CLINICIAN, Operator, Pair, parse, prescription
+from e2e_support import (
+    A_DOMAIN,
+    B_DOMAIN,
+    CLINICIAN,
+    PRACTITIONER,
+    Operator,
+    Pair,
+    _start,
+    parse,
+    prescription,
+)
 
 from certs.pki import load_certificate, load_dev_pki, load_private_key, write_private_key
 from directory import admin
@@ -100,3 +112,40 @@ async def test_smime4_ec_recipient_through_the_queue_both_ways(pair: Pair) -> No
     assert len(answers) == 1
     ar = str(answers[0]["Authentication-Results"])
     assert "smime=pass" in ar and LAB in ar, ar
+
+
+async def test_smime4_configured_algorithms_reach_the_wire(templates: dict, tmp_path: Path,  # type: ignore[type-arg]
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """crypto.content_encryption / rsa_key_transport / rsa_signature of A's mssgw.toml are what A's
+    workers send (AES-256-CBC, RSA-OAEP, RSASSA-PSS here), and B opens it."""
+    monkeypatch.delenv("MSSGW_DATABASE_URL", raising=False)
+    crypto = {"crypto": {"content_encryption": "aes-256-cbc", "rsa_key_transport": "oaep", "rsa_signature": "pss"}}
+    a = await _start("a", templates["a"], tmp_path, crypto)
+    b = await _start("b", templates["b"], tmp_path)
+    a.set_relay(B_DOMAIN, b.inbound_port, templates["b"].operator_dn)
+    b.set_relay(A_DOMAIN, a.inbound_port, templates["a"].operator_dn)
+    try:
+        qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
+        await a.workers.run_once()  # type: ignore[attr-defined]
+        assert _states(a.queue(qid)) == {PRACTITIONER: "delivered"}
+        stored = b.store.read(b.store.list(include_done=True)[0]["id"])
+        der = _mime.b64decode_body(_mime.split_entity(stored)[1])
+        printed = subprocess.run(["openssl", "cms", "-cmsout", "-print", "-inform", "DER"], input=der,
+                                 capture_output=True, check=True).stdout  # fmt: skip
+        assert b"pkcs7-envelopedData" in printed and b"aes-256-cbc" in printed and b"rsaesOaep" in printed
+        # B's practitioner key opens it with openssl; the signature inside is RSASSA-PSS.
+        keys = b.home / "keys"
+        signed = subprocess.run(["openssl", "cms", "-decrypt", "-inform", "DER", "-recip",
+                                 str(keys / f"{PRACTITIONER}.pem"), "-inkey", str(keys / f"{PRACTITIONER}.key")],
+                                input=der, capture_output=True, check=True).stdout  # fmt: skip
+        sig = subprocess.run(["openssl", "cms", "-cmsout", "-print"], input=signed, capture_output=True,
+                             check=True).stdout  # fmt: skip
+        assert b"rsassaPss" in sig
+        for _ in range(4):
+            await b.workers.run_once()  # type: ignore[attr-defined]
+        got = parse(b.mailbox(PRACTITIONER)[0])
+        assert "smime=pass" in str(got["Authentication-Results"])
+    finally:
+        for op in (a, b):
+            await op.workers.stop()  # type: ignore[attr-defined]
+            await op.gateway.stop(grace=2)  # type: ignore[attr-defined]

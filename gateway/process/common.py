@@ -150,10 +150,10 @@ class Context:
 
         ``dedupe_key`` makes it once per (key, recipient) for good, across runs of the job.
 
-        DSNs use the null reverse-path (RFC 3461 §6.2).  MDNs come from our postmaster, as
-        Direct Project HISPs send them, so that peers' MAIL FROM checks accept them; loops are
-        prevented by ``kind`` and by never answering a report (``receipts.is_report``)."""
-        sender = "" if kind == "dsn" else self.postmaster
+        DSNs and MDNs use the null reverse-path (RFC 3461 §6.2, RFC 8098 §3), so nothing ever
+        answers them; they are signed for their From (``receipts.receipt_author``).  Loops are
+        also prevented by ``kind`` and by never answering a report (``receipts.is_report``)."""
+        sender = "" if kind in ("dsn", "mdn") else self.postmaster
         ev = AuditEvent(event, "info", actor=self.actor, sender=sender or "<>", recipient=to, queue_id=None,
                         detail={"kind": kind, "related_id": job.id, **(detail or {})})  # fmt: skip
         self.verdict(job).receipts.append(Receipt(data, kind, sender, to, job.id, dedupe_key, (ev,)))
@@ -168,7 +168,7 @@ class Context:
             return
         dsn = build_dsn(
             reporting_mta=self.settings.hostname, postmaster=self.postmaster, to=job.sender,
-            recipients=recipients, original=original, arrival=job.created_at, envelope_id=job.id,
+            recipients=recipients, original=original, arrival=job.created_at, queue_id=job.id,
             now=self.now(),
         )  # fmt: skip
         action = "delayed" if all(r.action == "delayed" for r in recipients) else "failed"

@@ -52,7 +52,7 @@ import re
 from gateway.crypto import _mime
 from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypair, load_trust
 from gateway.crypto.result import SecurityResult
-from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_request
+from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_from, mdn_request
 from gateway.delivery.relay import Attempt, dn_equal
 from gateway.delivery.trace import peer_trace, with_trace
 from gateway.documents.describe import (
@@ -486,8 +486,10 @@ async def _quarantine(ctx: Context, job: Job, data: bytes, inner: bytes | None, 
     req = mdn_request(inner) if inner else None
     if req is not None:
         for addr in pending:
-            mdn = build_mdn(reporting_ua=ctx.settings.hostname, from_addr=f"<{ctx.postmaster}>", to=job.sender,
-                            final_recipient=addr, original=inner or data, disposition="failed",
+            profile = ctx.settings.receipts.mdn_profile  # processed/error (RFC 8098) or Direct's failed
+            mdn = build_mdn(reporting_ua=ctx.settings.hostname, to=job.sender, final_recipient=addr,
+                            from_addr=mdn_from(profile, postmaster=ctx.postmaster, final_recipient=addr),
+                            original=inner or data, disposition="failed", failed_form=profile,
                             error=f"security verification failed: {result.failure}", now=ctx.now())  # fmt: skip
             await ctx.enqueue_receipt(job, mdn, kind="mdn", to=job.sender, event="mdn-failed")
         return
@@ -510,6 +512,7 @@ async def _processed_mdns(ctx: Context, job: Job, inner: bytes, delivered: list[
     for addr in delivered:
         dispositions = ["processed", "dispatched"] if req.dispatched else ["processed"]
         for disposition in dispositions:
-            mdn = build_mdn(reporting_ua=ctx.settings.hostname, from_addr=f"<{ctx.postmaster}>", to=req.address,
+            from_addr = mdn_from(ctx.settings.receipts.mdn_profile, postmaster=ctx.postmaster, final_recipient=addr)
+            mdn = build_mdn(reporting_ua=ctx.settings.hostname, from_addr=from_addr, to=req.address,
                             final_recipient=addr, original=inner, disposition=disposition, now=ctx.now())  # fmt: skip
             await ctx.enqueue_receipt(job, mdn, kind="mdn", to=req.address, event=f"mdn-{disposition}")

@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 #: What of a client's HELO name may appear in our ``Received:`` field.
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
 #: RCPT and MAIL decisions are reused for this long (seconds) and at most this many are kept. A
 #: directory change (mailbox deactivated, domain blocked, delegation removed) reaches RCPT and
 #: MAIL within this delay; the delivery side reads the directory again, and logins (passwords,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -386,3 +387,11 @@ def test_the_from_of_a_receipt_names_the_address_that_signs_it() -> None:
                     recipients=[DsnRecipient("ph@b.test", "failed", "5.0.0", "")], original=ORIGINAL,
                     arrival=NOW, now=NOW)  # fmt: skip
     assert receipt_author(dsn) == "postmaster@a.test"
+
+
+def test_mdn_profile_setting_is_checked(tmp_path: Path) -> None:
+    from gateway.config import ConfigError, validate
+
+    assert validate({"receipts": {"mdn_profile": "direct"}}, tmp_path, environ={}).receipts.mdn_profile == "direct"
+    with pytest.raises(ConfigError, match=r"receipts\.mdn_profile: must be rfc8098 or direct"):
+        validate({"receipts": {"mdn_profile": "rfc3798"}}, tmp_path, environ={})

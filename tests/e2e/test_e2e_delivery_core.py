@@ -127,7 +127,7 @@ async def test_released_quarantine_is_delivered_once_as_is(pair: Pair) -> None:
     assert len(inbox) == 1 and len(box) == 2
     assert "smime=fail" in str(parse(inbox[0])["Authentication-Results"])
     assert len(b.receipts()) == notices  # no second failure notice
-    assert info["bytes"] == "removed" and not b.store.spool_path(qid).exists()
+    assert info["bytes"] == "removed" and not b.store.spool.holds(qid)
     with b.sessions() as s:
         events = [(r.event, r.actor) for r in s.scalars(select(AuditRecord).where(AuditRecord.queue_id == qid))]
     assert ("quarantine-release", "admin-test") in events
@@ -144,7 +144,7 @@ async def test_home_files_are_private_after_serve_and_a_message(pair: Pair) -> N
     qid = a.enqueue(prescription(), CLINICIAN, [PRACTITIONER])
     await a.workers.run_once()  # type: ignore[attr-defined]
     held = _inbound(pair)[0]["id"]
-    assert b.store.spool_path(held).exists()  # B's spool holds the message now
+    assert b.store.spool.holds(held)  # B's spool holds the message now (a file, or a row on PostgreSQL)
     checked = 0
     for op in (a, b):
         files: list[Path] = []
@@ -164,4 +164,5 @@ async def test_home_files_are_private_after_serve_and_a_message(pair: Pair) -> N
     assert _states(a.queue(qid)) == {PRACTITIONER: "delivered"}
     for path in b.settings.mail_dir.rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+        checked += 1
     assert checked > 8

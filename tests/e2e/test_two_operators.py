@@ -107,7 +107,7 @@ async def test_prescription_reaches_b_intact_and_a_gets_processed_mdn(pair: Pair
     # B kept the bytes only until every recipient was final: nothing left on disk.
     held = b.store.list(include_done=True)[0]
     assert held["state"] == "done" and held["bytes"] == "removed"
-    assert not b.store.spool_path(held["id"]).exists()
+    assert not b.store.spool.holds(held["id"])
 
     # A's sender (a PER mailbox: its mail client saves its own Sent copy, so the gateway files none)
     # has the processed MDN (verified: signed by B's operator).

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = "a.mssante.test"
 APP = f"app@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
+PASSWORD = "bench password 1234"
 
 
 def free_port() -> int:
@@ -64,7 +65,7 @@ def setup_home(base: Path) -> tuple[Path, int, int, Path, Path]:
     save_certificate_and_key(cert, key, cert_path, key_path)
     engine = make_engine(f"sqlite:///{home / 'mssgw.db'}")
     with transaction(session_factory(engine)) as db:
-        admin.add_mailbox(db, APP, type="APP", display_name="Bench software")
+        admin.add_mailbox(db, APP, type="APP", display_name="Bench software", password=PASSWORD)
         admin.add_mailbox(db, BOB, type="ORG", display_name="Bob")
         register_certificate(db, cert_path.read_bytes(), address=APP, purpose="tls-client")
     engine.dispose()
@@ -84,7 +85,8 @@ def mime_of(body: dict[str, Any]) -> bytes:
     return build_message(parse_submission(body))
 
 
-async def smtp_load(port: int, tls: ssl.SSLContext, messages: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+async def smtp_load(port: int, tls: ssl.SSLContext, messages: list[bytes], concurrency: int,
+                    login: str = "certificate") -> tuple[float, list[float]]:
     import aiosmtplib
 
     latencies: list[float] = []
@@ -94,6 +96,8 @@ async def smtp_load(port: int, tls: ssl.SSLContext, messages: list[bytes], concu
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, tls_context=tls, timeout=60)
         await smtp.connect()
         await smtp.starttls(server_hostname="localhost")
+        if login == "password":
+            await smtp.login(APP, PASSWORD)
         for n in counter:
             await smtp.mail(APP)
             await smtp.rcpt(BOB)
@@ -156,6 +160,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--size", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=2, help="alternate SMTP and API this many times")
+    parser.add_argument("--smtp-login", choices=["certificate", "password"], default="certificate",
+                        help="how the SMTP client logs in (AUTH PLAIN once per session with password)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mssgw-bench-api-") as tmp:
         home, smtp_port, api_port, cert, key = setup_home(Path(tmp))
@@ -167,13 +173,13 @@ def main() -> None:
         gateway = start_gateway(home, Path(tmp) / "serve.log")
         try:
             print(f"{len(mime[0])} B messages ({len(encoded[0])} B of JSON), {args.concurrency} concurrent, "
-                  f"client certificate login, loopback, one serve process")
+                  f"SMTP login by {args.smtp_login}, API by client certificate, loopback, one serve process")
             print(f"{'edge':<10}{'round':>6}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
             totals: dict[str, list[float]] = {"smtp": [], "api": []}
             for round_no in range(1, args.rounds + 1):
                 for edge in ("smtp", "api"):
                     if edge == "smtp":
-                        rate, lat = asyncio.run(smtp_load(smtp_port, tls, mime, args.concurrency))
+                        rate, lat = asyncio.run(smtp_load(smtp_port, tls, mime, args.concurrency, args.smtp_login))
                     else:
                         rate, lat = asyncio.run(api_load(api_port, tls, encoded, args.concurrency))
                     totals[edge].append(rate)

@@ -59,6 +59,7 @@ def setup_home(base: Path) -> tuple[Path, int, int, Path, Path]:
     raw["listen"].update({"submission": f"127.0.0.1:{smtp_port}", "submissions": "", "inbound": "", "imap": "",
                           "imaps": "", "metrics": "", "api": f"127.0.0.1:{api_port}"})
     raw.setdefault("api", {}).update({"burst": 1_000_000, "rate_per_minute": 1_000_000})
+    raw.setdefault("tls", {})["request_client_cert"] = ["submission", "api"]  # software logs in by certificate
     (home / "mssgw.toml").write_text(render_toml(raw))
     cert, key = issue_certificate(load_dev_pki(home / "pki"), kind="app", email=APP)
     cert_path, key_path = base / "app.pem", base / "app.key"

@@ -49,3 +49,18 @@ def test_openssl_cms_available() -> None:
 def test_postgresql_server_binaries_present() -> None:
     assert glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"), \
         "PostgreSQL server is missing (apt-get install postgresql)"
+
+
+def test_pg_throwaway_removes_only_folders_it_made(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``scripts/pg-throwaway`` removes its folder at start and stop: never one it did not make."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pg-throwaway"
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("data")
+    for argv in (["stop", str(precious)], ["start", str(precious)], ["stop", "/"], ["stop", "/tmp"], ["stop"]):
+        done = subprocess.run(["bash", str(script), *argv], capture_output=True, text=True, check=False)
+        assert done.returncode == 2, (argv, done.stderr)
+        assert "pg-throwaway:" in done.stderr
+    assert (precious / "keep").read_text() == "data"

@@ -63,6 +63,8 @@ from directory.identifiers import InvalidIdentifier, normalise_address
 from directory.models import Certificate, Mailbox, MailboxType
 from gateway.audit.trail import AuditEvent, AuditWriter
 from gateway.config import Settings
+from gateway.core import replies as R
+from gateway.core.replies import Reply
 from gateway.crypto.keystore import KeyStore
 
 log = logging.getLogger("mssgw.auth")
@@ -464,3 +466,31 @@ class Authenticator:
                 return AuthOutcome(False, None, reason)
             return AuthOutcome(True, identity, "ok", warning=reason)
         return AuthOutcome(True, identity, "ok")
+
+
+#: Why a client certificate did not log in, in words (the reason codes of ``Authenticator``).
+_CERTIFICATE_REFUSALS = {
+    "unknown-certificate": "Client certificate not registered for a mailbox",
+    "revoked": "Client certificate revoked",
+    "expired": "Client certificate expired",
+    "not-yet-valid": "Client certificate not valid yet",
+    "untrusted-certificate": "Client certificate not valid for client authentication",
+    "certificate-not-for-software": "Client certificate login is for APP and ORG mailboxes",
+    "inactive": "Mailbox of this client certificate is deactivated",
+}
+
+
+def certificate_refusal(reason: str, *, instead: str = "") -> Reply:
+    """The reply to a client certificate that did not log in, the same on every edge (RFC 4954 6:
+    530 5.7.0 "authentication required"; a revocation list that cannot be checked now is 454 4.7.0,
+    an outage 451 4.3.5).  ``instead`` names what the client may do instead (the SMTP edge: AUTH)."""
+    if reason in ("crl-stale", "crl-unavailable"):
+        status = "stale" if reason == "crl-stale" else "unavailable"
+        return R.S454_4_7_0_AUTH_UNAVAILABLE.with_text(
+            f"Revocation list of the client certificate's issuer {status}, try again later")
+    if reason == "unavailable":
+        return R.S451_4_3_5_POLICY_UNAVAILABLE
+    text = _CERTIFICATE_REFUSALS.get(reason, "Client certificate refused")
+    if instead and reason != "inactive":
+        text = f"{text}: {instead}"
+    return R.S530_5_7_0_AUTH_REQUIRED.with_text(text)

@@ -45,7 +45,7 @@ from gateway.api.problems import (
 )
 from gateway.api.schemas import ComposeError, Submission, build_message, parse_submission
 from gateway.audit.trail import AuditEvent, AuditWriter
-from gateway.auth import Authenticator, certificate_fingerprint
+from gateway.auth import Authenticator, certificate_fingerprint, certificate_refusal
 from gateway.config import Settings
 from gateway.core import replies as R
 from gateway.core.errors import OutageError
@@ -502,23 +502,3 @@ def select_recent(identity: str, since: datetime) -> Any:
             .order_by(QueuedRecipient.updated_at))  # fmt: skip
 
 
-#: Why a client certificate did not log in (the submission listener's texts for the same reasons).
-_CERTIFICATE_REFUSALS = {
-    "unknown-certificate": "Client certificate not registered for a mailbox",
-    "revoked": "Client certificate revoked",
-    "expired": "Client certificate expired",
-    "not-yet-valid": "Client certificate not valid yet",
-    "untrusted-certificate": "Client certificate not valid for client authentication",
-    "certificate-not-for-software": "Client certificate login is for APP and ORG mailboxes",
-    "inactive": "Mailbox of this client certificate is deactivated",
-}
-
-
-def certificate_refusal(reason: str) -> R.Reply:
-    if reason in ("crl-stale", "crl-unavailable"):
-        status = "stale" if reason == "crl-stale" else "unavailable"
-        return R.S454_4_7_0_AUTH_UNAVAILABLE.with_text(
-            f"Revocation list of the client certificate's issuer {status}, try again later")
-    if reason == "unavailable":
-        return R.S451_4_3_5_POLICY_UNAVAILABLE
-    return R.S530_5_7_0_AUTH_REQUIRED.with_text(_CERTIFICATE_REFUSALS.get(reason, "Client certificate refused"))

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from directory.facts import sender_facts
 from gateway.audit.trail import AuditEvent
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, certificate_refusal
 from gateway.core import replies as R
 from gateway.documents.scan import inspect_message
 from gateway.policy.content import ContentFacts
@@ -49,6 +49,7 @@ from gateway.policy.patients import (
 )
 from gateway.policy.senders import auth_required, decide_sender
 from gateway.queue.store import new_queue_id
+from gateway.smtp.dsn import MailDsn
 from gateway.smtp.handler import EdgeDeps, EdgeHandler, Outage, verdict
 from gateway.smtp.server import GatewayEnvelope, GatewaySession, GatewaySMTP
 
@@ -62,6 +63,7 @@ LOGIN_PASSWORD_CHALLENGE = "Password:"  # noqa: S105 (a prompt, not a secret)
 class SubmissionHandler(EdgeHandler):
     listener = "submission"
     origin = "submission"
+    offers_dsn = True
 
     def __init__(self, deps: EdgeDeps, authenticator: Authenticator) -> None:
         super().__init__(deps)
@@ -132,7 +134,7 @@ class SubmissionHandler(EdgeHandler):
         outcome = await self.auth.check_certificate(der, client=sess.client_ip, protocol="smtp")
         self.metrics.inc("mssgw_auth_total", result=outcome.reason, method="certificate")
         if not outcome.ok:
-            return _certificate_refusal(outcome.reason)
+            return certificate_refusal(outcome.reason, instead="use AUTH")
         sess.cert_checked = True
         sess.authenticated = True
         sess.identity = outcome.identity
@@ -144,6 +146,10 @@ class SubmissionHandler(EdgeHandler):
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         sess = server.gw_session()
+        assert isinstance(envelope, GatewayEnvelope)
+        dsn = envelope.dsn_pending
+        if isinstance(dsn, R.Reply):  # a malformed ENVID or RET (RFC 3461 §4.3, §4.4)
+            return str(dsn)
         refused = await self._certificate_login(server, sess)
         if refused is not None:
             self.audit(AuditEvent("mail", "refuse", client=sess.client_ip, sender=address, rule="client-certificate",
@@ -162,8 +168,8 @@ class SubmissionHandler(EdgeHandler):
         self.audit(AuditEvent("mail", verdict(decision), actor=identity, client=sess.client_ip, sender=address,
                               rule=decision.rule, reply=decision.reply.short))  # fmt: skip
         if decision.accepted:
-            assert isinstance(envelope, GatewayEnvelope)
             envelope.mail_from = address
+            envelope.dsn = dsn if isinstance(dsn, MailDsn) else MailDsn()
             envelope.mail_options.extend(mail_options)
             envelope.started = time.monotonic()
         return str(decision.reply)
@@ -250,29 +256,6 @@ class SubmissionHandler(EdgeHandler):
     async def _check_from(self, sess: GatewaySession, envelope: Envelope, facts: ContentFacts) -> Decision:
         """From:, Sender:, Resent-From: and Resent-Sender: (``EdgeHandler.check_authors``)."""
         return await self.check_authors(sess, envelope, facts)
-
-#: Why a client certificate did not log in, as the reply to MAIL FROM (RFC 4954 6: 530 5.7.0
-#: "authentication required", 454 4.7.0 temporary; an outage answers 451 4.3.5).
-_CERTIFICATE_REFUSALS = {
-    "unknown-certificate": "Client certificate not registered for a mailbox: use AUTH",
-    "revoked": "Client certificate revoked: use AUTH or a valid certificate",
-    "expired": "Client certificate expired: use AUTH or a valid certificate",
-    "not-yet-valid": "Client certificate not valid yet: use AUTH or a valid certificate",
-    "untrusted-certificate": "Client certificate not valid for client authentication: use AUTH",
-    "certificate-not-for-software": "Client certificate login is for APP and ORG mailboxes: use AUTH",
-    "inactive": "Mailbox of this client certificate is deactivated",
-}
-
-
-def _certificate_refusal(reason: str) -> R.Reply:
-    if reason in ("crl-stale", "crl-unavailable"):
-        status = "stale" if reason == "crl-stale" else "unavailable"
-        return R.S454_4_7_0_AUTH_UNAVAILABLE.with_text(
-            f"Revocation list of the client certificate's issuer {status}, try again later")
-    if reason == "unavailable":
-        return R.S451_4_3_5_POLICY_UNAVAILABLE
-    return R.S530_5_7_0_AUTH_REQUIRED.with_text(_CERTIFICATE_REFUSALS.get(reason, "Client certificate refused: use AUTH"))
-
 
 _NO_DOCUMENTS = DocumentFacts()
 

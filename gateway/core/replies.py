@@ -65,6 +65,8 @@ S454_4_7_0_AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication fail
 S500_5_5_2_SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognised")
 S501_5_5_4_SYNTAX_ARGS = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 S501_5_1_3_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+#: RFC 3461 §4: a malformed ENVID, RET, NOTIFY or ORCPT (the text names which and why).
+S501_5_5_4_DSN_SYNTAX = Reply(501, "5.5.4", "Malformed DSN parameter (RFC 3461)")
 S503_5_5_1_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 S530_5_7_0_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 S530_5_7_0_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")

@@ -1,4 +1,4 @@
-"""Delivery receipts: DSNs (RFC 3464) for failed or delayed delivery, MDNs (RFC 8098) for processing.
+"""Delivery receipts: DSNs (RFC 3464) for failed, delayed or asked-for successful delivery, MDNs (RFC 8098).
 
 The job: build the bytes of a receipt, and tell whether a message asks for one or must never
 get one.  Receipts are plain messages; the pipeline enqueues them (origin ``receipt``, kind
@@ -8,9 +8,11 @@ encrypted like any other message.
 - DSN: ``multipart/report; report-type=delivery-status`` (RFC 6522) with a short human part,
   a ``message/delivery-status`` part (RFC 3464 §2: per-message fields, then per recipient
   ``Final-Recipient``/``Action``/``Status``/``Remote-MTA``/``Diagnostic-Code``) and the original
-  *headers only* as ``text/rfc822-headers``: a DSN never carries the body.  Every field line
+  *headers only* as ``text/rfc822-headers``: a DSN never carries the body (RET=FULL is answered
+  as RET=HDRS, RFC 3461 §4.3 leaves it to us: health content stays off the return path).  Every field line
   ends with CRLF, the delimiter's CRLF comes after it (RFC 2046 §5.1.1).  ``Original-Envelope-Id``
-  only when the sender gave an ENVID (RFC 3461 §4.4); ``Diagnostic-Code`` only for a reply a
+  only when the sender gave an ENVID (RFC 3461 §4.4), ``Original-Recipient`` only when it gave an
+  ORCPT (§4.2); ``Diagnostic-Code`` only for a reply a
   remote server actually sent (RFC 3464 §2.3.6): our own reasons are in the human part.
 - MDN: ``multipart/report; report-type=disposition-notification`` (RFC 8098 §3) with
   ``Disposition: automatic-action/MDN-sent-automatically; processed`` (or ``dispatched`` with the
@@ -78,6 +80,8 @@ class DsnRecipient:
     remote_mta: str | None = None
     last_attempt: _dt.datetime | None = None
     will_retry_until: _dt.datetime | None = None
+    #: The ORCPT the sender gave (RFC 3461 §4.2), decoded: ``rfc822;address``; None when it gave none.
+    original_recipient: str | None = None
 
 
 def original_headers(message: bytes) -> bytes:
@@ -207,15 +211,14 @@ def build_dsn(
     now = now or _dt.datetime.now(_dt.UTC)
     headers = original_headers(original)
     delayed = all(r.action == "delayed" for r in recipients)
-    subject = "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
-    human = [
-        f"This is the mail system at {reporting_mta}.",
-        "",
-        "Your message is delayed; delivery is still being attempted."
-        if delayed
-        else "Your message could not be delivered to one or more recipients.",
-        "",
-    ]
+    success = all(r.action in ("delivered", "relayed", "expanded") for r in recipients)
+    if success:  # asked with NOTIFY=SUCCESS (RFC 3461 §4.1)
+        subject, summary = "Successful Mail Delivery Report", "Your message was delivered as you asked to be told."
+    elif delayed:
+        subject, summary = "Delayed Mail (still being retried)", "Your message is delayed; delivery is still being attempted."
+    else:
+        subject, summary = "Undelivered Mail Returned to Sender", "Your message could not be delivered to one or more recipients."
+    human = [f"This is the mail system at {reporting_mta}.", "", summary, ""]
     for r in recipients:
         human.append(f"<{_clean(r.address)}>: {r.action}, {_clean(r.diagnostic) or r.status}")
     human.append("")
@@ -227,7 +230,8 @@ def build_dsn(
     per_message.append(f"Arrival-Date: {format_datetime(arrival)}")
     blocks = ["\r\n".join(per_message)]
     for r in recipients:
-        f = [
+        f = [f"Original-Recipient: {_original_recipient(r.original_recipient)}"] if r.original_recipient else []
+        f += [
             f"Final-Recipient: rfc822; {_clean(r.address)}",
             f"Action: {r.action}",
             f"Status: {r.status}",
@@ -258,6 +262,12 @@ def build_dsn(
             _part("text/rfc822-headers", headers, "Content-Description: Undelivered message headers\r\n"),
         ],
     )  # fmt: skip
+
+
+def _original_recipient(orcpt: str) -> str:
+    """RFC 3464 §2.3.1: ``address-type ";" generic-address``, from the decoded ORCPT."""
+    addr_type, _, address = _clean(orcpt).partition(";")
+    return f"{addr_type}; {address.strip()}"
 
 
 def build_mdn(

@@ -18,7 +18,7 @@ import datetime as _dt
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -159,7 +159,21 @@ class Context:
         self.verdict(job).receipts.append(Receipt(data, kind, sender, to, job.id, dedupe_key, (ev,)))
 
     async def send_dsn(self, job: Job, original: bytes, recipients: Sequence[DsnRecipient]) -> None:
-        """A DSN to the job's sender, unless the job is itself a receipt or has the null sender."""
+        """A DSN to the job's sender, unless the job is itself a receipt or has the null sender.
+
+        Only for the recipients whose NOTIFY asks for this action (RFC 3461 §4.1: without NOTIFY,
+        failures and delays; NEVER, nothing); with the sender's ENVID (Original-Envelope-Id) and
+        each recipient's ORCPT (Original-Recipient).  The body never travels back (RET, see
+        ``receipts``)."""
+        asked = []
+        for r in recipients:
+            queued = job.recipient(r.address)
+            if queued is not None and not queued.wants_dsn(r.action):
+                log.info("no DSN for %s (%s): NOTIFY=%s", job.id, r.address, queued.notify)
+                continue
+            orcpt = queued.orcpt if queued is not None else None
+            asked.append(replace(r, original_recipient=orcpt) if orcpt and not r.original_recipient else r)
+        recipients = asked
         if not recipients:
             return
         if not job.sender or job.is_receipt:
@@ -169,9 +183,14 @@ class Context:
         dsn = build_dsn(
             reporting_mta=self.settings.hostname, postmaster=self.postmaster, to=job.sender,
             recipients=recipients, original=original, arrival=job.created_at, queue_id=job.id,
-            now=self.now(),
+            envelope_id=job.envid, now=self.now(),
         )  # fmt: skip
-        action = "delayed" if all(r.action == "delayed" for r in recipients) else "failed"
+        if all(r.action == "delayed" for r in recipients):
+            action = "delayed"
+        elif all(r.action in ("delivered", "relayed") for r in recipients):
+            action = "success"
+        else:
+            action = "failed"
         await self.enqueue_receipt(job, dsn, kind="dsn", to=job.sender, event=f"dsn-{action}",
                                           detail={"recipients": [r.address for r in recipients]})  # fmt: skip
 

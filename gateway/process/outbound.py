@@ -163,6 +163,7 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
             log.warning("local message %s failed its own verification: %s", job.id, result.failure)
         presented, _ = await present(ctx, job, inner if inner is not None else data, result, received=b"",
                                      transit="local")  # fmt: skip
+    delivered: list[DsnRecipient] = []
     for addr in rcpts:
         try:
             await ctx.io(ctx.local.deliver, addr, presented, folder="INBOX")
@@ -172,6 +173,8 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
             continue
         await ctx.record(job, addr, RecipientState.DELIVERED, reply="250 2.0.0 delivered to INBOX",
                          event="delivered-local", outcome="accept", protection="local")  # fmt: skip
+        delivered.append(DsnRecipient(addr, "delivered", "2.0.0", "delivered to the mailbox", last_attempt=ctx.now()))
+    await _success_dsn(ctx, job, data, delivered)
 
 
 #: Protections a relay attempt can use; recorded with the recipient and reused by every later attempt.
@@ -243,6 +246,11 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
             if att.ok:
                 await ctx.record(job, att.address, RecipientState.DELIVERED, reply=att.reply, event="relayed",
                                  outcome="accept", protection=kind, detail={"remote": att.remote})  # fmt: skip
+        await _success_dsn(ctx, job, data, [
+            DsnRecipient(att.address, "relayed", "2.0.0", att.reply, remote_mta=att.remote.rpartition(":")[0] or None,
+                         last_attempt=ctx.now())
+            for att in attempts if att.ok
+        ])  # fmt: skip
         refused = [att for att in attempts if att.permanent]
         if refused:
             await _bounce(ctx, job, data, refused, kind)
@@ -296,7 +304,16 @@ def _pgp_protect(ctx: Context, job: Job, data: bytes, addrs: list[str]) -> bytes
         ))  # fmt: skip
 
 
-# --- failures ----------------------------------------------------------------------------------
+# --- receipts of success and failures -----------------------------------------------------------
+
+
+async def _success_dsn(ctx: Context, job: Job, data: bytes, done: Sequence[DsnRecipient]) -> None:
+    """A "delivered" (our mailbox) or "relayed" (handed to the peer operator, which is not asked
+    for DSNs in turn) DSN for the recipients whose sender asked NOTIFY=SUCCESS (RFC 3461 §4.1)."""
+    asked = [d for d in done if (r := job.recipient(d.address)) is not None and r.wants_dsn(d.action)]
+    if asked:
+        await ctx.send_dsn(job, data, asked)
+
 
 
 async def _bounce(ctx: Context, job: Job, data: bytes, attempts: Sequence[Attempt], protection: str | None) -> None:

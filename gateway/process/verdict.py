@@ -40,6 +40,17 @@ class Recipient:
     #: attempt (the relay's protection group); ``RELEASED``: delivered as is, never judged again.
     protection: str | None = None
     last_reply: str | None = None
+    notify: str | None = None  # RFC 3461 NOTIFY: NEVER or e.g. SUCCESS,FAILURE; None: failure and delay
+    orcpt: str | None = None  # RFC 3461 ORCPT, decoded: "rfc822;address"
+
+    def wants_dsn(self, action: str) -> bool:
+        """Whether this recipient's sender asked for a DSN of this action (RFC 3461 §4.1):
+        without NOTIFY, failures and delays (as before the extension); NEVER, none."""
+        wanted = {"failed": "FAILURE", "delayed": "DELAY", "delivered": "SUCCESS", "relayed": "SUCCESS",
+                  "expanded": "SUCCESS"}[action]  # fmt: skip
+        if self.notify is None:
+            return wanted != "SUCCESS"
+        return wanted in self.notify.split(",")
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,11 @@ class Job:
     related_id: str | None
     recipients: tuple[Recipient, ...]
     claim_gen: int = 0  # the claim's fencing token: outcomes count only while it is current
+    envid: str | None = None  # RFC 3461 ENVID the sender gave (decoded)
+    ret: str | None = None  # RFC 3461 RET: FULL or HDRS
+
+    def recipient(self, address: str) -> Recipient | None:
+        return next((r for r in self.recipients if r.address == address), None)
 
     @property
     def pending(self) -> list[Recipient]:
@@ -76,9 +92,9 @@ class Job:
             warned_at=as_utc(msg["warned_at"]) if msg["warned_at"] else None,
             peer_operator=msg["peer_operator"], message_id=msg["message_id"], related_id=msg["related_id"],
             recipients=tuple(Recipient(r["address"], RecipientState(r["state"]), r["attempts"], r.get("protection"),
-                                       r.get("last_reply"))
+                                       r.get("last_reply"), r.get("dsn_notify"), r.get("dsn_orcpt"))
                              for r in msg["recipients"]),
-            claim_gen=int(msg.get("claim_gen") or 0),
+            claim_gen=int(msg.get("claim_gen") or 0), envid=msg.get("dsn_envid"), ret=msg.get("dsn_ret"),
         )  # fmt: skip
 
 

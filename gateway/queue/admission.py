@@ -199,11 +199,14 @@ def new_message(queue_id: str, data: bytes, *, sender: str, recipients: Sequence
                 dedupe_key: str | None = None, related_id: str | None = None,
                 security: Mapping[str, Any] | None = None, protections: Mapping[str, str] | None = None,
                 audit_events: Sequence[AuditEvent] = (), claimed_by: str | None = None,
-                riders: Sequence[AuditEvent] = (), carry: bool = False) -> NewMessage:  # fmt: skip
+                riders: Sequence[AuditEvent] = (), carry: bool = False, dsn_envid: str | None = None,
+                dsn_ret: str | None = None, dsn_notify: Mapping[str, str] | None = None,
+                dsn_orcpt: Mapping[str, str] | None = None) -> NewMessage:  # fmt: skip
     """The rows of a message whose bytes are stored under ``queue_id``: one message row, one row
     per distinct recipient (state ``queued``, the protection decided at RCPT time if any), and
     its audit records (given the queue id); ``riders`` are earlier records committed with it.
-    ``carry``: the bytes go in the transaction too (a spool in the database)."""
+    ``carry``: the bytes go in the transaction too (a spool in the database).  ``dsn_*``: the
+    sender's DSN parameters (RFC 3461): ENVID and RET on the message, NOTIFY and ORCPT per recipient."""
     events = [
         *riders, *(AuditEvent(**{**ev.__dict__, "queue_id": ev.queue_id or queue_id}) for ev in audit_events)
     ]
@@ -217,10 +220,12 @@ def new_message(queue_id: str, data: bytes, *, sender: str, recipients: Sequence
             "claimed_by": claimed_by, "lease_until": now + lease if claimed_by else None, "done": False,
             "parked": False, "purged_at": None, "claim_gen": 0,
             "security": json.dumps(security, sort_keys=True) if security else None,
+            "dsn_envid": dsn_envid, "dsn_ret": dsn_ret,
         },
         recipients=[
             {"message_id": queue_id, "address": r, "state": RecipientState.QUEUED, "attempts": 0,
-             "protection": (protections or {}).get(r) or None, "last_reply": None, "updated_at": now}
+             "protection": (protections or {}).get(r) or None, "last_reply": None, "updated_at": now,
+             "dsn_notify": (dsn_notify or {}).get(r), "dsn_orcpt": (dsn_orcpt or {}).get(r)}
             for r in dict.fromkeys(recipients)
         ],
         events=events,

@@ -49,6 +49,12 @@ class Arrival:
     #: The protection decided per recipient at RCPT time (carried with the job to every attempt).
     protections: Mapping[str, str] = field(default_factory=dict)
     events: Sequence[AuditEvent] = ()
+    #: The DSN parameters the sender gave (RFC 3461): ENVID and RET for the message (decoded),
+    #: NOTIFY and ORCPT per recipient; absent ones mean the default (failure and delay DSNs).
+    dsn_envid: str | None = None
+    dsn_ret: str | None = None
+    dsn_notify: Mapping[str, str] = field(default_factory=dict)
+    dsn_orcpt: Mapping[str, str] = field(default_factory=dict)
 
 
 class Handoff(Protocol):
@@ -95,7 +101,8 @@ class Intake:
                 origin=arrival.origin, client_address=arrival.client_address, auth_identity=arrival.auth_identity,
                 peer_operator=arrival.peer_operator, message_id=arrival.message_id, dedupe_key=arrival.dedupe_key,
                 queue_id=arrival.queue_id, protections=dict(arrival.protections), audit_events=arrival.events,
-                riders=riders, claimed_by=owner,
+                riders=riders, claimed_by=owner, dsn_envid=arrival.dsn_envid, dsn_ret=arrival.dsn_ret,
+                dsn_notify=dict(arrival.dsn_notify), dsn_orcpt=dict(arrival.dsn_orcpt),
             )  # fmt: skip
             result = await asyncio.get_running_loop().run_in_executor(self.writer, job)
         finally:

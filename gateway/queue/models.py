@@ -69,6 +69,9 @@ class QueuedMessage(Base):
     #: When the spool bytes were removed (every recipient final); None while they are kept.
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     security: Mapped[str | None] = mapped_column(Text)  # inbound: verification result (JSON)
+    #: The sender's DSN parameters (RFC 3461 §4.3, §4.4): ENVID (xtext-decoded) and RET (FULL, HDRS).
+    dsn_envid: Mapped[str | None] = mapped_column(String(100))
+    dsn_ret: Mapped[str | None] = mapped_column(String(4))
 
     recipients: Mapped[list[QueuedRecipient]] = relationship(
         back_populates="message", cascade="all, delete-orphan", order_by="QueuedRecipient.id"
@@ -101,6 +104,10 @@ class QueuedRecipient(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     protection: Mapped[str | None] = mapped_column(String(32))  # smime, openpgp, mtls-signed, local
     last_reply: Mapped[str | None] = mapped_column(Text)  # last SMTP reply or error, never content
+    #: RFC 3461 §4.1, §4.2: NOTIFY (NEVER, or SUCCESS,FAILURE,DELAY in part; None: the default
+    #: failure and delay) and ORCPT (``rfc822;address``, xtext-decoded).
+    dsn_notify: Mapped[str | None] = mapped_column(String(32))
+    dsn_orcpt: Mapped[str | None] = mapped_column(String(500))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     message: Mapped[QueuedMessage] = relationship(back_populates="recipients")

@@ -144,6 +144,10 @@ class QueueStore:
         queue_id: str | None = None,
         claimed_by: str | None = None,
         riders: Sequence[AuditEvent] = (),
+        dsn_envid: str | None = None,
+        dsn_ret: str | None = None,
+        dsn_notify: dict[str, str] | None = None,
+        dsn_orcpt: dict[str, str] | None = None,
     ) -> Enqueued:
         """Store the message durably; returns only once bytes and rows are committed.
 
@@ -153,7 +157,8 @@ class QueueStore:
         worker of this process takes it from memory, without a claim transaction); if
         that worker dies, the lease expires and any worker claims it as usual.
         ``riders`` are audit records of earlier decisions committed in the same transaction as
-        they are (``audit_events`` are this message's and get its queue id).
+        they are (``audit_events`` are this message's and get its queue id).  ``dsn_*``: the
+        sender's DSN parameters (RFC 3461), kept with the message and its recipients.
         """
         if not recipients:
             raise QueueError("a message needs at least one recipient")
@@ -168,6 +173,7 @@ class QueueStore:
             client_address=client_address, peer_operator=peer_operator, message_id=message_id,
             dedupe_key=dedupe_key, related_id=related_id, security=security, protections=protections,
             audit_events=audit_events, claimed_by=claimed_by, riders=riders, carry=self.spool.in_database,
+            dsn_envid=dsn_envid, dsn_ret=dsn_ret, dsn_notify=dsn_notify, dsn_orcpt=dsn_orcpt,
         )  # fmt: skip
         self.group.run(item)
         if isinstance(item.error, IntegrityError) and dedupe_key is not None:

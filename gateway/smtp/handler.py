@@ -42,6 +42,7 @@ from gateway.policy.recipients import decide_recipient
 from gateway.policy.senders import decide_sender
 from gateway.queue.intake import Arrival, Intake
 from gateway.queue.store import Enqueued, QueueError
+from gateway.smtp.dsn import RcptDsn
 from gateway.smtp.server import NULL_PATH, GatewayEnvelope, GatewaySession, GatewaySMTP
 
 log = logging.getLogger("mssgw.smtp")
@@ -84,6 +85,8 @@ class EdgeHandler:
 
     listener = "smtp"
     origin = "submission"
+    #: Whether EHLO offers DSN (RFC 3461) and MAIL/RCPT take its parameters (the submission listeners).
+    offers_dsn = False
 
     def __init__(self, deps: EdgeDeps) -> None:
         self.deps = deps
@@ -132,7 +135,8 @@ class EdgeHandler:
         # Never advertise an empty AUTH line (inbound has no mechanisms); our replies carry
         # enhanced status codes (RFC 2034).
         kept = [r for r in responses if r.rstrip() != "250-AUTH"]
-        return [*kept[:-1], "250-ENHANCEDSTATUSCODES", kept[-1]]
+        dsn = ["250-DSN"] if self.offers_dsn else []
+        return [*kept[:-1], *dsn, "250-ENHANCEDSTATUSCODES", kept[-1]]
 
     async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -140,6 +144,9 @@ class EdgeHandler:
         inbound = self.origin == "inbound"
         assert isinstance(envelope, GatewayEnvelope)
         sess = server.gw_session()
+        dsn = envelope.dsn_pending
+        if isinstance(dsn, R.Reply):  # a malformed NOTIFY or ORCPT (RFC 3461 §4.1, §4.2)
+            return str(dsn)
         if len(envelope.rcpt_tos) >= self.max_recipients:
             decision = Decision.refuse(R.S452_4_5_3_TOO_MANY_RECIPIENTS, "too-many-recipients",
                                        f"at most {self.max_recipients} recipients per message")
@@ -157,6 +164,8 @@ class EdgeHandler:
         if decision.accepted:
             envelope.rcpt_tos.append(normalised)
             envelope.protections[normalised] = dict(decision.facts).get("protection", "")
+            if isinstance(dsn, RcptDsn) and (dsn.notify or dsn.orcpt):
+                envelope.dsn_rcpt[normalised] = dsn
         return str(decision.reply)
 
     async def recipient_decision(self, address: str, inbound: bool) -> tuple[str, Decision]:
@@ -276,7 +285,10 @@ class EdgeHandler:
         server.busy = True
         arrival = Arrival(data, sender_of(envelope), list(envelope.rcpt_tos), self.origin, queue_id=queue_id,
                           client_address=server.gw_session().client_ip, protections=envelope.protections,
-                          events=events, **envelope_facts)  # fmt: skip
+                          events=events, dsn_envid=envelope.dsn.envid, dsn_ret=envelope.dsn.ret,
+                          dsn_notify={a: d.notify for a, d in envelope.dsn_rcpt.items() if d.notify},
+                          dsn_orcpt={a: d.orcpt for a, d in envelope.dsn_rcpt.items() if d.orcpt},
+                          **envelope_facts)  # fmt: skip
         try:
             return await self.deps.intake.accept(arrival)
         except QueueError as exc:

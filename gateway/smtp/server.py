@@ -36,6 +36,16 @@ from gateway.config import Settings
 from gateway.core import replies as R
 from gateway.policy.limits import EDGE_MAX_MESSAGE_BYTES, MAX_BUFFERED_DATA_BYTES
 from gateway.smtp.commands import GuardedSMTP
+from gateway.smtp.dsn import (
+    MAIL_PARAMS,
+    RCPT_PARAMS,
+    DsnSyntaxError,
+    MailDsn,
+    RcptDsn,
+    parse_mail,
+    parse_rcpt,
+    take_params,
+)
 
 log = logging.getLogger("mssgw.smtp")
 
@@ -124,6 +134,7 @@ class EdgeHooks(Protocol):
 
     settings: Settings
     listener: str  # the listener's name in logs and metrics: submission, inbound, ...
+    offers_dsn: bool  # the listener offers the DSN extension (RFC 3461): ENVID, RET, NOTIFY, ORCPT
 
     def on_connect(self, server: GatewaySMTP) -> None: ...
 
@@ -148,6 +159,11 @@ class GatewayEnvelope(Envelope):
         super().__init__()
         self.protections: dict[str, str] = {}
         self.started = time.monotonic()
+        #: RFC 3461 parameters of this transaction: ENVID/RET, and NOTIFY/ORCPT per accepted recipient.
+        self.dsn = MailDsn()
+        self.dsn_rcpt: dict[str, RcptDsn] = {}
+        #: What the engine read from the MAIL or RCPT line being handled (or the refusal), for the hook.
+        self.dsn_pending: MailDsn | RcptDsn | R.Reply | None = None
 
 
 class GatewaySMTP(GuardedSMTP):
@@ -230,6 +246,35 @@ class GatewaySMTP(GuardedSMTP):
             session = self.gw_session()
             session.client_ip = str(session.peer[0]) if isinstance(session.peer, tuple) else None
             session.ssl_object = ssl_object
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, with ENVID and RET taken out first where the handler offers DSN.
+
+        Their values (or the 501 5.5.4 refusing them) wait in ``envelope.dsn_pending`` for the
+        handler's MAIL hook, so aiosmtpd's own checks (HELO, AUTH, nested MAIL, SIZE) come first."""
+        await super().smtp_MAIL(self._take_dsn(arg, "FROM:", MAIL_PARAMS))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """aiosmtpd's RCPT, with NOTIFY and ORCPT taken out first (see ``smtp_MAIL``)."""
+        await super().smtp_RCPT(self._take_dsn(arg, "TO:", RCPT_PARAMS))
+
+    def _take_dsn(self, arg: str | None, keyword: str, names: frozenset[str]) -> str | None:
+        envelope = self.envelope
+        if not isinstance(envelope, GatewayEnvelope):
+            return arg
+        envelope.dsn_pending = None
+        if arg is None or self.session is None or not self.session.extended_smtp:
+            return arg
+        if not getattr(self.event_handler, "offers_dsn", False):
+            return arg  # aiosmtpd answers 555: parameters not recognised
+        arg, taken = take_params(arg, keyword, names, self._getaddr)
+        try:
+            envelope.dsn_pending = parse_mail(taken) if keyword == "FROM:" else parse_rcpt(taken)
+        except DsnSyntaxError as exc:
+            envelope.dsn_pending = R.S501_5_5_4_DSN_SYNTAX.with_text(str(exc))
+        return arg
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -49,6 +49,7 @@ from gateway.policy.patients import (
 )
 from gateway.policy.senders import auth_required, decide_sender
 from gateway.queue.store import new_queue_id
+from gateway.smtp.dsn import MailDsn
 from gateway.smtp.handler import EdgeDeps, EdgeHandler, Outage, verdict
 from gateway.smtp.server import GatewayEnvelope, GatewaySession, GatewaySMTP
 
@@ -62,6 +63,7 @@ LOGIN_PASSWORD_CHALLENGE = "Password:"  # noqa: S105 (a prompt, not a secret)
 class SubmissionHandler(EdgeHandler):
     listener = "submission"
     origin = "submission"
+    offers_dsn = True
 
     def __init__(self, deps: EdgeDeps, authenticator: Authenticator) -> None:
         super().__init__(deps)
@@ -144,6 +146,8 @@ class SubmissionHandler(EdgeHandler):
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         sess = server.gw_session()
+        assert isinstance(envelope, GatewayEnvelope)
+        dsn = envelope.dsn_pending
         refused = await self._certificate_login(server, sess)
         if refused is not None:
             self.audit(AuditEvent("mail", "refuse", client=sess.client_ip, sender=address, rule="client-certificate",
@@ -158,12 +162,14 @@ class SubmissionHandler(EdgeHandler):
                                                     lambda db: decide_sender(sender_facts(db, identity, address)))
             except Outage as exc:
                 return str(exc.reply)
+        if decision.accepted and isinstance(dsn, R.Reply):  # a malformed ENVID or RET (RFC 3461 §4.3, §4.4)
+            return str(dsn)
         self.metrics.inc("mssgw_mail_total", listener=self.listener, decision=verdict(decision), rule=decision.rule)
         self.audit(AuditEvent("mail", verdict(decision), actor=identity, client=sess.client_ip, sender=address,
                               rule=decision.rule, reply=decision.reply.short))  # fmt: skip
         if decision.accepted:
-            assert isinstance(envelope, GatewayEnvelope)
             envelope.mail_from = address
+            envelope.dsn = dsn if isinstance(dsn, MailDsn) else MailDsn()
             envelope.mail_options.extend(mail_options)
             envelope.started = time.monotonic()
         return str(decision.reply)

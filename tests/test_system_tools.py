@@ -36,6 +36,7 @@ def test_swaks_speaks_tls() -> None:
     ("mbsync", ["mbsync", "--version"], "isync "),
     ("fetchmail", ["fetchmail", "--version"], "fetchmail release"),
     ("getmail", ["getmail", "--version"], "getmail 6."),
+    ("postfix", ["/usr/sbin/postconf", "-d", "mail_version"], "mail_version = 3."),
 ])
 def test_oracle_tool_present(tool: str, argv: list[str], expect: str) -> None:
     assert shutil.which(tool), f"{tool} is missing (scripts/install-system-deps installs it)"

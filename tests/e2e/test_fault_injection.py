@@ -1,7 +1,7 @@
 """The delivery core under faults: exactly once per (message, recipient) with drops and SIGKILLs, SQLite and PostgreSQL.
 
 A bounded run of ``fault_harness`` (issue 11, "Tests"): two real ``mssgw serve`` operators,
-120 messages over SMTP submission with random recipient sets (S/MIME, OpenPGP, A-local, a
+80 messages over SMTP submission with random recipient sets (S/MIME, OpenPGP, A-local, a
 recipient B refuses, a few made to be quarantined at B), a proxy between A and B that drops
 about one connection in five at seeded SMTP points, three SIGKILLs of each operator.  The
 checker then proves every (message, recipient) delivered exactly once, bounced with exactly one
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from fault_harness import B_DELIVERED, WARD, Report, check, run_fault_injection
 
-MESSAGES = 120
+MESSAGES = 80
 KILLS = 3  # of each operator
 DROP_PROBABILITY = 0.2
 #: Bound of each wait (a start, the drain) on a slow shared machine: a hang fails, slowness does not.

@@ -9,7 +9,8 @@ verifying A's.
 
 - A → Postfix: a prescription arrives in Postfix's Maildir signed and encrypted; ``openssl cms``
   decrypts it with the recipient's key and verifies A's user's signature.  Postfix's Received
-  header says it verified A's client certificate.
+  header says it verified A's client certificate.  A mailbox A has no certificate for gets the
+  prescription signed only (the peer need not encrypt: pinned mutual TLS, the MSSanté model).
 - A → Postfix, unknown user: Postfix refuses at RCPT (550 5.1.1) and A bounces with a DSN
   quoting Postfix's reply to its sender.
 - Postfix → A: a mailbox Postfix accepted fails at local delivery; Postfix's own bounce (from
@@ -55,7 +56,8 @@ from gateway.config import load_settings
 
 P_DOMAIN = "p.postfix.test"
 P_HOST = f"mx.{P_DOMAIN}"
-PHARMA = f"pharma@{P_DOMAIN}"  # a Postfix mailbox
+PHARMA = f"pharma@{P_DOMAIN}"  # a Postfix mailbox whose certificate A has
+DESK = f"accueil@{P_DOMAIN}"  # a Postfix mailbox without a certificate: signed only (the MSSanté model)
 FULL = f"full@{P_DOMAIN}"  # accepted by Postfix, then bounced by its delivery command
 NOBODY = f"nobody@{P_DOMAIN}"  # A has a certificate for it; Postfix has no such mailbox
 
@@ -91,7 +93,9 @@ def _a_template(templates: dict[str, Template], root: Path, pki: DevPki, port: i
     p_dn = x509.load_pem_x509_certificate(pki.operator_cert.read_bytes()).subject.rfc4514_string()
     engine = make_engine(load_settings(home).database_url)
     with transaction(session_factory(engine)) as s:
-        admin.trust_domain(s, P_DOMAIN, relay=f"127.0.0.1:{port}", operator_dn=p_dn)
+        # Pinned mutual TLS to the operator DN: a recipient without a certificate gets signed mail.
+        admin.trust_domain(s, P_DOMAIN, relay=f"127.0.0.1:{port}", operator_dn=p_dn, require_encryption=False)
+        admin.add_mailbox(s, DESK, type="ORG")
         register_certificate(s, p_ca, address=None, purpose="anchor")
         for address, (cert, _key) in keys.items():
             admin.add_mailbox(s, address, type="ORG")
@@ -118,7 +122,7 @@ async def world(templates: dict[str, Template], tmp_path: Path, monkeypatch: pyt
     peer = make_postfix_peer(domain=P_DOMAIN, hostname=P_HOST, port=port, cert=pki.operator_cert,
                              key=pki.operator_key, peer_ca=a_ca, peer_domain=A_DOMAIN,
                              peer_hostname=a.settings.hostname, peer_port=a.inbound_port,
-                             mailboxes=["pharma"], full_mailbox="full")  # fmt: skip
+                             mailboxes=["pharma", "accueil"], full_mailbox="full")  # fmt: skip
     try:
         peer.start()
         await until(lambda: _listening(port), "Postfix listening", detail=peer.log_tail)
@@ -165,6 +169,24 @@ async def test_a_relays_signed_and_encrypted_to_postfix_over_mutual_tls(world: W
     signed = _openssl("cms", "-decrypt", "-recip", str(cert), "-inkey", str(key), data=stored)
     # The signature is A's user's, chaining to A's CA: openssl verifies it.
     content = _openssl("cms", "-verify", "-CAfile", str(world.a_ca), data=signed)
+    inner = message_from_bytes(content, policy=policy.default)
+    attachments = [p for p in inner.walk() if p.get_content_type() == "application/pdf"]
+    assert [p.get_payload(decode=True) for p in attachments] == [PDF]
+
+
+async def test_a_relays_signed_only_to_a_postfix_mailbox_without_certificate(world: World) -> None:
+    """No certificate for the recipient, a peer that need not encrypt: signed, over pinned mutual TLS."""
+    a, peer = world.a, world.peer
+    queue_id = a.enqueue(prescription(to=DESK, mdn=False), CLINICIAN, [DESK])
+    await world.until_a(lambda: len(peer.mailbox("accueil")) == 1, "Postfix delivered to accueil")
+
+    assert {r["address"]: r["state"] for r in a.queue(queue_id)["recipient_states"]} == {DESK: "delivered"}
+    stored = peer.mailbox("accueil")[0]
+    outer = message_from_bytes(stored, policy=policy.default)
+    received = " ".join(str(outer["Received"]).split())
+    assert f'Client CN "{a.settings.hostname}"' in received and "(verified OK)" in received, received
+    assert "enveloped-data" not in str(outer["Content-Type"]).lower()
+    content = _openssl("cms", "-verify", "-CAfile", str(world.a_ca), data=stored)
     inner = message_from_bytes(content, policy=policy.default)
     attachments = [p for p in inner.walk() if p.get_content_type() == "application/pdf"]
     assert [p.get_payload(decode=True) for p in attachments] == [PDF]
@@ -242,7 +264,8 @@ async def test_postfix_refuses_a_client_without_a_certificate_from_a_ca(world: W
         except (smtplib.SMTPServerDisconnected, ssl.SSLError, ConnectionError):
             refused = True
     assert refused
-    await until(lambda: "client certificate" in world.peer.maillog.read_text().lower()
-                or "abort" in world.peer.maillog.read_text(), "Postfix logged the refusal",
+    why = "No client certificate presented" if client_cert == "none" else "Client certificate not trusted"
+    line = f"NOQUEUE: abort: TLS from localhost[127.0.0.1]: {why}"
+    await until(lambda: line in world.peer.maillog.read_text(), "Postfix logged the refusal",
                 detail=world.peer.log_tail)  # fmt: skip
     assert world.peer.mailbox("pharma") == []

@@ -119,16 +119,18 @@ async def world(templates: dict[str, Template], tmp_path: Path, monkeypatch: pyt
     a = await _start("a", _a_template(templates, tmp_path, pki, port, keys), tmp_path / "run")
     a_ca = tmp_path / "a-ca.pem"
     a_ca.write_bytes(templates["a"].ca_pem)
-    peer = make_postfix_peer(domain=P_DOMAIN, hostname=P_HOST, port=port, cert=pki.operator_cert,
-                             key=pki.operator_key, peer_ca=a_ca, peer_domain=A_DOMAIN,
-                             peer_hostname=a.settings.hostname, peer_port=a.inbound_port,
-                             mailboxes=["pharma", "accueil"], full_mailbox="full")  # fmt: skip
+    peer: PostfixPeer | None = None
     try:
+        peer = make_postfix_peer(domain=P_DOMAIN, hostname=P_HOST, port=port, cert=pki.operator_cert,
+                                 key=pki.operator_key, peer_ca=a_ca, peer_domain=A_DOMAIN,
+                                 peer_hostname=a.settings.hostname, peer_port=a.inbound_port,
+                                 mailboxes=["pharma", "accueil"], full_mailbox="full")  # fmt: skip
         peer.start()
         await until(lambda: _listening(port), "Postfix listening", detail=peer.log_tail)
         yield World(a, peer, pki, keys, a_ca)
     finally:
-        peer.stop()
+        if peer is not None:
+            peer.stop()
         await a.workers.stop()  # type: ignore[attr-defined]
         await a.gateway.stop(grace=2)  # type: ignore[attr-defined]
 

@@ -90,10 +90,29 @@ class Submission:
         return tuple(seen.values())
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object names the same member twice (RFC 8259 4: the meaning is then undefined)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a repeated member: last-one-wins would let ``from`` be overridden
+    after a proxy or a log checked the first one."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _DuplicateKey(name)
+        out[name] = value
+    return out
+
+
 def load_json(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 problem saying why not."""
     try:
-        value = json.loads(body.decode("utf-8"))
+        value = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as exc:
+        raise Problem(400, S501_5_5_2_BAD_JSON, "json-duplicate-member",
+                      detail=f"The request body names the member {_pointer_token(str(exc))!r} twice "
+                             "in one object") from None
     except UnicodeDecodeError:
         raise Problem(400, S501_5_5_2_BAD_JSON, "json-malformed", detail="The request body is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -232,9 +251,49 @@ def _patient(value: Any, where: str, errors: _Errors) -> Patient | None:
     return Patient(ins, family, given, birth, gender)
 
 
+def _pointer_token(name: str) -> str:
+    """A member name as a JSON pointer token (RFC 6901 3), any lone surrogate shown as U+FFFD.
+
+    The pointer is written back in the answer (UTF-8), so it must itself be encodable."""
+    text = name if _encodable(name) else "".join(c if _encodable(c) else "\ufffd" for c in name)
+    return text.replace("~", "~0").replace("/", "~1")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (no lone surrogate), found without copying a large string."""
+    return _SURROGATE.search(text) is None
+
+
+def _unencodable(root: Any, errors: _Errors) -> None:
+    """Every string (member names included) that is not Unicode text: a JSON ``\\ud800`` escape decodes
+    to a lone surrogate, which no UTF-8 header, body or database column can hold. Walked without
+    recursion, as deep as ``json.loads`` went."""
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                errors.add(where, "not Unicode text (a lone surrogate escape such as \\ud800)")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                here = f"{where}/{_pointer_token(name)}"
+                if not _encodable(name):
+                    errors.add(here, "member name is not Unicode text (a lone surrogate escape)")
+                stack.append((item, here))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}/{i}") for i, item in enumerate(value))
+
+
 def parse_submission(raw: dict[str, Any]) -> Submission:
     """The checked request, or ``Problem.invalid`` naming every bad field."""
     errors = _Errors()
+    _unencodable(raw, errors)
+    errors.items.sort()
+    if errors.items:
+        raise Problem.invalid(errors.items)
     for name in sorted(set(raw) - _FIELDS):
         errors.add(f"/{name}", "unknown field")
     sender = _address(raw.get("from"), "/from", errors) if "from" in raw else None

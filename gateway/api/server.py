@@ -247,7 +247,11 @@ class ApiServer:
                           detail="Send the message as application/json (see /v1/openapi.json)")
         if request.content_length is not None and request.content_length > self.limit:
             raise self._too_big()
-        key = request.headers.get("Idempotency-Key")
+        keys = request.headers.getall("Idempotency-Key", [])
+        if len(keys) > 1:  # RFC 9110 5.3: a singleton field sent twice has no defined meaning
+            raise Problem(400, S501_5_5_4_BAD_FIELD, "idempotency-key-malformed",
+                          detail="Idempotency-Key: send the header once")
+        key = keys[0] if keys else None
         if key is not None and (not key or len(key) > 255 or not key.isprintable() or not key.isascii()):
             raise Problem(400, S501_5_5_4_BAD_FIELD, "idempotency-key-malformed",
                           detail="Idempotency-Key: 1 to 255 printable ASCII characters")

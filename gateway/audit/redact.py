@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 PATIENT_DOMAIN = "patient.mssante.fr"
-#: A NIR-shaped local part (13 characters, Corsica's 2A/2B, and a 2-digit key) at the patient domain.
-PATIENT_ADDRESS = re.compile(r"\b([0-9]{5}(?:[0-9]{2}|2[ABab])[0-9]{6}[0-9]{2})@patient\.mssante\.fr\b", re.I)
+#: Any local part at the patient domain: an INS, but also a NIR without its key, a name, or anything
+#: else someone typed there is about a patient (never kept in clear); a pseudonym is left as it is.
+PATIENT_ADDRESS = re.compile(
+    r"(?<![^\s<>\"'(),;:=\[\]])(?!ins-[0-9a-f]{16}@)([^\s<>@\"'(),;:=\[\]]{1,64})@patient\.mssante\.fr\b", re.I)
 
 _salt = os.urandom(32)
 

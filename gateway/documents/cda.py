@@ -74,6 +74,17 @@ def _local(tag: str) -> str:
     return tag[len(_V3):] if tag.startswith(_V3) else tag
 
 
+class _WholeBuffer(io.BytesIO):
+    """The document handed to the parser in one piece.
+
+    ``iterparse`` reads its source 16 KiB at a time, and expat rescans a token that spans chunks
+    from its start at every chunk: one 8 MiB attribute value cost 40 s of CPU (quadratic).  The
+    bytes are in memory and bounded already (``max_bytes``), so one feed keeps parsing linear."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read()
+
+
 def parse_tree(data: bytes, *, max_bytes: int = MAX_XML_BYTES, max_elements: int = MAX_ELEMENTS,
                max_depth: int = MAX_DEPTH) -> Element:
     """The root of an XML document read under bounds, or ``CdaError`` (no DTD, no entity, no network)."""
@@ -82,7 +93,7 @@ def parse_tree(data: bytes, *, max_bytes: int = MAX_XML_BYTES, max_elements: int
     depth = elements = 0
     root: Element | None = None
     try:
-        for event, element in iterparse(io.BytesIO(data), events=("start", "end"), forbid_dtd=True,
+        for event, element in iterparse(_WholeBuffer(data), events=("start", "end"), forbid_dtd=True,
                                         forbid_entities=True, forbid_external=True):
             if event == "start":
                 depth += 1

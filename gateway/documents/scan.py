@@ -16,6 +16,9 @@ event loop; the caller bounds the message size, this module bounds everything in
 from __future__ import annotations
 
 import binascii
+import io
+import re
+import zipfile
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -167,6 +170,32 @@ def _zip_payload(headers: Message, body: bytes) -> bytes | None:
     return body if body.startswith(_ZIP_MAGIC) else None
 
 
+#: The attachment name Référentiel socle MSSanté #2 gives the package.
+XDM_ATTACHMENT = "IHE_XDM.ZIP"
+_NAME_PARAM = re.compile(r'(?i)\b(?:file)?name\*?=\s*"?([^";\r\n]*)')
+
+
+def _named_package(headers: Message) -> bool:
+    """Whether a leaf calls itself ``IHE_XDM.ZIP`` (Content-Disposition filename or Content-Type name)."""
+    for field in ("content-disposition", "content-type"):
+        for match in _NAME_PARAM.finditer(str(headers.get(field, ""))):
+            if match.group(1).strip().rsplit("'", 1)[-1].upper() == XDM_ATTACHMENT:
+                return True
+    return False
+
+
+def _readable_zip(payload: bytes | None) -> bool:
+    """Whether ``payload`` is a zip whose central directory can be read (a valid zip of other files
+    is simply not a package; bytes that are no zip at all under the package's name are a failure)."""
+    if payload is None:
+        return False
+    try:
+        zipfile.ZipFile(io.BytesIO(payload)).close()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return False
+    return True
+
+
 def inspect_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> MessageDocuments:
     """The packages of a message, checked; never raises for bad content (the error is a fact)."""
     if b"\r\n" not in data:
@@ -188,6 +217,10 @@ def inspect_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> MessageDocu
     for headers, body in leaves:
         payload = _zip_payload(headers, body)
         if payload is None or not is_xdm(payload):
+            if _named_package(headers) and not _readable_zip(payload):  # announced, and corrupt: a failed check
+                found += 1
+                error = f"package {found}: the attachment named {XDM_ATTACHMENT} is not a readable IHE XDM zip"
+                break
             continue
         found += 1
         if found > MAX_PACKAGES:

@@ -33,12 +33,14 @@ import logging
 import math
 import ssl
 import time
-from collections import OrderedDict
+import traceback
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy import func, select
 
 from gateway.api.edge import ApiEdge, Caller, select_recent
@@ -73,6 +75,13 @@ MAILBOX_SLACK = timedelta(seconds=5)
 BASE64_FACTOR = 4 / 3
 BODY_MARGIN = 64 * 1024
 MAX_BUCKETS = 10_000
+#: Open ``/v1/events`` streams per certificate identity and in all: each polls the queue and the
+#: maildir, so unbounded streams (280 from one certificate in a test) starve every other client.
+MAX_STREAMS_PER_IDENTITY = 4
+MAX_STREAMS = 200
+STREAMS_RETRY_AFTER = 30
+#: A write to a client that went away: the stream ends, nothing to report.
+_GONE = (ConnectionResetError, ConnectionError)
 PUBLIC = frozenset({"/v1/openapi.json"})
 #: The logged-in caller of the request being handled (set by the middleware, in the handler's task).
 CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("mssgw_api_caller")
@@ -105,6 +114,48 @@ class RateLimiter:
         while len(self._buckets) > MAX_BUCKETS:
             self._buckets.popitem(last=False)
         return wait
+
+
+class _NoClientText(logging.Filter):
+    """Rewrites aiohttp's own records so no client-supplied text reaches the log.
+
+    aiohttp logs a request it cannot parse (a line or header over 8190 bytes, a bad byte) as
+    ``Error handling request`` with the exception, whose message quotes the client's bytes (a
+    header may hold an INS). Such a record becomes one WARNING line naming the exception type;
+    any other exception keeps its traceback frames (code only) but not its message.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name == "aiohttp.access":
+            record.msg, record.args = "listener=api access (request text withheld)", ()
+            return True
+        if exc is None:
+            if record.args:  # the format is aiohttp's, the arguments may be the client's
+                record.msg, record.args = f"listener=api aiohttp: {record.msg.split('%')[0].strip()}", ()
+            return True
+        kind = type(exc).__name__
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "listener=api refused a malformed HTTP request: %s (status %s, request text withheld)"
+            record.args = (kind, getattr(exc, "code", 400))
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        else:
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            record.msg = "listener=api aiohttp error %s (message withheld)\n%s"
+            record.args = (kind, frames)
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+_FILTER = _NoClientText()
+
+
+def quiet_aiohttp_loggers() -> None:
+    """Install ``_NoClientText`` on aiohttp's server and access loggers (once)."""
+    for name in ("aiohttp.server", "aiohttp.access"):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
 
 
 def _problem_response(problem: Problem) -> web.Response:
@@ -143,6 +194,8 @@ class ApiServer:
         ])  # fmt: skip
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task[Any]] = set()
+        self._open_streams: Counter[str] = Counter()  # open /v1/events streams per identity
+        quiet_aiohttp_loggers()
         self._closing = asyncio.Event()
         self.address: tuple[str, int] | None = None
 
@@ -336,43 +389,63 @@ class ApiServer:
         """
         caller = _caller()
         since = _since(request) or _last_event(request) or datetime.now(UTC)
+        identity = caller.identity.lower()
+        if self._open_streams[identity] >= MAX_STREAMS_PER_IDENTITY:
+            raise Problem(429, S450_4_7_1_RATE, "event-streams", retry_after=STREAMS_RETRY_AFTER,
+                          detail=f"At most {MAX_STREAMS_PER_IDENTITY} open event streams per certificate: "
+                                 "close one (one stream carries every event of the mailbox)")  # fmt: skip
+        if self._open_streams.total() >= MAX_STREAMS:
+            raise Problem(429, S450_4_7_1_RATE, "event-streams", retry_after=STREAMS_RETRY_AFTER,
+                          detail=f"The gateway serves at most {MAX_STREAMS} event streams at once; retry later")
+        self._open_streams[identity] += 1
+        try:
+            return await self._stream(request, caller, since)
+        finally:
+            self._open_streams[identity] -= 1
+            if self._open_streams[identity] <= 0:
+                del self._open_streams[identity]
+
+    async def _stream(self, request: web.Request, caller: Caller, since: datetime) -> web.StreamResponse:
         mailbox = Mailbox(self.mail_root, caller.identity)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})  # fmt: skip
-        await response.prepare(request)
-        await response.write(b": mssgw events\n\n")
-        cursor = floor = since
-        seen: dict[str, datetime] = {}  # mailbox entries already told, within the slack window
-        last_write = time.monotonic()
-        with mailbox_events.listen(mailbox.inbox) as changed:
-            while not self._closing.is_set():
-                out: list[tuple[datetime, str, dict[str, Any]]] = []
-                states, cursor = await self.edge.lookup(
-                    functools.partial(_states_since, identity=caller.identity, since=cursor))
-                out += [(datetime.fromisoformat(s["updated_at"]), "message.state", s) for s in states]
-                # Files are listed from a little before the newest one told (renames lag their mtime).
-                listed = await asyncio.to_thread(mailbox.list, floor - MAILBOX_SLACK)
-                for entry in listed:
-                    received = datetime.fromisoformat(entry["received_at"])
-                    if entry["id"] in seen or received <= since:
-                        continue
-                    seen[entry["id"]] = received
-                    out.append((received, "mailbox.message", {"mailbox": caller.identity, **entry}))
-                    receipt = await self._receipt_event(caller, mailbox, entry["id"])
-                    if receipt is not None:
-                        out.append((received, "message.receipt", receipt))
-                if seen:
-                    floor = max(floor, *seen.values())
-                    seen = {k: v for k, v in seen.items() if v > floor - MAILBOX_SLACK}
-                for moment, name, data in sorted(out, key=lambda item: item[0]):
-                    await response.write(_sse(name, data, moment))
-                    last_write = time.monotonic()
-                if time.monotonic() - last_write >= HEARTBEAT:
-                    await response.write(b": keep-alive\n\n")
-                    last_write = time.monotonic()
-                changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=self.poll)
+        try:
+            await response.prepare(request)
+            await response.write(b": mssgw events\n\n")
+            cursor = floor = since
+            seen: dict[str, datetime] = {}  # mailbox entries already told, within the slack window
+            last_write = time.monotonic()
+            with mailbox_events.listen(mailbox.inbox) as changed:
+                while not self._closing.is_set() and not _gone(request):
+                    out: list[tuple[datetime, str, dict[str, Any]]] = []
+                    states, cursor = await self.edge.lookup(
+                        functools.partial(_states_since, identity=caller.identity, since=cursor))
+                    out += [(datetime.fromisoformat(s["updated_at"]), "message.state", s) for s in states]
+                    # Files are listed from a little before the newest one told (renames lag their mtime).
+                    listed = await asyncio.to_thread(mailbox.list, floor - MAILBOX_SLACK)
+                    for entry in listed:
+                        received = datetime.fromisoformat(entry["received_at"])
+                        if entry["id"] in seen or received <= since:
+                            continue
+                        seen[entry["id"]] = received
+                        out.append((received, "mailbox.message", {"mailbox": caller.identity, **entry}))
+                        receipt = await self._receipt_event(caller, mailbox, entry["id"])
+                        if receipt is not None:
+                            out.append((received, "message.receipt", receipt))
+                    if seen:
+                        floor = max(floor, *seen.values())
+                        seen = {k: v for k, v in seen.items() if v > floor - MAILBOX_SLACK}
+                    for moment, name, data in sorted(out, key=lambda item: item[0]):
+                        await response.write(_sse(name, data, moment))
+                        last_write = time.monotonic()
+                    if time.monotonic() - last_write >= HEARTBEAT:
+                        await response.write(b": keep-alive\n\n")
+                        last_write = time.monotonic()
+                    changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), timeout=self.poll)
+        except _GONE:  # the client went away (a write to a closing transport): the stream is simply over
+            pass
         return response
 
     async def _receipt_event(self, caller: Caller, mailbox: Mailbox, entry_id: str) -> dict[str, Any] | None:
@@ -416,6 +489,12 @@ def _original(db: Any, identity: str, refers: list[str]) -> str | None:
             .limit(1))  # fmt: skip
     found = db.execute(stmt).scalar()
     return str(found) if found is not None else None
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the client closed its connection (its stream's slot is then given back at once)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _sse(name: str, data: dict[str, Any], moment: datetime) -> bytes:

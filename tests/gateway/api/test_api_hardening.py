@@ -6,9 +6,17 @@ Each case goes through the real TLS listener; every refusal is an RFC 9457 probl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
 import httpx
 import pytest
 from api_world import APP, BOB, ApiWorld
+
+import gateway.api.server as server_module
+from gateway.api.server import ApiServer
 
 HEAD = f'"from":"{APP}","to":["{BOB}"]'.encode()
 
@@ -63,3 +71,91 @@ async def test_two_idempotency_keys_are_refused(api: ApiWorld) -> None:
     problem = _problem(got)
     assert got.status_code == 400 and problem["rule"] == "idempotency-key-malformed" and "once" in problem["detail"]
     assert one.status_code == 202 and len(api.gateway.store.list()) == 1
+
+
+async def _until(predicate: Callable[[], bool], what: str) -> None:
+    """Wait (bounded) for the server to see a client's close: it notices at its next poll."""
+    for _ in range(400):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+async def _open_stream(http: httpx.AsyncClient, stack: contextlib.AsyncExitStack) -> httpx.Response:
+    response = await stack.enter_async_context(http.stream("GET", "/v1/events"))
+    if response.status_code == 200:
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith(": mssgw events")
+    return response
+
+
+async def test_event_streams_are_capped_per_certificate_and_in_total(api: ApiWorld,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    server = api.gateway.api
+    assert isinstance(server, ApiServer)
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(api.client())
+        opened = [await _open_stream(http, stack) for _ in range(server_module.MAX_STREAMS_PER_IDENTITY)]
+        assert [r.status_code for r in opened] == [200] * server_module.MAX_STREAMS_PER_IDENTITY
+        over = await _open_stream(http, stack)
+        await over.aread()
+        problem = _problem(over)
+        assert over.status_code == 429 and problem["rule"] == "event-streams" and int(over.headers["retry-after"]) > 0
+        assert "per certificate" in problem["detail"]
+        # Other requests of the same certificate still go.
+        assert (await http.get("/v1/messages/nope")).status_code == 404
+        await opened[0].aclose()
+    await _until(lambda: not server._open_streams, "all streams given back")
+    monkeypatch.setattr(server_module, "MAX_STREAMS", 2)
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(api.client())
+        two = [await _open_stream(http, stack) for _ in range(2)]
+        third = await _open_stream(http, stack)
+        await third.aread()
+        assert [r.status_code for r in two] == [200, 200] and third.status_code == 429
+        assert "at most 2 event streams" in _problem(third)["detail"]
+    await _until(lambda: not server._open_streams, "all streams given back")
+
+
+async def test_client_disconnect_ends_a_stream_quietly(api: ApiWorld, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    server = api.gateway.api
+    monkeypatch.setattr(server_module, "HEARTBEAT", 0.0)  # a write at every poll, so one meets the closed socket
+    caplog.set_level(logging.DEBUG)
+    for _ in range(3):
+        async with api.client() as http, http.stream("GET", "/v1/events") as stream:
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith(": mssgw events")
+            assert await anext(lines) == ""
+            assert (await anext(lines)).startswith(": keep-alive")
+        await _until(lambda: not server._open_streams, "the stream given back")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith(("aiohttp", "mssgw")))
+
+
+INS = "279035121518989"
+
+
+@pytest.mark.parametrize("request_head", [
+    f"GET /v1/messages/{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    f"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nX-Patient: {INS}{'b' * 9000}\r\n\r\n".encode(),
+    f"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nX-Patient: {INS}\x7f\r\n\r\n".encode(),
+], ids=["long-request-line", "long-header", "bad-byte"])
+async def test_malformed_request_text_never_reaches_the_log(api: ApiWorld, caplog: pytest.LogCaptureFixture,
+                                                            request_head: bytes) -> None:
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.port, ssl=api.context(api.certs.app),
+                                                   server_hostname="localhost")
+    writer.write(request_head)
+    await writer.drain()
+    answer = await reader.read()  # aiohttp answers 400 and closes
+    writer.close()
+    assert answer.split(b"\r\n", 1)[0].split()[1] == b"400"
+    seen = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    assert seen, "aiohttp's refusal is still logged (as one line)"
+    for record in caplog.records:
+        text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+        assert INS not in text and "aaaaaaaaaa" not in text and "bbbbbbbbbb" not in text, record.name
+        assert record.levelno < logging.ERROR, text

@@ -50,9 +50,17 @@ LABELS: dict[str, str] = {
 }
 
 
+#: A run of digits as long as a NIR (13): a document type never carries one, a patient's number does.
+_NIR_LIKE = re.compile(r"\d{13}")
+
+
 def valid_code(code: str) -> bool:
-    """A syntactically plausible document type code (what may go into a header)."""
-    return bool(_CODE.match(code or ""))
+    """A syntactically plausible document type code (what may go into a header and the banner): a
+    LOINC code (``NNNNN-N``) with its check digit, or a CI-SIS code of at most 32 characters that
+    carries no NIR-shaped run of digits (a code is copied into X-MSS-CODECDA and shown to people)."""
+    if not _CODE.match(code or "") or len(code) > 32 or _NIR_LIKE.search(code):
+        return False
+    return loinc_check_digit_ok(code) if re.fullmatch(r"\d{1,7}-\d", code) else True
 
 
 def loinc_check_digit_ok(code: str) -> bool:

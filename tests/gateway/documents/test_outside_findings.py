@@ -45,3 +45,14 @@ def test_every_patient_mailbox_address_is_pseudonymised() -> None:
         assert local not in out and "@patient.mssante.fr" in out and "ins-" in out
         assert redact(out) == out  # a pseudonym stays as it is
     assert redact("anne.martin@a.mssante.test") == "anne.martin@a.mssante.test"
+
+
+def test_a_document_type_code_never_carries_a_patient_number() -> None:
+    """The code is copied into X-MSS-CODECDA and the banner: a name and a NIR passed as a 'code' were
+    accepted; LOINC-shaped codes must have their check digit."""
+    from gateway.documents.loinc import valid_code
+
+    assert valid_code("57833-6") and valid_code("PRESC-BIO")
+    assert not valid_code("DUPONTJEAN-279035121518989")
+    assert not valid_code("57833-5")  # wrong LOINC check digit
+    assert not valid_code("A" + "B" * 32)

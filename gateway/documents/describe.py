@@ -62,14 +62,24 @@ def ascii_words(text: str) -> str:
     return plain.encode("ascii", "replace").decode("ascii")
 
 
-def banner_line(summary: DocumentSummary, authors: Mapping[str, str] | None = None) -> str:
+#: The banner line's words in the operator's language (``crypto.banner_language``).
+_WORDS = {
+    "en": {"failed": "Health documents NOT verified", "title": "Health documents", "none": "no CDA document",
+           "author": "author", "verified": "IHE XDM package verified"},
+    "fr": {"failed": "Documents de sante NON verifies", "title": "Documents de sante", "none": "aucun document CDA",
+           "author": "auteur", "verified": "paquet IHE XDM verifie"},
+}
+
+
+def banner_line(summary: DocumentSummary, authors: Mapping[str, str] | None = None, *, language: str = "en") -> str:
     """One line for the banner: the document types in words and their authors, or the failed check."""
+    words = _WORDS.get(language, _WORDS["en"])
     if not summary.ok:
-        return ascii_words(f"[Health documents NOT verified: {summary.reason}]")
-    kinds = ", ".join(f"{label(code)} ({code})" for code in summary.codes) or "no CDA document"
+        return ascii_words(f"[{words['failed']}: {summary.reason}]")
+    kinds = ", ".join(f"{label(code)} ({code})" for code in summary.codes) or words["none"]
     names = [(authors or {}).get(rpps) or f"RPPS {rpps}" for rpps in summary.authors]
-    by = f", author {', '.join(names)}" if names else ""
-    return ascii_words(f"[Health documents: {kinds}{by}; IHE XDM package verified]")
+    by = f", {words['author']} {', '.join(names)}" if names else ""
+    return ascii_words(f"[{words['title']}: {kinds}{by}; {words['verified']}]")
 
 
 def auth_results_method(summary: DocumentSummary | None) -> str:

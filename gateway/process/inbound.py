@@ -360,7 +360,8 @@ async def present(ctx: Context, job: Job, inner: bytes, result: SecurityResult, 
     banner = ctx.settings.crypto.banner
     signer = await _signer_label(ctx, result.signer_email) if banner and result.signer_email else None
     documents = await ctx.io(summarise, inner) if may_carry_documents(inner) else None  # CPU: in a thread
-    doc_line = banner_line(documents, await _author_labels(ctx, documents.authors)) if documents and banner else None
+    doc_line = banner_line(documents, await _author_labels(ctx, documents.authors),
+                           language=ctx.settings.crypto.banner_language) if documents and banner else None
     annotated = annotate(received + _mime.to_crlf(inner), result, authserv_id=ctx.settings.hostname, banner=banner,
                          signer=signer, documents=doc_line,
                          extra_result=auth_results_method(documents) if documents else None,

@@ -41,8 +41,8 @@ async def test_document_opened_at_the_peer_names_type_and_author(pair: Pair, cap
     got = parse(inbox[0])
     assert "x-mss-xdm=pass" in str(got["Authentication-Results"]) and "smime=pass" in str(got["Authentication-Results"])
     assert got["X-MSS-CODECDA"] == "57833-6" and got["X-MSS-INS"] == "O"
-    assert (b"[Health documents: Prescription de produits de sante (57833-6), author Dr Anne Martin "
-            b"(RPPS 10000000009); IHE XDM package verified]") in inbox[0]
+    assert (b"[Documents de sante: Prescription de produits de sante (57833-6), auteur Dr Anne Martin "
+            b"(RPPS 10000000009); paquet IHE XDM verifie]") in inbox[0]
     zips = [p for p in got.iter_attachments() if p.get_filename() == "IHE_XDM.ZIP"]
     assert len(zips) == 1
     with b.sessions() as db:
@@ -63,4 +63,4 @@ async def test_a_bad_package_from_a_peer_is_delivered_with_the_failure_shown(pai
     assert len(inbox) == 1
     ar = " ".join(str(parse(inbox[0])["Authentication-Results"]).split())  # unfolded
     assert 'x-mss-xdm=fail reason="IHE XDM package refused' in ar and "hash" in ar
-    assert b"[Health documents NOT verified: IHE XDM package refused" in inbox[0]
+    assert b"[Documents de sante NON verifies: IHE XDM package refused" in inbox[0]

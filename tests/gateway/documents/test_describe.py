@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.documents.describe import auth_results_method, banner_line, summarise
+from gateway.documents.describe import DocumentSummary, auth_results_method, banner_line, summarise
 from tests.gateway.documents.xdm_samples import NIR, cda, message, package
 
 
@@ -36,3 +36,12 @@ def test_a_failed_check_is_shown_not_hidden() -> None:
 def test_no_package() -> None:
     assert summarise(message(None)) is None
     assert auth_results_method(None) == "x-mss-xdm=none"
+
+
+def test_the_documents_line_speaks_the_operators_language() -> None:
+    """The banner is French for a French operator: its documents line too (it was English only)."""
+    summary = DocumentSummary(True, "documents-consistent", "", ("57833-6",), ("10000000009",))
+    line = banner_line(summary, language="fr")
+    assert line.startswith("[Documents de sante: ") and "paquet IHE XDM verifie" in line and "auteur RPPS" in line
+    assert banner_line(DocumentSummary(False, "xdm-invalid", "bad"), language="fr").startswith(
+        "[Documents de sante NON verifies: bad]")

@@ -220,7 +220,7 @@ class ApiEdge:
 
     async def submit(self, caller: Caller, raw: dict[str, Any], key: str | None) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) of a submission; ``Problem`` for a refusal."""
-        sub = parse_submission(raw)
+        sub = await asyncio.to_thread(parse_submission, raw)  # base64 of large attachments: off the loop
         digest = hashlib.sha256(sub.canonical.encode("ascii")).hexdigest()
         if key is not None:
             earlier = await self._replay(caller, key, digest)

@@ -7,9 +7,10 @@ Each case goes through the real TLS listener; every refusal is an RFC 9457 probl
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -82,10 +83,14 @@ async def _until(predicate: Callable[[], bool], what: str) -> None:
     raise AssertionError(f"never: {what}")
 
 
+_READERS: list[AsyncIterator[str]] = []  # kept alive: a collected line reader closes its stream
+
+
 async def _open_stream(http: httpx.AsyncClient, stack: contextlib.AsyncExitStack) -> httpx.Response:
     response = await stack.enter_async_context(http.stream("GET", "/v1/events"))
     if response.status_code == 200:
         lines = response.aiter_lines()
+        _READERS.append(lines)
         assert (await anext(lines)).startswith(": mssgw events")
     return response
 
@@ -116,6 +121,7 @@ async def test_event_streams_are_capped_per_certificate_and_in_total(api: ApiWor
         assert [r.status_code for r in two] == [200, 200] and third.status_code == 429
         assert "at most 2 event streams" in _problem(third)["detail"]
     await _until(lambda: not server._open_streams, "all streams given back")
+    _READERS.clear()
 
 
 async def test_client_disconnect_ends_a_stream_quietly(api: ApiWorld, monkeypatch: pytest.MonkeyPatch,
@@ -159,3 +165,27 @@ async def test_malformed_request_text_never_reaches_the_log(api: ApiWorld, caplo
         text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
         assert INS not in text and "aaaaaaaaaa" not in text and "bbbbbbbbbb" not in text, record.name
         assert record.levelno < logging.ERROR, text
+
+
+async def test_bodies_held_at_once_are_bounded(api: ApiWorld) -> None:
+    """Over the shared body budget a submission is a 503 to retry (452 4.3.1), and the budget is given back."""
+    server = api.gateway.api
+    assert isinstance(server, ApiServer)
+    big = {"from": APP, "to": [BOB], "text": "x", "attachments": [
+        {"filename": "scan.bin", "content": base64.b64encode(bytes(range(256)) * 400).decode()}]}  # 100 kB
+    occupied = server.body_budget.total - 64 * 1024  # as if other bodies were being read
+    assert server.body_budget.take(occupied)
+    try:
+        async with api.client() as http:
+            refused = await http.post("/v1/messages", json=big)
+            small = await http.post("/v1/messages", json={"from": APP, "to": [BOB], "text": "petit"})
+    finally:
+        server.body_budget.give_back(occupied)
+    problem = _problem(refused)
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+    assert (problem["smtp_code"], problem["enhanced_status"], problem["rule"]) == (452, "4.3.1", "memory-budget")
+    assert small.status_code == 202  # small bodies still fit
+    async with api.client() as http:
+        accepted = await http.post("/v1/messages", json=big)
+    assert accepted.status_code == 202 and server.body_budget.held == 0
+    assert len(api.gateway.store.list()) == 2

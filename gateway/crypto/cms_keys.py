@@ -81,7 +81,7 @@ SEND_SCHEME = {"secp256r1": "1.3.132.1.11.1", "secp384r1": "1.3.132.1.11.2", "se
 WRAP_KEY_BYTES = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32}
 
 
-class GcmParameters(core.Sequence):
+class GcmParameters(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped
     """RFC 5084 §3.2: GCMParameters ::= SEQUENCE { aes-nonce OCTET STRING, aes-ICVlen AES-GCM-ICVlen DEFAULT 12 }."""
 
     _fields = [
@@ -90,7 +90,7 @@ class GcmParameters(core.Sequence):
     ]
 
 
-class EccCmsSharedInfo(core.Sequence):
+class EccCmsSharedInfo(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped
     """RFC 5753 §7.2: the shared info fed to the KDF; suppPubInfo is the KEK length in bits."""
 
     _fields = [

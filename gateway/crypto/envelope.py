@@ -88,7 +88,7 @@ def _rid_der(cert: x509.Certificate) -> bytes:
     """DER of the certificate's IssuerAndSerialNumber (RFC 5652 §10.2.4), once per certificate:
     parsing the issuer Name again for every message costs more than the RSA operation."""
     acert = ax509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
-    return acms.IssuerAndSerialNumber({"issuer": acert.issuer, "serial_number": acert.serial_number}).dump()
+    return bytes(acms.IssuerAndSerialNumber({"issuer": acert.issuer, "serial_number": acert.serial_number}).dump())
 
 
 def _oaep_params() -> acms.RSAESOAEPParams:
@@ -110,7 +110,7 @@ _PKCS1V15_DER = acms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15", "par
 def _ktri_head(cert: x509.Certificate, transport: RsaKeyTransport) -> bytes:
     """DER of a KeyTransRecipientInfo's fields before encryptedKey (RFC 5652 §6.2.1: version 0,
     rid issuerAndSerialNumber, keyEncryptionAlgorithm), the same for every message to `cert`."""
-    return core.Integer(0).dump() + _rid_der(cert) + (_OAEP_DER if transport == "oaep" else _PKCS1V15_DER)
+    return bytes(core.Integer(0).dump() + _rid_der(cert) + (_OAEP_DER if transport == "oaep" else _PKCS1V15_DER))
 
 
 def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes, transport: RsaKeyTransport) -> bytes:
@@ -121,7 +121,7 @@ def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes, transport: 
     else:
         pad = padding.PKCS1v15()
     encrypted = core.OctetString(pub.encrypt(cek, pad)).dump()
-    return parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, _ktri_head(cert, transport) + encrypted)
+    return bytes(parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, _ktri_head(cert, transport) + encrypted))
 
 
 def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) -> bytes:
@@ -143,7 +143,7 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
     key_enc_alg = acms.KeyEncryptionAlgorithm(
         {"algorithm": scheme, "parameters": core.Any.load(_WRAP_DER)}
     )
-    return acms.RecipientInfo(
+    return bytes(acms.RecipientInfo(
         name="kari",
         value=acms.KeyAgreeRecipientInfo(
             {
@@ -160,7 +160,7 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
                 ],
             }
         ),
-    ).dump()
+    ).dump())
 
 
 def _recipient_info(cert: x509.Certificate, cek: bytes, transport: RsaKeyTransport) -> bytes:
@@ -259,12 +259,12 @@ def envelope(content: bytes, recipients: Sequence[x509.Certificate], *,
 def _encrypted_content_info(alg: acms.EncryptionAlgorithm, ciphertext: bytes) -> bytes:
     """RFC 5652 §6.1 EncryptedContentInfo { contentType data, contentEncryptionAlgorithm,
     encryptedContent [0] IMPLICIT OCTET STRING }."""
-    return parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, b"".join((
-        acms.ContentType("data").dump(), alg.dump(), parser.emit(_CONTEXT, _PRIMITIVE, 0, ciphertext))))  # fmt: skip
+    return bytes(parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, b"".join((
+        acms.ContentType("data").dump(), alg.dump(), parser.emit(_CONTEXT, _PRIMITIVE, 0, ciphertext)))))  # fmt: skip
 
 
 def _content_info(content_type: str, body: bytes) -> bytes:
     """RFC 5652 §3 ContentInfo { contentType, content [0] EXPLICIT } around a SEQUENCE `body`."""
     inner = parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE, body)
-    return parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE,
-                       acms.ContentType(content_type).dump() + parser.emit(_CONTEXT, _CONSTRUCTED, 0, inner))  # fmt: skip
+    return bytes(parser.emit(_UNIVERSAL, _CONSTRUCTED, _SEQUENCE,
+                       acms.ContentType(content_type).dump() + parser.emit(_CONTEXT, _CONSTRUCTED, 0, inner)))  # fmt: skip

@@ -205,7 +205,7 @@ class KeyStore:
             rows = own or self._rows([domain], ENCRYPT_PURPOSES, with_key=False)
             return list(dict.fromkeys(r.pem.encode("ascii") for r in rows))
 
-        certs: list[bytes] = self._cached("encrypt", addr, compute)  # type: ignore[assignment]
+        certs: list[bytes] = self._cached("encrypt", addr, compute)
         if not certs:
             raise KeyStoreError(f"no encryption certificate for {addr} or its domain {domain}")
         return certs

@@ -24,10 +24,11 @@ from gateway.core.errors import (
 PACKAGES = ("gateway", "directory", "certs", "cli")
 BRANCHES = (ConfigurationError, DirectoryError, CryptoError, ContentError, QueueError, OutageError)
 #: Control flow inside a protocol engine or parser, turned into that protocol's own reply on the
-#: spot, never reported as such: a line too long for the SMTP reader (500 5.5.2), pymap's response
+#: spot, never reported as such: a line too long for the SMTP reader (500 5.5.2), a malformed DSN
+#: parameter (501 5.5.4), pymap's response
 #: types (SEARCH limits, an unavailable login store), an IMAP command refused while read, an HTTP
 #: problem detail (RFC 9457) carrying the API's answer, and the whitelist parser's expat escape.
-INTERNAL = {"gateway.smtp.commands.LineTooLong", "gateway.imap.search.SearchLimit", "gateway.imap.server._Unavailable",
+INTERNAL = {"gateway.smtp.commands.LineTooLong", "gateway.smtp.dsn.DsnSyntaxError", "gateway.imap.search.SearchLimit", "gateway.imap.server._Unavailable",
             "gateway.imap.connection._Refusal", "gateway.api.problems.Problem",
             "directory.importers.whitelist._Refused"}
 

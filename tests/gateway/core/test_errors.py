@@ -27,9 +27,10 @@ BRANCHES = (ConfigurationError, DirectoryError, CryptoError, ContentError, Queue
 #: spot, never reported as such: a line too long for the SMTP reader (500 5.5.2), a malformed DSN
 #: parameter (501 5.5.4), pymap's response
 #: types (SEARCH limits, an unavailable login store), an IMAP command refused while read, an HTTP
-#: problem detail (RFC 9457) carrying the API's answer, and the whitelist parser's expat escape.
+#: problem detail (RFC 9457) carrying the API's answer, the JSON reader's duplicate-member escape (a
+#: 400 problem), and the whitelist parser's expat escape.
 INTERNAL = {"gateway.smtp.commands.LineTooLong", "gateway.smtp.dsn.DsnSyntaxError", "gateway.imap.search.SearchLimit", "gateway.imap.server._Unavailable",
-            "gateway.imap.connection._Refusal", "gateway.api.problems.Problem",
+            "gateway.imap.connection._Refusal", "gateway.api.problems.Problem", "gateway.api.schemas._DuplicateKey",
             "directory.importers.whitelist._Refused"}
 
 

@@ -1,8 +1,13 @@
 """Certificate operations behind ``mssgw certs``: issue, import, list, revoke, trust anchors, CRLs, export.
 
 Certificates are recorded in the directory (``Certificate`` rows); private keys
-are files under ``DATA/keys`` (mode 0600) named by fingerprint, referenced by
-``key_path`` and never printed. A mailbox certificate has purpose ``smime``
+are sealed in the database under the nodes' key-encryption key (``directory.secrets``,
+``key:<fingerprint>``, PKCS#8), referenced by ``key_path`` = ``sealed:key:<fingerprint>``,
+and never printed: every node sharing the database signs and decrypts with them.  Keys of
+homes made before that (files under ``DATA/keys``) keep working and ``seal_key_files``
+(``mssgw certs seal-keys``) moves them in.  Our OpenPGP key pairs' secret parts are sealed
+the same way (``pgp:<fingerprint>``), with gpg's revocation certificate
+(``pgp-revocation:<fingerprint>``), so any node can use or revoke them. A mailbox certificate has purpose ``smime``
 (signature and encryption; for ORG and APP mailboxes it is also their TLS
 client identity). Revoking a certificate issued by the development CA also
 rewrites the CA's CRL.
@@ -28,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from certs import pki
 from directory import admin
+from directory import secrets as sealed
 from directory.certificates import register_certificate
 from directory.models import Certificate, MailboxType, PgpKey
 from gateway.config import Settings
@@ -59,21 +65,45 @@ def fingerprint_of(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-def _write_key(settings: Settings, fingerprint: str, key: Any) -> Path:
-    settings.keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.keys_dir, 0o700)
-    path = settings.keys_dir / f"{fingerprint}.key"
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+def _seal_key(session: Session, settings: Settings, fingerprint: str, key: Any) -> str:
+    """Seal a private key in the database (the caller's transaction); returns its ``key_path``."""
+    return sealed.seal_private_key(session, sealed.load_kek(settings), fingerprint, key)
+
+
+@dataclass(frozen=True)
+class SealReport:
+    sealed: list[str]  # fingerprints whose key is now in the database
+    files: list[Path]  # key files to remove once the transaction is committed
+    problems: list[str]  # key files that could not be read (left as they are)
+
+
+def seal_key_files(session: Session, settings: Settings) -> SealReport:
+    """Move the key files of older homes into the database (idempotent).
+
+    The caller removes ``files`` once the transaction is committed, never before.  The TLS
+    listener's key (``server`` rows) stays a file of each node; a key file that is missing or
+    unreadable is left as it is and named in ``problems``."""
+    kek = sealed.load_kek(settings)
+    done: dict[str, None] = {}
+    files: dict[Path, None] = {}
+    problems: list[str] = []
+    rows = session.scalars(select(Certificate).where(Certificate.key_path.is_not(None)).order_by(Certificate.id))
+    for row in list(rows):
+        if row.purpose == "server" or sealed.sealed_name(row.key_path) is not None:
+            continue
+        path = Path(row.key_path or "")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only
+            problems.append(f"{row.fingerprint[:16]}... ({path.name}: {exc.__class__.__name__})")
+            continue
+        if row.fingerprint not in done:
+            sealed.seal_private_key(session, kek, row.fingerprint, key)
+        row.key_path = sealed.sealed_ref(sealed.key_name(row.fingerprint))
+        done[row.fingerprint] = None
+        files[path] = None
+    session.flush()
+    return SealReport(list(done), list(files), problems)
 
 
 def issue_for_mailbox(session: Session, settings: Settings, address: str, *, days: int | None = None) -> dict[str, Any]:
@@ -91,9 +121,9 @@ def issue_for_mailbox(session: Session, settings: Settings, address: str, *, day
         not_after=not_after,
     )
     fpr = fingerprint_of(cert)
-    key_path = _write_key(settings, fpr, key)
+    key_path = _seal_key(session, settings, fpr, key)
     register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=box.address,
-                         purpose="smime", key_path=str(key_path))
+                         purpose="smime", key_path=key_path)
     return certificate_dict(_row(session, fpr, box.address))
 
 
@@ -161,7 +191,7 @@ def import_certificate(
     if purpose == "smime":
         _check_smime_usable(cert, material.private_key)
     fpr = fingerprint_of(cert)
-    key_path = str(_write_key(settings, fpr, material.private_key)) if material.private_key is not None else None
+    key_path = _seal_key(session, settings, fpr, material.private_key) if material.private_key is not None else None
     register_certificate(session, cert.public_bytes(serialization.Encoding.PEM), address=target, purpose=purpose,
                          key_path=key_path)
     return certificate_dict(_row(session, fpr, target, purpose))
@@ -305,7 +335,7 @@ def refresh_dev_crl(settings: Settings) -> Path:
     return dev.crl
 
 
-def export_pkcs12(session: Session, address: str, passphrase: bytes) -> bytes:
+def export_pkcs12(session: Session, address: str, passphrase: bytes, settings: Settings | None = None) -> bytes:
     """The mailbox's newest valid certificate and key as PKCS#12, for its owner's mail client."""
     if len(passphrase) < 8:
         raise CertError("the export passphrase must have at least 8 characters")
@@ -314,7 +344,11 @@ def export_pkcs12(session: Session, address: str, passphrase: bytes) -> bytes:
         raise CertError(f"no certificate with a private key for {address}")
     row = rows[-1]
     cert = x509.load_pem_x509_certificate(row.pem.encode())
-    key = serialization.load_pem_private_key(Path(row.key_path or "").read_bytes(), password=None)
+    kek = sealed.load_kek(settings) if settings is not None and sealed.sealed_name(row.key_path) else None
+    try:
+        key = sealed.load_private_key(session, kek, row.key_path or "")
+    except sealed.SealedSecretError as exc:
+        raise CertError(str(exc)) from None
     encryption = (
         serialization.PrivateFormat.PKCS12.encryption_builder()
         .kdf_rounds(50000)
@@ -362,14 +396,27 @@ def pgp_import(session: Session, settings: Settings, address: str, armored: byte
             row.armored = ring.export_public(fpr)
             row.has_secret = fpr in secret
             row.revoked = False
+            if row.has_secret:
+                _seal_pgp_secret(session, settings, ring, fpr)
         session.flush()
         return list(dict.fromkeys(fingerprints))
     finally:
         ring.close()
 
 
+def _seal_pgp_secret(session: Session, settings: Settings, ring: Any, fpr: str) -> None:
+    """Seal our key pair's secret part and gpg's revocation certificate: any node can use or revoke it."""
+    from gateway.crypto.keyring import revocation_name, secret_name
+
+    kek = sealed.load_kek(settings)
+    sealed.put(session, kek, secret_name(fpr), ring.export_secret(fpr).encode("ascii"))
+    revocation = ring.revocation_certificate(fpr)
+    if revocation is not None:
+        sealed.put(session, kek, revocation_name(fpr), revocation.encode("utf-8"))
+
+
 def pgp_generate(session: Session, settings: Settings, address: str) -> str:
-    """Create an OpenPGP key pair for one of our mailboxes (the secret part stays in the keyring)."""
+    """Create an OpenPGP key pair for one of our mailboxes (its secret part sealed in the database)."""
     box = admin.get_mailbox(session, address)
     if not box.local:
         raise CertError(f"{box.address} is not one of our mailboxes")
@@ -377,6 +424,7 @@ def pgp_generate(session: Session, settings: Settings, address: str) -> str:
     try:
         fpr = str(ring.generate_key(box.address, box.display_name or box.address))
         session.add(PgpKey(address=box.address, fingerprint=fpr, armored=ring.export_public(fpr), has_secret=True))
+        _seal_pgp_secret(session, settings, ring, fpr)
         session.flush()
         return fpr
     finally:
@@ -400,12 +448,19 @@ def pgp_revoke(session: Session, settings: Settings, fingerprint: str) -> None:
     rows = list(session.scalars(select(PgpKey).where(PgpKey.fingerprint == fpr)))
     if not rows:
         raise CertNotFound(f"no OpenPGP key {fingerprint}")
+    from gateway.crypto.keyring import revocation_name, sync_keyring
+
     ring = _keyring(settings)
     try:
+        if any(row.has_secret for row in rows):
+            sync_keyring(ring, session, settings)  # a key pair made on another node
+            certificate = sealed.read(session, sealed.load_kek(settings), revocation_name(fpr))
+            ring.revoke(fpr, None if certificate is None else certificate.decode("utf-8"))
+            revoked = ring.export_public(fpr)  # with the revocation signature: every node imports it
         for row in rows:
             row.revoked = True
             if row.has_secret:
-                ring.revoke(fpr)
+                row.armored = revoked
     finally:
         ring.close()
 

@@ -20,6 +20,11 @@ def init(app: AppContext, domain: str | None, hostname: str | None, force: bool)
     click.echo(f"settings:  {report.home / 'mssgw.toml'} ({'written' if report.config_written else 'kept'})")
     click.echo(f"database:  {report.database_url} (migrated)")
     click.echo(f"dev PKI:   {report.pki_dir}")
+    if report.kek_path is not None:
+        click.echo(f"kek:       {report.kek_path} (made now: every node of this database needs this same key; "
+                   "keep a copy apart from the database backups)")
+    if report.keys_sealed:
+        click.echo(f"keys:      {report.keys_sealed} key file(s) moved into the database, sealed")
     if report.seeded_blocklist:
         click.echo(f"blocklist: {report.seeded_blocklist} consumer mail providers seeded")
 

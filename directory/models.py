@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -150,7 +151,9 @@ class Certificate(Base):
     not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     pem: Mapped[str] = mapped_column(Text)
-    key_path: Mapped[str | None] = mapped_column(Text)  # private key file (0600) under the data folder
+    # Where the private key is: ``sealed:key:<fingerprint>`` (a ``SealedSecret`` row, the store every
+    # node reads) or, for keys written before migration 0009, a file (0600) under the data folder.
+    key_path: Mapped[str | None] = mapped_column(Text)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revocation_reason: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -168,8 +171,25 @@ class PgpKey(Base):
     address: Mapped[str] = mapped_column(String(320), index=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     armored: Mapped[str] = mapped_column(Text)  # public key only
-    has_secret: Mapped[bool] = mapped_column(Boolean, default=False)  # secret part lives in the gpg home
+    # Our own key pair: the secret part is sealed in ``sealed_secrets`` as ``pgp:<fingerprint>`` and
+    # imported into each node's GnuPG home (``gateway.crypto.pgpsync``).
+    has_secret: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (UniqueConstraint("address", "fingerprint", name="uq_pgp_key"),)
+
+
+class SealedSecret(Base):
+    """A secret sealed under the nodes' key-encryption key (AES-256-GCM, AAD = ``name``).
+
+    Names: ``key:<certificate fingerprint>`` (PKCS#8 DER private key), ``pgp:<fingerprint>`` (an
+    armored OpenPGP secret key), ``pseudonym-salt``.  ``directory.secrets`` seals and opens them."""
+
+    __tablename__ = "sealed_secrets"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String(16))  # which key-encryption key sealed it (not the key)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

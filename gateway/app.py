@@ -35,18 +35,20 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import DatabaseError, make_engine, migrate, session_factory
-from gateway.audit.redact import install_log_redaction, load_or_create_salt, set_salt
+from directory.secrets import operator_key_pem, pseudonym_salt
+from gateway.audit.redact import install_log_redaction, set_salt
 from gateway.audit.seal import Sealer
 from gateway.audit.trail import AuditEvent, AuditWriter, bind_node, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
-from gateway.core.errors import ConfigurationError
+from gateway.core.errors import ConfigurationError, MssgwError
 from gateway.core.tls import (
     ReloadableServerTls,
     TlsConfigError,
     requests_client_cert,
     server_context,
     server_files,
+    set_operator_key_source,
 )
 from gateway.metrics import Metrics, serve_metrics
 from gateway.queue.intake import Intake
@@ -109,7 +111,6 @@ class Gateway:
     async def start(self) -> None:
         # Patients' mailbox addresses hold their INS: pseudonymised in every log line and audit record.
         install_log_redaction()
-        set_salt(load_or_create_salt(self.settings.keys_dir / "patient-pseudonym.salt"))
         try:
             tls = server_context(self.settings)
         except TlsConfigError as exc:
@@ -122,6 +123,15 @@ class Gateway:
             raise GatewayStartError(str(exc)) from None
         self.sessions = session_factory(self.engine)
         self.readers = self._reader_factory()
+        # Secrets every node shares, sealed in the database under this node's key-encryption key:
+        # a missing or wrong KEK stops the start here, with the sentence that says what to do.
+        try:
+            set_salt(await asyncio.to_thread(pseudonym_salt, self.sessions, self.settings,
+                                             self.settings.keys_dir / "patient-pseudonym.salt"))  # fmt: skip
+        except MssgwError as exc:
+            raise GatewayStartError(str(exc)) from None
+        readers = self.readers or self.sessions
+        set_operator_key_source(lambda: operator_key_pem(readers, self.settings))
         try:
             self._trust_seen = await asyncio.to_thread(self._trust_state)
             self._trust_digest = await asyncio.to_thread(self._trust_digest_now)

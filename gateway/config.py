@@ -170,6 +170,15 @@ class ApiSettings:
     burst: int = 60  # requests a certificate may make at once before the rate applies
     idempotency_hours: float = 24.0  # how long an Idempotency-Key's first answer is kept
     events_poll_seconds: float = 1.0  # how often an event stream looks at the queue and the mailbox
+    # Slow clients (slowloris) are cut off; an event stream (GET /v1/events) is long-lived by design
+    # and none of these deadlines applies while it is open.
+    handshake_seconds: float = 10.0  # the TLS handshake must be over within this of the TCP accept
+    head_seconds: float = 10.0  # a request head (line and fields) within this of its first byte
+    idle_seconds: float = 60.0  # a connection without a request (keep-alive, or just opened) is closed then
+    body_min_rate: int = 8192  # octets/s a request body must average after body_grace_seconds, else 408
+    body_grace_seconds: float = 10.0  # the start any request body gets before body_min_rate counts
+    max_connections: int = 1000  # open connections (after the handshake) in all; over it: 503, closed
+    max_connections_per_ip: int = 100  # open connections from one address; over it: 503, closed
 
 
 @dataclass(frozen=True)
@@ -191,9 +200,19 @@ class DocumentsSettings:
     missing_headers: str = "add"
 
 
+@dataclass(frozen=True)
+class KeysSettings:
+    """[keys]"""
+
+    # The key-encryption key (32 random bytes, mode 0600) that seals private keys, OpenPGP secret keys
+    # and the pseudonym salt in the database; every node of one database needs the same one. Empty:
+    # DATA/kek (made by `mssgw init`). The environment variable MSSGW_KEK (base64 of 32 bytes) wins.
+    kek_file: str = ""
+
+
 #: Every section of ``mssgw.toml`` and its typed value.  The fields, their defaults and the
 #: comments are the reference of every key (README "Configuration" summarises them).
-SECTIONS: dict[str, type] = {"operator": OperatorSettings, "listen": ListenSettings, "database": DatabaseSettings, "tls": TlsSettings, "limits": LimitsSettings, "auth": AuthSettings, "queue": QueueSettings, "crypto": CryptoSettings, "audit": AuditSettings, "receipts": ReceiptsSettings, "relay": RelaySettings, "runtime": RuntimeSettings, "api": ApiSettings, "mailboxes": MailboxesSettings, "documents": DocumentsSettings}
+SECTIONS: dict[str, type] = {"operator": OperatorSettings, "listen": ListenSettings, "database": DatabaseSettings, "tls": TlsSettings, "limits": LimitsSettings, "auth": AuthSettings, "queue": QueueSettings, "crypto": CryptoSettings, "audit": AuditSettings, "receipts": ReceiptsSettings, "relay": RelaySettings, "runtime": RuntimeSettings, "api": ApiSettings, "mailboxes": MailboxesSettings, "documents": DocumentsSettings, "keys": KeysSettings}
 
 #: Every section, key and default value (derived from ``SECTIONS``): the type of the default is the
 #: type of the key, checked when the file and the environment are read.
@@ -234,6 +253,7 @@ class Settings:
     api: ApiSettings = field(init=False, repr=False)
     mailboxes: MailboxesSettings = field(init=False, repr=False)
     documents: DocumentsSettings = field(init=False, repr=False)
+    keys: KeysSettings = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, cls in SECTIONS.items():

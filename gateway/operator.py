@@ -1,8 +1,13 @@
-"""Setting up an operator's home folder: settings, database, development PKI.
+"""Setting up an operator's home folder: settings, database, development PKI, key-encryption key.
 
 ``mssgw init`` calls ``init_operator``. It is idempotent: an existing
 ``mssgw.toml`` and existing keys are kept unless ``force`` is given; the
-database is migrated to the newest schema every time.
+database is migrated to the newest schema every time.  The key-encryption key
+(``DATA/kek``, ``directory.secrets``) is made when absent and the database holds no
+sealed secret yet; the operator certificate's private key is sealed in the database
+(the development PKI folder keeps its own copy, as it keeps the CA's key: a
+development artifact, never read by the gateway once the key is sealed), and key
+files of an older home are moved into the database (``certs.service.seal_key_files``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
 from directory import admin
+from directory import secrets as sealed
 from directory.certificates import register_certificate
 from directory.db import make_engine, migrate, session_factory, transaction
 from directory.identifiers import normalise_domain
@@ -26,6 +35,8 @@ class InitReport:
     database_url: str
     seeded_blocklist: int
     registered_certificates: list[str] = field(default_factory=list)
+    kek_path: Path | None = None  # the key-encryption key made now (None: one was given)
+    keys_sealed: int = 0  # key files of an older home moved into the database
 
 
 def _private_dir(path: Path) -> None:
@@ -36,7 +47,8 @@ def _private_dir(path: Path) -> None:
 def init_operator(
     home: Path, *, domain: str | None = None, hostname: str | None = None, force: bool = False
 ) -> InitReport:
-    from certs.pki import create_dev_pki
+    from certs.pki import create_dev_pki, load_private_key
+    from certs.service import seal_key_files
 
     _private_dir(home)
     config_path = home / CONFIG_NAME
@@ -61,6 +73,10 @@ def init_operator(
     try:
         migrate(engine)
         with transaction(session_factory(engine)) as session:
+            kek, kek_made = sealed.ensure_kek(session, settings)
+            operator_cert = x509.load_pem_x509_certificate(pki.operator_cert.read_bytes())
+            operator_key_path = sealed.seal_private_key(session, kek, operator_cert.fingerprint(hashes.SHA256()).hex(),
+                                                        load_private_key(pki.operator_key))  # fmt: skip
             for name in settings.domains:
                 admin.add_local_domain(session, name)
             seeded = admin.seed_consumer_domains(session)
@@ -71,13 +87,16 @@ def init_operator(
                     pki.operator_cert.read_bytes(),
                     address=settings.domains[0],
                     purpose="sign",
-                    key_path=str(pki.operator_key),
+                    key_path=operator_key_path,
                 ),
                 register_certificate(
                     session, pki.server_cert.read_bytes(), address=settings.hostname, purpose="server",
                     key_path=str(pki.server_key),
                 ),
             ]
+            moved = seal_key_files(session, settings)
+        for path in moved.files:  # committed: the database holds them now
+            path.unlink(missing_ok=True)
     finally:
         engine.dispose()
     return InitReport(
@@ -87,4 +106,6 @@ def init_operator(
         database_url=settings.database_url,
         seeded_blocklist=seeded,
         registered_certificates=registered,
+        kek_path=sealed.kek_path(settings) if kek_made else None,
+        keys_sealed=len(moved.sealed),
     )

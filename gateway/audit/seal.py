@@ -4,8 +4,10 @@ The hash chain alone proves nothing to someone who owns the database: the last
 records can be deleted, or a record edited and every later hash recomputed, and
 the chain still verifies. A seal fixes the trail's head at one moment: the head's
 sequence number, hash and timestamp, the first sequence number and the number of
-records, signed with the operator's private key (``tls.operator_key``, by default
-``pki/operator.key``; RSA-PSS or ECDSA with SHA-256). Seals are appended, one JSON
+records, signed with the operator's private key (sealed in the database,
+``directory.secrets.operator_key``, so every node signs with it; or the file
+``tls.operator_key`` when that is set, or ``pki/operator.key`` in a home whose key
+was never sealed; RSA-PSS or ECDSA with SHA-256). Seals are appended, one JSON
 line each, to ``HOME/audit/seals.jsonl`` (folder 0700, file 0600, fsynced, under
 an exclusive ``flock`` so the gateway and ``mssgw audit seal`` never interleave).
 Each line carries the SHA-256 of the line before it (``prev``), so a seal removed
@@ -57,6 +59,7 @@ from sqlalchemy import Engine, bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.db import read_session_factory
+from directory.secrets import operator_key
 from gateway.audit.models import AuditRecord
 from gateway.audit.trail import check_chain, read_only
 from gateway.audit.watch import watch_for
@@ -194,7 +197,7 @@ class Sealer:
 
     def __init__(self, factory: sessionmaker[Session], path: Path, cert_path: Path, key_path: Path, *,
                  every_records: int = EVERY_RECORDS, every_seconds: float = EVERY_SECONDS,
-                 poll: float = POLL_SECONDS) -> None:
+                 poll: float = POLL_SECONDS, settings: Any = None) -> None:
         bind = factory.kw.get("bind")
         # Reads only: on SQLite a read-only session never waits for (nor holds) the write lock.
         self._reader = read_session_factory(bind) if isinstance(bind, Engine) else factory
@@ -203,6 +206,7 @@ class Sealer:
         self.path = path
         self._cert_path = cert_path
         self._key_path = key_path
+        self._settings = settings  # given: the sealed operator key is read from the database first
         self.every_records = every_records
         self.every_seconds = every_seconds
         self.poll = poll
@@ -216,7 +220,7 @@ class Sealer:
         pki = settings.pki_dir
         return cls(factory, seals_path(settings.home),
                    settings.path("tls", "operator_cert", pki / "operator.pem"),
-                   settings.path("tls", "operator_key", pki / "operator.key"), **kwargs)  # fmt: skip
+                   settings.path("tls", "operator_key", pki / "operator.key"), settings=settings, **kwargs)  # fmt: skip
 
     def _load_signer(self) -> tuple[Any, x509.Certificate, str]:
         if self._signer is None:
@@ -225,10 +229,18 @@ class Sealer:
             except (OSError, ValueError) as exc:
                 raise SealError(f"cannot read the operator certificate {self._cert_path}: "
                                 f"{type(exc).__name__}") from None  # fmt: skip
-            try:
-                key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
-            except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only
-                raise SealError(f"cannot read the operator key {self._key_path}: {type(exc).__name__}") from None
+            key: Any = None
+            if self._settings is not None:
+                try:
+                    with self._reader() as session:
+                        key = operator_key(session, self._settings)
+                except MssgwError as exc:  # no KEK, another node's KEK: its sentence, never key material
+                    raise SealError(f"cannot open the operator key sealed in the database: {exc}") from None
+            if key is None:
+                try:
+                    key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
+                except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only
+                    raise SealError(f"cannot read the operator key {self._key_path}: {type(exc).__name__}") from None
             self._signer = (key, cert, fingerprint(cert))
         return self._signer
 

@@ -21,6 +21,14 @@ its SNI callback (run on every ClientHello, with or without SNI) hands the hands
 newest context built by ``replace``, so a new anchor or certificate applies to the next
 connection and a removed anchor stops being accepted, without a restart.
 
+Our operator key (mutual TLS towards peers): when ``tls.operator_key`` is not set, it is the
+key sealed in the database (``directory.secrets``), which the running gateway hands over
+through ``set_operator_key_source``; this floor never reads the database itself.  OpenSSL
+loads keys from files only, so the clear key is given to it as an anonymous in-memory file
+(``memfd_create``, read through ``/proc/self/fd``) that never touches a disk and is closed
+as soon as the context holds the key; where that is unavailable, a 0600 file in a fresh
+0700 folder removed at once.  The TLS listener's own key (``tls.key``) stays a file of each node.
+
 Errors: ``TlsConfigError`` names the setting and the file when a certificate or key is
 missing, unreadable, expired, or does not match its key.
 """
@@ -28,11 +36,15 @@ missing, unreadable, expired, or does not match its key.
 from __future__ import annotations
 
 import _ssl
+import contextlib
 import ctypes
 import functools
 import logging
+import os
+import shutil
 import ssl
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,8 +129,52 @@ def _base_context(settings: Settings, purpose: ssl.Purpose) -> ssl.SSLContext:
     return ctx
 
 
-def _load_chain(ctx: ssl.SSLContext, files: TlsFiles, cert_setting: str, key_setting: str) -> None:
+#: The operator key sealed in the database, as PEM, or None (then ``tls.operator_key``'s file):
+#: set by the running gateway (``gateway.app``), which alone reaches the database.
+_operator_key_source: Callable[[], bytes | None] | None = None
+
+
+def set_operator_key_source(source: Callable[[], bytes | None] | None) -> None:
+    """Where ``client_context`` gets our operator key when ``tls.operator_key`` is not set."""
+    global _operator_key_source
+    _operator_key_source = source
+
+
+@contextlib.contextmanager
+def _key_file(pem: bytes) -> Iterator[str]:
+    """A path OpenSSL can read ``pem`` from for a moment: an anonymous memory file, else a private temp file."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("mssgw-operator-key", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(pem)
+            while view:
+                view = view[os.write(fd, view):]
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    folder = tempfile.mkdtemp(prefix="mssgw-key-")  # 0700
+    try:
+        path = os.path.join(folder, "operator.key")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _load_chain(ctx: ssl.SSLContext, files: TlsFiles, cert_setting: str, key_setting: str,
+                key_pem: bytes | None = None) -> None:  # fmt: skip
     check_certificate(files.cert, cert_setting)
+    if key_pem is not None:
+        try:
+            with _key_file(key_pem) as path:
+                ctx.load_cert_chain(files.cert, path)
+        except (OSError, ssl.SSLError) as exc:  # never the key's text: the reason's class and OpenSSL's words
+            raise TlsConfigError(f"{key_setting}: the key sealed in the database does not load for {files.cert} "
+                                 f"({getattr(exc, 'reason', None) or exc.__class__.__name__})") from None
+        return
     if not files.key.is_file():
         raise TlsConfigError(f"{key_setting}: private key {files.key} is missing")
     try:
@@ -285,7 +341,8 @@ def client_context(settings: Settings, *, with_certificate: bool = True, anchors
     ctx = _base_context(settings, ssl.Purpose.SERVER_AUTH)
     _load_ca(ctx, settings, files.client_ca, anchors)
     if with_certificate:
-        _load_chain(ctx, files, "tls.operator_cert", "tls.operator_key")
+        source = _operator_key_source if not settings.tls.operator_key else None
+        _load_chain(ctx, files, "tls.operator_cert", "tls.operator_key", source() if source is not None else None)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx

@@ -1,10 +1,10 @@
 """Directory-backed key lookup: which certificate and key sign, encrypt and decrypt for an address.
 
-The job: turn the directory's ``Certificate`` rows and the files under the data folder into
-the references the crypto code needs, and nothing else.
+The job: turn the directory's ``Certificate`` rows and their sealed private keys into the
+references the crypto code needs, and nothing else.
 
 - Signing (RFC 8550 §3, RFC 8551 §2.5): the sender's own ``sign``/``smime`` certificate with
-  a private key on disk; else, when ``crypto.sign_with_organisation`` is set, the operator
+  a private key; else, when ``crypto.sign_with_organisation`` is set, the operator
   (organisation) certificate registered for the sender's domain, as in the Direct Project's
   domain-bound certificates.
 - Encryption (RFC 8551 §2.7): the recipient's own ``encrypt``/``smime`` certificates; else the
@@ -14,8 +14,11 @@ the references the crypto code needs, and nothing else.
   any ``*.pem``/``*.crl`` under ``DATA/pki/crls/`` (RFC 5280 §5).
 
 Keys never leave this process boundary as objects: lookups return ``KeyRef`` (certificate PEM
-plus key *path*), which pickles to worker processes; ``load_keypair``/``load_trust`` parse and
-cache there.  Key material is never logged or put in an exception message.
+plus the key's place: the *sealed* row, still encrypted, or a key file of a home made before
+the keys moved into the database), which pickles to worker processes; ``load_keypair`` opens it
+there with the key-encryption key that process loads itself (``directory.secrets.load_kek``:
+``MSSGW_KEK``, else the file named in the ref), so neither the KEK nor a clear key is ever
+pickled.  Key material is never logged or put in an exception message.
 
 Errors: ``KeyStoreError`` with a sentence naming the address (never the key) when no usable
 certificate or key exists; the pipeline maps it to a bounce or a deferral.
@@ -39,9 +42,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.models import Certificate
+from directory.secrets import (
+    KekError,
+    SealedSecretError,
+    kek_path,
+    load_kek,
+    open_sealed,
+    sealed_name,
+    sealed_row,
+)
 from gateway.config import Settings
 from gateway.core.errors import CryptoError
 from gateway.crypto.cms_keys import PrivateKey
+from gateway.crypto.keyring import KeyringSync
+from gateway.crypto.openpgp import keep_in_step
 from gateway.crypto.trust import TrustStore
 
 __all__ = ["KeyRef", "KeyStore", "KeyStoreError", "TrustRef", "load_keypair", "load_trust"]
@@ -57,11 +71,16 @@ class KeyStoreError(CryptoError):
 
 @dataclass(frozen=True)
 class KeyRef:
-    """A certificate (PEM) and the path of its private key: picklable, loaded where used."""
+    """A certificate (PEM) and where its private key is: picklable, opened where used.
+
+    ``key_path`` is ``sealed:key:<fingerprint>`` with ``sealed`` = (KEK id, nonce, ciphertext) of
+    that row, opened with the KEK of ``kek_file`` (or ``MSSGW_KEK``); or the path of a key file."""
 
     cert_pem: bytes
     key_path: str
     address: str = ""
+    sealed: tuple[str, bytes, bytes] | None = None
+    kek_file: str = ""
 
     @property
     def cert(self) -> x509.Certificate:
@@ -93,13 +112,35 @@ def _load_key(path: str, _mtime: float) -> PrivateKey:
     except (OSError, ValueError, TypeError) as exc:
         # The message deliberately omits the exception text: it could quote key material.
         raise KeyStoreError(f"cannot read private key {path}: {exc.__class__.__name__}") from None
+    return _checked(key, path)
+
+
+def _checked(key: object, where: str) -> PrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise KeyStoreError(f"private key {path} is neither an RSA nor an EC key")
+        raise KeyStoreError(f"private key {where} is neither an RSA nor an EC key")
     return key
 
 
+@functools.lru_cache(maxsize=256)
+def _open_key(name: str, sealed: tuple[str, bytes, bytes], kek_file: str) -> PrivateKey:
+    """A sealed private key, opened with this process's KEK (errors are not cached: a fixed KEK works)."""
+    try:
+        der = open_sealed(load_kek(path=kek_file or None), name, *sealed)
+        key = serialization.load_der_private_key(der, password=None)
+    except (KekError, SealedSecretError) as exc:
+        raise KeyStoreError(str(exc)) from None
+    except (ValueError, TypeError) as exc:  # the text could quote key material: class only
+        raise KeyStoreError(f"cannot read private key {name}: {exc.__class__.__name__}") from None
+    return _checked(key, name)
+
+
 def load_keypair(ref: KeyRef) -> tuple[x509.Certificate, PrivateKey]:
-    """The certificate and private key of ``ref`` (cached per process, reloaded when the file changes)."""
+    """The certificate and private key of ``ref`` (cached per process; a key file is reloaded when it changes)."""
+    name = sealed_name(ref.key_path)
+    if name is not None:
+        if ref.sealed is None:
+            raise KeyStoreError(f"private key of {ref.address or 'a certificate'} is not in the database")
+        return _load_cert(ref.cert_pem), _open_key(name, ref.sealed, ref.kek_file)
     try:
         mtime = Path(ref.key_path).stat().st_mtime
     except OSError:
@@ -140,6 +181,8 @@ class KeyStore:
         self._factory = factory
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[float, object]] = {}
+        # This process's OpenPGP keyring follows the directory's keys (imported or revoked on any node).
+        keep_in_step(settings.gnupg_dir, KeyringSync(factory, settings))
 
     # --- cache -------------------------------------------------------------------------
 
@@ -172,6 +215,22 @@ class KeyStore:
         rank = {o: i for i, o in enumerate(owners)}
         return sorted(rows, key=lambda r: rank.get(r.address or "", len(owners)))
 
+    def _keyref(self, row: Certificate) -> KeyRef | None:
+        """The ``KeyRef`` of a row with a private key, or None when the key is not there (yet)."""
+        if not row.key_path:
+            return None
+        name = sealed_name(row.key_path)
+        if name is None:
+            if not Path(row.key_path).is_file():
+                return None
+            return KeyRef(row.pem.encode("ascii"), row.key_path, row.address or "")
+        with self._factory() as session:
+            sealed = sealed_row(session, name)
+        if sealed is None:
+            return None
+        return KeyRef(row.pem.encode("ascii"), row.key_path, row.address or "", sealed,
+                      str(kek_path(self.settings)))  # fmt: skip
+
     # --- lookups -----------------------------------------------------------------------
 
     def signer_for(self, address: str) -> KeyRef:
@@ -185,8 +244,9 @@ class KeyStore:
             if not rows and self.settings.crypto.sign_with_organisation:
                 rows = self._rows([domain], SIGN_PURPOSES, with_key=True)
             for row in rows:
-                if row.key_path and Path(row.key_path).is_file():
-                    return KeyRef(row.pem.encode("ascii"), row.key_path, addr or domain)
+                ref = self._keyref(row)
+                if ref is not None:
+                    return KeyRef(ref.cert_pem, ref.key_path, addr or domain, ref.sealed, ref.kek_file)
             raise KeyStoreError(f"no signing certificate with a private key for {addr or domain}")
 
         return self._cached("sign", addr or domain, compute)  # type: ignore[no-any-return]
@@ -219,8 +279,8 @@ class KeyStore:
             rows = self._rows([addr, domain], ("encrypt", "smime", "sign"), with_key=True)
             out: dict[str, KeyRef] = {}
             for r in rows:
-                if r.key_path and r.fingerprint not in out and Path(r.key_path).is_file():
-                    out[r.fingerprint] = KeyRef(r.pem.encode("ascii"), r.key_path, r.address or "")
+                if r.fingerprint not in out and (ref := self._keyref(r)) is not None:
+                    out[r.fingerprint] = ref
             return list(out.values())
 
         return self._cached("decrypt", addr, compute)  # type: ignore[no-any-return]

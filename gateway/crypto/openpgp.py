@@ -11,7 +11,9 @@ header gives the From (and the rest of the header) unless the protected entity c
 (Thunderbird's protected headers).
 
 Trust: the keyring under `home` (mode 0700) is curated by the operator's administrators from
-the directory, so "key present in our keyring, not revoked or expired" is the trust decision;
+the directory (each node's home is kept in step with the directory's rows by the hook
+`keep_in_step` registers, run before every `protect` and `open`: `gateway.crypto.keyring`),
+so "key present in our keyring, not revoked or expired" is the trust decision;
 gpg's web of trust is therefore turned off with `--trust-model always` for encryption and
 verification.  Every call runs `gpg --batch --pinentry-mode loopback` as a subprocess (~10-20 ms
 each): keep that cost in mind, it is measured in bench/bench_crypto.py.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,22 @@ from gateway.crypto import _mime
 from gateway.crypto.result import SecurityResult
 from gateway.crypto.smime import DEFAULT_OUTER_SUBJECT, MAX_MESSAGE_SIZE, _outer_headers, _wrap_rfc822
 
-__all__ = ["OpenPgp", "OpenPgpError"]
+__all__ = ["OpenPgp", "OpenPgpError", "keep_in_step"]
+
+#: Per GnuPG home: what brings it in step with the directory before each use (``keep_in_step``).
+_IN_STEP: dict[str, Callable[[OpenPgp], None]] = {}
+
+
+def keep_in_step(home: Path, sync: Callable[[OpenPgp], None] | None) -> None:
+    """Run ``sync(ring)`` before every ``protect``/``open`` on the keyring at ``home`` (None: stop).
+
+    The pipeline makes its ``OpenPgp`` objects itself; the key store of the same process
+    registers here, once, the directory-backed ``gateway.crypto.keyring.KeyringSync``."""
+    key = str(Path(home).resolve())
+    if sync is None:
+        _IN_STEP.pop(key, None)
+    else:
+        _IN_STEP[key] = sync
 
 
 class OpenPgpError(CryptoError, RuntimeError):
@@ -57,6 +74,11 @@ class OpenPgp:
         self._gpg = gnupg.GPG(gpgbinary=gpg_binary, gnupghome=str(self.home),
                               options=["--pinentry-mode", "loopback", "--trust-model", "always"])  # fmt: skip
         self._gpg.encoding = "utf-8"
+
+    def _in_step(self) -> None:
+        sync = _IN_STEP.get(str(self.home.resolve()))
+        if sync is not None:
+            sync(self)
 
     # ------------------------------------------------------------ key management
 
@@ -80,6 +102,21 @@ class OpenPgp:
     def list_keys(self, *, secret: bool = False) -> list[dict[str, Any]]:
         return list(self._gpg.list_keys(secret=secret))
 
+    def export_secret(self, fingerprint: str) -> str:
+        """Our key pair, armored with its secret part (sealed in the database, never printed)."""
+        data = self._gpg.export_keys(fingerprint, secret=True, armor=True, passphrase=self.passphrase or "",
+                                     expect_passphrase=bool(self.passphrase))  # fmt: skip
+        if not data or "PRIVATE KEY BLOCK" not in str(data):
+            raise OpenPgpError(f"no secret key {fingerprint}")
+        return str(data)
+
+    def revocation_certificate(self, fingerprint: str) -> str | None:
+        """The revocation certificate gpg made when it generated our key pair, if this home has it."""
+        try:
+            return (self.home / "openpgp-revocs.d" / f"{fingerprint}.rev").read_text()
+        except OSError:
+            return None
+
     def export_public(self, fingerprint: str) -> str:
         data = self._gpg.export_keys(fingerprint, armor=True)
         if not data:
@@ -95,13 +132,12 @@ class OpenPgp:
         if str(result) != "ok":
             raise OpenPgpError(f"cannot delete key {fingerprint}: {result}")
 
-    def revoke(self, fingerprint: str) -> None:
-        """Revoke our own key with the revocation certificate gpg made at generation time."""
-        rev = self.home / "openpgp-revocs.d" / f"{fingerprint}.rev"
-        try:
-            text = rev.read_text()
-        except OSError as exc:
-            raise OpenPgpError(f"no revocation certificate for {fingerprint}") from exc
+    def revoke(self, fingerprint: str, certificate: str | None = None) -> None:
+        """Revoke our own key with the revocation certificate gpg made at generation time
+        (``certificate``, kept sealed in the directory; else the one in this home)."""
+        text = certificate or self.revocation_certificate(fingerprint)
+        if text is None:
+            raise OpenPgpError(f"no revocation certificate for {fingerprint}")
         # gpg protects the stored certificate against accidental import with a leading ':'.
         cert = text.replace(":-----BEGIN PGP PUBLIC KEY BLOCK-----", "-----BEGIN PGP PUBLIC KEY BLOCK-----")
         self._gpg.import_keys(cert)
@@ -133,6 +169,7 @@ class OpenPgp:
         """Sign+encrypt the whole message as PGP/MIME multipart/encrypted; return the outer message."""
         if not recipient_fprs:
             raise OpenPgpError("no recipient key to encrypt for")
+        self._in_step()
         if len(message_bytes) > max_size:
             raise OpenPgpError(f"message exceeds the {max_size}-byte limit")
         message = _mime.to_crlf(message_bytes)
@@ -164,6 +201,7 @@ class OpenPgp:
         entity may be a message/rfc822 wrapper (ours) or a plain MIME body (mail clients); see
         `_compose` for how the delivered message is rebuilt from it."""
         result = SecurityResult(method="pgp")
+        self._in_step()
         if len(data) > max_size:
             return None, result.with_failure(
                 "too-large", f"{len(data)} bytes exceeds the {max_size}-byte limit"

@@ -2,7 +2,9 @@
 
 Private keys are never printed: ``show --pem`` prints the public certificate,
 ``export --pkcs12`` writes the key and certificate to a file protected by a
-passphrase read from standard input.
+passphrase read from standard input.  They are sealed in the database under the
+key-encryption key (``seal-keys`` moves the key files of an older home in,
+``rotate-kek`` re-seals everything under a new KEK in one transaction).
 """
 
 from __future__ import annotations
@@ -117,11 +119,48 @@ def export(app: AppContext, address: str, out: Path) -> None:
     """Write a mailbox's key and certificate as PKCS#12; the passphrase is read from standard input."""
     passphrase = sys.stdin.readline().rstrip("\r\n").encode()
     with app.transaction() as session:
-        blob = certs.export_pkcs12(session, address, passphrase)
+        blob = certs.export_pkcs12(session, address, passphrase, app.settings)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(blob)
     click.echo(f"written {out}")
+
+
+@certs_group.command("seal-keys")
+@pass_app
+def seal_keys(app: AppContext) -> None:
+    """Move the private key files of an older home into the database, sealed (then remove the files).
+
+    The TLS listener's key (pki/server.key) stays a file of each node."""
+    with app.transaction() as session:
+        report = certs.seal_key_files(session, app.settings)
+    for path in report.files:  # committed: the database holds them now
+        path.unlink(missing_ok=True)
+    click.echo(f"sealed {len(report.sealed)} private key(s) in the database; {len(report.files)} key file(s) removed")
+    if report.problems:
+        raise certs.CertError(f"these key files cannot be read and stay as they are: {', '.join(report.problems)}")
+
+
+@certs_group.command("rotate-kek")
+@click.option("--new", "new_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File holding the new key-encryption key (32 bytes, raw or base64).")
+@pass_app
+def rotate_kek(app: AppContext, new_file: Path) -> None:
+    """Re-seal every secret under a new key-encryption key, in one transaction.
+
+    The current KEK is this node's (MSSGW_KEK or keys.kek_file). Afterwards give every node the
+    new one (replace the file or MSSGW_KEK) and restart them: a node still on the old KEK is
+    told so in one sentence."""
+    from directory import secrets
+
+    old = secrets.load_kek(app.settings)
+    new = secrets.load_kek(path=new_file, environ={})
+    if new.id == old.id:
+        raise certs.CertError("the new key-encryption key is the current one")
+    with app.transaction() as session:
+        count = secrets.rotate(session, old, new)
+    click.echo(f"re-sealed {count} secret(s) under key-encryption key {new.id} (was {old.id}); "
+               "now give every node the new key and restart it")
 
 
 @certs_group.group("trust-anchor")

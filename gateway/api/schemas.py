@@ -105,7 +105,7 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_json(body: bytes) -> dict[str, Any]:
+def load_json(body: bytes | bytearray) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 problem saying why not."""
     try:
         value = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_pairs)

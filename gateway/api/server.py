@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy import func, select
 
@@ -47,7 +47,6 @@ from gateway.api.edge import ApiEdge, Caller, select_recent
 from gateway.api.mailbox import Mailbox, describe, read_report
 from gateway.api.openapi import document
 from gateway.api.problems import (
-    PROBLEM_TYPE,
     S450_4_7_1_RATE,
     S500_5_5_1_METHOD,
     S500_5_5_1_NOT_FOUND,
@@ -58,6 +57,17 @@ from gateway.api.problems import (
     Problem,
 )
 from gateway.api.schemas import ADDRESS, load_json
+from gateway.api.transport import (
+    SERVER_NAME,
+    ConnectionGuard,
+    Deadlines,
+    GuardedHandler,
+    Listener,
+    handler_args,
+    over_cap_problem,
+    problem_response,
+    read_body,
+)
 from gateway.auth import certificate_fingerprint
 from gateway.core import replies as R
 from gateway.core.tls import peer_certificate, tls_summary
@@ -110,6 +120,8 @@ class BodyBudget:
 #: A write to a client that went away: the stream ends, nothing to report.
 _GONE = (ConnectionResetError, ConnectionError)
 PUBLIC = frozenset({"/v1/openapi.json"})
+#: Refusals after which the connection is closed (``Connection: close``): it is over a cap, or too slow.
+CLOSE_AFTER = frozenset({"too-many-connections", "request-body-slow"})
 #: The logged-in caller of the request being handled (set by the middleware, in the handler's task).
 CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("mssgw_api_caller")
 
@@ -186,9 +198,15 @@ def quiet_aiohttp_loggers() -> None:
 
 
 def _problem_response(problem: Problem) -> web.Response:
-    headers = {"Retry-After": str(problem.retry_after)} if problem.retry_after is not None else None
-    return web.Response(status=problem.status, body=problem.encode(), content_type=PROBLEM_TYPE, charset="utf-8",
-                        headers=headers)  # fmt: skip
+    response = problem_response(problem)
+    if problem.rule in CLOSE_AFTER:
+        response.force_close()  # a slow body or a connection over a cap: this connection is over
+    return response
+
+
+async def _server_name(request: web.Request, response: web.StreamResponse) -> None:
+    """``Server: mssgw`` on every answer, never aiohttp's name and version (RFC 9110 10.2.4)."""
+    response.headers[hdrs.SERVER] = SERVER_NAME
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -210,6 +228,13 @@ class ApiServer:
         self.poll = max(0.05, self.settings.api.events_poll_seconds)
         self.openapi = json.dumps(document(self.edge.max_size)).encode("utf-8")
         self.app = web.Application(client_max_size=self.limit, middlewares=[self._guard])
+        self.app.on_response_prepare.append(_server_name)
+        self.deadlines = Deadlines(self.settings.api)
+        self.connections = ConnectionGuard(self.settings.api.max_connections,
+                                           self.settings.api.max_connections_per_ip,
+                                           lambda reason: self.edge.metrics.inc(
+                                               "mssgw_api_connections_refused_total", reason=reason))  # fmt: skip
+        self._listener: Listener | None = None
         self.app.add_routes([
             web.get("/v1/openapi.json", self.get_openapi),
             web.post("/v1/messages", self.post_message),
@@ -231,23 +256,27 @@ class ApiServer:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Bind ``host:port`` (``OSError`` when taken); returns the bound address."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=5.0)  # fmt: skip
+        args = handler_args(self.deadlines)
+        self._runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=5.0, **args)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls, reuse_address=True)
+        self._listener = Listener(self._runner, args, self.connections, self.deadlines,
+                                  lambda reason: self.edge.metrics.inc("mssgw_api_slow_clients_total",
+                                                                       phase=reason))  # fmt: skip
         try:
-            await site.start()
+            self.address = await self._listener.start(host, port, self.tls)
         except OSError:
+            self._listener = None
             await self._runner.cleanup()
             self._runner = None
             raise
-        bound = self._runner.addresses[0]
-        self.address = (str(bound[0]), int(bound[1]))
         return self.address
 
     async def close(self) -> None:
         """Stop accepting, end event streams, let submissions in flight commit, then stop."""
         self._closing.set()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -260,7 +289,12 @@ class ApiServer:
         started = time.monotonic()
         status = 500
         caller: Caller | None = None
+        protocol = request.protocol
         try:
+            if isinstance(protocol, GuardedHandler):
+                protocol.request_started()
+                if protocol.over_cap:
+                    raise over_cap_problem()
             if request.path not in PUBLIC:
                 transport = request.transport
                 ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -342,7 +376,7 @@ class ApiServer:
             raise Problem(503, R.S452_4_3_1_STORAGE, "memory-budget", retry_after=BUDGET_RETRY_AFTER,
                           detail="The gateway holds as many request bodies as it may at once; retry shortly")
         try:
-            body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge (413)
+            body = await read_body(request, self.limit, self.deadlines, self._too_big)  # slow: 408, big: 413
             raw = await asyncio.to_thread(load_json, body) if len(body) > PARSE_IN_THREAD else load_json(body)
             del body
             status, answer = await self.edge.submit(caller, raw, key)

@@ -1,0 +1,279 @@
+"""The API's connections: TLS listener, deadlines for slow clients and caps on open connections.
+
+A client that is slow on purpose (slowloris) holds a socket, a TLS session and buffers for as long
+as the server waits for it; nothing else bounds that. So every phase of a connection has a
+deadline (``[api]`` settings):
+
+- the TLS handshake: ``handshake_seconds`` (asyncio's ``ssl_handshake_timeout``; the loop aborts
+  the socket);
+- no request at all, after connecting or after the previous answer: ``idle_seconds`` (aiohttp's
+  ``keepalive_timeout``, which also runs from the accept);
+- a request head, from its first byte to its last: ``head_seconds`` (``GuardedHandler``'s own
+  timer; the transport is closed by aiohttp's ``force_close``);
+- a request body: ``body_min_rate`` octets/s on average after ``body_grace_seconds``
+  (``read_body``, answered 408);
+
+and connections are counted once their handshake is over: at most ``max_connections_per_ip``
+from one address and ``max_connections`` in all. One over either is answered ``503`` (problem
+details, ``Connection: close``) to its first request; past ``OVER_CAP_ANSWERS`` such answers
+pending, it is closed at once. An event stream is a request in progress: no deadline cuts it.
+
+aiohttp's own error answers (a request line or header over ``MAX_LINE``, a bad byte) are RFC
+9457 problems too, without the client's text (``GuardedHandler.handle_error``); no answer names
+aiohttp or its version (``Server: mssgw``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, cast
+
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+
+from gateway.api.problems import PROBLEM_TYPE, Problem
+from gateway.core import replies as R
+
+log = logging.getLogger("mssgw.api")
+
+SERVER_NAME = "mssgw"
+#: aiohttp's bounds of a request head (its defaults, named here): a line, a field, the number of fields.
+MAX_LINE = 8190
+MAX_FIELD = 8190
+MAX_HEADERS = 128
+#: How long aiohttp keeps reading (and discarding) a body it did not need after answering.
+LINGER_SECONDS = 5.0
+#: Connections over a cap answered 503 at once at most; beyond, they are closed without an answer.
+OVER_CAP_ANSWERS = 32
+OVER_CAP_RETRY_AFTER = 5
+
+S421_4_7_0_CONNECTIONS = R.Reply(421, "4.7.0", "Too many connections, try again later")
+S451_4_4_2_SLOW_BODY = R.Reply(451, "4.4.2", "The request body came too slowly")
+S500_5_5_2_MALFORMED = R.Reply(500, "5.5.2", "The HTTP request could not be parsed")
+
+
+class ConnectionGuard:
+    """Counts of open connections per peer address and in all; decides each new one."""
+
+    def __init__(self, total: int, per_ip: int, count: Callable[[str], None] | None = None) -> None:
+        self.total = max(1, total)
+        self.per_ip = max(1, per_ip)
+        self.by_ip: Counter[str] = Counter()
+        self.open = 0
+        self.answering = 0
+        self._count = count or (lambda reason: None)
+
+    def admit(self, ip: str) -> str:
+        """``ok`` (counted), ``answer`` (over a cap: answer 503 then close) or ``close`` (at once)."""
+        if self.open < self.total and self.by_ip[ip] < self.per_ip:
+            self.by_ip[ip] += 1
+            self.open += 1
+            return "ok"
+        self._count("per-ip" if self.by_ip[ip] >= self.per_ip else "total")
+        if self.answering < OVER_CAP_ANSWERS:
+            self.answering += 1
+            return "answer"
+        return "close"
+
+    def release(self, ip: str, admitted: str) -> None:
+        if admitted == "ok":
+            self.open -= 1
+            self.by_ip[ip] -= 1
+            if self.by_ip[ip] <= 0:
+                del self.by_ip[ip]
+        elif admitted == "answer":
+            self.answering -= 1
+
+
+class Deadlines:
+    """The ``[api]`` deadlines, each at least a few milliseconds (0 would mean 'at once')."""
+
+    def __init__(self, settings: Any) -> None:
+        self.handshake = max(0.01, float(settings.handshake_seconds))
+        self.head = max(0.01, float(settings.head_seconds))
+        self.idle = max(0.01, float(settings.idle_seconds))
+        self.body_rate = max(1, int(settings.body_min_rate))
+        self.body_grace = max(0.0, float(settings.body_grace_seconds))
+
+
+class GuardedHandler(web.RequestHandler):
+    """aiohttp's connection handler with the head deadline, the caps and problem-shaped errors."""
+
+    __slots__ = ("_admitted", "_busy", "_closed_count", "_deadlines", "_guard", "_head_timer", "_ip")
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, deadlines: Deadlines,
+                 closed: Callable[[str], None], **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._deadlines = deadlines
+        self._ip = ""
+        self._admitted = ""
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._closed_count = closed
+
+    @property
+    def over_cap(self) -> bool:
+        """Whether this connection is over a cap (its first request is answered 503, then it closes)."""
+        return self._admitted == "answer"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._ip = str(peer[0]) if peer else "-"
+        self._admitted = self._guard.admit(self._ip)
+        if self._admitted == "close":
+            cast(asyncio.Transport, transport).abort()  # never handed to aiohttp: nothing of it to clean up but the socket
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        if self._admitted == "close":
+            return
+        self._guard.release(self._ip, self._admitted)
+        self._admitted = "gone"
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._head_timer is None and not self._busy:
+            self._head_timer = self._loop.call_later(self._deadlines.head, self._head_late)
+        super().data_received(data)
+
+    def request_started(self) -> None:
+        """The head is complete and a handler runs (called by the middleware): no head deadline
+        until the answer is written (an event stream is one long request)."""
+        self._busy = True
+        self._stop_head_timer()
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(self._request_done)
+
+    def _request_done(self, _task: asyncio.Task[Any]) -> None:
+        self._busy = False
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self._busy and self.transport is not None:
+            log.info("listener=api closed a connection: request head not complete within %.1f s",
+                     self._deadlines.head)  # fmt: skip
+            self._closed_count("head")
+            self.force_close()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:  # fmt: skip
+        """aiohttp's answer to a request it could not parse or serve, as problem details.
+
+        The logging stays aiohttp's (rewritten without client text by the server's filter); the
+        answer names the kind of fault, never the client's bytes."""
+        super().handle_error(request, status, exc, None)  # logs; its text/plain answer is dropped
+        if status >= 500:
+            problem = Problem(503, R.S451_4_3_0_LOCAL_ERROR, "internal-error")
+        else:
+            detail = _malformed_detail(exc)
+            problem = Problem(status, S500_5_5_2_MALFORMED, "http-malformed", detail=detail)
+        response = problem_response(problem)
+        response.force_close()
+        return response
+
+
+def _malformed_detail(exc: BaseException | None) -> str:
+    if isinstance(exc, LineTooLong):
+        return f"A request line or header field is longer than {MAX_LINE} octets"
+    if isinstance(exc, HttpProcessingError):
+        return f"The HTTP request is malformed ({type(exc).__name__}); at most {MAX_HEADERS} header fields"
+    return "The HTTP request is malformed"
+
+
+def problem_response(problem: Problem) -> web.Response:
+    """``problem`` as an ``application/problem+json`` response (with ``Retry-After`` when it has one)."""
+    headers: dict[str, str] = {hdrs.SERVER: SERVER_NAME}
+    if problem.retry_after is not None:
+        headers["Retry-After"] = str(problem.retry_after)
+    return web.Response(status=problem.status, body=problem.encode(), content_type=PROBLEM_TYPE, charset="utf-8",
+                        headers=headers)  # fmt: skip
+
+
+def over_cap_problem() -> Problem:
+    return Problem(503, S421_4_7_0_CONNECTIONS, "too-many-connections", retry_after=OVER_CAP_RETRY_AFTER,
+                   detail="Too many open connections from this address or in all: close idle ones, retry later")
+
+
+def slow_body_problem(deadlines: Deadlines) -> Problem:
+    return Problem(408, S451_4_4_2_SLOW_BODY, "request-body-slow", title="Request timeout",
+                   retry_after=OVER_CAP_RETRY_AFTER,
+                   detail=f"The request body came slower than {deadlines.body_rate} octets/s "
+                          f"(after {deadlines.body_grace:g} s): send it at once")  # fmt: skip
+
+
+async def read_body(request: web.Request, limit: int, deadlines: Deadlines,
+                    too_big: Callable[[], Problem]) -> bytearray:  # fmt: skip
+    """The whole request body, read as long as it keeps ``body_min_rate`` on average.
+
+    By ``grace + n / rate`` seconds after the first read, more than ``n`` octets must have come,
+    whether the length was declared or the body is chunked; a body over ``limit`` is ``too_big``.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    body = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout_at(start + deadlines.body_grace + len(body) / deadlines.body_rate):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise slow_body_problem(deadlines) from None
+        if not chunk:
+            return body
+        body += chunk
+        if len(body) > limit:
+            raise too_big()
+
+
+class Listener:
+    """The TLS listening socket of the API, creating a ``GuardedHandler`` per connection."""
+
+    def __init__(self, runner: web.AppRunner, handler_args: dict[str, Any], guard: ConnectionGuard,
+                 deadlines: Deadlines, closed: Callable[[str], None]) -> None:  # fmt: skip
+        self.runner = runner
+        self.handler_args = handler_args
+        self.guard = guard
+        self.deadlines = deadlines
+        self.closed = closed
+        self.server: asyncio.AbstractServer | None = None
+
+    def _make(self) -> GuardedHandler:
+        manager = self.runner.server
+        assert manager is not None
+        return GuardedHandler(manager, loop=asyncio.get_running_loop(), guard=self.guard, deadlines=self.deadlines,
+                              closed=self.closed, **self.handler_args)  # fmt: skip
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._make, host, port, ssl=tls, reuse_address=True,
+                                               ssl_handshake_timeout=self.deadlines.handshake)  # fmt: skip
+        bound = self.server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def close(self) -> None:
+        """Stop accepting; open connections are ended by the runner's cleanup."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+def handler_args(deadlines: Deadlines) -> dict[str, Any]:
+    """What every connection handler is built with (the runner's server gets the same)."""
+    return {"keepalive_timeout": deadlines.idle, "max_line_size": MAX_LINE, "max_field_size": MAX_FIELD,
+            "max_headers": MAX_HEADERS, "lingering_time": LINGER_SECONDS, "access_log": None}
+
+
+__all__ = ["ConnectionGuard", "Deadlines", "GuardedHandler", "Listener", "handler_args", "problem_response",
+           "read_body"]

@@ -45,8 +45,14 @@ def test_issue_show_pem_verifies_with_openssl(sqlite_home: Path, tmp_path: Path)
     check = subprocess.run(["openssl", "verify", "-purpose", "smimesign", "-CAfile", str(ca), str(cert)],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    key_files = list((sqlite_home / "keys").glob("*.key"))
-    assert len(key_files) == 1 and key_files[0].stat().st_mode & 0o777 == 0o600
+    # The private key is sealed in the database (every node uses it), not a file of this node.
+    assert list((sqlite_home / "keys").glob("*")) == []
+    import sqlite3
+
+    with sqlite3.connect(sqlite_home / "mssgw.db") as db:
+        key_path, = db.execute("SELECT key_path FROM certificates WHERE address = ?", (ADDRESS,)).fetchone()
+        sealed = db.execute("SELECT count(*) FROM sealed_secrets WHERE name = ?", (f"key:{issued['fingerprint']}",))
+        assert key_path == f"sealed:key:{issued['fingerprint']}" and sealed.fetchone() == (1,)
 
 
 def test_revoke_puts_serial_in_crl(sqlite_home: Path) -> None:

@@ -183,11 +183,22 @@ def _seal(kek: Kek, name: str, clear: bytes) -> tuple[bytes, bytes]:
     return nonce, AESGCM(kek.key).encrypt(nonce, clear, name.encode("utf-8"))
 
 
+def _mismatch(kek: Kek, sealed_with: str) -> KekError:
+    return KekError(f"this node's key-encryption key (id {kek.id}) is not the one the keys were sealed with "
+                    f"(id {sealed_with}): {_GIVE_SAME}")
+
+
+def check_kek(session: Session, kek: Kek) -> None:
+    """Refuse a KEK other than the one the rows are sealed with (a node given the wrong one)."""
+    other = session.scalar(select(SealedSecret.kek_id).where(SealedSecret.kek_id != kek.id).limit(1))
+    if other is not None:
+        raise _mismatch(kek, other)
+
+
 def open_sealed(kek: Kek, name: str, kek_id: str, nonce: bytes, ciphertext: bytes) -> bytes:
     """The clear bytes of one sealed value; the KEK is checked by id first, for a clear answer."""
     if kek_id != kek.id:
-        raise KekError(f"this node's key-encryption key (id {kek.id}) is not the one the keys were sealed with "
-                       f"(id {kek_id}): {_GIVE_SAME}")
+        raise _mismatch(kek, kek_id)
     try:
         return AESGCM(kek.key).decrypt(nonce, ciphertext, name.encode("utf-8"))
     except InvalidTag:
@@ -196,7 +207,10 @@ def open_sealed(kek: Kek, name: str, kek_id: str, nonce: bytes, ciphertext: byte
 
 
 def put(session: Session, kek: Kek, name: str, clear: bytes) -> None:
-    """Seal ``clear`` as ``name`` (replacing a row of that name), in the caller's transaction."""
+    """Seal ``clear`` as ``name`` (replacing a row of that name), in the caller's transaction.
+
+    Refused under a KEK other than the rows' own: the other nodes could not open it."""
+    check_kek(session, kek)
     nonce, ciphertext = _seal(kek, name, clear)
     row = session.get(SealedSecret, name)
     if row is None:
@@ -307,11 +321,13 @@ def ensure_kek(session: Session, settings: Settings) -> tuple[Kek, bool]:
     A node joining a database whose secrets another KEK sealed gets the clear ``KekError``
     instead of a KEK of its own, which would seal new keys the other nodes cannot open."""
     try:
-        return load_kek(settings), False
+        kek = load_kek(settings)
+        check_kek(session, kek)
+        return kek, False
     except KekError:
         path = kek_path(settings)
         if os.environ.get(KEK_ENV, "").strip() or path.exists():
-            raise  # given but malformed or unreadable: the operator must fix it
+            raise  # given, but malformed, unreadable or not the rows' KEK: the operator must fix it
         held = session.scalar(select(func.count()).select_from(SealedSecret)) or 0
         if held:
             raise KekError(f"no key-encryption key at {path} (nor {KEK_ENV}) and the database already holds "

@@ -16,9 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 
 PG_URL_ENV = "MSSGW_TEST_PG_URL"
+
+# Property tests judge answers, never speed: Hypothesis's per-example deadline is a wall-clock
+# assertion that fails at random on a loaded 2-core runner, so it is off for the whole suite.
+hypothesis_settings.register_profile("mssgw", deadline=None)
+hypothesis_settings.load_profile("mssgw")
 
 
 def free_port() -> int:

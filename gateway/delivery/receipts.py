@@ -9,8 +9,7 @@ encrypted like any other message.
   a ``message/delivery-status`` part (RFC 3464 §2: per-message fields, then per recipient
   ``Final-Recipient``/``Action``/``Status``/``Remote-MTA``/``Diagnostic-Code``) and the original
   *headers only* as ``text/rfc822-headers``: a DSN never carries the body (RET=FULL is answered
-  as RET=HDRS, RFC 3461 §4.3 leaves it to us: health content stays off the return path).  Every field line
-  ends with CRLF, the delimiter's CRLF comes after it (RFC 2046 §5.1.1).  ``Original-Envelope-Id``
+  as RET=HDRS, RFC 3461 §4.3 leaves it to us: health content stays off the return path).  ``Original-Envelope-Id``
   only when the sender gave an ENVID (RFC 3461 §4.4), ``Original-Recipient`` only when it gave an
   ORCPT (§4.2); ``Diagnostic-Code`` only for a reply a
   remote server actually sent (RFC 3464 §2.3.6): our own reasons are in the human part.
@@ -25,6 +24,11 @@ encrypted like any other message.
 - Loops (RFC 3834 §2, RFC 8098 §2.1, RFC 3464 §2): a report, an ``Auto-Submitted`` message or one
   from the null reverse-path never triggers a receipt.
 
+The bytes are written by the standard ``email`` package (``EmailMessage``, ``policy.SMTP``): it
+chooses the boundary, folds and encodes header fields (RFC 2047 words for a non-ASCII subject,
+UTF-8 when an address needs it) and places each delimiter's CRLF (RFC 2046 §5.1.1).  No
+byte-exact writing is needed here: a receipt is signed after it is built, like any message.
+
 Errors: none of its own; bad input headers are read leniently (a receipt must not fail because
 the original was odd).  Values written into headers are stripped of CR/LF.
 """
@@ -32,9 +36,13 @@ the original was odd).  Values written into headers are stripped of CR/LF.
 from __future__ import annotations
 
 import datetime as _dt
+import email.policy
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.generator import BytesGenerator
+from email.message import EmailMessage, Message, MIMEPart
 from email.utils import format_datetime, make_msgid
 
 from gateway.crypto import _mime
@@ -157,39 +165,87 @@ def receipt_author(receipt: bytes) -> str | None:
     return _mime.first_address(_mime.header_value(_fields(receipt), "from"))
 
 
-def _envelope(*, from_addr: str, to: str, subject: str, boundary: str, report_type: str,
-              domain: str, in_reply_to: str | None, now: _dt.datetime) -> bytes:  # fmt: skip
-    lines = [
-        f"From: {_clean(from_addr)}",
-        f"To: <{_clean(to)}>",
-        f"Subject: {_clean(subject)}",
-        f"Date: {format_datetime(now)}",
-        f"Message-ID: {make_msgid(domain=domain)}",
-        "Auto-Submitted: auto-replied",
-    ]
+#: RFC 5322 with CRLF line ends, 78-column folding, 8-bit bodies where a part needs them; header
+#: values that are not ASCII become RFC 2047 encoded words, so every header line stays 7-bit.
+POLICY = email.policy.SMTP
+#: For a receipt to or from an internationalised address (RFC 6531/6532, accepted with SMTPUTF8):
+#: an address cannot be an encoded word, so its header fields are written in UTF-8.
+POLICY_UTF8 = email.policy.SMTPUTF8
+REPORT_PREAMBLE = "This is a MIME-encapsulated report."
+
+
+def _report(*, from_addr: str, to: str, subject: str, report_type: str, domain: str,
+            in_reply_to: str | None, now: _dt.datetime, parts: Sequence[MIMEPart]) -> bytes:  # fmt: skip
+    """A ``multipart/report`` (RFC 6522) around ``parts``, written by the ``email`` package.
+
+    The generator picks a boundary found in none of the parts, folds long header lines and
+    puts each delimiter's CRLF where RFC 2046 §5.1.1 wants it."""
+    policy = POLICY if f"{from_addr}{to}".isascii() else POLICY_UTF8
+    msg = EmailMessage(policy=policy)
+    msg["From"] = _clean(from_addr)
+    msg["To"] = f"<{_clean(to)}>"
+    msg["Subject"] = _clean(subject)
+    msg["Date"] = now
+    msg["Message-ID"] = make_msgid(domain=domain)
+    msg["Auto-Submitted"] = "auto-replied"
     if in_reply_to:
-        lines += [f"In-Reply-To: {_clean(in_reply_to)}", f"References: {_clean(in_reply_to)}"]
-    lines += [
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type={report_type};\r\n boundary="{boundary}"',
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        msg["In-Reply-To"] = _clean(in_reply_to)
+        msg["References"] = _clean(in_reply_to)
+    msg["MIME-Version"] = "1.0"
+    msg["Content-Type"] = "multipart/report"
+    msg.set_param("report-type", report_type, requote=False)
+    msg.preamble = REPORT_PREAMBLE
+    msg.set_payload(list(parts))
+    out = io.BytesIO()
+    BytesGenerator(out, policy=policy).flatten(msg)
+    return out.getvalue()
 
 
-def _part(content_type: str, body: bytes, extra: str = "") -> bytes:
-    head = f"Content-Type: {content_type}\r\n{extra}\r\n".encode()
-    return head + _mime.to_crlf(body)
+def _text_part(text: str, description: str = "") -> MIMEPart:
+    """A human-readable ``text/plain; charset=utf-8`` part (the library chooses its transfer encoding)."""
+    part = MIMEPart(policy=POLICY)
+    part.set_content(text, subtype="plain", charset="utf-8")
+    if description:
+        part["Content-Description"] = description
+    return part
 
 
-def _assemble(head: bytes, boundary: str, parts: Sequence[bytes]) -> bytes:
-    b = boundary.encode()
-    out = [head, b"This is a MIME-encapsulated report.\r\n"]
-    for p in parts:
-        # A part's last line keeps its own CRLF; the CRLF before the delimiter belongs to the
-        # delimiter (RFC 2046 §5.1.1), so each field line of a report ends with CRLF (RFC 3464 §2).
-        out += [b"\r\n--", b, b"\r\n", p]
-    out += [b"\r\n--", b, b"--\r\n"]
-    return b"".join(out)
+def _headers_part(headers: bytes, description: str = "") -> MIMEPart:
+    """The original's header section as ``text/rfc822-headers`` (RFC 6522 §4), its bytes untouched:
+    7bit when ASCII, else 8bit (a header written in raw UTF-8, RFC 6532)."""
+    part = MIMEPart(policy=POLICY)
+    part.set_content(headers, maintype="text", subtype="rfc822-headers",
+                     cte="7bit" if headers.isascii() else "8bit")  # fmt: skip
+    if description:
+        part["Content-Description"] = description
+    return part
+
+
+def _fields_block(fields: Sequence[tuple[str, str]]) -> Message:
+    """One block of report fields (RFC 3464 §2): a header section of its own, which the
+    generator writes for ``message/delivery-status`` with a blank line between blocks."""
+    block = Message(policy=POLICY)
+    for name, value in fields:
+        block[name] = value
+    return block
+
+
+def _delivery_status_part(blocks: Sequence[Sequence[tuple[str, str]]]) -> MIMEPart:
+    """``message/delivery-status`` (RFC 3464 §2): the per-message block, then one per recipient."""
+    part = MIMEPart(policy=POLICY)
+    part["Content-Type"] = "message/delivery-status"
+    part["Content-Description"] = "Delivery report"
+    part.set_payload([_fields_block(b) for b in blocks])
+    return part
+
+
+def _disposition_part(fields: Sequence[tuple[str, str]]) -> MIMEPart:
+    """``message/disposition-notification`` (RFC 8098 §3.1): one block of fields, each folded and
+    encoded by the policy (the ``email`` package has no writer of its own for this type)."""
+    part = MIMEPart(policy=POLICY)
+    part["Content-Type"] = "message/disposition-notification"
+    part.set_payload("".join(POLICY.fold(name, value) for name, value in fields))
+    return part
 
 
 def build_dsn(
@@ -221,45 +277,37 @@ def build_dsn(
     human = [f"This is the mail system at {reporting_mta}.", "", summary, ""]
     for r in recipients:
         human.append(f"<{_clean(r.address)}>: {r.action}, {_clean(r.diagnostic) or r.status}")
-    human.append("")
-    per_message = [f"Reporting-MTA: dns; {_clean(reporting_mta)}"]
+    per_message = [("Reporting-MTA", f"dns; {_clean(reporting_mta)}")]
     if envelope_id:
-        per_message.insert(0, f"Original-Envelope-Id: {_clean(envelope_id)}")
+        per_message.insert(0, ("Original-Envelope-Id", _clean(envelope_id)))
     if queue_id:
-        per_message.append(f"X-Mssgw-Queue-ID: {_clean(queue_id)}")
-    per_message.append(f"Arrival-Date: {format_datetime(arrival)}")
-    blocks = ["\r\n".join(per_message)]
+        per_message.append(("X-Mssgw-Queue-ID", _clean(queue_id)))
+    per_message.append(("Arrival-Date", format_datetime(arrival)))
+    blocks = [per_message]
     for r in recipients:
-        f = [f"Original-Recipient: {_original_recipient(r.original_recipient)}"] if r.original_recipient else []
+        f = [("Original-Recipient", _original_recipient(r.original_recipient))] if r.original_recipient else []
         f += [
-            f"Final-Recipient: rfc822; {_clean(r.address)}",
-            f"Action: {r.action}",
-            f"Status: {r.status}",
+            ("Final-Recipient", f"rfc822; {_clean(r.address)}"),
+            ("Action", r.action),
+            ("Status", r.status),
         ]
         if r.remote_mta:
-            f.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
+            f.append(("Remote-MTA", f"dns; {_clean(r.remote_mta)}"))
             if _SMTP_REPLY.match(r.diagnostic):  # the reply the remote server sent
-                f.append(f"Diagnostic-Code: smtp; {_clean(r.diagnostic)[:900]}")
-        f.append(f"Last-Attempt-Date: {format_datetime(r.last_attempt or now)}")
+                f.append(("Diagnostic-Code", f"smtp; {_clean(r.diagnostic)[:900]}"))
+        f.append(("Last-Attempt-Date", format_datetime(r.last_attempt or now)))
         if r.will_retry_until:
-            f.append(f"Will-Retry-Until: {format_datetime(r.will_retry_until)}")
-        blocks.append("\r\n".join(f))
-    status = ("\r\n\r\n".join(blocks) + "\r\n").encode("utf-8")
-    boundary = _mime.new_boundary(headers, status)
+            f.append(("Will-Retry-Until", format_datetime(r.will_retry_until)))
+        blocks.append(f)
     domain = postmaster.rpartition("@")[2] or reporting_mta
-    head = _envelope(
-        from_addr=f"Mail Delivery System <{postmaster}>", to=to, subject=subject, boundary=boundary,
+    return _report(
+        from_addr=f"Mail Delivery System <{postmaster}>", to=to, subject=subject,
         report_type="delivery-status", domain=domain,
         in_reply_to=_mime.header_value(_fields(original), "message-id"), now=now,
-    )  # fmt: skip
-    return _assemble(
-        head,
-        boundary,
-        [
-            _part("text/plain; charset=utf-8", "\r\n".join(human).encode("utf-8"),
-                  "Content-Description: Notification\r\nContent-Transfer-Encoding: 8bit\r\n"),
-            _part("message/delivery-status", status, "Content-Description: Delivery report\r\n"),
-            _part("text/rfc822-headers", headers, "Content-Description: Undelivered message headers\r\n"),
+        parts=[
+            _text_part("\n".join(human) + "\n", "Notification"),
+            _delivery_status_part(blocks),
+            _headers_part(headers, "Undelivered message headers"),
         ],
     )  # fmt: skip
 
@@ -298,42 +346,35 @@ def build_mdn(
     if message_id is not None and not _MSG_ID.fullmatch(message_id.strip()):
         message_id = None  # not a msg-id: neither copied into the report nor referenced
     subject = _mime.header_value(fields, "subject") or ""
-    report = [f"Reporting-UA: {_clean(reporting_ua)}; mssgw"]
+    report = [("Reporting-UA", f"{_clean(reporting_ua)}; mssgw")]
     orcpt = _ORCPT.fullmatch(_clean(_mime.header_value(fields, "original-recipient") or ""))
     if orcpt:
-        report.append(f"Original-Recipient: {orcpt.group(1)}; {orcpt.group(2).strip()}")
-    report.append(f"Final-Recipient: rfc822; {_clean(final_recipient)}")
+        report.append(("Original-Recipient", f"{orcpt.group(1)}; {orcpt.group(2).strip()}"))
+    report.append(("Final-Recipient", f"rfc822; {_clean(final_recipient)}"))
     if message_id:
-        report.append(f"Original-Message-ID: {message_id.strip()}")
+        report.append(("Original-Message-ID", message_id.strip()))
     written = disposition
     if disposition == "failed" and failed_form == MDN_FORM_RFC8098:
         written = "processed/error"
         error = error or "the message could not be processed"
-    report.append(f"Disposition: automatic-action/MDN-sent-automatically; {written}")
+    report.append(("Disposition", f"automatic-action/MDN-sent-automatically; {written}"))
     if disposition == "dispatched":
-        report.append(f"{DIRECT_FINAL_DELIVERY}: ")
+        report.append((DIRECT_FINAL_DELIVERY, ""))
     if error:
-        report.append(f"Error: {_clean(error)[:900]}")
-    body = ("\r\n".join(report) + "\r\n").encode("utf-8")
+        report.append(("Error", _clean(error)[:900]))
     verb = {"processed": "has been received and processed", "dispatched": "has been delivered to the mailbox",
             "failed": "could not be processed"}.get(disposition, f"was {disposition}")  # fmt: skip
     human = (
-        f"The message sent to {final_recipient} ({_clean(subject) or 'no subject'}) {verb}.\r\n"
-        "This is an automatic notification; it does not mean the message was read.\r\n"
+        f"The message sent to {final_recipient} ({_clean(subject) or 'no subject'}) {verb}.\n"
+        "This is an automatic notification; it does not mean the message was read.\n"
     )
-    headers = original_headers(original)
-    boundary = _mime.new_boundary(body, headers)
-    head = _envelope(
+    return _report(
         from_addr=from_addr, to=to, subject=f"{disposition.capitalize()}: {_clean(subject)}"[:200],
-        boundary=boundary, report_type="disposition-notification",
+        report_type="disposition-notification",
         domain=from_addr.rpartition("@")[2].strip(">") or reporting_ua, in_reply_to=message_id, now=now,
-    )  # fmt: skip
-    return _assemble(
-        head,
-        boundary,
-        [
-            _part("text/plain; charset=utf-8", human.encode("utf-8"), "Content-Transfer-Encoding: 8bit\r\n"),
-            _part("message/disposition-notification", body),
-            _part("text/rfc822-headers", headers),
+        parts=[
+            _text_part(human),
+            _disposition_part(report),
+            _headers_part(original_headers(original)),
         ],
-    )
+    )  # fmt: skip

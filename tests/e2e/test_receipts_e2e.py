@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from email.message import EmailMessage
 from pathlib import Path
@@ -50,8 +51,9 @@ strict = _strict()
 
 
 def _reports(raw_messages: list[bytes], report_type: str) -> list[bytes]:
-    return [m for m in raw_messages if f"report-type={report_type}".encode() in m.partition(b"\r\n\r\n")[0]
-            or f"report-type={report_type}".encode() in m[:4096]]  # fmt: skip
+    """The ``multipart/report`` messages of ``report_type``; the parameter may be quoted (RFC 2045 §5.1)."""
+    wanted = re.compile(rf'report-type="?{re.escape(report_type)}"?'.encode(), re.IGNORECASE)
+    return [m for m in raw_messages if wanted.search(m[:4096])]
 
 
 def _results(raw: bytes) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from email import message_from_bytes, policy
+from email import message_from_bytes, message_from_string, policy
 
 from gateway.delivery.receipts import DsnRecipient, build_dsn, build_mdn, is_report, mdn_request
 
@@ -97,3 +97,34 @@ def test_header_injection_is_neutralised() -> None:
     msg = parse(data)
     assert msg["Bcc"] is None
     assert b"\r\nX-Injected" not in data and b"\r\nX: y" not in data
+
+
+def test_header_fields_stay_seven_bit_unless_an_address_needs_utf8() -> None:
+    """The ``email`` package writes the receipt: a non-ASCII subject becomes an encoded word
+    (RFC 2047) for an ASCII recipient, while an internationalised address (accepted with
+    SMTPUTF8) is written in UTF-8, never as an encoded word, which no address may be."""
+    original = ORIGINAL.replace(b"Subject: Ordonnance DUPONT", "Subject: Compte rendu d'échographie".encode())
+    ascii_mdn = build_mdn(reporting_ua="mx.b.test", from_addr="<postmaster@b.test>", to="dr.martin@a.test",
+                          final_recipient="ph@b.test", original=original, now=NOW)  # fmt: skip
+    head = ascii_mdn.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii() and b"=?utf-8?" in head
+    assert parse(ascii_mdn)["Subject"] == "Processed: Compte rendu d'échographie"
+
+    utf8_dsn = build_dsn(reporting_mta="mx.a.test", postmaster="postmaster@a.test", to="jérôme@a.test",
+                         recipients=[DsnRecipient("ph@b.test", "failed", "5.1.1", "550 5.1.1 unknown")],
+                         original=original, arrival=NOW, now=NOW)  # fmt: skip
+    assert "To: <jérôme@a.test>".encode() in utf8_dsn and b"=?utf-8?q?j" not in utf8_dsn
+    head = utf8_dsn.split(b"\r\n\r\n", 1)[0].decode("utf-8")  # RFC 6532: header fields in UTF-8
+    assert message_from_string(head + "\r\n\r\n", policy=policy.default)["To"].addresses[0].addr_spec == "jérôme@a.test"
+
+
+def test_report_parts_are_delimited_by_a_boundary_found_in_no_part() -> None:
+    """The generator picks the boundary: an original whose headers already carry the usual
+    boundary text of the ``email`` package cannot cut the report in two."""
+    hostile = ORIGINAL.replace(b"To: ph@b.test", b"To: ph@b.test\r\nX-Trap: --===============0000000000000000000==")
+    msg = parse(build_dsn(reporting_mta="mx.a.test", postmaster="postmaster@a.test", to="s@a.test",
+                          recipients=[DsnRecipient("ph@b.test", "failed", "5.1.1", "550 5.1.1 unknown")],
+                          original=hostile, arrival=NOW, now=NOW))  # fmt: skip
+    assert msg.get_content_type() == "multipart/report"
+    assert [p.get_content_type() for p in msg.iter_parts()] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]

@@ -16,8 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from directory.db import make_engine, read_session_factory
 from gateway.config import load_settings
-from gateway.crypto.keystore import KeyRef, load_keypair
+from gateway.crypto.keystore import KeyStore, load_keypair
 
 REMOTE = "labo@b.mssante.test"
 LOCAL = "accueil@a.mssante.test"
@@ -102,8 +103,13 @@ def test_smime4_import_own_ec_key_loads_for_signing(home: Path, tmp_path: Path) 
     assert "with its private key" in out
     fpr = out.split()[1]
     settings = load_settings(home)
-    key_path = settings.keys_dir / f"{fpr}.key"
-    cert, key = load_keypair(KeyRef(pem.read_bytes().split(b"-----BEGIN PRIVATE KEY")[0], str(key_path), LOCAL))
+    engine = make_engine(settings.database_url)
+    try:  # the key store's own path: the key sealed in the database, opened with this home's KEK
+        ref = KeyStore(settings, read_session_factory(engine)).signer_for(LOCAL)
+    finally:
+        engine.dispose()
+    assert ref.key_path == f"sealed:key:{fpr}"
+    cert, key = load_keypair(ref)
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
 
     # Our own certificate, but only good for signing (keyUsage without keyAgreement): peers could

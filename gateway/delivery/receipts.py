@@ -53,6 +53,7 @@ __all__ = [
     "DsnRecipient",
     "build_dsn",
     "build_mdn",
+    "build_notice",
     "is_report",
     "mdn_from",
     "mdn_request",
@@ -174,12 +175,9 @@ POLICY_UTF8 = email.policy.SMTPUTF8
 REPORT_PREAMBLE = "This is a MIME-encapsulated report."
 
 
-def _report(*, from_addr: str, to: str, subject: str, report_type: str, domain: str,
-            in_reply_to: str | None, now: _dt.datetime, parts: Sequence[MIMEPart]) -> bytes:  # fmt: skip
-    """A ``multipart/report`` (RFC 6522) around ``parts``, written by the ``email`` package.
-
-    The generator picks a boundary found in none of the parts, folds long header lines and
-    puts each delimiter's CRLF where RFC 2046 §5.1.1 wants it."""
+def _automatic(*, from_addr: str, to: str, subject: str, domain: str, now: _dt.datetime,
+               auto_submitted: str = "auto-replied", extra: Sequence[tuple[str, str]] = ()) -> EmailMessage:  # fmt: skip
+    """The header section of a message the gateway writes itself (RFC 3834 ``Auto-Submitted``)."""
     policy = POLICY if f"{from_addr}{to}".isascii() else POLICY_UTF8
     msg = EmailMessage(policy=policy)
     msg["From"] = _clean(from_addr)
@@ -187,18 +185,42 @@ def _report(*, from_addr: str, to: str, subject: str, report_type: str, domain: 
     msg["Subject"] = _clean(subject)
     msg["Date"] = now
     msg["Message-ID"] = make_msgid(domain=domain)
-    msg["Auto-Submitted"] = "auto-replied"
-    if in_reply_to:
-        msg["In-Reply-To"] = _clean(in_reply_to)
-        msg["References"] = _clean(in_reply_to)
+    msg["Auto-Submitted"] = auto_submitted
+    for name, value in extra:
+        msg[name] = _clean(value)
+    return msg
+
+
+def _written(msg: EmailMessage) -> bytes:
+    out = io.BytesIO()
+    BytesGenerator(out, policy=msg.policy).flatten(msg)
+    return out.getvalue()
+
+
+def build_notice(*, from_addr: str, to: str, subject: str, text: str, domain: str, now: _dt.datetime,
+                 extra: Sequence[tuple[str, str]] = ()) -> bytes:  # fmt: skip
+    """A plain ``text/plain`` notice from the gateway (``Auto-Submitted: auto-generated``), e.g.
+    the quarantine notice: written by the ``email`` package like the reports."""
+    msg = _automatic(from_addr=from_addr, to=to, subject=subject, domain=domain, now=now,
+                     auto_submitted="auto-generated", extra=extra)  # fmt: skip
+    msg.set_content(text, subtype="plain", charset="utf-8")
+    return _written(msg)
+
+
+def _report(*, from_addr: str, to: str, subject: str, report_type: str, domain: str,
+            in_reply_to: str | None, now: _dt.datetime, parts: Sequence[MIMEPart]) -> bytes:  # fmt: skip
+    """A ``multipart/report`` (RFC 6522) around ``parts``, written by the ``email`` package.
+
+    The generator picks a boundary found in none of the parts, folds long header lines and
+    puts each delimiter's CRLF where RFC 2046 §5.1.1 wants it."""
+    threading = [("In-Reply-To", in_reply_to), ("References", in_reply_to)] if in_reply_to else []
+    msg = _automatic(from_addr=from_addr, to=to, subject=subject, domain=domain, now=now, extra=threading)
     msg["MIME-Version"] = "1.0"
     msg["Content-Type"] = "multipart/report"
-    msg.set_param("report-type", report_type, requote=False)
+    msg.set_param("report-type", report_type)
     msg.preamble = REPORT_PREAMBLE
     msg.set_payload(list(parts))
-    out = io.BytesIO()
-    BytesGenerator(out, policy=policy).flatten(msg)
-    return out.getvalue()
+    return _written(msg)
 
 
 def _text_part(text: str, description: str = "") -> MIMEPart:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from collections.abc import Callable, Sequence
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 
 from gateway.crypto import _mime
 from gateway.crypto.result import AUTH_METHODS, SecurityResult, pvalue
-from gateway.delivery.receipts import original_headers
+from gateway.delivery.receipts import build_notice, original_headers
 from gateway.process.verdict import Job
 
 __all__ = ["PEER_TLS", "peer_report_results", "quarantine_notice", "transport_report"]
@@ -89,26 +89,17 @@ def quarantine_notice(*, hostname: str, postmaster: str, to: str, job: Job, fail
     sender = f"<{_clean(job.sender)}>" if job.sender else "<> (a report or automatic message)"
     peer = f" through the peer operator {_clean(job.peer_operator)}" if job.peer_operator else ""
     why = _REASONS.get(failure or "", f"it failed security verification ({_clean(failure or 'not verified')})")
-    body = (
-        f"A message from {sender}{peer} to <{_clean(to)}> was received by {hostname}\r\n"
-        f"on {format_datetime(job.created_at)} and held in quarantine, because {why}.\r\n"
-        "It has not been delivered to you.\r\n"
-        "\r\n"
-        f"Queue id: {job.id}\r\n"
-        "Your administrator can release it (mssgw queue quarantine release) or delete it.\r\n"
-        "This notice carries none of the message's content.\r\n"
+    text = (
+        f"A message from {sender}{peer} to <{_clean(to)}> was received by {hostname}\n"
+        f"on {format_datetime(job.created_at)} and held in quarantine, because {why}.\n"
+        "It has not been delivered to you.\n"
+        "\n"
+        f"Queue id: {job.id}\n"
+        "Your administrator can release it (mssgw queue quarantine release) or delete it.\n"
+        "This notice carries none of the message's content.\n"
     )
-    domain = postmaster.rpartition("@")[2] or hostname
-    head = "\r\n".join([
-        f"From: Mail Delivery System <{postmaster}>",
-        f"To: <{_clean(to)}>",
-        "Subject: A message to you was held in quarantine",
-        f"Date: {format_datetime(now)}",
-        f"Message-ID: {make_msgid(domain=domain)}",
-        "Auto-Submitted: auto-generated",
-        f"X-Mssgw-Quarantined: {job.id}",
-        "MIME-Version: 1.0",
-        "Content-Type: text/plain; charset=utf-8",
-        "Content-Transfer-Encoding: 8bit",
-    ])  # fmt: skip
-    return (head + "\r\n\r\n" + body).encode("utf-8")
+    return build_notice(
+        from_addr=f"Mail Delivery System <{postmaster}>", to=to,
+        subject="A message to you was held in quarantine", text=text,
+        domain=postmaster.rpartition("@")[2] or hostname, now=now, extra=[("X-Mssgw-Quarantined", job.id)],
+    )  # fmt: skip

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -251,8 +251,12 @@ class ApiEdge:
             first = next(a for a in answers if not a["accepted"])
             raise Problem(422, R.Reply(first["smtp_code"], first["enhanced_status"], first["reason"]), first["rule"],
                           detail=f"No recipient accepted: {first['reason']}", extra={"recipients": answers})
+        # We write the header fields (a mail client wrote its own): they name the accepted recipients only.
+        taken = {given.lower() for given, answer in zip(sub.recipients, answers, strict=True) if answer["accepted"]}
+        headed = replace(sub, to=tuple(a for a in sub.to if a.lower() in taken),
+                         cc=tuple(a for a in sub.cc if a.lower() in taken))
         try:
-            data = await asyncio.to_thread(build_message, sub, author=author)
+            data = await asyncio.to_thread(build_message, headed, author=author)
         except ComposeError as exc:
             refused = Decision.refuse(R.S554_5_6_0_XDM_INVALID, "document-compose", f"IHE XDM package refused: {exc}")
             self._refuse_content(caller, sub.sender, accepted, refused, 0)

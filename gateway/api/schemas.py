@@ -46,6 +46,8 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+\Z")
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: ``To:`` when no ``to`` recipient was accepted (an empty group, RFC 5322 3.4; the Cc ones still get it).
+UNDISCLOSED = "undisclosed-recipients:;"
 _FIELDS = {"from", "to", "cc", "subject", "text", "html", "attachments", "documents", "receipt"}
 
 
@@ -187,10 +189,11 @@ def _base64(value: Any, where: str, errors: _Errors) -> bytes | None:
     if not isinstance(value, str):
         errors.add(where, f"must be base64 text, not {_kind(value)}")
         return None
-    try:
-        return base64.b64decode("".join(value.split()), validate=True)
+    try:  # strictly: a line break, a space or any other character out of the alphabet is refused
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        errors.add(where, "not valid base64 (RFC 4648 4)")
+        errors.add(where, "not valid base64 (RFC 4648 4: the 64 characters and '=' padding only, "
+                          "on one line, without spaces)")
         return None
 
 
@@ -203,9 +206,32 @@ def _attachment(value: Any, where: str, errors: _Errors) -> Attachment | None:
     if not _MEDIA_TYPE.match(ctype):
         errors.add(f"{where}/content_type", "not a media type (type/subtype)")
     content = _base64(value.get("content"), f"{where}/content", errors)
+    if content is not None and ctype.lower() == "message/rfc822":
+        content = _embedded_message(content, f"{where}/content", errors)
     if filename is None or content is None or not _MEDIA_TYPE.match(ctype):
         return None
     return Attachment(filename, ctype.lower(), content)
+
+
+_FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+def _embedded_message(content: bytes, where: str, errors: _Errors) -> bytes | None:
+    """A ``message/rfc822`` attachment's message with CRLF line ends, or None (error added).
+
+    RFC 2046 5.2.1 allows no encoding but 7bit, 8bit or binary for it, so it travels as it is:
+    lines of at most 998 octets (RFC 5322 2.1.1), no NUL, and a header section first."""
+    text = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if not _FIELD_LINE.match(text) or b"\x00" in text:
+        errors.add(where, "a message/rfc822 attachment must be a mail message (header fields first, no NUL)")
+        return None
+    lines = text.split(b"\n")
+    if max(map(len, lines)) > 998:
+        errors.add(where, "a message/rfc822 attachment is sent unencoded (RFC 2046 5.2.1): "
+                          "lines of at most 998 octets")
+        return None
+    out = b"\r\n".join(lines)
+    return out if out.endswith(b"\r\n") else out + b"\r\n"
 
 
 def _document(value: Any, where: str, errors: _Errors) -> Document | None:
@@ -343,7 +369,10 @@ def _kind(value: Any) -> str:
 
 
 def build_message(sub: Submission, *, author: Author | None = None, now: datetime | None = None) -> bytes:
-    """The message's bytes (CRLF); ``ComposeError`` when a document cannot be packaged."""
+    """The message's bytes (CRLF); ``ComposeError`` when a document cannot be packaged.
+
+    ``To:`` and ``Cc:`` name ``sub.to`` and ``sub.cc`` as given: the edge passes only the accepted
+    recipients, so a refused address never appears in the delivered copy."""
     moment = now or datetime.now(UTC)
     if sub.documents:
         doc = sub.documents[0]
@@ -353,6 +382,9 @@ def build_message(sub: Submission, *, author: Author | None = None, now: datetim
             author=author if author is not None else Author(doc.author_rpps), body=sub.text or ""), now=moment)
         msg = message_from_bytes(composed, _class=EmailMessage, policy=SMTP)
         assert isinstance(msg, EmailMessage)
+        if not sub.to:
+            del msg["To"]
+            msg["To"] = UNDISCLOSED
         if sub.html is not None:
             first = msg.get_payload()[0]  # type: ignore[index]
             assert isinstance(first, EmailMessage)
@@ -363,10 +395,16 @@ def build_message(sub: Submission, *, author: Author | None = None, now: datetim
         msg["Cc"] = ", ".join(sub.cc)
     if sub.receipt:
         msg["Disposition-Notification-To"] = sub.sender
-    for att in sub.attachments:
-        maintype, _, subtype = att.content_type.partition("/")
-        msg.add_attachment(att.content, maintype=maintype, subtype=subtype, filename=att.filename)
-    return msg.as_bytes(policy=SMTP)
+    data = msg.as_bytes(policy=SMTP)
+    if not sub.attachments:
+        return data
+    # The attachments written as in a message without documents (a message/rfc822 one unencoded,
+    # byte for byte), before the closing delimiter of the top multipart/mixed that compose made.
+    boundary = msg.get_boundary()
+    assert boundary is not None
+    close = data.rindex(b"\r\n--" + boundary.encode("ascii") + b"--") + 2
+    parts = b"".join(b"--" + boundary.encode("ascii") + b"\r\n" + _attachment_part(a) for a in sub.attachments)
+    return data[:close] + parts + data[close:]
 
 
 def _plain_message(sub: Submission, moment: datetime) -> bytes:
@@ -374,10 +412,10 @@ def _plain_message(sub: Submission, moment: datetime) -> bytes:
 
     RFC 5322 header fields (the Subject in RFC 2047 encoded words when not ASCII), RFC 2045 parts:
     text in 7bit when it is short-lined ASCII, else quoted-printable UTF-8; attachments in base64
-    (76-character lines) with RFC 2231 file names when not plain ASCII; ``multipart/alternative``
+    (76-character lines) but a ``message/rfc822`` one, unencoded (7bit or 8bit, RFC 2046 5.2.1), with RFC 2231 file names when not plain ASCII; ``multipart/alternative``
     for text and HTML, ``multipart/mixed`` around attachments. Lines end with CRLF.
     """
-    head = [f"From: {sub.sender}", f"To: {', '.join(sub.to)}"]
+    head = [f"From: {sub.sender}", f"To: {', '.join(sub.to) if sub.to else UNDISCLOSED}"]
     if sub.cc:
         head.append(f"Cc: {', '.join(sub.cc)}")
     head += [_subject(sub.subject), f"Date: {format_datetime(moment)}",
@@ -419,9 +457,13 @@ def _filename_params(name: str) -> str:
 
 
 def _attachment_part(att: Attachment) -> bytes:
+    params = _filename_params(att.filename)
+    if att.content_type == "message/rfc822":  # RFC 2046 5.2.1: 7bit or 8bit, never base64
+        cte = "7bit" if att.content.isascii() else "8bit"
+        return (f"Content-Type: message/rfc822\r\nContent-Disposition: attachment; {params}\r\n"
+                f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode("ascii") + att.content)  # fmt: skip
     encoded = base64.b64encode(att.content)
     lines = b"\r\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
-    params = _filename_params(att.filename)
     return (f"Content-Type: {att.content_type}; {params.replace('filename', 'name', 1)}\r\n"
             f"Content-Disposition: attachment; {params}\r\nContent-Transfer-Encoding: base64\r\n\r\n"
             .encode("ascii") + lines + b"\r\n")  # fmt: skip

@@ -7,8 +7,10 @@
 #   compose-setup.sh peer PEER_DOMAIN               trust the peer whose bundle is there
 #       (its CA, route and operator DN, in one idempotent `peers add`).
 #   compose-setup.sh clone SOURCE_HOME              provision another node of the same operator:
-#       its configuration, PKI, private keys and OpenPGP keyring copied from SOURCE_HOME (node 1's
-#       home, mounted read-only for this step only); never its spool, seals or mail.
+#       its configuration, the public PKI files and the TLS listener's certificate and key copied
+#       from SOURCE_HOME (node 1's home, mounted read-only for this step only); never a private key
+#       of the directory (they are sealed in the database; the node is given the key-encryption
+#       key as MSSGW_KEK), the CA's key, the OpenPGP keyring, the spool, seals or mail.
 #
 # Each operator only ever touches its own home; the bundles folder ($PEER_BUNDLES, a volume
 # shared by both operators, default /bundles) is the only thing they have in common, and holds
@@ -42,8 +44,10 @@ case "$1" in
         [ $# -eq 2 ] || usage
         [ -f "$2/mssgw.toml" ] || { echo "$0: $2 is not an initialised home" >&2; exit 1; }
         mkdir -p "$home"
-        # tar keeps modes (keys 0600, folders 0700); gpg-agent sockets and lock files stay behind.
-        (cd "$2" && tar -cf - --exclude='S.*' --exclude='*.lock' mssgw.toml pki keys gnupg) | (cd "$home" && tar -xpf -)
+        # tar keeps modes (server.key 0600, folders 0700). The development PKI's own copies of the
+        # CA and operator keys stay behind: the gateway reads the operator key from the database.
+        (cd "$2" && tar -cf - --exclude='pki/ca.key' --exclude='pki/operator.key' --exclude='*.tmp' mssgw.toml pki) \
+            | (cd "$home" && tar -xpf -)
         echo "node home $home provisioned from $2"
         ;;
     *)

@@ -46,6 +46,13 @@ DOCKERFILE = ROOT / "Dockerfile"
 SETUP = ROOT / "deploy" / "compose-setup.sh"
 SETUP_IN_IMAGE = "mssgw-compose-setup"
 SETTING_KEYS = {f"MSSGW_{s.upper()}_{k.upper()}" for s, keys in DEFAULTS.items() for k in keys}
+KEK_VARIABLE = "MSSGW_KEK"  # not a setting: the key-encryption key itself (directory.secrets)
+
+
+def interpolated(value: str) -> str:
+    """``${VAR:-default}`` as compose gives it when VAR is not set."""
+    found = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return found.group(1) if found else value
 
 
 @dataclass
@@ -217,8 +224,12 @@ def test_the_setup_script_is_what_the_image_runs() -> None:
 def test_every_setting_exists_and_is_valid(tmp_path: Path) -> None:
     for service in services().values():
         env = {k: v for k, v in service.env.items() if k.startswith("MSSGW_")}
-        unknown = set(env) - SETTING_KEYS - {"MSSGW_HOME"}
+        unknown = set(env) - SETTING_KEYS - {"MSSGW_HOME", KEK_VARIABLE}
         assert not unknown, f"{service.name} sets variables no setting reads: {sorted(unknown)}"
+        if KEK_VARIABLE in env:  # 32 bytes in base64, or the KekError that names the variable
+            from directory.secrets import load_kek
+
+            assert len(load_kek(environ={KEK_VARIABLE: interpolated(env.pop(KEK_VARIABLE))}).key) == 32
         validate({}, tmp_path, environ=env)  # raises ConfigError naming the key when a value is wrong
         if url := env.get("MSSGW_DATABASE_URL"):
             assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url
@@ -276,6 +287,9 @@ def test_nodes_of_one_operator_share_the_database_and_the_mail_volume_only() -> 
     shared = {source for _, source in mounts if sum(1 for _, s in mounts if s == source) > 1}
     assert shared == {"mail-a"}, f"volumes shared by A's nodes beyond the Maildir: {shared - {'mail-a'}}"
     assert all(g.volumes.get("/data/mail") == "mail-a" for g in nodes)
+    # Keys are sealed in the database: every service of A's database is given the same KEK.
+    of_a = [s for s in services().values() if s.env.get("MSSGW_DATABASE_URL") == nodes[0].env["MSSGW_DATABASE_URL"]]
+    assert {s.env.get(KEK_VARIABLE) for s in of_a} == {nodes[0].env[KEK_VARIABLE]}, "A's services differ in KEK"
     init_homes = {s.volumes["/data"] for s, _ in setup_calls("init")}
     clones = {s.volumes["/data"]: s for s, _ in setup_calls("clone")}
     for gateway in nodes:
@@ -385,12 +399,13 @@ def test_the_setup_script_connects_two_homes(tmp_path: Path, operator_databases:
             run(service, ["clone", *[str(source) if a == "/source" else a for a in args]])
     for service, _ in clones:
         node, source = homes[service.volumes["/data"]], homes[service.volumes["/source"]]
-        for secret in ("pki/operator.key", "pki/server.key", "pki/ca.pem", "mssgw.toml"):
-            assert (node / secret).read_bytes() == (source / secret).read_bytes(), secret
-            if secret.endswith(".key"):
-                assert (node / secret).stat().st_mode & 0o077 == 0, f"{secret} readable by others"
-        assert (node / "gnupg").is_dir() and (node / "keys").is_dir()
-        assert not any((node / name).exists() for name in ("spool", "audit", "mail", "mssgw.db"))
+        for copied in ("pki/server.key", "pki/server.pem", "pki/operator.pem", "pki/ca.pem", "mssgw.toml"):
+            assert (node / copied).read_bytes() == (source / copied).read_bytes(), copied
+            if copied.endswith(".key"):
+                assert (node / copied).stat().st_mode & 0o077 == 0, f"{copied} readable by others"
+        # No private key of the directory on the second node: they are sealed in the database.
+        left = ("spool", "audit", "mail", "mssgw.db", "keys", "gnupg", "kek", "pki/operator.key", "pki/ca.key")
+        assert not any((node / name).exists() for name in left)
 
     identity = {}
     for service, (domain, hostname, _) in inits:

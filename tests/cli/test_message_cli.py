@@ -53,10 +53,16 @@ def home(sqlite_home: Path) -> Path:
 
 
 def _key_of(home: Path, address: str) -> tuple[Path, Path]:
+    """The mailbox's certificate and key as files for openssl: the key as its owner gets it, from
+    ``certs export --pkcs12`` (the gateway keeps it sealed in its database), opened by openssl."""
     listed = json.loads(mssgw(home, "certs", "show", address, "--json", "--pem").stdout)[0]
     cert = home / f"{address}.pem"
     cert.write_text(listed["pem"])
-    return cert, home / "keys" / f"{listed['fingerprint']}.key"
+    p12, key = home / f"{address}.p12", home / f"{address}.key"
+    assert mssgw(home, "certs", "export", address, "--pkcs12", str(p12), input=b"oracle-passphrase\n").returncode == 0
+    key.write_bytes(subprocess.run(["openssl", "pkcs12", "-in", str(p12), "-nocerts", "-nodes", "-passin",
+                                    "pass:oracle-passphrase"], capture_output=True, check=True).stdout)  # fmt: skip
+    return cert, key
 
 
 def test_protect_then_openssl_decrypts_and_verifies(home: Path, tmp_path: Path) -> None:

@@ -113,9 +113,12 @@ def test_compose_then_protect_then_open_round_trip(home: Path, pdf: Path, tmp_pa
     assert protected.returncode == 0, protected.stderr
     assert b"IHE_XDM" not in protected.stdout and NIR.encode() not in protected.stdout
     listed = json.loads(mssgw(home, "certs", "show", SECRETARIAT, "--json", "--pem").stdout)[0]
-    cert = tmp_path / "sec.pem"
+    cert, p12, key = tmp_path / "sec.pem", tmp_path / "sec.p12", tmp_path / "sec.key"
     cert.write_text(listed["pem"])
-    key = home / "keys" / f"{listed['fingerprint']}.key"
+    # The key as its owner gets it (the gateway keeps it sealed in its database), opened by openssl.
+    assert mssgw(home, "certs", "export", SECRETARIAT, "--pkcs12", str(p12), input=b"oracle-passphrase\n").returncode == 0
+    key.write_bytes(subprocess.run(["openssl", "pkcs12", "-in", str(p12), "-nocerts", "-nodes", "-passin",
+                                    "pass:oracle-passphrase"], capture_output=True, check=True).stdout)  # fmt: skip
     decrypted = subprocess.run(["openssl", "cms", "-decrypt", "-recip", str(cert), "-inkey", str(key)],
                                input=protected.stdout, capture_output=True, check=True).stdout
     assert b"IHE_XDM.ZIP" in decrypted

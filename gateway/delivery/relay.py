@@ -28,6 +28,12 @@ use, closed after ``IDLE_SECONDS`` unused, after any network or protocol error, 
 by ``close``.
 The peer's certificate is checked when the connection is made.
 
+Delivery status notifications (RFC 3461 §6.2): when the peer advertises ``DSN``, what the sender
+asked (``ENVID``, ``RET`` on MAIL; ``NOTIFY``, ``ORCPT`` on each RCPT, xtext-encoded, §4) is passed
+on, and the peer answers for what happens next: ``Attempt.dsn_passed`` tells the pipeline not to
+send a "relayed" notice of its own.  A peer without ``DSN`` gets none of them, and a recipient
+that asked NOTIFY=SUCCESS gets our "relayed" DSN instead (§6.2.2.2).
+
 Replies follow RFC 5321 §4.2 and RFC 3463: 4xx (and connection, TLS and timeout problems) are
 temporary, 5xx permanent.  ``Attempt`` carries the reply text for the queue and the DSN.
 
@@ -44,8 +50,8 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import aiosmtplib
 from cryptography import x509
@@ -55,7 +61,7 @@ from gateway.core.errors import ConfigurationError
 from gateway.crypto.trust import TrustStore
 from gateway.delivery.mx import MxFailure, MxResolver
 
-__all__ = ["Attempt", "Relay", "RelayConfigError", "Route", "dn_equal"]
+__all__ = ["Attempt", "DsnRequest", "Relay", "RelayConfigError", "Route", "dn_equal", "xtext"]
 
 CONNECT_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 120.0  # RFC 5321 §4.5.3.2 suggests minutes; a peer doing crypto may be slow
@@ -125,6 +131,8 @@ class Attempt:
     enhanced: str
     text: str
     remote: str = ""
+    #: The peer took the sender's DSN request (it advertised DSN): it, not we, reports success.
+    dsn_passed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -137,6 +145,34 @@ class Attempt:
     @property
     def reply(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".strip()
+
+
+@dataclass(frozen=True)
+class DsnRequest:
+    """What the sender asked of delivery status notifications (RFC 3461 §4), decoded as queued."""
+
+    envid: str | None = None
+    ret: str | None = None  # FULL or HDRS
+    #: address -> (NOTIFY value or None, ORCPT as "addr-type;address" or None)
+    recipients: Mapping[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    def mail_options(self) -> list[str]:
+        options = [f"RET={self.ret}"] if self.ret else []
+        return options + ([f"ENVID={xtext(self.envid)}"] if self.envid else [])
+
+    def rcpt_options(self, address: str) -> list[str]:
+        notify, orcpt = self.recipients.get(address, (None, None))
+        options = [f"NOTIFY={notify}"] if notify else []
+        if orcpt:
+            addr_type, _, original = orcpt.partition(";")
+            options.append(f"ORCPT={addr_type};{xtext(original)}")
+        return options
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 §4 xtext: printable ASCII but "+" and "=" as is, every other octet as "+XX"."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+                   for c in text)  # fmt: skip
 
 
 def _dn_set(dn: str) -> frozenset[tuple[str, str]]:
@@ -305,7 +341,8 @@ class Relay:
 
     # --- sending ---------------------------------------------------------------------------------
 
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:  # fmt: skip
         """Deliver ``data`` to ``recipients`` via ``route``; one ``Attempt`` per recipient.
 
         Connections are pooled per server (at most ``pool_size``, each used by one transaction at
@@ -313,9 +350,9 @@ class Relay:
         connection that had a network or protocol problem is closed, never given back.  For an
         MX route the hosts are tried in order until one is reached (see the module docstring)."""
         if route.use_mx:
-            return await self._send_mx(route, sender, recipients, data)
+            return await self._send_mx(route, sender, recipients, data, dsn)
         hop = _Hop(route.domain, route.host, route.host, route.port, route.operator_dn)
-        result = await self._try(hop, sender, recipients, data)
+        result = await self._try(hop, sender, recipients, data, dsn)
         if isinstance(result, _Unreached):
             return [Attempt(r, result.code, result.enhanced, result.why, hop.remote) for r in recipients]
         return result
@@ -325,7 +362,8 @@ class Relay:
             self._mx = MxResolver(self.settings)
         return self._mx
 
-    async def _send_mx(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def _send_mx(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                       dsn: DsnRequest | None) -> list[Attempt]:  # fmt: skip
         found = await self._mx_resolver().hosts(route.domain)
         if isinstance(found, MxFailure):
             log.info("no MX route to %s: %s %s %s", route.domain, found.code, found.enhanced, found.text)
@@ -335,7 +373,7 @@ class Relay:
         for host in found:
             for address in host.addresses:
                 hop = _Hop(route.domain, host.name, address, port, route.operator_dn)
-                result = await self._try(hop, sender, recipients, data)
+                result = await self._try(hop, sender, recipients, data, dsn)
                 if not isinstance(result, _Unreached):
                     return result
                 log.info("MX %s of %s not usable, trying the next one: %s", hop.label, route.domain, result.why)
@@ -349,8 +387,8 @@ class Relay:
             text = f"no MX host of {route.domain} could be used: {text}"
         return [Attempt(r, worst.code, worst.enhanced, text[:900], hop.remote) for r in recipients]
 
-    async def _try(self, hop: _Hop, sender: str, recipients: Sequence[str],
-                   data: bytes) -> list[Attempt] | _Unreached:  # fmt: skip
+    async def _try(self, hop: _Hop, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt] | _Unreached:  # fmt: skip
         """The attempts of one transaction with ``hop``, or why it could not be reached."""
         key = hop.key
         async with self._slots(key):
@@ -359,7 +397,7 @@ class Relay:
                 client, why, (code, enhanced) = await self._open(hop)
                 if client is None:
                     return _Unreached(code, enhanced, why or "")
-            attempts, healthy = await self._transaction(client, sender, recipients, data, hop.remote)
+            attempts, healthy = await self._transaction(client, sender, recipients, data, hop.remote, dsn)
             if healthy and client.is_connected and self.idle_seconds > 0:
                 self._give_back(key, client)
             else:
@@ -382,9 +420,12 @@ class Relay:
         return None
 
     async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
-                           data: bytes, remote: str) -> tuple[list[Attempt], bool]:  # fmt: skip
+                           data: bytes, remote: str, dsn: DsnRequest | None = None) -> tuple[list[Attempt], bool]:  # fmt: skip
         """Per-recipient attempts, and whether the connection is fit for another transaction."""
         options = ["BODY=8BITMIME"] if client.supports_extension("8bitmime") and not data.isascii() else []
+        passed = dsn is not None and client.supports_extension("dsn")
+        if dsn is not None and passed:
+            options += dsn.mail_options()
         try:
             await client.mail(sender, options=options)
         except aiosmtplib.SMTPResponseException as exc:
@@ -398,7 +439,7 @@ class Relay:
         accepted: list[str] = []
         for rcpt in recipients:
             try:
-                await client.rcpt(rcpt)
+                await client.rcpt(rcpt, options=dsn.rcpt_options(rcpt) if dsn is not None and passed else None)
                 accepted.append(rcpt)
             except aiosmtplib.SMTPResponseException as exc:
                 enh, text = _split_reply(exc.message, exc.code)
@@ -412,7 +453,7 @@ class Relay:
                 response = await client.data(data)
                 enh, text = _split_reply(response.message, response.code)
                 for rcpt in accepted:
-                    results[rcpt] = Attempt(rcpt, response.code, enh, text, remote)
+                    results[rcpt] = Attempt(rcpt, response.code, enh, text, remote, dsn_passed=passed)
             except aiosmtplib.SMTPResponseException as exc:
                 enh, text = _split_reply(exc.message, exc.code)
                 for rcpt in accepted:

@@ -30,7 +30,7 @@ from gateway.core.errors import QueueError
 from gateway.core.ttlcache import TtlCache
 from gateway.crypto.keystore import KeyStore
 from gateway.delivery.receipts import DsnRecipient, build_dsn
-from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.process.verdict import Job, Outcome, Receipt, Recipient, RecipientState, Verdict
 
 log = logging.getLogger("mssgw.process")
@@ -50,7 +50,8 @@ class LocalDelivery(Protocol):
 
 
 class RelayTransport(Protocol):
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]: ...
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]: ...
 
 
 @dataclass

@@ -345,6 +345,10 @@ async def process_inbound(ctx: Context, job: Job, data: bytes) -> None:
                                  "documents": _documents_rule(documents),
                                  **({"peer": job.peer_operator} if signed_only else {})})  # fmt: skip
         delivered.append(addr)
+    await ctx.send_dsn(job, data, [  # only for a NOTIFY=SUCCESS the peer passed on (RFC 3461 §6.2)
+        DsnRecipient(addr, "delivered", "2.0.0", "delivered to the mailbox", last_attempt=ctx.now())
+        for addr in delivered
+    ])  # fmt: skip
     await _processed_mdns(ctx, job, inner, delivered)
 
 

@@ -40,7 +40,7 @@ from directory.facts import recipient_facts
 from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypair, load_trust
 from gateway.crypto.result import SecurityResult
 from gateway.delivery.receipts import DsnRecipient, receipt_author
-from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.delivery.trace import with_trace
 from gateway.policy.recipients import protection_for
 from gateway.process.common import Context, Job, route_for
@@ -239,7 +239,7 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
             for a in addrs:
                 await _bounce(ctx, job, data, [Attempt(a, 550, "5.7.1", "signed-only mail needs a pinned operator DN")], kind)
             continue
-        attempts = await ctx.relay.send(route, job.sender, addrs, wire)
+        attempts = await ctx.relay.send(route, job.sender, addrs, wire, _dsn_request(job, addrs))
         if not all(att.ok for att in attempts):
             ctx.plans.discard((domain, tuple(rcpts), tuple(sorted(decided.items()))))  # read afresh next time
         for att in attempts:
@@ -249,7 +249,7 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
         await _success_dsn(ctx, job, data, [
             DsnRecipient(att.address, "relayed", "2.0.0", att.reply, remote_mta=att.remote.rpartition(":")[0] or None,
                          last_attempt=ctx.now())
-            for att in attempts if att.ok
+            for att in attempts if att.ok and not att.dsn_passed  # else the peer reports (RFC 3461 §6.2)
         ])  # fmt: skip
         refused = [att for att in attempts if att.permanent]
         if refused:
@@ -257,6 +257,14 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
         temporary = [att for att in attempts if not att.ok and not att.permanent]
         if temporary:
             await defer_or_bounce(ctx, job, data, temporary, kind)
+
+
+def _dsn_request(job: Job, addrs: Sequence[str]) -> DsnRequest | None:
+    """What the sender asked of DSNs, to pass on to a peer that supports them; None when nothing."""
+    asked = {a: (r.notify, r.orcpt) for a in addrs if (r := job.recipient(a)) is not None and (r.notify or r.orcpt)}
+    if not (asked or job.envid or job.ret):
+        return None
+    return DsnRequest(envid=job.envid, ret=job.ret, recipients=asked)
 
 
 async def _protect(ctx: Context, job: Job, data: bytes, signer: KeyRef, kind: str, addrs: list[str]) -> bytes:

@@ -24,7 +24,9 @@ dedupe key ``"{peer domain}|{Message-ID}"``, deduplicated per recipient by the q
 recipient already accepted is acknowledged again and not queued twice (a transaction whose
 recipients all were is answered 250 with the first queue id and stored nowhere); one not
 yet accepted (another protection group, a retry after a 4xx at RCPT) is always queued.
-There is no AUTH.
+There is no AUTH.  DSN (RFC 3461) is offered as on submission: a peer passes its sender's
+ENVID, RET, NOTIFY and ORCPT on (§6.2), kept with the message; a local delivery then answers
+NOTIFY=SUCCESS with a "delivered" DSN, and NOTIFY=NEVER silences our failure reports.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from gateway.crypto.trust import ChainResult, TrustStore
 from gateway.policy.chain import Rule, evaluate
 from gateway.policy.decision import Decision
 from gateway.queue.store import new_queue_id
+from gateway.smtp.dsn import MailDsn
 from gateway.smtp.handler import RCPT_CACHE_SECONDS, EdgeDeps, EdgeHandler, Outage, verdict
 from gateway.smtp.server import NULL_PATH, GatewayEnvelope, GatewaySMTP
 
@@ -148,6 +151,8 @@ def revocation_decision(result: ChainResult) -> Decision | None:
 class InboundHandler(EdgeHandler):
     listener = "inbound"
     origin = "inbound"
+    #: RFC 3461 §6.2: a peer passes its sender's DSN request on; delivery reports answer it.
+    offers_dsn = True
 
     def __init__(self, deps: EdgeDeps) -> None:
         super().__init__(deps)
@@ -157,6 +162,8 @@ class InboundHandler(EdgeHandler):
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         sess = server.gw_session()
+        assert isinstance(envelope, GatewayEnvelope)
+        dsn = envelope.dsn_pending
         der = self.peer_der(server)
         null_path = address == NULL_PATH
         peer_domain: str | None = None
@@ -168,9 +175,11 @@ class InboundHandler(EdgeHandler):
                 decision, peer_domain = await self.peer_decision(der, address)
             except Outage as exc:
                 return str(exc.reply)
+        if decision.accepted and isinstance(dsn, R.Reply):  # a malformed ENVID or RET (RFC 3461 §4.3, §4.4)
+            return str(dsn)
         if decision.accepted:
-            assert isinstance(envelope, GatewayEnvelope)
             sess.peer_domain = peer_domain
+            envelope.dsn = dsn if isinstance(dsn, MailDsn) else MailDsn()
             envelope.mail_from = address  # NULL_PATH for <>: aiosmtpd needs a non-empty sender for RCPT
             envelope.mail_options.extend(mail_options)
             envelope.started = time.monotonic()

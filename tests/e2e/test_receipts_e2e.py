@@ -149,3 +149,22 @@ async def test_dsn_to_a_local_sender_is_a_report_not_a_signature_wrapper(pair: P
     assert rcpt["action"] == "failed" and rcpt["status"].startswith("5.")
     assert rcpt["diagnostic-code"].startswith("smtp; 550")  # B's server replied
     assert report.top.get("From") == f"Mail Delivery System <postmaster@{A_DOMAIN}>"
+
+
+async def test_the_dsn_request_is_passed_on_and_the_peer_reports_delivery(pair: Pair) -> None:
+    """RFC 3461 §6.2: B advertises DSN, so A passes ENVID, RET, NOTIFY and ORCPT on (xtext) and
+    sends no "relayed" notice; B delivers and answers NOTIFY=SUCCESS with a "delivered" DSN that
+    carries the sender's envelope id and original recipient back to it."""
+    a = pair.a
+    envid = "rx 42+ordonnance"  # a space and a plus: both must travel xtext-encoded
+    a.store.enqueue(prescription(mdn=False), sender=CLINICIAN, recipients=[PRACTITIONER], origin="submission",
+                    auth_identity=CLINICIAN, dsn_envid=envid, dsn_ret="HDRS",
+                    dsn_notify={PRACTITIONER: "SUCCESS,FAILURE"},
+                    dsn_orcpt={PRACTITIONER: f"rfc822;{PRACTITIONER}"})  # fmt: skip
+    await pair.flow()
+    (raw,) = _reports(a.mailbox(CLINICIAN), "delivery-status")  # B's, and no "relayed" one from A
+    report, per_message, (fields,) = strict.parse_dsn(raw)
+    assert report.top.get("From") == f"Mail Delivery System <postmaster@{B_DOMAIN}>"
+    assert per_message["original-envelope-id"] == envid  # only B's copy of the request can say this
+    assert fields["action"] == "delivered" and fields["original-recipient"] == f"rfc822; {PRACTITIONER}"
+

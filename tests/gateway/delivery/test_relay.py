@@ -12,7 +12,8 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from cryptography import x509
 
 from gateway.config import load_settings
-from gateway.delivery.relay import Relay, Route, dn_equal
+from gateway.delivery.relay import DsnRequest, Relay, Route, dn_equal, xtext
+from gateway.smtp.dsn import xtext_decode
 
 MESSAGE = b"From: a@a.mssante.test\r\nTo: b@b.test\r\nSubject: x\r\n\r\nciphertext stands here\r\n"
 
@@ -103,6 +104,35 @@ async def test_no_starttls_means_nothing_is_sent(sqlite_home: Path) -> None:
         await server.wait_closed()
     assert attempts[0].code == 454 and attempts[0].enhanced == "4.7.5" and "STARTTLS" in attempts[0].text
     assert sink.messages == []
+
+
+async def test_a_peer_without_dsn_gets_no_dsn_parameters(sqlite_home: Path) -> None:
+    """RFC 3461 §6.2: the request goes only to a peer that advertises DSN.  Plain aiosmtpd does
+    not, and answers 555 to parameters it does not know: the message still goes, and the attempt
+    says the peer did not take the request (so the pipeline sends the "relayed" notice)."""
+    sink = Sink()
+    server, port = await _serve(sink, _server_tls(sqlite_home))
+    request = DsnRequest(envid="e 1", ret="HDRS", recipients={"ok@b.test": ("SUCCESS", "rfc822;ok@b.test")})
+    try:
+        relay = _relay(sqlite_home)
+        (attempt,) = await relay.send(Route("b.test", "127.0.0.1", port, _server_dn(sqlite_home)),
+                                      "a@a.mssante.test", ["ok@b.test"], MESSAGE, request)  # fmt: skip
+        await relay.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert attempt.ok and not attempt.dsn_passed
+    assert [m[1] for m in sink.messages] == [["ok@b.test"]]
+
+
+def test_dsn_parameters_are_xtext_encoded() -> None:
+    """RFC 3461 §4: "+", "=", space and non-ASCII octets as "+XX"; decoded back by our own SMTP edge."""
+    assert xtext("rx 42+=\u00e9") == "rx+2042+2B+3D+C3+A9"
+    request = DsnRequest(envid="e 1", ret="FULL", recipients={"b@b.test": ("SUCCESS,DELAY", "rfc822;b+x@b.test")})
+    assert request.mail_options() == ["RET=FULL", "ENVID=e+201"]
+    assert request.rcpt_options("b@b.test") == ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;b+2Bx@b.test"]
+    assert request.rcpt_options("other@b.test") == []
+    assert xtext_decode(xtext("printable: a+b=c"), "ENVID") == "printable: a+b=c"
 
 
 async def test_operator_dn_is_pinned(sqlite_home: Path) -> None:

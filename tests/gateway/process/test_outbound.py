@@ -27,7 +27,7 @@ from directory import admin
 from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import load_settings
-from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.process import pipeline
 from gateway.process.verdict import Verdict
 from gateway.queue.models import QueuedMessage
@@ -57,7 +57,8 @@ class Peer:
     replies: dict[str, tuple[int, str]] = field(default_factory=dict)
     sent: list[tuple[Route, tuple[str, ...], bytes]] = field(default_factory=list)
 
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:
         self.sent.append((route, tuple(recipients), data))
         out = []
         for r in recipients:

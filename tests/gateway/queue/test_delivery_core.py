@@ -24,7 +24,7 @@ from directory import admin
 from directory.db import make_engine, session_factory, transaction
 from gateway.audit.models import AuditRecord
 from gateway.config import load_settings
-from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.queue.models import QueuedMessage, RecipientState
 from gateway.queue.outcomes import Outcome, Pending, Verdict, commit_many
 from gateway.queue.store import QueueError, QueueStore
@@ -55,7 +55,8 @@ class Recorder:
 
 
 class DeferringRelay:
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:
         return [Attempt(r, 451, "4.4.1", "451 4.4.1 try later") for r in recipients]
 
 
@@ -66,7 +67,8 @@ class BlockingRelay:
         self.started = asyncio.Event()
         self.go = asyncio.Event()
 
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:
         self.started.set()
         await self.go.wait()
         return [Attempt(r, 250, "2.0.0", "250 2.0.0 ok") for r in recipients]
@@ -289,7 +291,8 @@ def test_database_and_spool_are_private(operator, operator_home: Path) -> None: 
 class LongReplyRelay:
     """A peer whose 250 reply is long (queue ids, greetings): more than the audit's 64 characters."""
 
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:
         text = "2.0.0 Ok: queued as " + "Q" * 200 + " thanks"
         return [Attempt(r, 250, "2.0.0", f"250 {text}", "mx.b.mssante.test:25") for r in recipients]
 

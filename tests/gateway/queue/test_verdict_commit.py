@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from certs.pki import issue_certificate, load_dev_pki
 from directory.certificates import register_certificate
 from directory.db import transaction
-from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.process import pipeline
 from gateway.queue import outcomes
 from gateway.queue.store import QueueStore
@@ -38,7 +38,8 @@ class ScriptedPeer:
         self.replies = list(replies)
         self.sent: list[bytes] = []
 
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:
         self.sent.append(data)
         code, status = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         return [Attempt(r, code, status, "scripted reply", "127.0.0.1:9") for r in recipients]

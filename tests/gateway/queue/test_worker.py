@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from directory import admin
 from directory.db import transaction
-from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.queue.worker import Workers, backoff_delay
 
 SENDER = "dr.martin@a.mssante.test"
@@ -50,7 +50,8 @@ class Recorder:
 
 
 class FailingRelay:
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:
         raise RuntimeError("boom")
 
 

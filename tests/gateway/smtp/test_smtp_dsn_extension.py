@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from smtp_world import DOMAIN, PASSWORD, World, message
 from sqlalchemy import select
 
-from gateway.delivery.relay import Attempt, Route
+from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.process import pipeline
 from gateway.process.verdict import Verdict
 from gateway.queue.models import QueuedMessage, QueuedRecipient
@@ -76,7 +76,8 @@ class Peer:
 
     replies: dict[str, tuple[int, str]] = field(default_factory=dict)
 
-    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes) -> list[Attempt]:
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:
         out = []
         for r in recipients:
             code, status = self.replies.get(r, (250, "2.0.0"))
@@ -104,7 +105,9 @@ def delivery_status(dsn: bytes) -> tuple[dict[str, str], list[dict[str, str]]]:
     return per_message, per_rcpt
 
 
-async def test_dsn_offered_on_submission_only(world: World) -> None:
+async def test_dsn_offered_on_submission_and_to_peers(world: World) -> None:
+    """Submission takes the sender's request; the inbound listener takes it from a peer operator
+    that passes it on (RFC 3461 §6.2)."""
     smtp = world.client()
     await smtp.connect()
     await smtp.starttls(server_hostname="localhost")
@@ -114,7 +117,7 @@ async def test_dsn_offered_on_submission_only(world: World) -> None:
     inbound = world.client("inbound")
     await inbound.connect()
     _, text = await cmd(inbound, "EHLO peer.test")
-    assert "DSN" not in text.split("\n")
+    assert "DSN" in text.split("\n")
     await inbound.quit()
 
 

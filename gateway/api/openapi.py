@@ -22,7 +22,8 @@ _ERRORS = {
     "403": _problem("No client certificate, or one not registered for an active APP/ORG mailbox, revoked, "
                     "expired; or not a mailbox this certificate may act as"),
     "429": _problem("Too many requests for this certificate (Retry-After)"),
-    "503": _problem("Directory, database or disk unavailable: try again later (Retry-After)"),
+    "503": _problem("Directory, database or disk unavailable, or too many open connections from this "
+                    "address or in all (too-many-connections, then closed): try again later (Retry-After)"),
 }
 
 _RECIPIENT = {
@@ -68,6 +69,8 @@ def document(max_message_size: int) -> dict[str, Any]:
                     "202": {"description": "Queued for the accepted recipients",
                             "headers": {"Location": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Queued"}}}},
+                    "408": _problem("The body came slower than the gateway's floor (api.body_min_rate): send it "
+                                    "at once; the connection is closed (451 4.4.2)"),
                     "409": _problem("A request with this Idempotency-Key is still running"),
                     "413": _problem("The request or the composed message is over the size limit (552 5.3.4)"),
                     "422": _problem("Refused by policy: sender, every recipient (recipients[]), content or "
@@ -143,7 +146,9 @@ def document(max_message_size: int) -> dict[str, Any]:
                     "attachments": {"type": "array", "maxItems": 100, "items": {
                         "type": "object", "required": ["filename", "content"],
                         "properties": {"filename": {"type": "string"}, "content_type": {"type": "string"},
-                                       "content": {"type": "string", "contentEncoding": "base64"}}}},
+                                       "content": {"type": "string", "contentEncoding": "base64",
+                                                   "description": "base64 on one line (RFC 4648 4); a "
+                                                                  "message/rfc822 one is sent unencoded"}}}},
                     "documents": {"type": "array", "maxItems": 1, "items": {
                         "type": "object", "required": ["pdf", "loinc", "patient"],
                         "description": "Packaged as an IHE XDM zip with a CDA R2 document (level 1 around the "

@@ -78,6 +78,10 @@ from gateway.process.verdict import as_utc
 log = logging.getLogger("mssgw.api")
 
 HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle event stream
+KEEPALIVE = b": keep-alive\n\n"
+#: An event stream whose client reads nothing for this long (its buffers full) is closed: a
+#: client that never reads would otherwise hold its stream, its slot and the buffered events forever.
+STREAM_WRITE_SECONDS = 60.0
 #: New mail is looked for from this long before the newest file already told (a delivery's
 #: rename can land after a later file's), so a late rename is still told.
 MAILBOX_SLACK = timedelta(seconds=5)
@@ -482,7 +486,7 @@ class ApiServer:
                                                "X-Accel-Buffering": "no"})  # fmt: skip
         try:
             await response.prepare(request)
-            await response.write(b": mssgw events\n\n")
+            await _send(request, response, b": mssgw events\n\n")
             cursor = floor = since
             seen: dict[str, datetime] = {}  # mailbox entries already told, within the slack window
             last_write = time.monotonic()
@@ -507,10 +511,10 @@ class ApiServer:
                         floor = max(floor, *seen.values())
                         seen = {k: v for k, v in seen.items() if v > floor - MAILBOX_SLACK}
                     for moment, name, data in sorted(out, key=lambda item: item[0]):
-                        await response.write(_sse(name, data, moment))
+                        await _send(request, response, _sse(name, data, moment))
                         last_write = time.monotonic()
                     if time.monotonic() - last_write >= HEARTBEAT:
-                        await response.write(b": keep-alive\n\n")
+                        await _send(request, response, KEEPALIVE)
                         last_write = time.monotonic()
                     changed.clear()
                     with contextlib.suppress(TimeoutError):
@@ -560,6 +564,19 @@ def _original(db: Any, identity: str, refers: list[str]) -> str | None:
             .limit(1))  # fmt: skip
     found = db.execute(stmt).scalar()
     return str(found) if found is not None else None
+
+
+async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    """Write to an event stream; a client that has not read for ``STREAM_WRITE_SECONDS`` is cut off."""
+    try:
+        async with asyncio.timeout(STREAM_WRITE_SECONDS):
+            await response.write(data)  # waits only when the transport's buffer is full
+    except TimeoutError:
+        log.info("listener=api event stream closed: the client read nothing for %.0f s", STREAM_WRITE_SECONDS)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        raise ConnectionResetError("the client does not read its event stream") from None
 
 
 def _gone(request: web.Request) -> bool:

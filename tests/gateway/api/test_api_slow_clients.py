@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -237,3 +238,28 @@ async def test_far_over_the_cap_a_connection_is_closed_at_once(sqlite_home: Path
             _close(writer)
         assert server.connections.open == 1 and server.connections.answering == 0
         _close(kept)
+
+
+async def test_an_event_stream_nobody_reads_is_closed(sqlite_home: Path, api_certs: ApiCerts,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "HEARTBEAT", 0.0)  # a comment at every poll (0.1 s)...
+    monkeypatch.setattr(server_module, "KEEPALIVE", b": " + b"k" * 256 * 1024 + b"\n\n")  # ...of 256 KiB
+    monkeypatch.setattr(server_module, "STREAM_WRITE_SECONDS", 0.5)
+    async with _world(sqlite_home, api_certs) as world:
+        server = world.gateway.api
+        assert isinstance(server, ApiServer)
+        ctx = world.context(api_certs.app)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.connect(("127.0.0.1", world.port))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="localhost")
+        writer.write(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        writer.transport.pause_reading()  # and never reads again: the server's buffers fill up
+        async with asyncio.timeout(WAIT):
+            while not server._open_streams:
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(WAIT * 2):
+            while server._open_streams:
+                await asyncio.sleep(0.05)  # given back once the write deadline cut the stream
+        writer.transport.abort()
+        del reader

@@ -131,7 +131,7 @@ class Gateway:
         except MssgwError as exc:
             raise GatewayStartError(str(exc)) from None
         readers = self.readers or self.sessions
-        set_operator_key_source(lambda: operator_key_pem(readers, self.settings))
+        set_operator_key_source(self.settings.home, lambda: operator_key_pem(readers, self.settings))
         try:
             self._trust_seen = await asyncio.to_thread(self._trust_state)
             self._trust_digest = await asyncio.to_thread(self._trust_digest_now)

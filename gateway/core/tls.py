@@ -129,15 +129,18 @@ def _base_context(settings: Settings, purpose: ssl.Purpose) -> ssl.SSLContext:
     return ctx
 
 
-#: The operator key sealed in the database, as PEM, or None (then ``tls.operator_key``'s file):
-#: set by the running gateway (``gateway.app``), which alone reaches the database.
-_operator_key_source: Callable[[], bytes | None] | None = None
+#: Per operator home: the operator key sealed in the database, as PEM, or None (then
+#: ``tls.operator_key``'s file); set by the running gateway (``gateway.app``), which alone reaches
+#: the database.  Keyed by home: one process may run several operators (the tests do).
+_operator_key_sources: dict[str, Callable[[], bytes | None]] = {}
 
 
-def set_operator_key_source(source: Callable[[], bytes | None] | None) -> None:
-    """Where ``client_context`` gets our operator key when ``tls.operator_key`` is not set."""
-    global _operator_key_source
-    _operator_key_source = source
+def set_operator_key_source(home: Path, source: Callable[[], bytes | None] | None) -> None:
+    """Where ``client_context`` gets the operator key of ``home`` when ``tls.operator_key`` is not set."""
+    if source is None:
+        _operator_key_sources.pop(str(home), None)
+    else:
+        _operator_key_sources[str(home)] = source
 
 
 @contextlib.contextmanager
@@ -341,7 +344,7 @@ def client_context(settings: Settings, *, with_certificate: bool = True, anchors
     ctx = _base_context(settings, ssl.Purpose.SERVER_AUTH)
     _load_ca(ctx, settings, files.client_ca, anchors)
     if with_certificate:
-        source = _operator_key_source if not settings.tls.operator_key else None
+        source = _operator_key_sources.get(str(settings.home)) if not settings.tls.operator_key else None
         _load_chain(ctx, files, "tls.operator_cert", "tls.operator_key", source() if source is not None else None)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED

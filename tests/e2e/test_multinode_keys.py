@@ -152,12 +152,12 @@ def test_a_key_made_on_node_1_is_used_by_node_2(tmp_path: Path, postgres_url: st
             ring2.close()
 
         # --- mutual TLS from the sealed operator key (no pki/operator.key on node 2), one salt.
-        set_operator_key_source(lambda: operator_key_pem(readers, s2))
+        set_operator_key_source(s2.home, lambda: operator_key_pem(readers, s2))
         try:
             ctx = client_context(s2)
             assert ctx.verify_mode.name == "CERT_REQUIRED"
         finally:
-            set_operator_key_source(None)
+            set_operator_key_source(s2.home, None)
         salt1 = pseudonym_salt(sessions, s1, s1.keys_dir / "patient-pseudonym.salt")
         assert pseudonym_salt(sessions, s2, s2.keys_dir / "patient-pseudonym.salt") == salt1
 

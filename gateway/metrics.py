@@ -29,6 +29,7 @@ HELP = {
     "mssgw_mail_total": "MAIL FROM decisions, by listener, decision and rule",
     "mssgw_rcpt_total": "RCPT TO decisions, by listener, decision and rule",
     "mssgw_content_refused_total": "Messages refused at DATA, by rule",
+    "mssgw_documents_checked_total": "Messages whose health documents were checked (IHE XDM, CDA, INS, X-MSS), by rule",
     "mssgw_messages_queued_total": "Messages committed to the queue, by origin",
     "mssgw_bytes_queued_total": "Bytes committed to the queue, by origin",
     "mssgw_duplicates_total": "Inbound messages acknowledged but already queued",

@@ -25,7 +25,15 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from gateway.documents.ins import Ins
-from gateway.documents.xdm import DEFAULT_LIMITS, Limits, XdmError, XdmPackage, is_xdm, read_package
+from gateway.documents.xdm import (
+    DEFAULT_LIMITS,
+    ZIP_ERRORS,
+    Limits,
+    XdmError,
+    XdmPackage,
+    is_xdm,
+    read_package,
+)
 from gateway.policy.documents import DocumentFacts
 
 #: At most this many packages are read in one message; more is refused as a whole.
@@ -66,17 +74,21 @@ class MessageDocuments:
         return any(doc.cda is not None and doc.cda.qualified_ins for p in self.packages for doc in p.cda_documents)
 
     @property
+    def patients(self) -> tuple[Ins, ...]:
+        """Every patient the packages name (submission sets, documents' metadata, CDA headers),
+        each once: one message is about one patient, so more than one is a fact policy refuses."""
+        found: list[Ins] = []
+        for package in self.packages:
+            named = [package.patient, *(d.patient for d in package.documents),
+                     *(d.cda.ins for d in package.documents if d.cda is not None)]  # fmt: skip
+            found.extend(ins for ins in named if ins is not None and ins not in found)
+        return tuple(found)
+
+    @property
     def patient(self) -> Ins | None:
         """The one patient of the packages (metadata or CDA), or None."""
-        for package in self.packages:
-            if package.patient is not None:
-                return package.patient
-            for doc in package.documents:
-                if doc.patient is not None:
-                    return doc.patient
-                if doc.cda is not None and doc.cda.ins is not None:
-                    return doc.cda.ins
-        return None
+        patients = self.patients
+        return patients[0] if patients else None
 
     @property
     def authors(self) -> tuple[str, ...]:
@@ -92,7 +104,8 @@ class MessageDocuments:
             ins_problems=self.ins_problems, has_cda=self.has_cda, cda_codes=self.cda_codes,
             qualified_ins=self.qualified_ins, ins_kind=patient.kind if patient is not None else "",
             header_codecda=self.header_codecda, header_ins=self.header_ins, codecda_fields=self.codecda_fields,
-            ins_fields=self.ins_fields, patient_nir=patient.nir if patient is not None else None)
+            ins_fields=self.ins_fields, patient_nir=patient.nir if patient is not None else None,
+            patients=len(self.patients))
 
     def expected_headers(self) -> list[tuple[str, str]]:
         """The X-MSS fields Ref. #2 ECO.2.4.1/2 asks for, from the packages (none without a CDA)."""
@@ -191,7 +204,7 @@ def _readable_zip(payload: bytes | None) -> bool:
         return False
     try:
         zipfile.ZipFile(io.BytesIO(payload)).close()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+    except ZIP_ERRORS:  # also NotImplementedError: a zip "version" zipfile does not read
         return False
     return True
 

@@ -72,7 +72,7 @@ DEFAULT_LIMITS = Limits()
 
 
 #: What the standard library may raise on a corrupt archive (zipfile, zlib, struct, name decoding).
-_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, zlib.error, struct.error,
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, zlib.error, struct.error,
                NotImplementedError, RuntimeError, KeyError)
 
 
@@ -126,7 +126,7 @@ def _directory(data: bytes, limits: Limits) -> tuple[zipfile.ZipFile, list[zipfi
     """The archive and its entries once the central directory passes every bound."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except _ZIP_ERRORS:
+    except ZIP_ERRORS:
         raise XdmError("not a readable zip archive") from None
     infos = archive.infolist()
     if len(infos) > limits.max_entries:
@@ -168,7 +168,7 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int, li
                     raise XdmError("zip entry inflates past its declared size or the package bound")
     except XdmError:
         raise
-    except _ZIP_ERRORS:
+    except ZIP_ERRORS:
         raise XdmError("zip entry is corrupt (bad data or CRC)") from None
     return bytes(out)
 
@@ -177,7 +177,7 @@ def is_xdm(data: bytes) -> bool:
     """A zip whose central directory names an ``IHE_XDM/`` folder (cheap: nothing is inflated)."""
     try:
         names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except _ZIP_ERRORS:
+    except ZIP_ERRORS:
         return False
     return any(n.upper().startswith("IHE_XDM/") for n in names[:DEFAULT_LIMITS.max_entries + 1])
 

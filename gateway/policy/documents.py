@@ -7,12 +7,15 @@ that hits decides:
 
 1. ``xdm-invalid``: a package fails its checks (zip safety, METADATA.XML, sizes, hashes, CDA XML).
 2. ``ins-malformed``: an INS in a package has a bad format, key or authority OID.
+   ``documents-several-patients``: the packages name more than one patient (INS): one message
+   concerns one patient (an XDM submission set has one patient, IHE ITI TF-3 §4.2.3.2; a
+   clinician reading a banner naming one patient must not file another's document with it).
 3. ``x-mss-duplicate``: ``X-MSS-CODECDA`` or ``X-MSS-INS`` appears more than once.
 4. ``x-mss-without-document``: X-MSS fields without a CDA in an IHE XDM package (Référentiel
    socle MSSanté #2 ECO.2.4.1/2: "l'entête ne DOIT pas être positionné").
 5. ``x-mss-codecda-mismatch`` / ``x-mss-ins-mismatch``: the fields differ from the package
    (ECO.2.4.1: the CDA ``code`` values, comma-separated; ECO.2.4.2: ``O`` when a qualified INS
-   is present, else ``N``).
+   is present, else ``N``, exactly these capitals: the field is a code, not text).
 6. ``x-mss-missing``: fields absent; with ``documents.missing_headers = "add"`` the message is
    accepted and the fields the package implies are returned to be added, else refused.
 
@@ -46,6 +49,7 @@ class DocumentFacts:
     ins_fields: int = 0
     #: The patient's NIR, only to compare with a patient's mailbox address (never printed or recorded).
     patient_nir: str | None = field(default=None, repr=False)
+    patients: int = 0  # distinct patients (INS) the packages name
 
     def expected_headers(self) -> dict[str, str]:
         """The X-MSS fields Ref. #2 ECO.2.4.1/2 asks for (none without a CDA)."""
@@ -76,6 +80,10 @@ def decide_documents(found: DocumentFacts, *, missing_headers: str = "add") -> D
     if found.ins_problems:
         return _refuse(R.S554_5_6_0_INS_MALFORMED, "ins-malformed",
                        f"Patient INS malformed in the IHE XDM package: {found.ins_problems[0]}", found)
+    if found.patients > 1:
+        return _refuse(R.S554_5_6_0_XDM_INVALID, "documents-several-patients",
+                       f"the IHE XDM documents concern {found.patients} different patients: "
+                       "send one message per patient", found)
     if found.codecda_fields > 1 or found.ins_fields > 1:
         return _refuse(R.S554_5_6_0_XMSS_MISMATCH, "x-mss-duplicate",
                        "X-MSS-CODECDA and X-MSS-INS may each appear once", found)
@@ -93,7 +101,7 @@ def decide_documents(found: DocumentFacts, *, missing_headers: str = "add") -> D
         return _refuse(R.S554_5_6_0_XMSS_MISMATCH, "x-mss-codecda-mismatch",
                        f"X-MSS-CODECDA does not match the CDA document type(s) {expected['X-MSS-CODECDA']} "
                        "(MSSante Ref. #2 ECO.2.4.1)", found)
-    if found.header_ins is not None and found.header_ins.strip().upper() != expected["X-MSS-INS"]:
+    if found.header_ins is not None and found.header_ins.strip() != expected["X-MSS-INS"]:
         return _refuse(R.S554_5_6_0_XMSS_MISMATCH, "x-mss-ins-mismatch",
                        f"X-MSS-INS must be {expected['X-MSS-INS']} for this package: O only with a qualified INS "
                        "(MSSante Ref. #2 ECO.2.4.2)", found)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import zipfile
+from email import message_from_bytes
+from email.policy import SMTP
 
 import pytest
 
 from gateway.documents.scan import inspect_message
 from gateway.policy.documents import DocumentFacts, decide_documents
-from tests.gateway.documents.xdm_samples import NIR, cda, message, package
+from tests.gateway.documents.xdm_samples import NIR, cda, corsica_nir, message, package
 
 
 def decide(data: bytes, mode: str = "add") -> tuple[str, str, tuple[tuple[str, str], ...], str]:
@@ -39,6 +41,7 @@ def test_missing_fields_added_or_refused() -> None:
     ({"X-MSS-CODECDA": "11488-4", "X-MSS-INS": "O"}, "x-mss-codecda-mismatch"),
     ({"X-MSS-CODECDA": "57833-6", "X-MSS-INS": "N"}, "x-mss-ins-mismatch"),
     ({"X-MSS-CODECDA": "57833-6", "X-MSS-INS": "yes"}, "x-mss-ins-mismatch"),
+    ({"X-MSS-CODECDA": "57833-6", "X-MSS-INS": "o"}, "x-mss-ins-mismatch"),  # a code: capital O or N only
 ])
 def test_fields_contradicting_the_package_are_refused(headers: dict[str, str], rule: str) -> None:
     got_rule, reply, _, reason = decide(message(package(), headers=headers))
@@ -48,6 +51,26 @@ def test_fields_contradicting_the_package_are_refused(headers: dict[str, str], r
 def test_an_o_without_a_qualified_ins_is_refused() -> None:
     data = message(package(document=cda(traits=False)), headers={"X-MSS-CODECDA": "57833-6", "X-MSS-INS": "O"})
     assert decide(data)[0] == "x-mss-ins-mismatch"
+
+
+def two_packages(second_nir: str) -> bytes:
+    """Two IHE_XDM.ZIP attachments: one about NIR, one about ``second_nir``."""
+    msg = message_from_bytes(message(package()), policy=SMTP)
+    second = package(document=cda(nir=second_nir), nir=second_nir)
+    msg.add_attachment(second, maintype="application", subtype="zip", filename="IHE_XDM.ZIP")  # type: ignore[attr-defined]
+    return msg.as_bytes()
+
+
+def test_documents_about_two_patients_are_refused() -> None:
+    """One message, one patient: the banner and the clinician's filing name one INS."""
+    data = two_packages(corsica_nir())
+    found = inspect_message(data)
+    assert len(found.packages) == 2 and len(found.patients) == 2
+    rule, reply, _, reason = decide(data)
+    assert (rule, reply) == ("documents-several-patients", "554 5.6.0") and "2 different patients" in reason
+    assert NIR not in reason and corsica_nir() not in reason
+    same = two_packages(NIR)  # two packages about the same patient: one patient, accepted
+    assert len(inspect_message(same).patients) == 1 and decide(same)[0] == "x-mss-added"
 
 
 def test_fields_without_a_package_and_duplicates() -> None:

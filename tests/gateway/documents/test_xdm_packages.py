@@ -261,3 +261,12 @@ def test_fuzz_mime_structures_never_crash(pieces: list[bytes]) -> None:
     found = inspect_message(b"".join(pieces))
     assert found.error is None or isinstance(found.error, str)
     found.policy_facts()
+
+
+def test_a_zip_version_zipfile_cannot_read_is_a_refused_package_not_a_crash() -> None:
+    """Found by the fuzz test: zipfile raises NotImplementedError for an entry needing "version 6.4"."""
+    data = bytearray(package())
+    central = data.index(b"PK\x01\x02")
+    data[central + 6:central + 8] = (64).to_bytes(2, "little")  # version needed to extract: 6.4
+    found = inspect_message(message(bytes(data)))
+    assert found.error is not None and "IHE XDM" in found.error

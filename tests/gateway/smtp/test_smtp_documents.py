@@ -19,7 +19,7 @@ import pytest
 from smtp_world import DOMAIN, PeerCerts, World, started, write_settings
 
 from gateway.audit.trail import query
-from tests.gateway.documents.xdm_samples import NIR, cda, message, package
+from tests.gateway.documents.xdm_samples import NIR, cda, corsica_nir, message, package
 
 pytestmark = pytest.mark.asyncio
 SENDER = f"sec@{DOMAIN}"
@@ -108,3 +108,27 @@ async def refusing_world(gateway_home: Path, peer_certs: PeerCerts) -> AsyncIter
 async def test_missing_fields_refused_when_configured(refusing_world: World) -> None:
     code, text = await submit(refusing_world, message(package(), sender=SENDER, to=TO))
     assert code == 554 and "X-MSS-CODECDA and X-MSS-INS missing" in text, text
+
+
+async def test_two_patients_a_lower_case_code_and_a_repeated_field_are_refused_and_counted(world: World) -> None:
+    """Each refusal answers 554 5.6.0 at DATA and is counted by rule in mssgw_content_refused_total."""
+    two = message_from_bytes(message(package(), sender=SENDER, to=TO), policy=default)
+    other = corsica_nir()
+    two.add_attachment(package(document=cda(nir=other), nir=other), maintype="application", subtype="zip",
+                       filename="IHE_XDM.ZIP")  # fmt: skip
+    code, text = await submit(world, two.as_bytes())
+    assert code == 554 and text.startswith("5.6.0") and "2 different patients" in text, text
+    assert NIR not in text and other not in text
+    lower = message(package(), headers={"X-MSS-CODECDA": "57833-6", "X-MSS-INS": "o"}, sender=SENDER, to=TO)
+    code, text = await submit(world, lower)
+    assert code == 554 and "X-MSS-INS must be O" in text, text
+    twice = message(package(), sender=SENDER, to=TO).replace(b"Subject:", b"X-MSS-INS: O\r\nX-MSS-INS: O\r\nSubject:", 1)
+    code, text = await submit(world, twice)
+    assert code == 554 and "may each appear once" in text, text
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.port("metrics"))
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    metrics = (await reader.read()).decode()
+    writer.close()
+    for rule in ("documents-several-patients", "x-mss-ins-mismatch", "x-mss-duplicate"):
+        assert f'mssgw_content_refused_total{{rule="{rule}"}} 1.0' in metrics, rule
+    assert "# HELP mssgw_documents_checked_total Messages whose health documents were checked" in metrics

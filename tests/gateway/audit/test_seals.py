@@ -188,3 +188,18 @@ async def test_the_writer_seals_when_due_and_at_close(operator_home: Path, facto
     code, out = run(operator_home, "audit", "verify")
     assert code == 0 and "seals: 3 checked, all hold (sealed through seq 10)" in out
     assert os.listdir(seals_path(operator_home).parent / "signers")
+
+
+def test_seals_are_signed_with_the_operator_key_sealed_in_the_database(operator_home: Path,
+                                                                       factory: sessionmaker[Session]) -> None:
+    """A node without ``pki/operator.key`` (a second node) seals with the key from the database,
+    and the seal verifies against the operator certificate; with another KEK it says so."""
+    (operator_home / "pki" / "operator.key").unlink()
+    sealed_home(operator_home, factory)
+    code, out = run(operator_home, "audit", "verify")
+    assert code == 0 and "seals: 1 checked, all hold" in out
+    fill(factory, 1)
+    kek = operator_home / "kek"
+    kek.write_bytes(os.urandom(32))
+    code, out = run(operator_home, "audit", "seal")
+    assert code != 0 and "give every node the same kek" in out and "Traceback" not in out

@@ -55,9 +55,9 @@ def protect_message(settings: Settings, factory: sessionmaker[Session], data: by
             signer = keys.signer_for(sender)
         except KeyStoreError as exc:
             raise ManualError(str(exc)) from None
-        out = protect_job(data, signer, tuple(dict.fromkeys(certs)),
-                          settings.crypto.encrypt_for_sender,
-                          settings.crypto.outer_subject)
+        crypto = settings.crypto
+        out = protect_job(data, signer, tuple(dict.fromkeys(certs)), crypto.encrypt_for_sender, crypto.outer_subject,
+                          crypto.content_encryption, crypto.rsa_key_transport, crypto.rsa_signature)  # fmt: skip
         return out, "smime"
     pgp_recipients = [fpr for r in recipients for fpr in _pgp_keys(factory, r, secret=False)[:1]]
     no_key = [r for r in recipients if not _pgp_keys(factory, r, secret=False)]

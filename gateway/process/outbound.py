@@ -69,12 +69,12 @@ def protect_job(data: bytes, signer: KeyRef, recipient_pems: tuple[bytes, ...], 
     )  # fmt: skip
 
 
-def sign_job(data: bytes, signer: KeyRef) -> bytes:
-    """Sign ``data`` without encryption (local delivery, mtls-signed relay)."""
+def sign_job(data: bytes, signer: KeyRef, rsa_signature: str = "pkcs1v15") -> bytes:
+    """Sign ``data`` without encryption (the mtls-signed relay), RSA as ``crypto.rsa_signature``."""
     from gateway.crypto.smime import sign_only
 
     cert, key = load_keypair(signer)
-    return sign_only(data, signer_cert=cert, signer_key=key)
+    return sign_only(data, signer_cert=cert, signer_key=key, rsa_signature=rsa_signature)  # type: ignore[arg-type]
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -129,7 +129,8 @@ def _wants_sent_copy(ctx: Context, sender: str, origin: str) -> bool:
                                origin=origin)  # fmt: skip
 
 
-def local_job(data: bytes, signer: KeyRef, trust: TrustRef, now: _dt.datetime | None) -> tuple[bytes | None, SecurityResult]:
+def local_job(data: bytes, signer: KeyRef, trust: TrustRef, now: _dt.datetime | None,
+              rsa_signature: str = "pkcs1v15") -> tuple[bytes | None, SecurityResult]:  # fmt: skip
     """Sign ``data`` for its sender and verify it as a peer's mail would be (runs in a worker process).
 
     Local mail never crosses a network, but its reader is owed the same check as for a peer's: the
@@ -138,7 +139,7 @@ def local_job(data: bytes, signer: KeyRef, trust: TrustRef, now: _dt.datetime | 
     from gateway.crypto.smime import open_message, sign_only
 
     cert, key = load_keypair(signer)
-    signed = sign_only(data, signer_cert=cert, signer_key=key)
+    signed = sign_only(data, signer_cert=cert, signer_key=key, rsa_signature=rsa_signature)  # type: ignore[arg-type]
     return open_message(signed, recipient_cert=cert, recipient_key=key, trust=load_trust(trust), now=now,
                         require_encryption=False)  # fmt: skip
 
@@ -156,7 +157,7 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
         presented = with_trace(data, job.sender)
     else:
         trust = await ctx.cached_io(("trust",), ctx.keys.trust)
-        inner, result = await ctx.crypto(local_job, data, signer, trust, ctx.now())
+        inner, result = await ctx.crypto(local_job, data, signer, trust, ctx.now(), ctx.settings.crypto.rsa_signature)
         if result.failure == "from-mismatch":
             result = await ctx.io(_domain_bound, ctx, result)
         if not result.ok:
@@ -279,7 +280,7 @@ async def _protect(ctx: Context, job: Job, data: bytes, signer: KeyRef, kind: st
             settings.crypto.rsa_key_transport, settings.crypto.rsa_signature,
         )  # fmt: skip
     if kind == "mtls-signed":
-        return await ctx.crypto(sign_job, data, signer)
+        return await ctx.crypto(sign_job, data, signer, settings.crypto.rsa_signature)
     if kind == "openpgp":
         return await ctx.io(_pgp_protect, ctx, job, data, addrs)
     raise KeyStoreError(f"unknown protection {kind}")

@@ -79,6 +79,10 @@ class World:
 
 @pytest.fixture
 def world(sqlite_home: Path) -> Iterator[World]:
+    yield from build_world(sqlite_home)
+
+
+def build_world(sqlite_home: Path) -> Iterator[World]:
     settings = load_settings(sqlite_home)
     engine = make_engine(settings.database_url)
     factory = session_factory(engine)
@@ -162,6 +166,27 @@ async def test_recipients_grouped_by_protection(world: World, tmp_path: Path) ->
     (fields,) = dsn_fields(verdict)
     assert fields["final-recipient"].endswith(NOWHERE) and fields["action"] == "failed"
     assert fields["status"] == "5.7.1"
+
+
+async def test_signed_only_relay_and_local_delivery_sign_with_the_configured_rsa_scheme(
+        sqlite_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
+    """``crypto.rsa_signature = "pss"`` holds for every signature the workers make, not only the
+    encrypted relay's: the signed-only copy for a pinned operator carries RSASSA-PSS (openssl)."""
+    monkeypatch.setenv("MSSGW_CRYPTO_RSA_SIGNATURE", "pss")
+    built = build_world(sqlite_home)
+    pss = next(built)
+    assert pss.settings.crypto.rsa_signature == "pss"
+    try:
+        verdict = await run(pss, [PHARMACY, LOCAL])
+    finally:
+        built.close()
+    assert outcomes(verdict)[PHARMACY][:2] == ("delivered", "mtls-signed")
+    assert outcomes(verdict)[LOCAL][:2] == ("delivered", "local")
+    ((_, _, wire),) = pss.peer.sent
+    signed = tmp_path / "signed.eml"
+    signed.write_bytes(wire)
+    assert b"Compte rendu." in run_openssl("cms", "-verify", "-noverify", "-in", str(signed))
+    assert b"rsassaPss" in run_openssl("cms", "-cmsout", "-print", "-in", str(signed))
 
 
 async def test_each_reply_decides_its_recipient(world: World) -> None:

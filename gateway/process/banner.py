@@ -8,6 +8,7 @@ as the directory knows them. What the banner promises is what was checked, nothi
   domain for a domain-bound certificate; a raw DN (``CN=localhost``) is never shown;
 * "certificate valid" only when revocation was checked against a current CRL; otherwise
   "revocation not checked" (the CRL was unavailable or out of date, ``crypto.crl_soft_fail``);
+  an OpenPGP signature says what was checked for it: a key the directory holds for the sender;
 * a message delivered although a check failed (an unsigned message accepted by policy, a
   message an administrator released from quarantine) says in words what failed and what it means;
 * how it travelled: encrypted between operators, signed over authenticated TLS, or within this
@@ -38,6 +39,9 @@ LANGUAGES: tuple[str, ...] = ("fr", "en")
 _WORDS: dict[str, dict[str, str]] = {
     "signed-by": {"fr": "Signé par {who}", "en": "Signed by {who}"},
     "valid": {"fr": "certificat valide", "en": "certificate valid"},
+    # OpenPGP has no certificate or CRL here: what was checked is that the signing key is one the
+    # directory holds for the sender (imported by an administrator), not revoked there.
+    "pgp-key": {"fr": "clé OpenPGP enregistrée dans l'annuaire", "en": "OpenPGP key registered in the directory"},
     "no-revocation": {
         "fr": "signature vérifiée, révocation non vérifiée (liste de révocation indisponible)",
         "en": "signature verified, revocation not checked (revocation list unavailable)",
@@ -200,7 +204,9 @@ def banner_text(result: SecurityResult, *, label: str | None = None, language: s
 def _verified(facts: _Facts, lang: Language) -> str:
     result = facts.result
     parts = [_WORDS["signed-by"][lang].format(who=signer_name(result, facts.label, lang))]
-    if result.method == "pgp" or result.crl_status == "good":
+    if result.method == "pgp":
+        parts.append(_WORDS["pgp-key"][lang])
+    elif result.crl_status == "good":
         parts.append(_WORDS["valid"][lang])
     elif result.crl_status == "stale":
         parts.append(_WORDS["stale-revocation"][lang])

@@ -59,6 +59,16 @@ def test_local_transit_and_tls_transit_are_said() -> None:
         "transmis entre opérateurs par TLS authentifié]")
 
 
+def test_an_openpgp_signature_is_not_called_a_valid_certificate() -> None:
+    """OpenPGP has no certificate nor CRL here: the banner says what was checked, a registered key."""
+    pgp = GOOD.evolve(method="pgp", crl_status=None)
+    assert banner_text(pgp, label=LABEL, language="fr") == (
+        "[Signé par Dr Anne Martin (RPPS 10000000009) : clé OpenPGP enregistrée dans l'annuaire, "
+        "chiffré pendant le transport]")
+    english = banner_text(pgp, label=LABEL, language="en")
+    assert "OpenPGP key registered in the directory" in english and "certificate" not in english
+
+
 def test_failures_in_words_and_a_release_says_who_delivered_it() -> None:
     unsigned = SecurityResult(encrypted=True, decrypted_ok=True).with_failure("not-signed", "x")
     text = banner_text(unsigned, language="fr")

@@ -445,6 +445,7 @@ class Gateway:
         if self.engine is not None:
             self.engine.dispose()
             self.engine = None
+        set_operator_key_source(self.settings.home, None)
 
     # --- mssgw serve ---------------------------------------------------------------------------
 

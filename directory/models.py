@@ -172,7 +172,7 @@ class PgpKey(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     armored: Mapped[str] = mapped_column(Text)  # public key only
     # Our own key pair: the secret part is sealed in ``sealed_secrets`` as ``pgp:<fingerprint>`` and
-    # imported into each node's GnuPG home (``gateway.crypto.pgpsync``).
+    # imported into each node's GnuPG home (``gateway.crypto.keyring``).
     has_secret: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

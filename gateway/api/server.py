@@ -79,9 +79,6 @@ log = logging.getLogger("mssgw.api")
 
 HEARTBEAT = 15.0  # seconds between keep-alive comments on an idle event stream
 KEEPALIVE = b": keep-alive\n\n"
-#: An event stream whose client reads nothing for this long (its buffers full) is closed: a
-#: client that never reads would otherwise hold its stream, its slot and the buffered events forever.
-STREAM_WRITE_SECONDS = 60.0
 #: New mail is looked for from this long before the newest file already told (a delivery's
 #: rename can land after a later file's), so a late rename is still told.
 MAILBOX_SLACK = timedelta(seconds=5)
@@ -444,7 +441,7 @@ class ApiServer:
         except FileNotFoundError:
             raise Problem(404, S550_5_1_1_NO_SUCH, "message-unknown", detail="No such message in this mailbox") from None
         if request.query.get("raw") == "1":
-            return web.Response(body=data, content_type="message/rfc822")
+            return await _write_in_chunks(request, data, "message/rfc822")
         described = await asyncio.to_thread(describe, data)
         return _json({"id": request.match_info["id"], **described})
 
@@ -486,7 +483,7 @@ class ApiServer:
                                                "X-Accel-Buffering": "no"})  # fmt: skip
         try:
             await response.prepare(request)
-            await _send(request, response, b": mssgw events\n\n")
+            await response.write(b": mssgw events\n\n")
             cursor = floor = since
             seen: dict[str, datetime] = {}  # mailbox entries already told, within the slack window
             last_write = time.monotonic()
@@ -511,10 +508,10 @@ class ApiServer:
                         floor = max(floor, *seen.values())
                         seen = {k: v for k, v in seen.items() if v > floor - MAILBOX_SLACK}
                     for moment, name, data in sorted(out, key=lambda item: item[0]):
-                        await _send(request, response, _sse(name, data, moment))
+                        await response.write(_sse(name, data, moment))
                         last_write = time.monotonic()
                     if time.monotonic() - last_write >= HEARTBEAT:
-                        await _send(request, response, KEEPALIVE)
+                        await response.write(KEEPALIVE)
                         last_write = time.monotonic()
                     changed.clear()
                     with contextlib.suppress(TimeoutError):
@@ -566,17 +563,21 @@ def _original(db: Any, identity: str, refers: list[str]) -> str | None:
     return str(found) if found is not None else None
 
 
-async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
-    """Write to an event stream; a client that has not read for ``STREAM_WRITE_SECONDS`` is cut off."""
-    try:
-        async with asyncio.timeout(STREAM_WRITE_SECONDS):
-            await response.write(data)  # waits only when the transport's buffer is full
-    except TimeoutError:
-        log.info("listener=api event stream closed: the client read nothing for %.0f s", STREAM_WRITE_SECONDS)
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
-        raise ConnectionResetError("the client does not read its event stream") from None
+#: A large answer is written in pieces of this size: one write of it all would fill the socket's
+#: buffer past TLS flow control, and a client that reads nothing would hold it all in memory.
+WRITE_CHUNK = 64 * 1024
+
+
+async def _write_in_chunks(request: web.Request, data: bytes, content_type: str) -> web.StreamResponse:
+    """``data`` as the answer, in ``WRITE_CHUNK`` pieces, each waiting for the client to keep up."""
+    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: content_type})
+    response.content_length = len(data)
+    await response.prepare(request)
+    view = memoryview(data)
+    for start in range(0, len(data), WRITE_CHUNK):
+        await response.write(view[start:start + WRITE_CHUNK])
+    await response.write_eof()
+    return response
 
 
 def _gone(request: web.Request) -> bool:

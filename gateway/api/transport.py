@@ -12,6 +12,8 @@ deadline (``[api]`` settings):
   timer; the transport is closed by aiohttp's ``force_close``);
 - a request body: ``body_min_rate`` octets/s on average after ``body_grace_seconds``
   (``read_body``, answered 408);
+- an answer the client does not read: ``WRITE_SECONDS`` with the transport's buffer full
+  (``pause_writing`` to ``resume_writing``), then the transport is aborted;
 
 and connections are counted once their handshake is over: at most ``max_connections_per_ip``
 from one address and ``max_connections`` in all. One over either is answered ``503`` (problem
@@ -50,6 +52,10 @@ LINGER_SECONDS = 5.0
 #: Connections over a cap answered 503 at once at most; beyond, they are closed without an answer.
 OVER_CAP_ANSWERS = 32
 OVER_CAP_RETRY_AFTER = 5
+#: An answer (or an event stream) the client has not read for this long, the buffers full, is cut.
+WRITE_SECONDS = 60.0
+#: A closing connection whose client does not read what is left (or the TLS close_notify) is aborted then.
+TLS_SHUTDOWN_SECONDS = 10.0
 
 S421_4_7_0_CONNECTIONS = R.Reply(421, "4.7.0", "Too many connections, try again later")
 S451_4_4_2_SLOW_BODY = R.Reply(451, "4.4.2", "The request body came too slowly")
@@ -103,7 +109,8 @@ class Deadlines:
 class GuardedHandler(web.RequestHandler):
     """aiohttp's connection handler with the head deadline, the caps and problem-shaped errors."""
 
-    __slots__ = ("_admitted", "_busy", "_closed_count", "_deadlines", "_guard", "_head_timer", "_ip")
+    __slots__ = ("_admitted", "_busy", "_closed_count", "_deadlines", "_guard", "_head_timer", "_ip",
+                 "_write_timer")
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, deadlines: Deadlines,
                  closed: Callable[[str], None], **kwargs: Any) -> None:  # fmt: skip
@@ -115,6 +122,7 @@ class GuardedHandler(web.RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._busy = False
         self._closed_count = closed
+        self._write_timer: asyncio.TimerHandle | None = None
 
     @property
     def over_cap(self) -> bool:
@@ -132,6 +140,7 @@ class GuardedHandler(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
+        self._stop_write_timer()
         if self._admitted == "close":
             return
         self._guard.release(self._ip, self._admitted)
@@ -154,6 +163,28 @@ class GuardedHandler(web.RequestHandler):
 
     def _request_done(self, _task: asyncio.Task[Any]) -> None:
         self._busy = False
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full (the client reads nothing): it has ``WRITE_SECONDS`` to read."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(WRITE_SECONDS, self._write_late)
+
+    def resume_writing(self) -> None:
+        self._stop_write_timer()
+        super().resume_writing()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_late(self) -> None:
+        self._write_timer = None
+        if self.transport is not None:
+            log.info("listener=api closed a connection: the client read nothing for %.0f s", WRITE_SECONDS)
+            self._closed_count("write")
+            self.transport.abort()  # close() would wait to flush what the client does not read
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -258,7 +289,8 @@ class Listener:
     async def start(self, host: str, port: int, tls: ssl.SSLContext) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._make, host, port, ssl=tls, reuse_address=True,
-                                               ssl_handshake_timeout=self.deadlines.handshake)  # fmt: skip
+                                               ssl_handshake_timeout=self.deadlines.handshake,
+                                               ssl_shutdown_timeout=TLS_SHUTDOWN_SECONDS)  # fmt: skip
         bound = self.server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
 

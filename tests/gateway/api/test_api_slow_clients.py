@@ -26,6 +26,7 @@ from smtp_world import CertFiles
 import gateway.api.server as server_module
 import gateway.api.transport as transport_module
 from gateway.api.server import ApiServer
+from gateway.delivery.maildir import MaildirDelivery
 
 WAIT = 20.0  # the most any close is waited for; every deadline under test is well under it
 LONG = 600.0  # a deadline that must not be the one that acts
@@ -244,7 +245,7 @@ async def test_an_event_stream_nobody_reads_is_closed(sqlite_home: Path, api_cer
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_module, "HEARTBEAT", 0.0)  # a comment at every poll (0.1 s)...
     monkeypatch.setattr(server_module, "KEEPALIVE", b": " + b"k" * 256 * 1024 + b"\n\n")  # ...of 256 KiB
-    monkeypatch.setattr(server_module, "STREAM_WRITE_SECONDS", 0.5)
+    monkeypatch.setattr(transport_module, "WRITE_SECONDS", 0.5)
     async with _world(sqlite_home, api_certs) as world:
         server = world.gateway.api
         assert isinstance(server, ApiServer)
@@ -261,5 +262,32 @@ async def test_an_event_stream_nobody_reads_is_closed(sqlite_home: Path, api_cer
         async with asyncio.timeout(WAIT * 2):
             while server._open_streams:
                 await asyncio.sleep(0.05)  # given back once the write deadline cut the stream
+        writer.transport.abort()
+        del reader
+
+
+async def test_an_answer_nobody_reads_is_cut(sqlite_home: Path, api_certs: ApiCerts,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "WRITE_SECONDS", 0.5)
+    async with _world(sqlite_home, api_certs) as world:
+        server = world.gateway.api
+        assert isinstance(server, ApiServer)
+        big = (b"From: doc@b.mssante.test\r\nTo: %s\r\nSubject: scan\r\n\r\n" % APP.encode()
+               + (b"x" * 998 + b"\r\n") * 16_000)  # 16 MB: more than every buffer between us
+        name = MaildirDelivery(world.settings.mail_dir).deliver(APP, big).split(":")[0]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", world.port))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=world.context(api_certs.app),
+                                                       server_hostname="localhost")
+        writer.write(f"GET /v1/mailboxes/{APP}/messages/{name}?raw=1 HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        await writer.drain()
+        async with asyncio.timeout(WAIT):
+            while not server.connections.open:
+                await asyncio.sleep(0.05)
+        writer.transport.pause_reading()  # reads nothing more
+        async with asyncio.timeout(WAIT * 2):
+            while server.connections.open:
+                await asyncio.sleep(0.05)  # the connection is gone once the write deadline cut it
         writer.transport.abort()
         del reader

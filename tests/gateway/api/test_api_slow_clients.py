@@ -113,6 +113,7 @@ async def test_half_a_request_head_is_cut(sqlite_home: Path, api_certs: ApiCerts
         writer.write(b"GET /v1/openapi.json HTTP/1.1\r\nHo")
         assert await _eof(reader) == b""
         _close(writer)
+        assert world.gateway.metrics.value("mssgw_api_slow_clients_total", phase="head") == 3
     assert server.connections.open == 0
 
 
@@ -193,6 +194,9 @@ async def test_open_connections_are_capped_per_address_and_in_all(sqlite_home: P
         await _eof(reader)
         _close(writer)
         assert server.connections.open == 3
+        metrics = world.gateway.metrics
+        assert metrics.value("mssgw_api_connections_refused_total", reason="per-ip") == 1
+        assert metrics.value("mssgw_api_connections_refused_total", reason="total") == 1
         _close(kept.pop(0))  # one leaves: its place is given back
         async with asyncio.timeout(WAIT):
             while server.connections.open > 2:

@@ -1,8 +1,9 @@
-"""The aiosmtpd and pymap internals our subclasses rely on are still there, with the same shape.
+"""The aiosmtpd, pymap and aiohttp internals our subclasses rely on are still there, with the same shape.
 
 ``gateway/smtp`` subclasses aiosmtpd's ``SMTP`` (its own command loop, STARTTLS, DATA reader,
 AUTH) and ``gateway/imap`` subclasses pymap's connection, state, session and Maildir classes
-(bounded parsing, SEARCH/FETCH turns, Maildir layout).  An override of a method the library
+(bounded parsing, SEARCH/FETCH turns, Maildir layout); ``gateway/api`` subclasses aiohttp's
+connection handler (slow-client deadlines, connection caps).  An override of a method the library
 renamed is silently never called, and a changed signature breaks at run time only: the version
 ranges in pyproject.toml are pinned, and this test fails first when an upgrade moves any of it.
 """
@@ -37,12 +38,27 @@ OVERRIDES = [
     ("gateway.imap.storage._RawMailboxData", "pymap.backend.maildir.mailbox.MailboxData",
      ["_get_maildir_msg", "reset", "append", "copy"]),
     ("gateway.imap.storage.RawMailboxSet", "pymap.backend.maildir.mailbox.MailboxSet", ["get_mailbox"]),
+    ("gateway.api.transport.GuardedHandler", "aiohttp.web_protocol.RequestHandler",
+     ["connection_made", "connection_lost", "data_received", "pause_writing", "resume_writing", "force_close",
+      "handle_error", "transport"]),
 ]  # fmt: skip
 
 #: Private attributes of library objects our code reads or sets.
 ATTRIBUTES = [
     ("aiosmtpd.smtp.SMTP", ["_reader", "_writer", "transport", "session", "envelope", "event_handler"]),
 ]
+
+
+def test_the_api_handler_keeps_aiohttp_s_loop_and_keepalive_parameters() -> None:
+    """``gateway/api/transport.py`` reads the handler's ``_loop`` and passes the keep-alive and
+    head-size bounds by name: a rename would silently drop a slow-client deadline."""
+    from aiohttp.web_protocol import RequestHandler
+
+    params = inspect.signature(RequestHandler.__init__).parameters
+    for name in ("keepalive_timeout", "max_line_size", "max_field_size", "max_headers", "lingering_time",
+                 "access_log", "loop"):
+        assert name in params, f"aiohttp's RequestHandler no longer takes {name}"
+    assert "self._loop" in inspect.getsource(RequestHandler), "RequestHandler no longer keeps _loop"
 
 
 def _load(dotted: str) -> type:

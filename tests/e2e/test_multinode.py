@@ -53,9 +53,12 @@ WAIT = 480.0  # bound of each wait (a start, the drain) on a slow shared machine
 
 
 def _second_node(a: Node, home: Path, *, workers: int) -> Node:
-    """Node 2 of operator A: a home of its own (config, keys and PKI as provisioned on every node,
-    its own spool and logs), the same database, the Maildir of the shared mail volume."""
-    shutil.copytree(a.home, home, ignore=shutil.ignore_patterns("spool", "mail", "serve.log", "S.*", "*.lock"))
+    """Node 2 of operator A: a home of its own (config, the public PKI, its TLS listener key and the
+    key-encryption key as provisioned on every node, its own spool and logs), the same database, the
+    Maildir of the shared mail volume.  No OpenPGP keyring and no operator or CA key: node 2 relays
+    with the operator key sealed in the database and imports the OpenPGP keys the directory lists."""
+    shutil.copytree(a.home, home, ignore=shutil.ignore_patterns("spool", "mail", "serve.log", "S.*", "*.lock",
+                                                                "gnupg", "operator.key", "ca.key"))  # fmt: skip
     (home / "mail").symlink_to(a.home / "mail", target_is_directory=True)
     config = tomllib.loads((a.home / CONFIG_NAME).read_text(encoding="utf-8"))
     ports = {"submission": free_port(), "inbound": free_port()}

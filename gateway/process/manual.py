@@ -78,6 +78,7 @@ def protect_message(settings: Settings, factory: sessionmaker[Session], data: by
 def open_message(settings: Settings, factory: sessionmaker[Session], data: bytes, *, recipient: str,
                  now: _dt.datetime | None = None) -> tuple[bytes | None, SecurityResult]:
     """Decrypt and verify ``data`` for our mailbox ``recipient``."""
+    keys = KeyStore(settings, factory)  # also keeps the node's OpenPGP keyring in step with the directory
     if _is_pgp(data):
         from gateway.crypto.openpgp import OpenPgp
 
@@ -86,7 +87,6 @@ def open_message(settings: Settings, factory: sessionmaker[Session], data: bytes
             return ring.open(data)
         finally:
             ring.close()
-    keys = KeyStore(settings, factory)
     try:
         candidates = tuple(keys.decryption_keys(recipient))
         trust = keys.trust()

@@ -150,3 +150,31 @@ def test_protect_with_openpgp_when_recipients_publish_keys(home: Path) -> None:
     assert plain.returncode == 0, plain.stderr
     assert b"Amoxicilline" in plain.stdout and b"Good signature" in plain.stderr
     subprocess.run(["gpgconf", "--homedir", str(other), "--kill", "gpg-agent"], check=False)
+
+
+def test_open_with_openpgp_on_a_node_whose_keyring_is_empty(home: Path) -> None:
+    """``message open`` brings the node's keyring in step with the directory first: a node that did
+    not make Anne's key pair (its GnuPG home is empty) opens what gpg encrypted to her."""
+    import shutil
+
+    assert mssgw(home, "certs", "pgp", "generate", ANNE).returncode == 0
+    anne_pub = subprocess.run(["gpg", "--homedir", str(home / "gnupg"), "--armor", "--export", ANNE],
+                              check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["gpgconf", "--homedir", str(home / "gnupg"), "--kill", "gpg-agent"], check=False)
+    shutil.rmtree(home / "gnupg")  # another node: nothing in its keyring, the directory holds the keys
+    other = home.parent / "sender-gnupg"
+    other.mkdir(mode=0o700)
+    base = ["gpg", "--homedir", str(other), "--batch", "--trust-model", "always"]
+    subprocess.run([*base, "--import"], input=anne_pub, check=True, capture_output=True)
+    armored = subprocess.run([*base, "--armor", "--encrypt", "-r", ANNE], input=MESSAGE, check=True,
+                             capture_output=True).stdout  # fmt: skip
+    subprocess.run(["gpgconf", "--homedir", str(other), "--kill", "gpg-agent"], check=False)
+    pgp_mime = (
+        b'From: <bob@b.mssante.test>\r\nTo: <anne.martin@a.mssante.test>\r\nSubject: ...\r\nMIME-Version: 1.0\r\n'
+        b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="b1"\r\n\r\n'
+        b"--b1\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n"
+        b"--b1\r\nContent-Type: application/octet-stream\r\n\r\n" + armored.replace(b"\n", b"\r\n") + b"\r\n--b1--\r\n"
+    )
+    done = mssgw(home, "message", "open", "--to", ANNE, input=pgp_mime)
+    assert b"Amoxicilline" in done.stdout, done.stderr
+    subprocess.run(["gpgconf", "--homedir", str(home / "gnupg"), "--kill", "gpg-agent"], check=False)

@@ -385,7 +385,9 @@ def _open(data: bytes, cert: x509.Certificate, key: PrivateKey, trust: TrustStor
 
     if require_encryption and not encrypted:
         failure = ("not-encrypted", "message is not S/MIME enveloped-data")
-    inner = _unwrap(entity, outer_fields)
+    # Nothing peeled (a clear message): the message is its own inner message; wrapping it under its
+    # own header fields again would give every field twice (RFC 5322 §3.6 allows each once).
+    inner = data if entity is data else _unwrap(entity, outer_fields)
     if not signatures:
         return done(inner, "not-signed", "message carries no S/MIME signature")
 

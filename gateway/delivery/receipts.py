@@ -56,6 +56,7 @@ __all__ = [
     "build_notice",
     "is_report",
     "mdn_from",
+    "mdn_goes_to_its_sender",
     "mdn_request",
     "original_headers",
     "receipt_author",
@@ -63,7 +64,9 @@ __all__ = [
 
 MAX_ORIGINAL_HEADERS = 64 * 1024
 DIRECT_FINAL_DELIVERY = "X-DIRECT-FINAL-DESTINATION-DELIVERY"
-_CTL = re.compile(r"[\r\n\x00]")
+# Every C0 control and DEL (RFC 5322 §3.2.5 text excludes them; an ESC from a peer's reply would
+# reach the reader's terminal), CR and LF included (header injection).
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5322 §3.6.4 msg-id, in its common dot-atom form (the obsolete forms are not copied).
 _MSG_ID = re.compile(r"<[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\[\]-]+>")
 # RFC 8098 §3.2.3 original-recipient-field value: address-type ";" generic-address.
@@ -150,6 +153,18 @@ def mdn_request(message: bytes) -> MdnRequest | None:
     )
 
 
+def mdn_goes_to_its_sender(request: MdnRequest, message: bytes, *, envelope_sender: str) -> bool:
+    """Whether an automatic MDN may go where ``request`` asks (RFC 8098 §2.1).
+
+    Only to the envelope sender (the Return-Path) or the message's own From (verified by its
+    signature before any MDN is sent): a Disposition-Notification-To naming anybody else would
+    let a sender make us mail a third party (or a mailbox that does not exist) on its behalf,
+    and RFC 8098 asks a person, never an automaton, to confirm such a notification."""
+    author = _mime.first_address(_mime.header_value(_fields(message), "from"))
+    allowed = {a.lower() for a in (envelope_sender, author) if a}
+    return request.address.lower() in allowed
+
+
 def mdn_from(profile: str, *, postmaster: str, final_recipient: str) -> str:
     """The From of an MDN we send: our postmaster (RFC 8098 leaves it to us), or, under the Direct
     profile, the final recipient, on whose behalf the gateway answers (Direct delivery-notification guide)."""
@@ -168,10 +183,13 @@ def receipt_author(receipt: bytes) -> str | None:
 
 #: RFC 5322 with CRLF line ends, 78-column folding, 8-bit bodies where a part needs them; header
 #: values that are not ASCII become RFC 2047 encoded words, so every header line stays 7-bit.
-POLICY = email.policy.SMTP
+#: Lines are folded only past RFC 5322's 998 octets: a msg-id, an ENVID, an ORCPT or a diagnostic has
+#: no folding white space, and the package would otherwise turn it into encoded words (RFC 2047), which
+#: no msg-id (RFC 5322 §3.6.4) or report field (RFC 3464 §2, RFC 8098 §3.2) may be.
+POLICY = email.policy.SMTP.clone(max_line_length=998)
 #: For a receipt to or from an internationalised address (RFC 6531/6532, accepted with SMTPUTF8):
 #: an address cannot be an encoded word, so its header fields are written in UTF-8.
-POLICY_UTF8 = email.policy.SMTPUTF8
+POLICY_UTF8 = email.policy.SMTPUTF8.clone(max_line_length=998)
 REPORT_PREAMBLE = "This is a MIME-encapsulated report."
 
 
@@ -302,9 +320,9 @@ def build_dsn(
     per_message = [("Reporting-MTA", f"dns; {_clean(reporting_mta)}")]
     if envelope_id:
         per_message.insert(0, ("Original-Envelope-Id", _clean(envelope_id)))
-    if queue_id:
-        per_message.append(("X-Mssgw-Queue-ID", _clean(queue_id)))
     per_message.append(("Arrival-Date", format_datetime(arrival)))
+    if queue_id:  # extension fields come last (RFC 3464 §2.2)
+        per_message.append(("X-Mssgw-Queue-ID", _clean(queue_id)))
     blocks = [per_message]
     for r in recipients:
         f = [("Original-Recipient", _original_recipient(r.original_recipient))] if r.original_recipient else []
@@ -329,7 +347,7 @@ def build_dsn(
         parts=[
             _text_part("\n".join(human) + "\n", "Notification"),
             _delivery_status_part(blocks),
-            _headers_part(headers, "Undelivered message headers"),
+            _headers_part(headers, "Message headers" if success or delayed else "Undelivered message headers"),
         ],
     )  # fmt: skip
 

@@ -46,6 +46,10 @@ EDGE_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES - EDGE_HEADER_RESERVE_BYTES
 #: BODY (RFC 6152) and SMTPUTF8 (RFC 6531) parameters we advertise.
 COMMAND_LINE_BYTES = 512
 MAIL_LINE_EXTRA_BYTES = 26 + 10 + 10
+#: RFC 3461 §5: where DSN is offered, MAIL may be 100 characters longer (RET, ENVID) and RCPT
+#: 500 (NOTIFY, ORCPT of up to 500 characters).
+DSN_MAIL_EXTRA_BYTES = 100
+DSN_RCPT_EXTRA_BYTES = 500
 #: An AUTH command or SASL response line (RFC 4954 4): base64 of the longest PLAIN response
 #: (3 x 255 octets, RFC 4616 2) plus the command, CRLF included.
 AUTH_LINE_BYTES = 1100

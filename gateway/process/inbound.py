@@ -52,7 +52,14 @@ import re
 from gateway.crypto import _mime
 from gateway.crypto.keystore import KeyRef, KeyStoreError, TrustRef, load_keypair, load_trust
 from gateway.crypto.result import SecurityResult
-from gateway.delivery.receipts import DsnRecipient, build_mdn, is_report, mdn_from, mdn_request
+from gateway.delivery.receipts import (
+    DsnRecipient,
+    build_mdn,
+    is_report,
+    mdn_from,
+    mdn_goes_to_its_sender,
+    mdn_request,
+)
 from gateway.delivery.relay import Attempt, dn_equal
 from gateway.delivery.trace import peer_trace, with_trace
 from gateway.documents.describe import (
@@ -513,6 +520,10 @@ async def _processed_mdns(ctx: Context, job: Job, inner: bytes, delivered: list[
         return
     req = mdn_request(inner)
     if req is None:
+        return
+    if not mdn_goes_to_its_sender(req, inner, envelope_sender=job.sender):
+        log.info("no MDN for %s: Disposition-Notification-To names neither the sender nor the From (RFC 8098 "
+                 "section 2.1)", job.id)  # fmt: skip
         return
     for addr in delivered:
         dispositions = ["processed", "dispatched"] if req.dispatched else ["processed"]

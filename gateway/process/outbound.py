@@ -153,6 +153,17 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
     top, which mail clients show as a bounce or a receipt), with its trace only."""
     from gateway.process.inbound import _domain_bound, present
 
+    try:
+        refused = await ctx.io(_not_deliverable_here, ctx, rcpts)
+    except Exception as exc:
+        reason = f"directory unavailable: {type(exc).__name__}"
+        await defer_or_bounce(ctx, job, data, [Attempt(a, 451, "4.3.5", reason) for a in rcpts], "local")
+        return
+    if refused:
+        await _bounce(ctx, job, data, refused, "local")
+        rcpts = [a for a in rcpts if a not in {att.address for att in refused}]
+        if not rcpts:
+            return
     if job.is_receipt:
         presented = with_trace(data, job.sender)
     else:
@@ -176,6 +187,28 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
                          event="delivered-local", outcome="accept", protection="local")  # fmt: skip
         delivered.append(DsnRecipient(addr, "delivered", "2.0.0", "delivered to the mailbox", last_attempt=ctx.now()))
     await _success_dsn(ctx, job, data, delivered)
+
+
+def _not_deliverable_here(ctx: Context, rcpts: Sequence[str]) -> list[Attempt]:
+    """Local addresses without an active mailbox of ours, refused for good (550 5.1.1, 5.2.1).
+
+    RCPT checks submitted mail; this catches the rest: a receipt addressed by a message's
+    Disposition-Notification-To or From, a mailbox deactivated since.  A Maildir is made for
+    no other address, and a name that is no mailbox is never a path.  The postmaster is always
+    deliverable (RFC 5321 §4.5.1)."""
+    from directory.facts import recipient_facts
+
+    refused: list[Attempt] = []
+    with ctx.read() as session:
+        for addr in rcpts:
+            if addr.partition("@")[0].lower() == "postmaster":
+                continue
+            facts = recipient_facts(session, addr)
+            if not (facts.valid_syntax and facts.mailbox_known and facts.mailbox_local):
+                refused.append(Attempt(addr, 550, "5.1.1", f"no mailbox {addr} here"))
+            elif not facts.mailbox_active:
+                refused.append(Attempt(addr, 550, "5.2.1", f"mailbox {addr} is disabled"))
+    return refused
 
 
 #: Protections a relay attempt can use; recorded with the recipient and reused by every later attempt.

@@ -236,8 +236,13 @@ class GuardedSMTP(LoopTlsSMTP):
     def _line_limit(self, command: str) -> int:
         if command == "AUTH":
             return L.AUTH_LINE_BYTES
-        if command == "MAIL" and self.session is not None and self.session.extended_smtp:
-            return L.COMMAND_LINE_BYTES + L.MAIL_LINE_EXTRA_BYTES
+        if self.session is None or not self.session.extended_smtp:
+            return L.COMMAND_LINE_BYTES
+        dsn = bool(getattr(self.event_handler, "offers_dsn", False))
+        if command == "MAIL":
+            return L.COMMAND_LINE_BYTES + L.MAIL_LINE_EXTRA_BYTES + (L.DSN_MAIL_EXTRA_BYTES if dsn else 0)
+        if command == "RCPT" and dsn:
+            return L.COMMAND_LINE_BYTES + L.DSN_RCPT_EXTRA_BYTES
         return L.COMMAND_LINE_BYTES
 
     def _argument_problem(self, command: str, arg_bytes: bytes) -> tuple[R.Reply | None, str | None]:

@@ -168,3 +168,15 @@ async def test_the_dsn_request_is_passed_on_and_the_peer_reports_delivery(pair: 
     assert per_message["original-envelope-id"] == envid  # only B's copy of the request can say this
     assert fields["action"] == "delivered" and fields["original-recipient"] == f"rfc822; {PRACTITIONER}"
 
+
+
+async def test_no_automatic_mdn_to_an_address_that_is_not_the_sender(pair: Pair) -> None:
+    """RFC 8098 §2.1: a Disposition-Notification-To naming neither the envelope sender nor the
+    (signed) From gets no automatic MDN: a sender cannot make B mail a third party."""
+    a, b = pair.a, pair.b
+    data = prescription(mdn=False).replace(b"Subject:", f"Disposition-Notification-To: {COLLEAGUE}\r\nSubject:".encode(), 1)
+    a.enqueue(data, CLINICIAN, [PRACTITIONER])
+    await pair.flow()
+    assert b.receipts("mdn") == []
+    assert _reports(a.mailbox(COLLEAGUE), "disposition-notification") == []
+    assert parse(b.mailbox(PRACTITIONER)[0])["Subject"]  # delivered all the same

@@ -64,6 +64,19 @@ def test_good_message_is_ok(world: Any, make_message: MakeMessage) -> None:
     assert "DUPONT" not in repr(fields) and "DUPONT" not in header
 
 
+def test_a_clear_message_is_its_own_inner_message(world: Any, make_message: MakeMessage) -> None:
+    """Neither encrypted nor signed: what comes back is the message as received, each header field
+    once (a release from quarantine delivers it, an MDN quotes its header)."""
+    msg = make_message()
+    inner, res = _open(world, msg)
+    assert res.failure == "not-encrypted" and inner == msg
+    inner, res = _open(world, msg, require_encryption=False)
+    assert res.failure == "not-signed" and inner == msg
+    head = _mime.parse_headers(_mime.header_block(inner))
+    names = [name for name, _, _ in head]
+    assert len(names) == len(set(names)), names
+
+
 def test_tampered_body(world: Any, make_message: MakeMessage) -> None:
     msg = make_message()
     block, boundary, parts = _signed_parts(world, msg)

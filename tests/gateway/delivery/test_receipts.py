@@ -128,3 +128,39 @@ def test_report_parts_are_delimited_by_a_boundary_found_in_no_part() -> None:
     assert msg.get_content_type() == "multipart/report"
     assert [p.get_content_type() for p in msg.iter_parts()] == [
         "text/plain", "message/delivery-status", "text/rfc822-headers"]
+
+
+def test_long_identifiers_stay_whole_and_controls_never_pass() -> None:
+    """A 120-character Message-ID, a 100-character ENVID and a long peer reply are written as they
+    are (never as RFC 2047 encoded words, which no msg-id or report field may be); an ESC or other
+    control from a peer's reply is not copied; extension fields follow Arrival-Date (RFC 3464 §2.2)."""
+    long_id = "<" + "k" * 100 + "@mail.example-operator.test>"
+    original = ORIGINAL.replace(b"<rx1@a.test>", long_id.encode())
+    envid = "E" * 100
+    reply = "550 5.1.1 <ph@b.test>: " + "x" * 150 + " \x1b[31mred\x1b[0m"
+    dsn = build_dsn(reporting_mta="mx.a.test", postmaster="postmaster@a.test", to="s@a.test",
+                    recipients=[DsnRecipient("ph@b.test", "failed", "5.1.1", reply, remote_mta="mx.b.test",
+                                             original_recipient="rfc822;" + "o" * 80 + "@b.test")],
+                    original=original, arrival=NOW, envelope_id=envid, queue_id="q1", now=NOW)  # fmt: skip
+    mdn = build_mdn(reporting_ua="mx.b.test", from_addr="<postmaster@b.test>", to="dr.martin@a.test",
+                    final_recipient="ph@b.test", original=original, now=NOW)  # fmt: skip
+    for data in (dsn, mdn):
+        assert b"=?utf-8?" not in data and b"\x1b" not in data
+        assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    assert f"In-Reply-To: {long_id}\r\n".encode() in dsn and f"Original-Message-ID: {long_id}\r\n".encode() in mdn
+    assert f"Original-Envelope-Id: {envid}\r\n".encode() in dsn
+    assert b"Original-Recipient: rfc822; " + b"o" * 80 + b"@b.test\r\n" in dsn
+    assert b"Diagnostic-Code: smtp; 550 5.1.1 <ph@b.test>: " + b"x" * 150 in dsn
+    assert dsn.index(b"Arrival-Date:") < dsn.index(b"X-Mssgw-Queue-ID:")
+
+
+def test_an_mdn_goes_only_to_the_sender_or_the_from() -> None:
+    from gateway.delivery.receipts import mdn_goes_to_its_sender
+
+    request = mdn_request(ORIGINAL)  # Disposition-Notification-To: dr.martin@a.test, the From
+    assert request is not None
+    assert mdn_goes_to_its_sender(request, ORIGINAL, envelope_sender="other@a.test")  # the From
+    assert mdn_goes_to_its_sender(request, ORIGINAL, envelope_sender="DR.MARTIN@a.test")  # the Return-Path
+    third = ORIGINAL.replace(b"Disposition-Notification-To: dr.martin@a.test", b"Disposition-Notification-To: x@z.test")
+    request = mdn_request(third)
+    assert request is not None and not mdn_goes_to_its_sender(request, third, envelope_sender="dr.martin@a.test")

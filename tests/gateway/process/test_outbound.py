@@ -236,3 +236,19 @@ async def test_one_delay_warning_for_a_message_waiting_too_long(world: World) ->
     # Once warned, never again.
     again = await run(world, [RADIO], created_at=old, warned_at=old + timedelta(hours=1))
     assert again.receipts == [] and again.warned_at is None
+
+
+async def test_a_local_address_without_a_mailbox_is_refused_and_no_maildir_is_made(world: World) -> None:
+    """Only RCPT checked submitted mail; a receipt's Disposition-Notification-To, or a mailbox
+    disabled since, reaches local delivery unchecked: refused for good, no folder made."""
+    ghost, dotdot = "nobody@a.mssante.test", "../../x@a.mssante.test"
+    verdict = await run(world, [ghost, dotdot, LOCAL])
+    found = outcomes(verdict)
+    assert found[ghost] == ("bounced", "local", "550 5.1.1") and found[dotdot][0] == "bounced"
+    assert found[LOCAL] == ("delivered", "local", "250 2.0.0")
+    mail = world.settings.mail_dir
+    assert not list(mail.rglob("nobody*")) and not (mail.parent / "x").exists()
+    with transaction(world.factory) as s:
+        admin.set_active(s, LOCAL, False)
+    found = outcomes(await run(world, [LOCAL]))
+    assert found[LOCAL] == ("bounced", "local", "550 5.2.1")

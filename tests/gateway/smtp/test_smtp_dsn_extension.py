@@ -180,6 +180,22 @@ async def test_bad_rcpt_parameters_are_refused_with_the_reason(world: World, opt
     await smtp.quit()
 
 
+async def test_the_longest_legal_parameters_fit_on_their_command_lines(world: World) -> None:
+    """RFC 3461 §5: MAIL gets 100 more characters, RCPT 500, where DSN is offered: an ENVID of 100
+    characters and an ORCPT of 500 are accepted, one character more is refused for its length."""
+    smtp = await world.submitter()
+    envid = "E" * 100
+    assert (await cmd(smtp, f"MAIL FROM:<{SENDER}> RET=HDRS ENVID={envid}"))[0] == 250
+    orcpt_address = "o" * (500 - len("rfc822;") - len("@a.mssante.test")) + "@a.mssante.test"
+    orcpt = f"rfc822;{orcpt_address}"
+    assert len(orcpt) == 500
+    code, text = await cmd(smtp, f"RCPT TO:<{LOCAL}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT={orcpt}")
+    assert code == 250, (code, text)
+    code, text = await cmd(smtp, f"RCPT TO:<{LOCAL}> ORCPT={orcpt}o")
+    assert code == 501 and "at most 500" in text, (code, text)
+    await smtp.quit()
+
+
 async def test_dsn_parameters_before_mail_keep_the_order_of_checks(world: World) -> None:
     """aiosmtpd's own checks come first: a bad ENVID before login is still "authentication required"."""
     smtp = world.client()

@@ -151,7 +151,7 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
 
     A receipt for one of our mailboxes is delivered as the report it is (multipart/report at the
     top, which mail clients show as a bounce or a receipt), with its trace only."""
-    from gateway.process.inbound import _domain_bound, present
+    from gateway.process.inbound import _domain_bound, _processed_mdns, present
 
     try:
         refused = await ctx.io(_not_deliverable_here, ctx, rcpts)
@@ -187,6 +187,8 @@ async def _deliver_local(ctx: Context, job: Job, data: bytes, signer: KeyRef, rc
                          event="delivered-local", outcome="accept", protection="local")  # fmt: skip
         delivered.append(DsnRecipient(addr, "delivered", "2.0.0", "delivered to the mailbox", last_attempt=ctx.now()))
     await _success_dsn(ctx, job, data, delivered)
+    if not job.is_receipt:  # asked for with Disposition-Notification-To, as from a peer (RFC 8098)
+        await _processed_mdns(ctx, job, data, [d.address for d in delivered])
 
 
 def _not_deliverable_here(ctx: Context, rcpts: Sequence[str]) -> list[Attempt]:

@@ -180,3 +180,18 @@ async def test_no_automatic_mdn_to_an_address_that_is_not_the_sender(pair: Pair)
     assert b.receipts("mdn") == []
     assert _reports(a.mailbox(COLLEAGUE), "disposition-notification") == []
     assert parse(b.mailbox(PRACTITIONER)[0])["Subject"]  # delivered all the same
+
+
+async def test_mail_between_two_of_our_mailboxes_gets_its_processed_mdn_too(pair: Pair) -> None:
+    """Disposition-Notification-To asks the same of a colleague on this operator as of a peer's
+    practitioner: one ``processed`` MDN from the postmaster, a report the strict parser reads."""
+    a = pair.a
+    a.enqueue(prescription(to=COLLEAGUE), CLINICIAN, [COLLEAGUE])
+    await pair.flow()
+    assert len(a.mailbox(COLLEAGUE)) == 1
+    (raw,) = _reports(a.mailbox(CLINICIAN), "disposition-notification")
+    report, fields = strict.parse_mdn(raw)
+    assert report.top.get("From") == f"<postmaster@{A_DOMAIN}>"
+    assert fields["final-recipient"] == f"rfc822; {COLLEAGUE}"
+    assert fields["disposition"] == "automatic-action/MDN-sent-automatically; processed"
+    assert b"Amoxicilline" not in raw and b"PRESCRIPTION-SECRET" not in raw

@@ -364,10 +364,16 @@ def export_pkcs12(session: Session, address: str, passphrase: bytes, settings: S
 # --- OpenPGP keys --------------------------------------------------------------------------
 
 
-def _keyring(settings: Settings) -> Any:
+def _keyring(settings: Settings, session: Session | None = None) -> Any:
+    """The node's keyring; with ``session``, unlocked by the keyring passphrase (made when absent)
+    that protects our secret keys in every node's GnuPG home."""
+    from gateway.crypto.keyring import keyring_passphrase
     from gateway.crypto.openpgp import OpenPgp
 
-    return OpenPgp(settings.gnupg_dir)
+    ring = OpenPgp(settings.gnupg_dir)
+    if session is not None:
+        ring.passphrase = keyring_passphrase(session, settings, make=True)
+    return ring
 
 
 def pgp_import(session: Session, settings: Settings, address: str, armored: bytes) -> list[str]:
@@ -420,7 +426,7 @@ def pgp_generate(session: Session, settings: Settings, address: str) -> str:
     box = admin.get_mailbox(session, address)
     if not box.local:
         raise CertError(f"{box.address} is not one of our mailboxes")
-    ring = _keyring(settings)
+    ring = _keyring(settings, session)
     try:
         fpr = str(ring.generate_key(box.address, box.display_name or box.address))
         session.add(PgpKey(address=box.address, fingerprint=fpr, armored=ring.export_public(fpr), has_secret=True))
@@ -450,7 +456,7 @@ def pgp_revoke(session: Session, settings: Settings, fingerprint: str) -> None:
         raise CertNotFound(f"no OpenPGP key {fingerprint}")
     from gateway.crypto.keyring import revocation_name, sync_keyring
 
-    ring = _keyring(settings)
+    ring = _keyring(settings, session if b"PRIVATE KEY BLOCK" in armored else None)
     try:
         if any(row.has_secret for row in rows):
             sync_keyring(ring, session, settings)  # a key pair made on another node
@@ -513,7 +519,9 @@ def fetch_crls(settings: Settings, urls: list[str], *, timeout: float = 15.0,
         path = target / f"{hashlib.sha256(url.encode()).hexdigest()[:24]}.pem"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    ring.protect_secret_key(fpr)  # an imported key pair may come unprotected: never kept so on disk
         os.replace(tmp, path)
         next_update = crl.next_update_utc.isoformat() if crl.next_update_utc else "unknown"
         results.append(CrlFetch(url, True, f"{len(list(crl))} revoked, next update {next_update}"))
     return results
+        ring.forget_revocation_certificate(fpr)

@@ -10,6 +10,11 @@ first use and again whenever they changed: before each use it compares a memo of
 ``ttl`` seconds, so a key imported or revoked on node 1 is used by node 2 within seconds,
 without a restart, and an unchanged table costs one small query per ``ttl``.
 
+Secret keys in a home are protected by gpg itself with the keyring passphrase
+(``keyring_passphrase``: 32 random bytes, sealed as ``gnupg-passphrase``, the same on every
+node), so ``private-keys-v1.d`` holds no key in clear: a key pair is generated with it, and a
+secret key imported from the directory (or an older, unprotected one) is protected with it at once.
+
 What it does not do: remove from a home a key whose row was deleted (rows are revoked, not
 deleted, by ``mssgw certs pgp revoke``).
 
@@ -20,7 +25,9 @@ as gpg says (the pipeline defers), and the next try comes after ``ttl``.
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -29,18 +36,32 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from directory.models import PgpKey
-from directory.secrets import load_kek, read
+from directory.secrets import load_kek, put, read
 from gateway.config import Settings
 from gateway.core.errors import MssgwError
 
 if TYPE_CHECKING:
     from gateway.crypto.openpgp import OpenPgp
 
-__all__ = ["TTL_SECONDS", "KeyringSync", "secret_name", "sync_keyring"]
+__all__ = ["PASSPHRASE_NAME", "TTL_SECONDS", "KeyringSync", "keyring_passphrase", "secret_name", "sync_keyring"]
 
 log = logging.getLogger("mssgw.openpgp")
 
 TTL_SECONDS = 5.0
+PASSPHRASE_NAME = "gnupg-passphrase"  # noqa: S105 (the name of a sealed row, not a secret)
+
+
+def keyring_passphrase(session: Session, settings: Settings, *, make: bool = False) -> str | None:
+    """The passphrase that protects our secret keys inside each node's GnuPG home.
+
+    Sealed in the database (``gnupg-passphrase``); with ``make`` it is created when absent, in
+    the caller's transaction (the CLI that generates or imports a key pair)."""
+    kek = load_kek(settings)
+    value = read(session, kek, PASSPHRASE_NAME)
+    if value is None and make:
+        value = base64.b64encode(os.urandom(32))
+        put(session, kek, PASSPHRASE_NAME, value)
+    return None if value is None else value.decode("ascii")
 
 
 def secret_name(fingerprint: str) -> str:
@@ -70,14 +91,23 @@ def sync_keyring(ring: OpenPgp, session: Session, settings: Settings) -> int:
     count = len(ring.import_key(public)) if public else 0
     wanted = {r.fingerprint.upper() for r in rows if r.has_secret}
     if wanted:
+        passphrase = keyring_passphrase(session, settings)
+        if passphrase is not None:
+            ring.passphrase = passphrase
         present = {str(k["fingerprint"]).upper() for k in ring.list_keys(secret=True)}
         missing = sorted(wanted - present)
-        if missing:
-            kek = load_kek(settings)
-            for fpr in missing:
-                armored = read(session, kek, secret_name(fpr))
-                if armored is not None:
-                    count += len(ring.import_key(armored))
+        if passphrase is None:  # never put a secret key in a home unprotected
+            if missing:
+                log.warning("openpgp: %d secret keys not imported: no keyring passphrase in the database "
+                            "(made by mssgw certs pgp generate or import)", len(missing))  # fmt: skip
+            return count
+        kek = load_kek(settings)
+        for fpr in missing:
+            armored = read(session, kek, secret_name(fpr))
+            if armored is not None:
+                count += len(ring.import_key(armored))
+        for fpr in sorted(wanted & {str(k["fingerprint"]).upper() for k in ring.list_keys(secret=True)}):
+            ring.protect_secret_key(fpr)  # imported now, or left unprotected by an older version
     return count
 
 
@@ -91,8 +121,14 @@ class KeyringSync:
         self._lock = threading.Lock()
         self._memo: tuple[object, ...] | None = None
         self._checked = float("-inf")
+        self._passphrase: str | None = None
 
     def __call__(self, ring: OpenPgp) -> None:
+        self._check(ring)
+        if self._passphrase is not None:  # every ring object of this home signs and decrypts with it
+            ring.passphrase = self._passphrase
+
+    def _check(self, ring: OpenPgp) -> None:
         if time.monotonic() - self._checked < self.ttl:
             return
         with self._lock:
@@ -103,6 +139,7 @@ class KeyringSync:
                     memo = _memo(session)
                     if memo != self._memo:
                         imported = sync_keyring(ring, session, self._settings)
+                        self._passphrase = ring.passphrase
                         log.info("openpgp: keyring brought in step with the directory (%d keys imported)",
                                  imported)  # fmt: skip
                         self._memo = memo

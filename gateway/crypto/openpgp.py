@@ -117,6 +117,25 @@ class OpenPgp:
         except OSError:
             return None
 
+    def forget_revocation_certificate(self, fingerprint: str) -> None:
+        """Remove gpg's copy of the revocation certificate (anyone holding it can revoke the key):
+        once sealed in the database, no node keeps it in a file."""
+        (self.home / "openpgp-revocs.d" / f"{fingerprint}.rev").unlink(missing_ok=True)
+
+    def protect_secret_key(self, fingerprint: str) -> None:
+        """Protect a secret key in this home with ``self.passphrase`` (gpg's own key protection, so
+        that ``private-keys-v1.d`` never holds a key in clear); a key already protected with it is
+        left as it is.  The passphrase goes to gpg on a pipe, never on its command line."""
+        if not self.passphrase:
+            raise OpenPgpError("no passphrase to protect the secret key with")
+        done = subprocess.run(
+            [self._gpg.gpgbinary, "--homedir", str(self.home), "--batch", "--pinentry-mode", "loopback",
+             "--passphrase-fd", "0", "--passwd", fingerprint],
+            input=(self.passphrase + "\n").encode("utf-8"), capture_output=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise OpenPgpError(f"gpg could not protect secret key {fingerprint} (exit {done.returncode})")
+
     def export_public(self, fingerprint: str) -> str:
         data = self._gpg.export_keys(fingerprint, armor=True)
         if not data:

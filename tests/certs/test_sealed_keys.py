@@ -142,3 +142,53 @@ async def test_a_gateway_given_another_kek_stops_with_the_reason(sqlite_home: Pa
     code, out = run(sqlite_home, *export, input="passphrase-1\n")
     assert code == 0 and (tmp_path / "x.p12").stat().st_size > 0, out
     assert run(sqlite_home, "certs", "rotate-kek", "--new", str(new))[0] != 0  # the same key: refused
+
+
+def _clear_gnupg_keys(gnupg: Path) -> list[str]:
+    """Secret keys gpg keeps unprotected in this home (``(private-key`` rather than ``(protected-private-key``)."""
+    return [p.name for p in (gnupg / "private-keys-v1.d").glob("*.key") if b"(private-key" in p.read_bytes()]
+
+
+def test_no_openpgp_secret_key_in_clear_in_any_node_s_keyring(sqlite_home: Path, tmp_path: Path) -> None:
+    """gpg keeps secret keys in files: ours are protected by gpg itself with the keyring passphrase
+    (sealed in the database), whether generated here, imported unprotected by an administrator,
+    or brought into another node's empty home; gpg's revocation certificate is sealed, not left."""
+    from gateway.crypto.keyring import sync_keyring
+    from gateway.crypto.openpgp import OpenPgp
+
+    settings = load_settings(sqlite_home)
+    assert run(sqlite_home, "directory", "add-mailbox", BOX, "--type", "ORG", "--name", "Secretariat")[0] == 0
+    code, out = run(sqlite_home, "certs", "pgp", "generate", BOX)
+    assert code == 0, out
+    # an administrator's own key pair, made unprotected elsewhere and imported
+    other = tmp_path / "admin-gnupg"
+    other.mkdir(mode=0o700)
+    base = ["gpg", "--homedir", str(other), "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
+    subprocess.run([*base, "--quick-gen-key", f"Sec <{BOX}>", "rsa2048", "sign,encrypt", "1y"], check=True,
+                   capture_output=True)  # fmt: skip
+    pair = tmp_path / "pair.asc"
+    pair.write_bytes(subprocess.run([*base, "--armor", "--export-secret-keys", BOX], check=True,
+                                    capture_output=True).stdout)  # fmt: skip
+    subprocess.run(["gpgconf", "--homedir", str(other), "--kill", "gpg-agent"], check=False)
+    code, out = run(sqlite_home, "certs", "pgp", "import", BOX, str(pair))
+    assert code == 0, out
+    gnupg = settings.gnupg_dir
+    assert len(list((gnupg / "private-keys-v1.d").glob("*.key"))) >= 2
+    assert _clear_gnupg_keys(gnupg) == []
+    assert not list((gnupg / "openpgp-revocs.d").glob("*.rev"))
+    # another node: an empty home brought in step with the directory holds them protected too
+    node2 = tmp_path / "node2-gnupg"
+    engine = make_engine(settings.database_url)
+    ring = OpenPgp(node2)
+    try:
+        with session_factory(engine)() as s:
+            assert sync_keyring(ring, s, settings) >= 2
+        assert len(ring.list_keys(secret=True)) == 2 and _clear_gnupg_keys(node2) == []
+        ring.close()  # no passphrase cached by an agent: what follows needs the sealed one
+        fpr = ring.list_keys(secret=True)[0]["fingerprint"]
+        assert not ring._gpg.sign("x", keyid=fpr, passphrase="wrong").fingerprint  # protected
+        assert ring.passphrase and ring._gpg.sign("x", keyid=fpr, passphrase=ring.passphrase).fingerprint == fpr
+    finally:
+        ring.close()
+        engine.dispose()
+        subprocess.run(["gpgconf", "--homedir", str(gnupg), "--kill", "gpg-agent"], check=False)

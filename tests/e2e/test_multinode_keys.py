@@ -122,9 +122,11 @@ def test_a_key_made_on_node_1_is_used_by_node_2(tmp_path: Path, postgres_url: st
 
         # --- OpenPGP: node 2's empty GnuPG home follows the directory (secret key sealed on node 1).
         ring1, ring2 = OpenPgp(s1.gnupg_dir), OpenPgp(s2.gnupg_dir)
+        keep_in_step(s1.gnupg_dir, KeyringSync(readers, s1))  # node 1's own key store does this when it runs
         try:
             assert ring2.list_keys(secret=True) == []
             protected = ring1.protect(_message("pgp-1"), pgp_fpr, [pgp_fpr])
+            assert ring1.passphrase  # the keyring passphrase, sealed: node 1's secret key is protected by it
             opened, verdict = ring2.open(protected)  # the key store above registered the sync
             assert verdict.failure is None and verdict.decrypted_ok and verdict.signature_valid, verdict
             assert opened is not None and b"body pgp-1" in opened
@@ -134,7 +136,8 @@ def test_a_key_made_on_node_1_is_used_by_node_2(tmp_path: Path, postgres_url: st
             armored = back[back.index(b"-----BEGIN PGP MESSAGE-----"):]
             armored = armored[:armored.index(b"-----END PGP MESSAGE-----") + 25]
             gpg = subprocess.run(["gpg", "--homedir", str(s1.gnupg_dir), "--batch", "--status-fd", "2",
-                                  "--pinentry-mode", "loopback", "--decrypt"], input=armored,
+                                  "--pinentry-mode", "loopback", "--passphrase", str(ring1.passphrase),
+                                  "--decrypt"], input=armored,
                                  capture_output=True, check=False)  # fmt: skip
             assert gpg.returncode == 0 and b"GOODSIG" in gpg.stderr, gpg.stderr.decode(errors="replace")
             assert b"body pgp-2" in gpg.stdout

@@ -383,7 +383,7 @@ def pgp_import(session: Session, settings: Settings, address: str, armored: byte
     box = admin.get_mailbox(session, address)
     if b"PRIVATE KEY BLOCK" in armored and not box.local:
         raise CertError(f"{box.address} is a remote mailbox: never import its secret key here")
-    ring = _keyring(settings)
+    ring = _keyring(settings, session if b"PRIVATE KEY BLOCK" in armored else None)
     try:
         fingerprints = ring.import_key(armored)
         if not fingerprints:
@@ -415,10 +415,12 @@ def _seal_pgp_secret(session: Session, settings: Settings, ring: Any, fpr: str) 
     from gateway.crypto.keyring import revocation_name, secret_name
 
     kek = sealed.load_kek(settings)
+    ring.protect_secret_key(fpr)  # an imported key pair may come unprotected: never kept so on disk
     sealed.put(session, kek, secret_name(fpr), ring.export_secret(fpr).encode("ascii"))
     revocation = ring.revocation_certificate(fpr)
     if revocation is not None:
         sealed.put(session, kek, revocation_name(fpr), revocation.encode("utf-8"))
+        ring.forget_revocation_certificate(fpr)
 
 
 def pgp_generate(session: Session, settings: Settings, address: str) -> str:
@@ -456,7 +458,7 @@ def pgp_revoke(session: Session, settings: Settings, fingerprint: str) -> None:
         raise CertNotFound(f"no OpenPGP key {fingerprint}")
     from gateway.crypto.keyring import revocation_name, sync_keyring
 
-    ring = _keyring(settings, session if b"PRIVATE KEY BLOCK" in armored else None)
+    ring = _keyring(settings)
     try:
         if any(row.has_secret for row in rows):
             sync_keyring(ring, session, settings)  # a key pair made on another node
@@ -519,9 +521,7 @@ def fetch_crls(settings: Settings, urls: list[str], *, timeout: float = 15.0,
         path = target / f"{hashlib.sha256(url.encode()).hexdigest()[:24]}.pem"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    ring.protect_secret_key(fpr)  # an imported key pair may come unprotected: never kept so on disk
         os.replace(tmp, path)
         next_update = crl.next_update_utc.isoformat() if crl.next_update_utc else "unknown"
         results.append(CrlFetch(url, True, f"{len(list(crl))} revoked, next update {next_update}"))
     return results
-        ring.forget_revocation_certificate(fpr)

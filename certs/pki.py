@@ -14,6 +14,10 @@ Files written under the chosen directory (keys are PEM, unencrypted, mode 0600):
     revoked.json                 the revocation list the CRL is generated from
     serials.json                 serial numbers issued, for the audit trail
 
+The CA's private key need not be a file: `issue_certificate`, `revoke_certificate`, `write_crl`
+and `write_server_certificate` take it as an argument (``certs.service`` opens it sealed in the
+database, so any node of an operator issues and revokes); ``ca.key`` is read only when none is given.
+
 Errors: `PkiError` for a missing or unreadable PKI directory, or an impossible request
 (e.g. a user certificate without an e-mail address).  Private keys are never printed.
 """
@@ -41,13 +45,17 @@ __all__ = [
     "DevPki",
     "PkiError",
     "create_dev_pki",
+    "dev_paths",
     "issue_certificate",
     "load_certificate",
     "load_dev_pki",
     "load_private_key",
     "revoke_certificate",
     "save_certificate_and_key",
+    "write_crl",
     "write_private_key",
+    "write_public",
+    "write_server_certificate",
 ]
 
 CertKind = Literal["user", "org", "app", "server", "operator"]
@@ -124,7 +132,8 @@ def write_private_key(path: Path, key: rsa.RSAPrivateKey) -> None:
     os.replace(tmp, path)
 
 
-def _write_public(path: Path, data: bytes) -> None:
+def write_public(path: Path, data: bytes) -> None:
+    """Write a public file (certificate, CRL) atomically, mode 0644."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -137,7 +146,7 @@ def save_certificate_and_key(
 ) -> None:
     """Save a certificate (PEM, 0644) and its private key (PEM, 0600)."""
     write_private_key(key_path, key)
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def load_certificate(path: Path) -> x509.Certificate:
@@ -172,7 +181,7 @@ def _record_serial(directory: Path, serial: int, subject: str, kind: str) -> Non
     except (OSError, ValueError):
         entries = []
     entries.append({"serial": format(serial, "x"), "subject": subject, "kind": kind})
-    _write_public(path, json.dumps(entries, indent=1).encode())
+    write_public(path, json.dumps(entries, indent=1).encode())
 
 
 def _build_ca(domain: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
@@ -331,9 +340,14 @@ def _read_revoked(pki: DevPki) -> list[dict[str, object]]:
     return data
 
 
-def _write_crl(pki: DevPki, entries: list[dict[str, object]]) -> x509.CertificateRevocationList:
-    ca_cert = load_certificate(pki.ca_cert)
-    ca_key = load_private_key(pki.ca_key)
+def _write_crl(pki: DevPki, entries: list[dict[str, object]], ca_key: rsa.RSAPrivateKey | None = None
+               ) -> x509.CertificateRevocationList:
+    return write_crl(pki.crl, load_certificate(pki.ca_cert), ca_key or load_private_key(pki.ca_key), entries)
+
+
+def write_crl(path: Path, ca_cert: x509.Certificate, ca_key: rsa.RSAPrivateKey,
+              entries: Sequence[dict[str, object]]) -> x509.CertificateRevocationList:
+    """Sign a CRL of ``entries`` (``serial`` hex, ``date`` ISO, ``reason`` a ReasonFlags value) and write it."""
     now = _now()
     builder = (
         x509.CertificateRevocationListBuilder()
@@ -353,7 +367,7 @@ def _write_crl(pki: DevPki, entries: list[dict[str, object]]) -> x509.Certificat
             rb = rb.add_extension(x509.CRLReason(x509.ReasonFlags(str(reason))), critical=False)
         builder = builder.add_revoked_certificate(rb.build())
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write_public(pki.crl, crl.public_bytes(serialization.Encoding.PEM))
+    write_public(path, crl.public_bytes(serialization.Encoding.PEM))
     return crl
 
 
@@ -384,14 +398,7 @@ def create_dev_pki(directory: Path, domain: str, hostname: str, *, force: bool =
         ca_cert, ca_key = load_certificate(pki.ca_cert), load_private_key(pki.ca_key)
 
     if new_ca or not (pki.server_cert.exists() and pki.server_key.exists()):
-        cert, key = _issue(
-            ca_cert, ca_key, kind="server", email=None, common_name=hostname,
-            organization=f"Operateur {domain}",
-            dns_names=_unique([hostname, "localhost", "127.0.0.1", "::1"]),
-            not_before=None, not_after=None, key_size=2048,
-        )  # fmt: skip
-        save_certificate_and_key(cert, key, pki.server_cert, pki.server_key)
-        _record_serial(pki.directory, cert.serial_number, cert.subject.rfc4514_string(), "server")
+        write_server_certificate(pki, ca_cert, ca_key, hostname, domain)
 
     if new_ca or not (pki.operator_cert.exists() and pki.operator_key.exists()):
         cert, key = _issue(
@@ -407,8 +414,29 @@ def create_dev_pki(directory: Path, domain: str, hostname: str, *, force: bool =
     return pki
 
 
+def write_server_certificate(pki: DevPki, ca_cert: x509.Certificate, ca_key: rsa.RSAPrivateKey, hostname: str,
+                             domain: str) -> x509.Certificate:
+    """Issue this node's TLS listener certificate (server.pem, server.key 0600) from the CA.
+
+    Each node has its own: the listener key is the one private key that stays a file of the node."""
+    cert, key = _issue(
+        ca_cert, ca_key, kind="server", email=None, common_name=hostname,
+        organization=f"Operateur {domain}",
+        dns_names=_unique([hostname, "localhost", "127.0.0.1", "::1"]),
+        not_before=None, not_after=None, key_size=2048,
+    )  # fmt: skip
+    save_certificate_and_key(cert, key, pki.server_cert, pki.server_key)
+    _record_serial(pki.directory, cert.serial_number, cert.subject.rfc4514_string(), "server")
+    return cert
+
+
 def _unique(items: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def dev_paths(directory: Path) -> DevPki:
+    """The paths of a PKI folder, whether or not its files exist (a joined node has no CA key file)."""
+    return _paths(Path(directory))
 
 
 def load_dev_pki(directory: Path) -> DevPki:
@@ -435,16 +463,20 @@ def issue_certificate(
     key_size: int = 2048,
     organization: str | None = None,
     crl_url: str | None = None,
+    ca_key: rsa.RSAPrivateKey | None = None,
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     """Issue a leaf certificate signed by the dev CA; the key is returned, not written.
+
+    ``ca_key``: the CA's private key (sealed in the database); ``ca.key`` is read when it is None.
 
     user/org/app: SAN rfc822Name=email, KU digitalSignature+keyEncipherment (+nonRepudiation
     for user), EKU emailProtection (+clientAuth for org/app).  server: EKU serverAuth, SAN DNS.
     operator: EKU clientAuth+serverAuth+emailProtection, SAN DNS.
     """
-    ca_cert, ca_key = load_certificate(pki.ca_cert), load_private_key(pki.ca_key)
+    ca_cert = load_certificate(pki.ca_cert)
+    signer = ca_key if ca_key is not None else load_private_key(pki.ca_key)
     cert, key = _issue(
-        ca_cert, ca_key, kind=kind, email=email, common_name=common_name, organization=organization,
+        ca_cert, signer, kind=kind, email=email, common_name=common_name, organization=organization,
         dns_names=list(dns_names), not_before=not_before, not_after=not_after, key_size=key_size,
         crl_url=crl_url,
     )  # fmt: skip
@@ -452,7 +484,8 @@ def issue_certificate(
     return cert, key
 
 
-def revoke_certificate(pki: DevPki, serial: int, reason: x509.ReasonFlags | None = None) -> None:
+def revoke_certificate(pki: DevPki, serial: int, reason: x509.ReasonFlags | None = None,
+                       ca_key: rsa.RSAPrivateKey | None = None) -> None:
     """Add `serial` to the revocation list (idempotent) and rewrite crl.pem, signed by the CA."""
     entries = _read_revoked(pki)
     hexserial = format(serial, "x")
@@ -464,5 +497,5 @@ def revoke_certificate(pki: DevPki, serial: int, reason: x509.ReasonFlags | None
                 "reason": reason.value if reason else None,
             }
         )
-        _write_public(pki.revoked_list, json.dumps(entries, indent=1).encode())
-    _write_crl(pki, entries)
+        write_public(pki.revoked_list, json.dumps(entries, indent=1).encode())
+    _write_crl(pki, entries, ca_key)

@@ -10,7 +10,9 @@ the same way (``pgp:<fingerprint>``), with gpg's revocation certificate
 (``pgp-revocation:<fingerprint>``), so any node can use or revoke them. A mailbox certificate has purpose ``smime``
 (signature and encryption; for ORG and APP mailboxes it is also their TLS
 client identity). Revoking a certificate issued by the development CA also
-rewrites the CA's CRL.
+rewrites the CA's CRL.  The development CA's own key is sealed too (``key:<CA fingerprint>``,
+``dev_ca``), so any node issues, revokes and re-signs the CRL; its CRL is made from the
+directory's revoked rows (plus ``pki/revoked.json`` of an older home), the same on every node.
 
 Errors: ``CertError`` (a sentence for the admin).
 """
@@ -77,16 +79,25 @@ class SealReport:
     problems: list[str]  # key files that could not be read (left as they are)
 
 
-def seal_key_files(session: Session, settings: Settings) -> SealReport:
+def seal_key_files(session: Session, settings: Settings, *, pki_files: bool = True) -> SealReport:
     """Move the key files of older homes into the database (idempotent).
 
     The caller removes ``files`` once the transaction is committed, never before.  The TLS
     listener's key (``server`` rows) stays a file of each node; a key file that is missing or
-    unreadable is left as it is and named in ``problems``."""
+    unreadable is left as it is and named in ``problems``.  ``pki/ca.key`` and ``pki/operator.key``
+    are sealed when they are the keys of this operator's CA (an ``anchor`` row) and operator
+    certificate; ``pki_files=False`` (``mssgw init`` on the first node) seals them but leaves the
+    development PKI's copies in place."""
     kek = sealed.load_kek(settings)
     done: dict[str, None] = {}
     files: dict[Path, None] = {}
     problems: list[str] = []
+    for fpr, path in _pki_key_files(session, settings, problems):
+        if not sealed.exists(session, sealed.key_name(fpr)):
+            sealed.seal_private_key(session, kek, fpr, pki.load_private_key(path))
+            done[fpr] = None
+        if pki_files:
+            files[path] = None
     rows = session.scalars(select(Certificate).where(Certificate.key_path.is_not(None)).order_by(Certificate.id))
     for row in list(rows):
         if row.purpose == "server" or sealed.sealed_name(row.key_path) is not None:
@@ -106,19 +117,106 @@ def seal_key_files(session: Session, settings: Settings) -> SealReport:
     return SealReport(list(done), list(files), problems)
 
 
+def _pki_key_files(session: Session, settings: Settings, problems: list[str]) -> list[tuple[str, Path]]:
+    """(certificate fingerprint, key file) of ``pki/ca.key`` and ``pki/operator.key`` when each file
+    holds the key of a certificate of the directory (an anchor, our ``sign`` certificate)."""
+    dev = pki.dev_paths(settings.pki_dir)
+    found = []
+    for cert_path, key_path, purpose in ((dev.ca_cert, dev.ca_key, "anchor"),
+                                         (dev.operator_cert, dev.operator_key, "sign")):  # fmt: skip
+        if not (cert_path.is_file() and key_path.is_file()):
+            continue
+        try:
+            cert, key = pki.load_certificate(cert_path), pki.load_private_key(key_path)
+        except pki.PkiError as exc:
+            problems.append(str(exc))
+            continue
+        fpr = fingerprint_of(cert)
+        row = session.scalar(select(Certificate.id).where(Certificate.fingerprint == fpr,
+                                                          Certificate.purpose == purpose).limit(1))  # fmt: skip
+        if row is None or key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+            continue  # not this operator's (a copied or stale file): never sealed under its name
+        found.append((fpr, key_path))
+    return found
+
+
+@dataclass(frozen=True)
+class DevCa:
+    """The development CA as any node uses it: the public folder, the certificate, the key."""
+
+    paths: pki.DevPki
+    certificate: x509.Certificate
+    key: rsa.RSAPrivateKey
+
+
+def dev_ca(session: Session, settings: Settings) -> DevCa:
+    """The development CA: ``pki/ca.pem`` with its key sealed in the database (``key:<fingerprint>``),
+    or ``pki/ca.key`` of an older home.  ``CertError`` when neither holds it (a CA outside mssgw)."""
+    paths = pki.dev_paths(settings.pki_dir)
+    try:
+        cert = pki.load_certificate(paths.ca_cert)
+    except pki.PkiError:
+        raise CertError(f"no CA certificate {paths.ca_cert}: run 'mssgw init' on this node (with this operator's "
+                        "database URL and key-encryption key, it joins the operator and writes it)") from None
+    name = sealed.key_name(fingerprint_of(cert))
+    key: Any
+    if sealed.exists(session, name):
+        try:
+            key = sealed.load_private_key(session, sealed.load_kek(settings), sealed.sealed_ref(name))
+        except sealed.SealedSecretError as exc:
+            raise CertError(str(exc)) from None
+    elif paths.ca_key.is_file():
+        key = pki.load_private_key(paths.ca_key)
+    else:
+        raise CertError(f"the private key of the CA {cert.subject.rfc4514_string()} is not in the database: this "
+                        "operator's CA is not the development CA; have it issue the certificate and import it "
+                        "with 'mssgw certs import'")
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CertError("the development CA's key is not an RSA key")
+    return DevCa(paths, cert, key)
+
+
+def crl_entries(session: Session, ca: DevCa) -> list[dict[str, object]]:
+    """What the CA's CRL lists: the directory's revoked certificates it issued (every node sees
+    the same), and the entries of an older home's ``pki/revoked.json``."""
+    entries: dict[str, dict[str, object]] = {}
+    for raw in pki._read_revoked(ca.paths):
+        entries[str(raw.get("serial"))] = raw
+    subject = ca.certificate.subject.rfc4514_string()
+    rows = session.scalars(select(Certificate).where(Certificate.issuer == subject, Certificate.revoked_at.is_not(None),
+                                                     Certificate.purpose != "anchor").order_by(Certificate.id))  # fmt: skip
+    for row in rows:
+        serial = format(int(row.serial, 16), "x")
+        when = row.revoked_at if row.revoked_at is None or row.revoked_at.tzinfo else row.revoked_at.replace(tzinfo=UTC)
+        try:
+            reason: str | None = x509.ReasonFlags[row.revocation_reason or "unspecified"].value
+        except KeyError:
+            reason = None
+        entries.setdefault(serial, {"serial": serial, "date": when.replace(microsecond=0).isoformat() if when else "",
+                                    "reason": reason})  # fmt: skip
+    return list(entries.values())
+
+
+def write_dev_crl(session: Session, ca: DevCa) -> Path:
+    """Re-sign this node's copy of the development CA's CRL (``pki/crl.pem``) from ``crl_entries``."""
+    pki.write_crl(ca.paths.crl, ca.certificate, ca.key, crl_entries(session, ca))
+    return ca.paths.crl
+
+
 def issue_for_mailbox(session: Session, settings: Settings, address: str, *, days: int | None = None) -> dict[str, Any]:
     """Issue a certificate from the development CA for one of our mailboxes and record it."""
     box = admin.get_mailbox(session, address)
     if not box.local:
         raise CertError(f"{box.address} is not one of our mailboxes: import its certificate instead")
-    dev = pki.load_dev_pki(settings.pki_dir)
+    ca = dev_ca(session, settings)
     not_after = datetime.now(UTC) + timedelta(days=days) if days is not None else None
     cert, key = pki.issue_certificate(
-        dev,
+        ca.paths,
         kind=_KIND_FOR_TYPE[box.type],  # type: ignore[arg-type]
         email=box.address,
         common_name=box.display_name or box.address,
         not_after=not_after,
+        ca_key=ca.key,
     )
     fpr = fingerprint_of(cert)
     key_path = _seal_key(session, settings, fpr, key)
@@ -269,20 +367,20 @@ def revoke(session: Session, settings: Settings, selector: str, *, reason: str =
         flag = x509.ReasonFlags[reason.replace("-", "_")]
     except KeyError:
         flag = x509.ReasonFlags.unspecified
-    dev = None
-    try:
-        dev = pki.load_dev_pki(settings.pki_dir)
-        ca_subject = pki.load_certificate(dev.ca_cert).subject.rfc4514_string()
-    except pki.PkiError:
-        ca_subject = None
+    ca: DevCa | None = None
+    with contextlib.suppress(CertError):  # not the development CA's: the directory's row is enough
+        ca = dev_ca(session, settings)
     done = []
+    ours = False
     for row in rows:
         if row.revoked_at is None:
             row.revoked_at = datetime.now(UTC)
             row.revocation_reason = flag.name
-        if dev is not None and row.issuer == ca_subject:
-            pki.revoke_certificate(dev, int(row.serial, 16), flag)
+        ours = ours or (ca is not None and row.issuer == ca.certificate.subject.rfc4514_string())
         done.append(row.fingerprint)
+    if ca is not None and ours:
+        session.flush()
+        write_dev_crl(session, ca)
     return done
 
 
@@ -327,12 +425,18 @@ def remove_trust_anchor(session: Session, selector: str) -> None:
         session.delete(row)
 
 
-def refresh_dev_crl(settings: Settings) -> Path:
-    """Re-sign the development CA's CRL (new thisUpdate/nextUpdate)."""
-    dev = pki.load_dev_pki(settings.pki_dir)
-    revoked = pki._read_revoked(dev)  # the CA's own list
-    pki._write_crl(dev, revoked)
-    return dev.crl
+def refresh_dev_crl(settings: Settings, session: Session | None = None) -> Path:
+    """Re-sign the development CA's CRL (new thisUpdate/nextUpdate), on any node."""
+    if session is not None:
+        return write_dev_crl(session, dev_ca(session, settings))
+    from directory.db import make_engine, read_session_factory
+
+    engine = make_engine(settings.database_url)
+    try:
+        with read_session_factory(engine)() as own:
+            return write_dev_crl(own, dev_ca(own, settings))
+    finally:
+        engine.dispose()
 
 
 def export_pkcs12(session: Session, address: str, passphrase: bytes, settings: Settings | None = None) -> bytes:

@@ -33,9 +33,13 @@ def test_init_is_idempotent_and_keeps_keys(tmp_path: Path) -> None:
     second = CliRunner().invoke(cli, ["--data-dir", str(home), "init"])
     assert second.exit_code == 0 and "kept" in second.stdout
     assert (home / "pki" / "ca.key").read_bytes() == key
+    # On a database that holds the operator, --force re-issues this node's listener certificate
+    # only: a new CA or operator key would be one no peer knows.
+    server, ca = (home / "pki" / "server.pem").read_bytes(), (home / "pki" / "ca.pem").read_bytes()
     forced = CliRunner().invoke(cli, ["--data-dir", str(home), "init", "--force"])
-    assert forced.exit_code == 0
-    assert (home / "pki" / "ca.key").read_bytes() != key
+    assert forced.exit_code == 0 and "joined operator a.mssante.test" in forced.stdout, forced.output
+    assert (home / "pki" / "ca.pem").read_bytes() == ca and (home / "pki" / "ca.key").read_bytes() == key
+    assert (home / "pki" / "server.pem").read_bytes() != server
 
 
 def test_data_dir_anywhere_and_env(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -100,8 +100,11 @@ def test_an_older_home_keeps_its_key_file_until_seal_keys_moves_it(sqlite_home: 
         signed_before = sign_job(b"Subject: legacy\r\n\r\nbefore\r\n", before)
 
         code, out = run(sqlite_home, "certs", "seal-keys")
-        assert code == 0 and "sealed 1 private key(s)" in out and "1 key file(s) removed" in out, out
+        # The mailbox's key file, and the development PKI's copies of the CA and operator keys
+        # (already sealed by init): no command needs them any more.
+        assert code == 0 and "sealed 1 private key(s)" in out and "3 key file(s) removed" in out, out
         assert not key_file.exists()
+        assert not (settings.pki_dir / "ca.key").exists() and not (settings.pki_dir / "operator.key").exists()
         after = keystore.KeyStore(settings, read_session_factory(engine)).signer_for(BOX)
         assert after.key_path.startswith("sealed:key:") and after.sealed is not None
         signed_after = sign_job(b"Subject: sealed\r\n\r\nafter\r\n", after)

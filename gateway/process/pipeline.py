@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from gateway.core.errors import MssgwError
 from gateway.process.common import Context
 from gateway.process.verdict import Job, Verdict
 
@@ -33,6 +34,9 @@ async def run(ctx: Context, job: Job, data: bytes) -> Verdict:
             from gateway.process.outbound import process_outbound
 
             await process_outbound(ctx, job, data)
+    except MssgwError as exc:  # a known condition (a key that does not open, an outage): its sentence, no traceback
+        log.error("processing %s deferred: %s: %s", job.id, type(exc).__name__, exc)
+        verdict.defer_rest(job, exc, actor=ctx.actor)
     except Exception as exc:
         log.exception("processing %s failed", job.id)
         verdict.defer_rest(job, exc, actor=ctx.actor)

@@ -252,3 +252,15 @@ async def test_a_local_address_without_a_mailbox_is_refused_and_no_maildir_is_ma
         admin.set_active(s, LOCAL, False)
     found = outcomes(await run(world, [LOCAL]))
     assert found[LOCAL] == ("bounced", "local", "550 5.2.1")
+
+
+async def test_a_key_that_does_not_open_defers_with_one_log_line_and_no_traceback(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A known condition (here the sender's key file does not parse; on a node given the wrong KEK,
+    a sealed key that does not open) defers the message and logs its sentence, not a traceback."""
+    world.keys[SENDER].write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    caplog.set_level("INFO")
+    verdict = await run(world, [LOCAL])
+    assert outcomes(verdict)[LOCAL] == ("deferred", None, "451 4.3.0")
+    assert "KeyStoreError" in caplog.text and "Traceback" not in caplog.text
+    assert not any(r.exc_info for r in caplog.records)

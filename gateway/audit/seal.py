@@ -4,10 +4,10 @@ The hash chain alone proves nothing to someone who owns the database: the last
 records can be deleted, or a record edited and every later hash recomputed, and
 the chain still verifies. A seal fixes the trail's head at one moment: the head's
 sequence number, hash and timestamp, the first sequence number and the number of
-records, signed with the operator's private key (sealed in the database,
-``directory.secrets.operator_key``, so every node signs with it; or the file
-``tls.operator_key`` when that is set, or ``pki/operator.key`` in a home whose key
-was never sealed; RSA-PSS or ECDSA with SHA-256). Seals are appended, one JSON
+records, signed with the operator's private key: the one sealed in the database for the
+operator certificate (``directory.secrets.operator_key``), so every node signs with the key
+peers know; a file only when ``tls.operator_key`` names one explicitly.  A ``pki/operator.key``
+lying in the home is never used: it may not be this operator's key (RSA-PSS or ECDSA with SHA-256). Seals are appended, one JSON
 line each, to ``HOME/audit/seals.jsonl`` (folder 0700, file 0600, fsynced, under
 an exclusive ``flock`` so the gateway and ``mssgw audit seal`` never interleave).
 Each line carries the SHA-256 of the line before it (``prev``), so a seal removed
@@ -195,7 +195,7 @@ def _private_dir(path: Path) -> None:
 class Sealer:
     """Appends signed seals of the trail's head to the seal file; thread-safe, one process or several."""
 
-    def __init__(self, factory: sessionmaker[Session], path: Path, cert_path: Path, key_path: Path, *,
+    def __init__(self, factory: sessionmaker[Session], path: Path, cert_path: Path, key_path: Path | None, *,
                  every_records: int = EVERY_RECORDS, every_seconds: float = EVERY_SECONDS,
                  poll: float = POLL_SECONDS, settings: Any = None) -> None:
         bind = factory.kw.get("bind")
@@ -206,7 +206,7 @@ class Sealer:
         self.path = path
         self._cert_path = cert_path
         self._key_path = key_path
-        self._settings = settings  # given: the sealed operator key is read from the database first
+        self._settings = settings  # given, with no key_path: the sealed operator key is read from the database
         self.every_records = every_records
         self.every_seconds = every_seconds
         self.poll = poll
@@ -218,9 +218,10 @@ class Sealer:
     @classmethod
     def for_settings(cls, settings: Any, factory: sessionmaker[Session], **kwargs: Any) -> Sealer:
         pki = settings.pki_dir
+        explicit = settings.path("tls", "operator_key", pki / "operator.key") if settings.tls.operator_key else None
         return cls(factory, seals_path(settings.home),
                    settings.path("tls", "operator_cert", pki / "operator.pem"),
-                   settings.path("tls", "operator_key", pki / "operator.key"), settings=settings, **kwargs)  # fmt: skip
+                   explicit, settings=settings, **kwargs)  # fmt: skip
 
     def _load_signer(self) -> tuple[Any, x509.Certificate, str]:
         if self._signer is None:
@@ -230,13 +231,19 @@ class Sealer:
                 raise SealError(f"cannot read the operator certificate {self._cert_path}: "
                                 f"{type(exc).__name__}") from None  # fmt: skip
             key: Any = None
-            if self._settings is not None:
+            if self._key_path is None:
+                if self._settings is None:
+                    raise SealError("no operator key: give the settings (sealed key) or a key file")
                 try:
                     with self._reader() as session:
                         key = operator_key(session, self._settings)
                 except MssgwError as exc:  # no KEK, another node's KEK: its sentence, never key material
                     raise SealError(f"cannot open the operator key sealed in the database: {exc}") from None
-            if key is None:
+                if key is None:
+                    raise SealError(f"the operator certificate {self._cert_path} has no key sealed in the database: "
+                                    "it is not this operator's certificate (run 'mssgw init' to write it from the "
+                                    "database), or an older home's key is still a file ('mssgw certs seal-keys')")
+            else:
                 try:
                     key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
                 except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only

@@ -203,3 +203,49 @@ def test_seals_are_signed_with_the_operator_key_sealed_in_the_database(operator_
     kek.write_bytes(os.urandom(32))
     code, out = run(operator_home, "audit", "seal")
     assert code != 0 and "give every node the same kek" in out and "Traceback" not in out
+
+
+def _openssl_verifies(seal: dict[str, object], cert_pem: Path, tmp: Path) -> bool:
+    """``openssl pkeyutl`` checks the seal's RSA-PSS signature over its canonical fields."""
+    import base64
+    import subprocess
+
+    from gateway.audit.seal import canonical
+
+    (tmp / "data").write_bytes(canonical(seal))
+    (tmp / "sig").write_bytes(base64.b64decode(str(seal["sig"])))
+    public = subprocess.run(["openssl", "x509", "-in", str(cert_pem), "-pubkey", "-noout"], capture_output=True,
+                            check=True).stdout  # fmt: skip
+    (tmp / "pub.pem").write_bytes(public)
+    done = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(tmp / "pub.pem"), "-sigopt",
+                           "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:32", "-signature", str(tmp / "sig"),
+                           str(tmp / "data")], capture_output=True, check=False)  # fmt: skip
+    return done.returncode == 0 and b"Verified OK" in done.stdout
+
+
+def test_a_home_operator_key_that_is_not_the_operators_never_signs_a_seal(
+        operator_home: Path, factory: sessionmaker[Session], tmp_path: Path) -> None:
+    """A ``pki/operator.pem`` + ``operator.key`` pair that is not this operator's (another CA's, as a
+    wrongly initialised node had) is refused in one sentence; ``mssgw init`` rewrites the
+    certificate from the database and the seal, signed with the sealed key, verifies with
+    ``openssl`` against the operator certificate of the directory."""
+    from certs.pki import create_dev_pki
+
+    pki = operator_home / "pki"
+    genuine = (pki / "operator.pem").read_bytes()
+    other = create_dev_pki(tmp_path / "other", "a.mssante.test", "localhost")
+    for name in ("operator.pem", "operator.key"):
+        (pki / name).write_bytes((other.directory / name).read_bytes())
+    fill(factory, 3)
+    code, out = run(operator_home, "audit", "seal")
+    assert code != 0 and "not this operator's certificate" in out and "Traceback" not in out, out
+    assert not seals_path(operator_home).exists()
+
+    code, out = run(operator_home, "init")
+    assert code == 0 and "joined operator a.mssante.test" in out, out
+    assert (pki / "operator.pem").read_bytes() == genuine
+    code, out = run(operator_home, "audit", "seal")
+    assert code == 0, out
+    seal = json.loads(seals_path(operator_home).read_text().splitlines()[-1])
+    assert _openssl_verifies(seal, pki / "operator.pem", tmp_path)
+    assert not _openssl_verifies(seal, other.operator_cert, tmp_path)  # the oracle does refuse a wrong key

@@ -69,3 +69,15 @@ def test_installed_console_script_runs(tmp_path: Path) -> None:
                            capture_output=True, text=True, env={**os.environ, "MSSGW_DATABASE_URL": ""})
     assert check.returncode == 1
     assert "consumer mailbox: health data may not be sent to gmail.com" in check.stdout
+
+
+def test_a_refused_first_init_leaves_no_key_file(tmp_path: Path) -> None:
+    """The key-encryption key is checked before the development PKI is made: a malformed one stops
+    init with one sentence, and no private key (nor mssgw.toml) is left in clear in the home."""
+    home = tmp_path / "op"
+    result = CliRunner().invoke(cli, ["--data-dir", str(home), "init"], env={"MSSGW_KEK": "not-a-key",
+                                                                            "MSSGW_DATABASE_URL": ""})
+    assert result.exit_code != 0 and "key-encryption key" in result.output and "Traceback" not in result.output
+    files = [p for p in home.rglob("*") if p.is_file()] if home.exists() else []
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in files), files
+    assert not (home / "mssgw.toml").exists() and not (home / "pki").exists()

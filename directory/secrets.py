@@ -149,6 +149,9 @@ def load_kek(settings: Settings | None = None, *, path: Path | str | None = None
     except OSError:
         raise KekError(f"no key-encryption key: {target} is missing and {KEK_ENV} is not set; "
                        f"{_GIVE_SAME} ('mssgw init' makes one on the first node)") from None
+    if st.st_mode & 0o077:  # as ssh does with a private key: a KEK others can read is no secret
+        raise KekError(f"the key-encryption key {target} can be read by other users (mode "
+                       f"{st.st_mode & 0o777:o}): chmod 600 {target}")
     return _from_file(str(target), (st.st_mtime_ns, st.st_size))
 
 

@@ -136,6 +136,7 @@ async def test_a_gateway_given_another_kek_stops_with_the_reason(sqlite_home: Pa
     monkeypatch.delenv("MSSGW_KEK")
     new = tmp_path / "new-kek"
     new.write_bytes(os.urandom(32))
+    new.chmod(0o600)
     code, out = run(sqlite_home, "certs", "rotate-kek", "--new", str(new))
     assert code == 0 and "re-sealed" in out, out
     export = ("certs", "export", BOX, "--pkcs12", str(tmp_path / "x.p12"))

@@ -115,10 +115,15 @@ def test_kek_from_file_or_environment_and_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(secrets.KekError, match="MSSGW_KEK: a key-encryption key is 32 bytes"):
         secrets.load_kek(settings, environ={"MSSGW_KEK": "c2hvcnQ="})
     (tmp_path / "short").write_bytes(b"too short")
+    (tmp_path / "short").chmod(0o600)
     with pytest.raises(secrets.KekError, match=r"keys.kek_file .*short: a key-encryption key is 32 bytes"):
         secrets.load_kek(path=tmp_path / "short", environ={})
     # A base64 file works as well (a container secret is often text).
     (tmp_path / "b64").write_text(base64.b64encode(other).decode() + "\n")
+    (tmp_path / "b64").chmod(0o644)  # as a careless copy leaves it: others may read it
+    with pytest.raises(secrets.KekError, match=r"can be read by other users \(mode 644\): chmod 600"):
+        secrets.load_kek(path=tmp_path / "b64", environ={})
+    (tmp_path / "b64").chmod(0o600)
     assert secrets.load_kek(path=tmp_path / "b64", environ={}).key == other
     # Never printed, never pickled.
     assert other.hex() not in repr(from_env) and str(base64.b64encode(other)) not in repr(from_env)

@@ -24,6 +24,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ __all__ = [
     "sealed_ref",
     "sealed_row",
 ]
+
+log = logging.getLogger("mssgw.keys")
 
 KEK_ENV = "MSSGW_KEK"
 KEK_BYTES = 32
@@ -364,6 +367,9 @@ def pseudonym_salt(factory: sessionmaker[Session], settings: Settings, legacy: P
                 except OSError:
                     old = b""
                 value = old if len(old) >= 16 else os.urandom(32)
+                if len(old) < 16:
+                    log.warning("no pseudonym salt in the database: a new one was made; patient pseudonyms in "
+                                "logs and audit records start afresh (if one existed, restore it from a backup)")
                 put(session, kek, SALT_NAME, value)
         except IntegrityError:
             if attempt:

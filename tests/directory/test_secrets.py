@@ -143,3 +143,21 @@ def test_a_new_kek_is_made_only_while_nothing_is_sealed(factory, tmp_path: Path,
     with factory() as s, pytest.raises(secrets.KekError, match=r"already holds 1 sealed secret.*same kek"):
         secrets.ensure_kek(s, second)
     assert not (tmp_path / "n2" / "kek").exists()
+
+
+def test_a_missing_pseudonym_salt_is_remade_with_a_warning(factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Pseudonyms in the audit trail depend on the salt: a row deleted by mistake is remade (the
+    gateway must run), and the log says that pseudonyms start afresh and a backup holds the old one."""
+    monkeypatch.delenv("MSSGW_KEK", raising=False)
+    settings = validate({}, tmp_path, environ={})
+    first = secrets.pseudonym_salt(factory, settings, tmp_path / "none.salt")
+    assert "pseudonyms in logs and audit records start afresh" in caplog.text
+    caplog.clear()
+    assert secrets.pseudonym_salt(factory, settings, tmp_path / "none.salt") == first
+    assert "start afresh" not in caplog.text  # the same salt on every later start, and on every node
+    with transaction(factory) as s:
+        s.execute(SealedSecret.__table__.delete().where(SealedSecret.name == "pseudonym-salt"))
+    assert secrets.pseudonym_salt(factory, settings, tmp_path / "none.salt") != first
+    assert "restore it from a backup" in caplog.text

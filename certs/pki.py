@@ -440,13 +440,17 @@ def dev_paths(directory: Path) -> DevPki:
 
 
 def load_dev_pki(directory: Path) -> DevPki:
-    """Return the paths of an existing PKI; `PkiError` names the missing files and how to create them."""
+    """Return the paths of an existing PKI; `PkiError` names the missing files and how to create them.
+
+    Only the public certificates are required: the CA's and the operator's keys are sealed in the
+    database (a joined node never has them as files), and the listener's may be named elsewhere."""
     pki = _paths(Path(directory))
-    missing = [name for name in _FILES.values() if not (pki.directory / name).is_file()]
+    missing = [p.name for p in (pki.ca_cert, pki.operator_cert) if not p.is_file()]
     if missing:
         raise PkiError(
             f"development PKI in {pki.directory} is incomplete (missing: {', '.join(missing)}); "
-            "run `mssgw init` to create it"
+            "run `mssgw init` to create it (with an existing operator's database and key-encryption key, "
+            "it joins that operator)"
         )
     return pki
 

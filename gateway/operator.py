@@ -44,6 +44,7 @@ from directory.db import make_engine, migrate, session_factory, transaction
 from directory.identifiers import normalise_domain
 from directory.models import Certificate
 from gateway.config import CONFIG_NAME, Settings, load_settings, render_toml, validate
+from gateway.core.errors import ConfigurationError
 
 
 @dataclass
@@ -108,6 +109,17 @@ def operator_identity(session: Session, domain: str) -> Certificate | None:
     return None
 
 
+def _other_identity(session: Session) -> str | None:
+    """The domain of another operator identity (a ``sign`` row with a sealed key) in the database."""
+    rows = session.scalars(select(Certificate).where(Certificate.purpose == "sign", Certificate.address.is_not(None),
+                                                     Certificate.revoked_at.is_(None)).order_by(Certificate.id))  # fmt: skip
+    for row in rows:
+        name = sealed.sealed_name(row.key_path)
+        if name is not None and sealed.exists(session, name):
+            return row.address
+    return None
+
+
 def _anchor_of(session: Session, operator: x509.Certificate) -> x509.Certificate | None:
     """The trust anchor (our CA) that issued the operator certificate."""
     rows = session.scalars(select(Certificate.pem).where(Certificate.purpose == "anchor",
@@ -158,6 +170,12 @@ def init_operator(
                 except (sealed.KekError, sealed.SealedSecretError) as exc:
                     raise sealed.KekError(f"cannot join operator {settings.domains[0]} (its identity is in the "
                                           f"database; nothing was written): {exc}") from None
+            else:
+                other = _other_identity(session)
+                if other is not None:  # a node started without --domain must not make a second operator
+                    raise ConfigurationError(
+                        f"this database holds operator {other}, not {settings.domains[0]}: run 'mssgw init "
+                        f"--domain {other}' to join it (a database serves one operator); nothing was written")
         if identity is not None:
             return _join(settings, factory, config_path, config_text, force=force)
         return _create(settings, factory, config_path, config_text, force=force)

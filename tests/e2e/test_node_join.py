@@ -88,6 +88,12 @@ def test_a_second_node_joins_the_operator_and_issues_and_revokes(tmp_path: Path,
         assert not node2.exists() or not any(node2.rglob("*")), sorted(node2.rglob("*"))
         assert rows(postgres_url) == before
 
+    # Another domain on this operator's database: refused, never a second operator made there.
+    code, out = run(node2, "init", "--domain", "x.mssante.test", env={"MSSGW_KEK": kek})
+    assert code != 0 and "holds operator a.mssante.test" in out and "--domain a.mssante.test" in out, out
+    assert not node2.exists() or not any(node2.rglob("*"))
+    assert rows(postgres_url) == before
+
     # With the operator's KEK: it joins.
     code, out = run(node2, "init", "--domain", "a.mssante.test", "--hostname", "node2.a.mssante.test",
                     env={"MSSGW_KEK": kek})  # fmt: skip
@@ -104,6 +110,8 @@ def test_a_second_node_joins_the_operator_and_issues_and_revokes(tmp_path: Path,
     assert (node2 / "pki" / "server.pem").read_bytes() != (node1 / "pki" / "server.pem").read_bytes()
     names = openssl("x509", "-in", server2, "-noout", "-ext", "subjectAltName").stdout
     assert b"DNS:node2.a.mssante.test" in names
+    code, out = run(node2, "certs", "ca")  # what peers are given, from a node without ca.key
+    assert code == 0 and out.strip() == (node1 / "pki" / "ca.pem").read_text().strip(), out
     again = run(node2, "init", env={"MSSGW_KEK": kek})  # idempotent: the listener certificate is kept
     assert again[0] == 0 and "kept" in again[1] and rows(postgres_url) == before, again[1]
 

@@ -5,7 +5,8 @@ same private keys, OpenPGP secret keys and salt.  Each secret is one ``sealed_se
 AES-256-GCM (NIST SP 800-38D) under the KEK, a fresh 96-bit random nonce per sealing, and the
 row's name as additional authenticated data, so a row's ciphertext copied under another name
 (say, an attacker's key under our operator key's name) does not open.  Someone who reads the
-database, a dump or a backup learns nothing without a node's KEK.
+database, a dump or a backup learns nothing without a node's KEK.  The development CA's key is a
+``key:<fingerprint>`` row like any certificate's, so every node issues and revokes with it.
 
 The KEK: ``MSSGW_KEK`` (base64 of 32 bytes) when set, else the file ``keys.kek_file`` (default
 ``DATA/kek``, 32 raw bytes or their base64, mode 0600, made by ``mssgw init``).  Each row records

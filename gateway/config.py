@@ -179,6 +179,9 @@ class ApiSettings:
     body_grace_seconds: float = 10.0  # the start any request body gets before body_min_rate counts
     max_connections: int = 1000  # open connections (after the handshake) in all; over it: 503, closed
     max_connections_per_ip: int = 100  # open connections from one address; over it: 503, closed
+    # A connection without a client certificate can only get 403 (or /v1/openapi.json): counted apart from
+    # max_connections, closed at once over this, head_seconds to send its request, closed after one answer.
+    max_anonymous_connections: int = 64
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -153,8 +153,12 @@ class ApiEdge:
     def audit(self, *events: AuditEvent) -> None:
         self.audit_writer.submit(*events)
 
-    async def lookup(self, fn: Callable[[Session], T], *, write: bool = False) -> T:
-        """``fn`` in a thread on a directory session; any failure is a 503 (451 4.3.5)."""
+    async def lookup(self, fn: Callable[[Session], T], *, write: bool = False,
+                     expected: tuple[type[Exception], ...] = ()) -> T:  # fmt: skip
+        """``fn`` in a thread on a directory session; any failure is a 503 (451 4.3.5).
+
+        An ``expected`` exception (a unique key taken by a concurrent request) is raised as it is:
+        the caller's normal case, not an outage (no warning, no ``mssgw_outages_total``)."""
         factory = self.sessions if write else self.readers
 
         def run() -> T:
@@ -164,6 +168,8 @@ class ApiEdge:
         try:
             return await asyncio.to_thread(run)
         except Problem:
+            raise
+        except expected:
             raise
         except Exception as exc:
             log.warning("listener=api outcome=directory-unavailable error=%s", type(exc).__name__)
@@ -220,8 +226,11 @@ class ApiEdge:
 
     async def submit(self, caller: Caller, raw: dict[str, Any], key: str | None) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) of a submission; ``Problem`` for a refusal."""
-        sub = await asyncio.to_thread(parse_submission, raw)  # base64 of large attachments: off the loop
-        digest = hashlib.sha256(sub.canonical.encode("ascii")).hexdigest()
+        def parse() -> tuple[Submission, str]:  # base64 of large attachments, and its digest: off the loop
+            parsed = parse_submission(raw)
+            return parsed, hashlib.sha256(parsed.canonical.encode("ascii")).hexdigest()
+
+        sub, digest = await asyncio.to_thread(parse)
         if key is not None:
             earlier = await self._replay(caller, key, digest)
             if earlier is not None:
@@ -252,9 +261,10 @@ class ApiEdge:
             raise Problem(422, R.Reply(first["smtp_code"], first["enhanced_status"], first["reason"]), first["rule"],
                           detail=f"No recipient accepted: {first['reason']}", extra={"recipients": answers})
         # We write the header fields (a mail client wrote its own): they name the accepted recipients only.
+        # An address given twice (in To:, or in To: and Cc:) is named once, where it first appears.
         taken = {given.lower() for given, answer in zip(sub.recipients, answers, strict=True) if answer["accepted"]}
-        headed = replace(sub, to=tuple(a for a in sub.to if a.lower() in taken),
-                         cc=tuple(a for a in sub.cc if a.lower() in taken))
+        to = _once(a for a in sub.to if a.lower() in taken)
+        headed = replace(sub, to=to, cc=_once((a for a in sub.cc if a.lower() in taken), {a.lower() for a in to}))
         try:
             data = await asyncio.to_thread(build_message, headed, author=author)
         except ComposeError as exc:
@@ -437,10 +447,8 @@ class ApiEdge:
             return True
 
         try:
-            await self.lookup(insert, write=True)
-        except Problem as exc:
-            if not isinstance(exc.__cause__, IntegrityError):
-                raise
+            await self.lookup(insert, write=True, expected=(IntegrityError,))
+        except IntegrityError:  # a concurrent request with this key wrote its row first
             earlier = await self._replay(caller, key, digest)
             if earlier is None:  # taken and given back meanwhile: the client retries
                 raise Problem(409, S451_4_3_0_IN_PROGRESS, "idempotency-key-in-progress", retry_after=1) from None
@@ -489,6 +497,17 @@ class ApiEdge:
         if info is None or (info.get("auth_identity") or "").lower() != caller.identity.lower():
             raise Problem(404, S550_5_1_1_NO_SUCH, "message-unknown", detail=f"No message {queue_id} of yours")
         return info
+
+
+def _once(addresses: Iterable[str], seen: set[str] | None = None) -> tuple[str, ...]:
+    """``addresses`` without repeats (compared without case), in order; none already in ``seen``."""
+    seen = set(seen or ())
+    out: list[str] = []
+    for address in addresses:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            out.append(address)
+    return tuple(out)
 
 
 def _verdict(decision: Decision) -> str:

@@ -415,9 +415,9 @@ def _plain_message(sub: Submission, moment: datetime) -> bytes:
     (76-character lines) but a ``message/rfc822`` one, unencoded (7bit or 8bit, RFC 2046 5.2.1), with RFC 2231 file names when not plain ASCII; ``multipart/alternative``
     for text and HTML, ``multipart/mixed`` around attachments. Lines end with CRLF.
     """
-    head = [f"From: {sub.sender}", f"To: {', '.join(sub.to) if sub.to else UNDISCLOSED}"]
+    head = [f"From: {sub.sender}", _address_field("To", sub.to) if sub.to else f"To: {UNDISCLOSED}"]
     if sub.cc:
-        head.append(f"Cc: {', '.join(sub.cc)}")
+        head.append(_address_field("Cc", sub.cc))
     head += [_subject(sub.subject), f"Date: {format_datetime(moment)}",
              f"Message-ID: {make_msgid(domain=sub.sender.rpartition('@')[2])}", "MIME-Version: 1.0"]
     if sub.receipt:
@@ -429,6 +429,21 @@ def _plain_message(sub: Submission, moment: datetime) -> bytes:
     if sub.attachments:
         body = _multipart("mixed", [body, *(_attachment_part(a) for a in sub.attachments)])
     return ("\r\n".join(head) + "\r\n").encode("ascii") + body
+
+
+def _address_field(name: str, addresses: tuple[str, ...]) -> str:
+    """``name: a, b, ...`` folded after a comma (RFC 5322 2.2.3) so that no line passes 78 characters
+    but for one very long address (at most 254 + 2, far under the 998 of RFC 5322 2.1.1)."""
+    lines: list[str] = []
+    line = f"{name}:"
+    for i, address in enumerate(addresses):
+        piece = f" {address}" + ("," if i < len(addresses) - 1 else "")
+        if len(line) + len(piece) > 78 and line != f"{name}:":
+            lines.append(line)
+            line = ""
+        line += piece
+    lines.append(line)
+    return "\r\n".join(lines)
 
 
 def _subject(subject: str) -> str:

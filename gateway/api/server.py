@@ -9,7 +9,9 @@ responses (Server-Sent Events) without a second server process or thread.
 Every request but ``/v1/openapi.json`` first takes a token from the bucket of its client
 certificate (of its address when it has none: ``api.rate_per_minute``, ``api.burst``; over it:
 429 with ``Retry-After``), then logs in by that certificate (``ApiEdge.login``). Bodies over the message size limit (base64
-included) are refused before they are read (413, 552 5.3.4). Every refusal, including
+included) are refused before they are read (413, 552 5.3.4). A request that asks ``Expect:
+100-continue`` is checked the same way (connection cap, rate, certificate, size) before the
+``100 Continue`` invites its body; a refusal is the answer instead. Every refusal, including
 aiohttp's own 404/405/413 and an unexpected error (503, 451 4.3.0, never a traceback), is an
 RFC 9457 problem (``gateway.api.problems``). Access logs carry method, route, status and the
 mailbox, never a body or a query string.
@@ -40,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy import func, select
 
@@ -59,6 +62,7 @@ from gateway.api.problems import (
 from gateway.api.schemas import ADDRESS, load_json
 from gateway.api.transport import (
     SERVER_NAME,
+    ClientGone,
     ConnectionGuard,
     Deadlines,
     GuardedHandler,
@@ -95,6 +99,14 @@ STREAMS_RETRY_AFTER = 30
 #: A body over this is parsed off the event loop (a 30 MiB JSON took seconds of the loop).
 PARSE_IN_THREAD = 64 * 1024
 BUDGET_RETRY_AFTER = 5
+#: A request body over this is "large": its JSON is parsed, its base64 decoded, its message built
+#: and inspected by one request at a time (``LARGE_AT_ONCE``). Each step copies the message a few
+#: times (JSON text, decoded bytes, MIME, the parsed copy of the content checks): three 30 MiB
+#: attachments at once took the process from 160 MB to 1.3-1.7 GB and held the loop seconds.
+LARGE_BODY = 1024 * 1024
+LARGE_AT_ONCE = 1
+#: How long a large request waits for its turn before it is answered 503 (retry shortly).
+LARGE_WAIT_SECONDS = 120.0
 
 
 class BodyBudget:
@@ -122,9 +134,12 @@ class BodyBudget:
 _GONE = (ConnectionResetError, ConnectionError)
 PUBLIC = frozenset({"/v1/openapi.json"})
 #: Refusals after which the connection is closed (``Connection: close``): it is over a cap, or too slow.
-CLOSE_AFTER = frozenset({"too-many-connections", "request-body-slow"})
+CLOSE_AFTER = frozenset({"too-many-connections", "request-body-slow", "content-encoding", "http-malformed",
+                         "client-certificate"})
 #: The logged-in caller of the request being handled (set by the middleware, in the handler's task).
 CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("mssgw_api_caller")
+#: The caller as the ``Expect: 100-continue`` check logged it in (so the middleware does not again).
+CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("mssgw_caller", Caller)
 
 
 def _caller() -> Caller:
@@ -200,7 +215,7 @@ def quiet_aiohttp_loggers() -> None:
 
 def _problem_response(problem: Problem) -> web.Response:
     response = problem_response(problem)
-    if problem.rule in CLOSE_AFTER:
+    if problem.rule in CLOSE_AFTER or (problem.status == 403 and problem.rule.startswith("certificate-")):
         response.force_close()  # a slow body or a connection over a cap: this connection is over
     return response
 
@@ -235,10 +250,17 @@ class ApiServer:
                                            self.settings.api.max_connections_per_ip,
                                            lambda reason: self.edge.metrics.inc(
                                                "mssgw_api_connections_refused_total", reason=reason))  # fmt: skip
+        self.anonymous = ConnectionGuard(self.settings.api.max_anonymous_connections,
+                                         min(self.settings.api.max_connections_per_ip,
+                                             self.settings.api.max_anonymous_connections),
+                                         lambda reason: self.edge.metrics.inc(
+                                             "mssgw_api_connections_refused_total",
+                                             reason=f"no-certificate-{reason}"))  # fmt: skip
+        self._large = asyncio.Semaphore(LARGE_AT_ONCE)
         self._listener: Listener | None = None
         self.app.add_routes([
             web.get("/v1/openapi.json", self.get_openapi),
-            web.post("/v1/messages", self.post_message),
+            web.post("/v1/messages", self.post_message, expect_handler=self._expect),
             web.get("/v1/messages/{id}", self.get_message),
             web.get("/v1/mailboxes/{address}/messages", self.list_mailbox),
             web.get("/v1/mailboxes/{address}/messages/{id}", self.get_mailbox_message),
@@ -262,7 +284,8 @@ class ApiServer:
         await self._runner.setup()
         self._listener = Listener(self._runner, args, self.connections, self.deadlines,
                                   lambda reason: self.edge.metrics.inc("mssgw_api_slow_clients_total",
-                                                                       phase=reason))  # fmt: skip
+                                                                       phase=reason),
+                                  self.anonymous)  # fmt: skip
         try:
             self.address = await self._listener.start(host, port, self.tls)
         except OSError:
@@ -297,22 +320,25 @@ class ApiServer:
                 if protocol.over_cap:
                     raise over_cap_problem()
             if request.path not in PUBLIC:
-                transport = request.transport
-                ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-                der = peer_certificate(ssl_object)
-                # The bucket is taken before the login, so refused certificates are throttled too.
-                wait = self.rate.take(certificate_fingerprint(der) if der is not None else f"ip:{request.remote}")
-                if wait > 0:
-                    self.edge.metrics.inc("mssgw_api_rate_limited_total")
-                    raise Problem(429, S450_4_7_1_RATE, "rate-limit", retry_after=max(1, math.ceil(wait)))
-                caller = await self.edge.login(der, request.remote, tls_summary(ssl_object))
+                caller = request.get(CALLER_KEY) or await self._admit(request)
                 CALLER.set(caller)
             response = await handler(request)
             status = response.status
+            if isinstance(protocol, GuardedHandler) and protocol.anonymous:
+                response.force_close()  # no certificate: one answer, then the connection is over
             return response
         except Problem as problem:
             status = problem.status
-            return _problem_response(problem)
+            response = _problem_response(problem)
+            if isinstance(protocol, GuardedHandler) and protocol.anonymous:
+                response.force_close()
+            return response
+        except ClientGone:
+            status = 499  # nobody to answer: the client closed while its request was read
+            log.info("listener=api route=%s the client closed its connection during the request", _route(request))
+            gone = web.Response(status=400)
+            gone.force_close()
+            return gone
         except web.HTTPRequestEntityTooLarge:
             status = 413
             return _problem_response(self._too_big())
@@ -346,6 +372,50 @@ class ApiServer:
                      _route(request), status, caller.identity if caller else "-",
                      (time.monotonic() - started) * 1000)  # fmt: skip
 
+    async def _admit(self, request: web.Request) -> Caller:
+        """The rate bucket, then the certificate login: the caller, or a ``Problem`` (429, 403, 503)."""
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = peer_certificate(ssl_object)
+        # The bucket is taken before the login, so refused certificates are throttled too.
+        wait = self.rate.take(certificate_fingerprint(der) if der is not None else f"ip:{request.remote}")
+        if wait > 0:
+            self.edge.metrics.inc("mssgw_api_rate_limited_total")
+            raise Problem(429, S450_4_7_1_RATE, "rate-limit", retry_after=max(1, math.ceil(wait)))
+        return await self.edge.login(der, request.remote, tls_summary(ssl_object))
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: the checks of the request head first, then the invitation.
+
+        aiohttp calls this before the middleware; a refusal (over a cap, over the rate, no valid
+        certificate, too large, not JSON) is the answer, with ``Connection: close`` since the body
+        was never invited. The login is kept for the middleware (the bucket is taken once)."""
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            problem = Problem(417, S501_5_5_4_BAD_FIELD, "expectation", title="Expectation failed",
+                              detail="Expect: only 100-continue is understood")
+        else:
+            problem = None
+            protocol = request.protocol
+            try:
+                if isinstance(protocol, GuardedHandler) and protocol.over_cap:
+                    raise over_cap_problem()
+                request[CALLER_KEY] = await self._admit(request)
+                if request.content_length is not None and request.content_length > self.limit:
+                    raise self._too_big()
+            except Problem as refused:
+                problem = refused
+        if problem is None:
+            if request.version == HttpVersion11:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0  # the 100 is not the answer (aiohttp's own handler does the same)
+            return None
+        self.edge.metrics.inc("mssgw_api_requests_total", route=_route(request), status=str(problem.status))
+        log.info("listener=api method=%s route=%s status=%d (before 100 Continue)", request.method, _route(request),
+                 problem.status)  # fmt: skip
+        response = _problem_response(problem)
+        response.force_close()  # the body was not invited: this connection is over
+        return response
+
     def _too_big(self) -> Problem:
         return Problem(413, R.S552_5_3_4_TOO_BIG, "message-size",
                        detail=f"The request is larger than {self.limit} octets (limits.max_message_size "
@@ -378,9 +448,25 @@ class ApiServer:
                           detail="The gateway holds as many request bodies as it may at once; retry shortly")
         try:
             body = await read_body(request, self.limit, self.deadlines, self._too_big)  # slow: 408, big: 413
-            raw = await asyncio.to_thread(load_json, body) if len(body) > PARSE_IN_THREAD else load_json(body)
-            del body
-            status, answer = await self.edge.submit(caller, raw, key)
+            if len(body) > LARGE_BODY:
+                # One large request expanded at a time: memory and the loop's share of the GIL stay bounded.
+                try:
+                    async with asyncio.timeout(LARGE_WAIT_SECONDS):
+                        await self._large.acquire()
+                except TimeoutError:
+                    self.edge.metrics.inc("mssgw_api_body_budget_refused_total")
+                    raise Problem(503, R.S452_4_3_1_STORAGE, "memory-budget", retry_after=BUDGET_RETRY_AFTER,
+                                  detail="Large requests are handled one at a time; retry shortly") from None
+                try:
+                    raw = await asyncio.to_thread(load_json, body)
+                    del body
+                    status, answer = await self.edge.submit(caller, raw, key)
+                finally:
+                    self._large.release()
+            else:
+                raw = await asyncio.to_thread(load_json, body) if len(body) > PARSE_IN_THREAD else load_json(body)
+                del body
+                status, answer = await self.edge.submit(caller, raw, key)
         finally:
             self.body_budget.give_back(need)
         headers = {"Location": f"/v1/messages/{answer['id']}"}

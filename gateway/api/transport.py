@@ -20,6 +20,15 @@ from one address and ``max_connections`` in all. One over either is answered ``5
 details, ``Connection: close``) to its first request; past ``OVER_CAP_ANSWERS`` such answers
 pending, it is closed at once. An event stream is a request in progress: no deadline cuts it.
 
+A connection without a client certificate can only ever be answered 403 (or read the OpenAPI
+document), so it does not take one of those slots: it is counted apart, at most
+``max_anonymous_connections`` in all (and ``max_connections_per_ip`` from one address; over
+it: closed at once, no answer), may wait ``head_seconds`` (not ``idle_seconds``) for its request,
+and is closed after its first answer (``Connection: close``).
+
+A client that hangs up while its request is read, or sends a body its ``Content-Encoding`` does
+not decode, is no error of ours: one INFO line (``log_exception``), no traceback.
+
 aiohttp's own error answers (a request line or header over ``MAX_LINE``, a bad byte) are RFC
 9457 problems too, without the client's text (``GuardedHandler.handle_error``); no answer names
 aiohttp or its version (``Server: mssgw``).
@@ -35,7 +44,20 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+    TransferEncodingError,
+)
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.api.problems import PROBLEM_TYPE, Problem
 from gateway.core import replies as R
@@ -60,6 +82,19 @@ TLS_SHUTDOWN_SECONDS = 10.0
 S421_4_7_0_CONNECTIONS = R.Reply(421, "4.7.0", "Too many connections, try again later")
 S451_4_4_2_SLOW_BODY = R.Reply(451, "4.4.2", "The request body came too slowly")
 S500_5_5_2_MALFORMED = R.Reply(500, "5.5.2", "The HTTP request could not be parsed")
+S501_5_6_1_BAD_ENCODING = R.Reply(501, "5.6.1", "The request body does not decode as its Content-Encoding says")
+#: What a client that went away (or sent an undecodable body) raises inside aiohttp: not our fault.
+CLIENT_FAULTS = (ConnectionError, RequestPayloadError, PayloadEncodingError)
+
+
+def bad_encoding_problem() -> Problem:
+    """400 for a body its ``Content-Encoding`` (gzip, deflate, br) does not decode; the connection closes."""
+    return Problem(400, S501_5_6_1_BAD_ENCODING, "content-encoding",
+                   detail="The request body does not decode as its Content-Encoding says (gzip, deflate or br)")
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request was being read: nobody to answer."""
 
 
 class ConnectionGuard:
@@ -109,13 +144,16 @@ class Deadlines:
 class GuardedHandler(web.RequestHandler):
     """aiohttp's connection handler with the head deadline, the caps and problem-shaped errors."""
 
-    __slots__ = ("_admitted", "_busy", "_closed_count", "_deadlines", "_guard", "_head_timer", "_ip",
-                 "_write_timer")
+    __slots__ = ("_admitted", "_anonymous", "_anonymous_guard", "_busy", "_closed_count", "_deadlines", "_guard",
+                 "_head_timer", "_ip", "_write_timer")
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, deadlines: Deadlines,
-                 closed: Callable[[str], None], **kwargs: Any) -> None:  # fmt: skip
+                 closed: Callable[[str], None], anonymous: ConnectionGuard | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(manager, **kwargs)
         self._guard = guard
+        self._anonymous_guard = anonymous or guard
+        self._anonymous = False
         self._deadlines = deadlines
         self._ip = ""
         self._admitted = ""
@@ -129,10 +167,25 @@ class GuardedHandler(web.RequestHandler):
         """Whether this connection is over a cap (its first request is answered 503, then it closes)."""
         return self._admitted == "answer"
 
+    @property
+    def anonymous(self) -> bool:
+        """Whether the client sent no certificate (every answer on it closes the connection)."""
+        return self._anonymous
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._ip = str(peer[0]) if peer else "-"
-        self._admitted = self._guard.admit(self._ip)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._anonymous = ssl_object is None or ssl_object.getpeercert(binary_form=True) is None
+        if self._anonymous:
+            # Only a 403 (or the OpenAPI document) to get: its own small cap, the head deadline to ask.
+            self._admitted = self._anonymous_guard.admit(self._ip)
+            if self._admitted == "answer":
+                self._anonymous_guard.release(self._ip, self._admitted)
+                self._admitted = "close"
+            self._keepalive_timeout = min(self._keepalive_timeout, self._deadlines.head)
+        else:
+            self._admitted = self._guard.admit(self._ip)
         if self._admitted == "close":
             cast(asyncio.Transport, transport).abort()  # never handed to aiohttp: nothing of it to clean up but the socket
             return
@@ -143,13 +196,17 @@ class GuardedHandler(web.RequestHandler):
         self._stop_write_timer()
         if self._admitted == "close":
             return
-        self._guard.release(self._ip, self._admitted)
+        (self._anonymous_guard if self._anonymous else self._guard).release(self._ip, self._admitted)
         self._admitted = "gone"
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if data and self._head_timer is None and not self._busy:
             self._head_timer = self._loop.call_later(self._deadlines.head, self._head_late)
+            # A request has begun: its head deadline governs now (aiohttp re-arms the idle one after the answer).
+            if self._keepalive_handle is not None:
+                self._keepalive_handle.cancel()
+                self._keepalive_handle = None
         super().data_received(data)
 
     def request_started(self) -> None:
@@ -199,13 +256,26 @@ class GuardedHandler(web.RequestHandler):
             self._closed_count("head")
             self.force_close()
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's report of an exception: a client's hang-up or undecodable body is one INFO line.
+
+        Such a fault is the client's (flood-able, and says nothing about the gateway): no ERROR,
+        no traceback. Anything else goes to aiohttp's logger (and the server's filter)."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, CLIENT_FAULTS):
+            log.info("listener=api connection ended by the client (%s)", _fault_name(exc))
+            return
+        super().log_exception(*args, **kw)
+
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:  # fmt: skip
         """aiohttp's answer to a request it could not parse or serve, as problem details.
 
         The logging stays aiohttp's (rewritten without client text by the server's filter); the
-        answer names the kind of fault, never the client's bytes."""
+        answer names the kind of fault, never the client's bytes. aiohttp builds the request of a
+        head it could not parse as HTTP/1.0; the answer is HTTP/1.1 (the version we speak)."""
         super().handle_error(request, status, exc, None)  # logs; its text/plain answer is dropped
+        request._version = HttpVersion11
         if status >= 500:
             problem = Problem(503, R.S451_4_3_0_LOCAL_ERROR, "internal-error")
         else:
@@ -216,12 +286,52 @@ class GuardedHandler(web.RequestHandler):
         return response
 
 
+def _fault_name(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionError):
+        return "hang-up"
+    if isinstance(exc, RequestPayloadError | ContentEncodingError):
+        return "body not decodable or cut short"
+    return "malformed request"
+
+
+_REASONS = (
+    ("too many headers", f"More than {MAX_HEADERS} header fields"),
+    ("transfer-encoding", "The Transfer-Encoding header field is not allowed as sent (chunked, last and once)"),
+    ("chunk", "The chunked request body is malformed (chunk size line or chunk end)"),
+    ("content-length", "The Content-Length header field is malformed or contradicts the framing"),
+    ("header", "A header field name or value holds a byte HTTP does not allow"),
+    ("method", "The request method is not a valid HTTP token"),
+    ("url", "The request target is malformed"),
+    ("version", "The HTTP version is not HTTP/1.1 or HTTP/1.0"),
+    ("host", "The Host header field is missing or given twice"),
+)
+
+
 def _malformed_detail(exc: BaseException | None) -> str:
+    """What was wrong with a request aiohttp could not parse, in words (no class names, no client text)."""
     if isinstance(exc, LineTooLong):
         return f"A request line or header field is longer than {MAX_LINE} octets"
+    if isinstance(exc, ContentEncodingError):
+        return "The request body does not decode as its Content-Encoding says"
+    if isinstance(exc, TransferEncodingError):
+        return "The chunked request body is malformed (chunk size line or chunk end)"
+    if isinstance(exc, ContentLengthError):
+        return "The request body is shorter than its Content-Length"
+    if isinstance(exc, BadHttpMethod):
+        return "The request method is not a valid HTTP token"
+    if isinstance(exc, BadStatusLine):
+        return "The request line is malformed (method, target and HTTP/1.1)"
+    if isinstance(exc, InvalidURLError):
+        return "The request target is malformed"
+    if isinstance(exc, InvalidHeader):
+        return "A header field name or value holds a byte HTTP does not allow"
     if isinstance(exc, HttpProcessingError):
-        return f"The HTTP request is malformed ({type(exc).__name__}); at most {MAX_HEADERS} header fields"
-    return "The HTTP request is malformed"
+        # aiohttp's (llhttp's) own reason, first line only (the rest quotes the client): matched, never shown.
+        reason = str(exc.message if isinstance(exc.message, str) else exc).split("\n", 1)[0].lower()
+        for words, detail in _REASONS:
+            if words in reason:
+                return detail
+    return "The HTTP request is malformed (framing, a header field or a byte HTTP does not allow)"
 
 
 def problem_response(problem: Problem) -> web.Response:
@@ -261,6 +371,15 @@ async def read_body(request: web.Request, limit: int, deadlines: Deadlines,
                 chunk = await request.content.readany()
         except TimeoutError:
             raise slow_body_problem(deadlines) from None
+        except (ContentEncodingError, RequestPayloadError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                raise ClientGone from None
+            cause = exc if isinstance(exc, ContentEncodingError) else exc.__cause__
+            if isinstance(cause, ContentEncodingError):
+                raise bad_encoding_problem() from exc
+            raise Problem(400, S500_5_5_2_MALFORMED, "http-malformed", detail=_malformed_detail(cause)) from exc
+        except ConnectionError:
+            raise ClientGone from None
         if not chunk:
             return body
         body += chunk
@@ -272,10 +391,12 @@ class Listener:
     """The TLS listening socket of the API, creating a ``GuardedHandler`` per connection."""
 
     def __init__(self, runner: web.AppRunner, handler_args: dict[str, Any], guard: ConnectionGuard,
-                 deadlines: Deadlines, closed: Callable[[str], None]) -> None:  # fmt: skip
+                 deadlines: Deadlines, closed: Callable[[str], None],
+                 anonymous: ConnectionGuard | None = None) -> None:  # fmt: skip
         self.runner = runner
         self.handler_args = handler_args
         self.guard = guard
+        self.anonymous = anonymous
         self.deadlines = deadlines
         self.closed = closed
         self.server: asyncio.AbstractServer | None = None
@@ -284,7 +405,7 @@ class Listener:
         manager = self.runner.server
         assert manager is not None
         return GuardedHandler(manager, loop=asyncio.get_running_loop(), guard=self.guard, deadlines=self.deadlines,
-                              closed=self.closed, **self.handler_args)  # fmt: skip
+                              closed=self.closed, anonymous=self.anonymous, **self.handler_args)  # fmt: skip
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -307,5 +428,5 @@ def handler_args(deadlines: Deadlines) -> dict[str, Any]:
             "max_headers": MAX_HEADERS, "lingering_time": LINGER_SECONDS, "access_log": None}
 
 
-__all__ = ["ConnectionGuard", "Deadlines", "GuardedHandler", "Listener", "handler_args", "problem_response",
+__all__ = ["ClientGone", "ConnectionGuard", "Deadlines", "GuardedHandler", "Listener", "handler_args", "problem_response",
            "read_body"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import quopri
 import re
@@ -190,7 +191,7 @@ def _base64(value: Any, where: str, errors: _Errors) -> bytes | None:
         errors.add(where, f"must be base64 text, not {_kind(value)}")
         return None
     try:  # strictly: a line break, a space or any other character out of the alphabet is refused
-        return base64.b64decode(value, validate=True)
+        return _b64decode_strict(value)
     except (binascii.Error, ValueError):
         errors.add(where, "not valid base64 (RFC 4648 4: the 64 characters and '=' padding only, "
                           "on one line, without spaces)")
@@ -286,11 +287,47 @@ def _pointer_token(name: str) -> str:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: Large strings are decoded, searched and hashed in slices of this many characters (a multiple of 4):
+#: one C call over 40 MB holds the GIL, hence the event loop, for 300-400 ms.
+SLICE = 1 << 20
+
+
+def _b64decode_strict(value: str) -> bytes:
+    """``base64.b64decode(value, validate=True)`` slice by slice: padding only in the last slice."""
+    if len(value) <= SLICE:
+        return base64.b64decode(value, validate=True)
+    if "=" in value[:-2]:
+        raise ValueError("padding inside the text")
+    return b"".join(base64.b64decode(value[i:i + SLICE], validate=True) for i in range(0, len(value), SLICE))
 
 
 def _encodable(text: str) -> bool:
-    """Whether ``text`` encodes to UTF-8 (no lone surrogate), found without copying a large string."""
-    return _SURROGATE.search(text) is None
+    """Whether ``text`` encodes to UTF-8 (no lone surrogate), found without copying a large string
+    (ASCII text, as base64 is, is known at once: CPython records it)."""
+    if text.isascii():
+        return True
+    return all(_SURROGATE.search(text, i, i + SLICE) is None for i in range(0, len(text), SLICE))
+
+
+def _canonical(raw: dict[str, Any]) -> str:
+    """Sorted-keys JSON of the request, a string over ``SLICE`` characters given as its SHA-256 (hashed
+    slice by slice): what an ``Idempotency-Key`` is bound to, without one long copy of the attachments."""
+
+    def small(value: Any, depth: int = 0) -> Any:
+        if depth > 3:  # large strings sit in attachments[i].content, documents[i].pdf or .cda: no deeper
+            return value
+        if isinstance(value, str) and len(value) > SLICE:
+            digest = hashlib.sha256()
+            for i in range(0, len(value), SLICE):
+                digest.update(value[i:i + SLICE].encode("utf-8"))
+            return f"sha256:{len(value)}:{digest.hexdigest()}"
+        if isinstance(value, dict):
+            return {k: small(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [small(v, depth + 1) for v in value]
+        return value
+
+    return json.dumps(small(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _unencodable(root: Any, errors: _Errors) -> None:
@@ -357,7 +394,7 @@ def parse_submission(raw: dict[str, Any]) -> Submission:
         raise Problem.invalid(errors.items)
     assert sender is not None
     return Submission(sender, to, cc, subject, text, html, tuple(attachments), tuple(documents), bool(receipt),
-                      canonical=json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=True))
+                      canonical=_canonical(raw))
 
 
 def _kind(value: Any) -> str:
@@ -477,7 +514,8 @@ def _attachment_part(att: Attachment) -> bytes:
         cte = "7bit" if att.content.isascii() else "8bit"
         return (f"Content-Type: message/rfc822\r\nContent-Disposition: attachment; {params}\r\n"
                 f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode("ascii") + att.content)  # fmt: skip
-    encoded = base64.b64encode(att.content)
+    step = 57 * 16384  # whole 3-octet groups: the slices' base64 joined is the whole's, without one long GIL hold
+    encoded = b"".join(base64.b64encode(att.content[i:i + step]) for i in range(0, len(att.content), step))
     lines = b"\r\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
     return (f"Content-Type: {att.content_type}; {params.replace('filename', 'name', 1)}\r\n"
             f"Content-Disposition: attachment; {params}\r\nContent-Transfer-Encoding: base64\r\n\r\n"

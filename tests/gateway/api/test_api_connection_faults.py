@@ -319,3 +319,21 @@ def test_the_aiohttp_internals_these_fixes_use_are_there() -> None:
     assert {"_keepalive_timeout", "_keepalive_handle"} <= slots
     assert "self._version = message.version" in inspect.getsource(web_request.BaseRequest.__init__)
     assert web_protocol.ERROR.version == (1, 0)  # what handle_error's answer is lifted from
+
+
+async def test_large_base64_is_decoded_slice_by_slice_as_strictly(sqlite_home: Path, api_certs: ApiCerts) -> None:
+    """Over 1 MiB, base64 is checked and decoded in slices (no long hold of the loop): the same bytes,
+    and padding or a space anywhere still refused with the field's pointer."""
+    content = bytes(range(256)) * 12288  # 3 MiB
+    text = base64.b64encode(content).decode()
+    bad_padding = text[:1 << 20] + "=" + text[(1 << 20) + 1:]
+    bad_space = text[:(3 << 20) - 7] + " " + text[(3 << 20) - 6:]
+    prepare_home(sqlite_home, api_certs, {"limits": {"max_message_size": 8_000_000}})
+    async with started_api(sqlite_home, api_certs) as world, world.client() as http:
+        answers = [await http.post("/v1/messages", json=new_message(attachments=[
+            {"filename": "scan.bin", "content": value}])) for value in (text, bad_padding, bad_space)]
+        assert [a.status_code for a in answers] == [202, 400, 400]
+        assert all(a.json()["errors"][0]["pointer"] == "/attachments/0/content" for a in answers[1:])
+        msg = message_from_bytes(world.gateway.store.read(answers[0].json()["id"]), policy=policy.default)
+        parts = [p for p in msg.walk() if p.get_filename() == "scan.bin"]
+        assert parts[0].get_payload(decode=True) == content

@@ -368,9 +368,10 @@ def pseudonym_salt(factory: sessionmaker[Session], settings: Settings, legacy: P
                 except OSError:
                     old = b""
                 value = old if len(old) >= 16 else os.urandom(32)
-                if len(old) < 16:
-                    log.warning("no pseudonym salt in the database: a new one was made; patient pseudonyms in "
-                                "logs and audit records start afresh (if one existed, restore it from a backup)")
+                if len(old) < 16:  # mssgw init makes it: a salt missing now was lost (its row deleted)
+                    log.warning("the pseudonym salt is missing from the database (mssgw init made one: was its "
+                                "row deleted?): a new one was made, so patient pseudonyms in logs and audit "
+                                "records start afresh; restore the old row from a backup and restart every node")
                 put(session, kek, SALT_NAME, value)
         except IntegrityError:
             if attempt:

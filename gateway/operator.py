@@ -212,6 +212,10 @@ def _create(settings: Settings, factory: sessionmaker[Session], config_path: Pat
                                                         load_private_key(dev.operator_key))  # fmt: skip
             sealed.seal_private_key(session, kek, ca_cert.fingerprint(hashes.SHA256()).hex(),
                                     load_private_key(dev.ca_key))  # any node issues and revokes with it
+            if not sealed.exists(session, sealed.SALT_NAME) and not (settings.keys_dir / "patient-pseudonym.salt").exists():
+                # The patient-pseudonym salt is the operator's from its first day (an older home's file is
+                # moved in by the first ``mssgw serve``): one found missing later was lost, and is said so.
+                sealed.put(session, kek, sealed.SALT_NAME, os.urandom(32))
             for name in settings.domains:
                 admin.add_local_domain(session, name)
             seeded = admin.seed_consumer_domains(session)

@@ -24,6 +24,18 @@ def test_init_creates_home_with_private_modes(tmp_path: Path) -> None:
     assert 'domains = ["x.mssante.test"]' in (home / "mssgw.toml").read_text()
     listing = CliRunner().invoke(cli, ["--data-dir", str(home), "domains", "list", "--kind", "local", "--json"])
     assert '"x.mssante.test"' in listing.stdout
+    # The patient-pseudonym salt is sealed from the first day: a gateway never finds it missing
+    # unless its row was deleted (and then says so).
+    from directory import secrets
+    from directory.db import make_engine, session_factory
+    from gateway.config import load_settings
+
+    engine = make_engine(load_settings(home).database_url)
+    try:
+        with session_factory(engine)() as session:
+            assert secrets.exists(session, secrets.SALT_NAME)
+    finally:
+        engine.dispose()
 
 
 def test_init_is_idempotent_and_keeps_keys(tmp_path: Path) -> None:

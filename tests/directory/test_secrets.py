@@ -160,4 +160,4 @@ def test_a_missing_pseudonym_salt_is_remade_with_a_warning(factory, tmp_path: Pa
     with transaction(factory) as s:
         s.execute(SealedSecret.__table__.delete().where(SealedSecret.name == "pseudonym-salt"))
     assert secrets.pseudonym_salt(factory, settings, tmp_path / "none.salt") != first
-    assert "restore it from a backup" in caplog.text
+    assert "restore the old row from a backup" in caplog.text

@@ -295,6 +295,7 @@ def _fault_name(exc: BaseException) -> str:
 
 
 _REASONS = (
+    ("host", "The Host header field is missing or given twice"),  # before "header": it is one too
     ("too many headers", f"More than {MAX_HEADERS} header fields"),
     ("transfer-encoding", "The Transfer-Encoding header field is not allowed as sent (chunked, last and once)"),
     ("chunk", "The chunked request body is malformed (chunk size line or chunk end)"),
@@ -303,28 +304,29 @@ _REASONS = (
     ("method", "The request method is not a valid HTTP token"),
     ("url", "The request target is malformed"),
     ("version", "The HTTP version is not HTTP/1.1 or HTTP/1.0"),
-    ("host", "The Host header field is missing or given twice"),
+)
+
+
+#: aiohttp's parse errors, most specific first, and what each says in words.
+_DETAILS: tuple[tuple[type[BaseException], str], ...] = (
+    (LineTooLong, f"A request line or header field is longer than {MAX_LINE} octets"),
+    (ContentEncodingError, "The request body does not decode as its Content-Encoding says"),
+    (TransferEncodingError, "The chunked request body is malformed (chunk size line or chunk end)"),
+    (ContentLengthError, "The request body is shorter than its Content-Length"),
+    (BadHttpMethod, "The request method is not a valid HTTP token"),
+    (BadStatusLine, "The request line is malformed (method, target and HTTP/1.1)"),
+    (InvalidURLError, "The request target is malformed"),
+    (InvalidHeader, "A header field name or value holds a byte HTTP does not allow"),
 )
 
 
 def _malformed_detail(exc: BaseException | None) -> str:
     """What was wrong with a request aiohttp could not parse, in words (no class names, no client text)."""
-    if isinstance(exc, LineTooLong):
-        return f"A request line or header field is longer than {MAX_LINE} octets"
-    if isinstance(exc, ContentEncodingError):
-        return "The request body does not decode as its Content-Encoding says"
-    if isinstance(exc, TransferEncodingError):
-        return "The chunked request body is malformed (chunk size line or chunk end)"
-    if isinstance(exc, ContentLengthError):
-        return "The request body is shorter than its Content-Length"
-    if isinstance(exc, BadHttpMethod):
-        return "The request method is not a valid HTTP token"
-    if isinstance(exc, BadStatusLine):
-        return "The request line is malformed (method, target and HTTP/1.1)"
-    if isinstance(exc, InvalidURLError):
-        return "The request target is malformed"
-    if isinstance(exc, InvalidHeader):
-        return "A header field name or value holds a byte HTTP does not allow"
+    if isinstance(exc, HttpProcessingError) and "host" in str(exc.message).split("\n", 1)[0].lower():
+        return _REASONS[0][1]
+    for kind, detail in _DETAILS:
+        if isinstance(exc, kind):
+            return detail
     if isinstance(exc, HttpProcessingError):
         # aiohttp's (llhttp's) own reason, first line only (the rest quotes the client): matched, never shown.
         reason = str(exc.message if isinstance(exc.message, str) else exc).split("\n", 1)[0].lower()

@@ -245,6 +245,7 @@ async def test_a_client_hanging_up_mid_body_is_one_info_line(api: ApiWorld, capl
      "More than 128 header fields"),
     (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"zz\r\n{}\r\n0\r\n\r\n", "chunked"),
+    (b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "Host header field"),
 ])
 async def test_malformed_requests_get_an_http11_400_that_names_the_fault(api: ApiWorld, request_bytes: bytes,
                                                                          words: str) -> None:

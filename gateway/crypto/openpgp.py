@@ -59,6 +59,10 @@ def keep_in_step(home: Path, sync: Callable[[OpenPgp], None] | None) -> None:
         _IN_STEP[key] = sync
 
 
+#: gpg-agent's smallest S2K iteration count: enough for a passphrase of 256 random bits.
+AGENT_S2K_COUNT = 65536
+
+
 class OpenPgpError(CryptoError, RuntimeError):
     """gpg could not carry out an outbound operation (its status line is in the message)."""
 
@@ -70,6 +74,12 @@ class OpenPgp:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
+        agent_conf = self.home / "gpg-agent.conf"
+        if not agent_conf.exists():
+            # Our secret keys are protected with the keyring passphrase, 256 random bits: stretching it
+            # (gpg-agent's calibrated S2K count costs ~100-350 ms of CPU at every signature and
+            # decryption) adds nothing, so the agent protects keys with the smallest count.
+            agent_conf.write_text(f"s2k-count {AGENT_S2K_COUNT}\n", encoding="ascii")
         self.passphrase = passphrase
         self._gpg = gnupg.GPG(gpgbinary=gpg_binary, gnupghome=str(self.home),
                               options=["--pinentry-mode", "loopback", "--trust-model", "always"])  # fmt: skip

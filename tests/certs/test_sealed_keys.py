@@ -180,6 +180,9 @@ def test_no_openpgp_secret_key_in_clear_in_any_node_s_keyring(sqlite_home: Path,
     assert len(list((gnupg / "private-keys-v1.d").glob("*.key"))) >= 2
     assert _clear_gnupg_keys(gnupg) == []
     assert not list((gnupg / "openpgp-revocs.d").glob("*.rev"))
+    # protected with the smallest S2K count: the passphrase is random, stretching it costs CPU at every use
+    assert all(b'"65536"' in p.read_bytes() or b":65536" in p.read_bytes()
+               for p in (gnupg / "private-keys-v1.d").glob("*.key"))
     # another node: an empty home brought in step with the directory holds them protected too
     node2 = tmp_path / "node2-gnupg"
     engine = make_engine(settings.database_url)

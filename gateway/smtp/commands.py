@@ -224,12 +224,16 @@ class GuardedSMTP(LoopTlsSMTP):
 
     # --- the loop --------------------------------------------------------------------------------
 
-    async def smtp_AUTH(self, arg: str) -> None:
+    async def smtp_AUTH(self, arg: str | None) -> None:
         """aiosmtpd's AUTH with the mechanism name matched without regard to case.
 
         SASL mechanism names are case-insensitive (RFC 4954 4, RFC 4422 3.1): aiosmtpd
-        answered ``AUTH plain ...`` with 504 5.5.4.
+        answered ``AUTH plain ...`` with 504 5.5.4.  A bare ``AUTH`` (no mechanism) is
+        aiosmtpd's to answer (501 syntax), never a crash of the session.
         """
+        if arg is None:
+            await super().smtp_AUTH(arg)
+            return
         mechanism, sep, rest = arg.partition(" ")
         await super().smtp_AUTH(mechanism.upper() + sep + rest)
 

@@ -31,7 +31,7 @@ BRANCHES = (ConfigurationError, DirectoryError, CryptoError, ContentError, Queue
 #: 400 problem), and the whitelist parser's expat escape.
 INTERNAL = {"gateway.smtp.commands.LineTooLong", "gateway.smtp.dsn.DsnSyntaxError", "gateway.imap.search.SearchLimit", "gateway.imap.server._Unavailable",
             "gateway.imap.connection._Refusal", "gateway.api.problems.Problem", "gateway.api.schemas._DuplicateKey",
-            "directory.importers.whitelist._Refused"}
+            "directory.importers.whitelist._Refused", "gateway.api.transport.ClientGone"}
 
 
 def _our_exception_classes() -> dict[str, type[BaseException]]:

@@ -142,6 +142,14 @@ async def test_long_command_lines_answer_500_5_5_6_and_the_session_goes_on(world
         assert (await smtp.send(b"NOOP"))[0] == 250
 
 
+async def test_a_bare_auth_is_a_501_and_the_session_goes_on(world: World) -> None:
+    """Found by the session fuzzer: ``AUTH`` without a mechanism crashed the session's handler."""
+    async with raw(world, login=False) as smtp:
+        code, _ = await smtp.send(b"AUTH")
+        assert code == 501
+        assert (await smtp.send(b"NOOP"))[0] == 250
+
+
 def rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -10,6 +10,7 @@ unregistered one from our CA, and one from a CA nobody trusts (trustme).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -165,3 +166,13 @@ def new_message(**fields: Any) -> dict[str, Any]:
 
 def dumps(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+async def read_until_closed(reader: asyncio.StreamReader, wait: float = 20.0) -> bytes:
+    """Everything until the server closes (a reset counts as closed); fails after ``wait`` seconds."""
+    out = b""
+    async with asyncio.timeout(wait):
+        with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+            while chunk := await reader.read(65536):
+                out += chunk
+    return out

@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_world import APP, BOB, DOMAIN, ApiCerts, ApiWorld, new_message, prepare_home, started_api
+from api_world import (
+    APP,
+    BOB,
+    DOMAIN,
+    ApiCerts,
+    ApiWorld,
+    new_message,
+    prepare_home,
+    read_until_closed,
+    started_api,
+)
 from smtp_world import CertFiles
 
 import gateway.api.server as server_module
@@ -55,15 +65,7 @@ async def _connect(world: ApiWorld, cert: CertFiles | None) -> tuple[asyncio.Str
 
 
 async def _eof(reader: asyncio.StreamReader) -> bytes:
-    """Everything until the server closes (a reset counts as closed); fails after ``WAIT`` seconds."""
-    out = b""
-    async with asyncio.timeout(WAIT):
-        try:
-            while chunk := await reader.read(65536):
-                out += chunk
-        except (ConnectionResetError, ssl.SSLError):
-            pass
-    return out
+    return await read_until_closed(reader, WAIT)
 
 
 async def _response(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_world import APP, BOB, ApiCerts, ApiWorld, prepare_home, started_api
+from api_world import APP, BOB, ApiCerts, ApiWorld, prepare_home, read_until_closed, started_api
 from smtp_world import CertFiles
 
 import gateway.api.server as server_module
@@ -53,15 +53,7 @@ async def _connect(world: ApiWorld, cert: CertFiles | None, local: str | None = 
 
 
 async def _eof(reader: asyncio.StreamReader) -> bytes:
-    """Everything until the server closes (a reset counts as closed); fails after ``WAIT`` seconds."""
-    out = b""
-    async with asyncio.timeout(WAIT):
-        try:
-            while chunk := await reader.read(65536):
-                out += chunk
-        except (ConnectionResetError, ssl.SSLError):
-            pass
-    return out
+    return await read_until_closed(reader, WAIT)
 
 
 async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

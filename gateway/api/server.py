@@ -74,6 +74,7 @@ from gateway.api.transport import (
 )
 from gateway.auth import certificate_fingerprint
 from gateway.core import replies as R
+from gateway.core.budget import OctetBudget
 from gateway.core.tls import peer_certificate, tls_summary
 from gateway.delivery.maildir import DeliveryError, mailbox_events
 from gateway.policy.limits import MAX_BUFFERED_DATA_BYTES
@@ -109,7 +110,7 @@ LARGE_AT_ONCE = 1
 LARGE_WAIT_SECONDS = 120.0
 
 
-class BodyBudget:
+class BodyBudget(OctetBudget):
     """Octets of request bodies this listener holds at once (read, parsed, built into a message).
 
     Each ``POST /v1/messages`` takes its declared ``Content-Length`` (the whole size limit when
@@ -118,18 +119,6 @@ class BodyBudget:
     Without it, ten parallel 65 MB bodies took the process from 155 MB to 2.9 GB.
     """
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.held = 0
-
-    def take(self, octets: int) -> bool:
-        if self.held + octets > self.total:
-            return False
-        self.held += octets
-        return True
-
-    def give_back(self, octets: int) -> None:
-        self.held = max(0, self.held - octets)
 #: A write to a client that went away: the stream ends, nothing to report.
 _GONE = (ConnectionResetError, ConnectionError)
 PUBLIC = frozenset({"/v1/openapi.json"})

@@ -34,6 +34,7 @@ from aiosmtpd.smtp import MISSING, Envelope, Session, syntax
 
 from gateway.config import Settings
 from gateway.core import replies as R
+from gateway.core.budget import OctetBudget
 from gateway.policy.limits import EDGE_MAX_MESSAGE_BYTES, MAX_BUFFERED_DATA_BYTES
 from gateway.smtp.commands import GuardedSMTP
 from gateway.smtp.dsn import (
@@ -91,25 +92,12 @@ CALL_LIMITS = {"AUTH": 8, "STARTTLS": 3, "EHLO": 16, "HELO": 16, "NOOP": 50, "VR
                "*": 1_000_000}  # fmt: skip
 
 
-class DataBudget:
+class DataBudget(OctetBudget):
     """Octets of message content buffered by the DATA readers of this process (one event loop).
 
     Each reader takes what it buffers and gives it back when its transaction is over (stored,
     refused or cut off); a reader that would go over the total stops buffering instead.
     """
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.held = 0
-
-    def take(self, octets: int) -> bool:
-        if self.held + octets > self.total:
-            return False
-        self.held += octets
-        return True
-
-    def give_back(self, octets: int) -> None:
-        self.held = max(0, self.held - octets)
 
 
 #: Shared by every listener of the process (submission, inbound): memory is one resource.

@@ -42,6 +42,7 @@ from gateway.audit.trail import AuditEvent, AuditWriter, bind_node, purge
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.core.errors import ConfigurationError, MssgwError
+from gateway.core.memory import TRIM_INTERVAL, limit_malloc_arenas, release_free_memory
 from gateway.core.tls import (
     ReloadableServerTls,
     TlsConfigError,
@@ -182,6 +183,7 @@ class Gateway:
             await self._start_imap()
         self._tasks.append(asyncio.create_task(self._purge_daily(), name="audit-purge"))
         self._tasks.append(asyncio.create_task(self._watch_trust(), name="trust-watch"))
+        self._tasks.append(asyncio.create_task(self._trim_memory(), name="memory-trim"))
         self.audit.submit(AuditEvent("start", "info", actor=self.settings.hostname,
                                      detail={k: f"{h}:{p}" for k, (h, p) in self.addresses.items()}))
 
@@ -401,6 +403,12 @@ class Gateway:
                 log.warning("audit purge failed error=%s", type(exc).__name__)
             await asyncio.sleep(PURGE_INTERVAL)
 
+    async def _trim_memory(self) -> None:
+        """Give the allocator's free pages back to the system now and then (``gateway.core.memory``)."""
+        while True:
+            await asyncio.sleep(TRIM_INTERVAL)
+            await asyncio.to_thread(release_free_memory)
+
     # --- stop ----------------------------------------------------------------------------------
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
@@ -470,6 +478,7 @@ class Gateway:
         loop, TLS records go through pure-Python protocol code, the largest share of a
         gateway's CPU per message after the crypto.
         """
+        limit_malloc_arenas()  # before the pools start their threads
         factory = None
         if self.settings.runtime.event_loop == "uvloop":
             try:

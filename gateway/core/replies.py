@@ -68,6 +68,8 @@ S501_5_1_3_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
 #: RFC 3461 §4: a malformed ENVID, RET, NOTIFY or ORCPT (the text names which and why).
 S501_5_5_4_DSN_SYNTAX = Reply(501, "5.5.4", "Malformed DSN parameter (RFC 3461)")
 S503_5_5_1_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+#: RFC 3207 4.2: STARTTLS is offered before TLS only; a second one would nest TLS in TLS.
+S503_5_5_1_TLS_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
 S530_5_7_0_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 S530_5_7_0_TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 S530_5_7_0_CLIENT_CERT_REQUIRED = Reply(530, "5.7.0", "A TLS client certificate of a trusted operator is required")

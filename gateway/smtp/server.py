@@ -64,6 +64,7 @@ BUILTIN_REPLIES: dict[str, R.Reply] = {
     "503 Error: nested MAIL command": R.S503_5_5_1_BAD_SEQUENCE,
     "554 Command refused due to lack of security": R.S554_5_7_0_TLS_FAILED,
     "454 TLS not available": R.S454_4_7_0_TLS_UNAVAILABLE,
+    "503 TLS already active": R.S503_5_5_1_TLS_ACTIVE,
     "220 Ready to start TLS": R.S220_2_0_0_TLS_READY,
     "221 Bye": R.S221_2_0_0_BYE,
     "250 OK": R.S250_2_0_0_OK,

@@ -4,7 +4,8 @@ aiosmtpd wires asyncio's pure-Python ``SSLProtocol`` under the connection by han
 record of a STARTTLS session costs Python work, even on uvloop.  ``loop.start_tls`` gives the
 loop's own TLS transport (C on uvloop); afterwards the session is reset as aiosmtpd does
 (RFC 3207 4.2: nothing learnt before TLS is kept) and plaintext pipelined after the STARTTLS
-command is dropped (RFC 3207 5).  Everything else is aiosmtpd's.
+command is dropped (RFC 3207 5).  A STARTTLS under TLS is refused (503 5.5.1): aiosmtpd no longer
+offers it then, but would start TLS inside TLS.  Everything else is aiosmtpd's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class LoopTlsSMTP(SMTP):
     async def smtp_STARTTLS(self, arg: str) -> None:
         if arg:
             await self.push("501 Syntax: STARTTLS")
+            return
+        if self._tls_protocol is not None:  # after STARTTLS, or on an implicit-TLS listener
+            await self.push("503 TLS already active")
             return
         if not self.tls_context:
             await self.push("454 TLS not available")

@@ -150,6 +150,28 @@ async def test_a_bare_auth_is_a_501_and_the_session_goes_on(world: World) -> Non
         assert (await smtp.send(b"NOOP"))[0] == 250
 
 
+@pytest.mark.parametrize("listener", ["submission", "submissions", "inbound"])
+async def test_starttls_under_tls_is_refused_and_the_session_goes_on(world: World, listener: str) -> None:
+    """Found by the session fuzzer: a second STARTTLS nested TLS inside TLS (RFC 3207 4.2 offers it
+    before TLS only), each layer with its own buffers."""
+    if listener == "submissions":
+        reader, writer = await asyncio.open_connection("127.0.0.1", world.port(listener), ssl=world.client_context(),
+                                                       server_hostname="localhost")
+        smtp = Raw(reader, writer)
+        assert (await smtp.reply())[0] == 220
+        assert (await smtp.send(b"EHLO client.test"))[0] == 250
+        try:
+            assert await smtp.send(b"STARTTLS") == (503, "5.5.1 TLS is already active")
+            assert (await smtp.send(b"NOOP"))[0] == 250
+        finally:
+            writer.close()
+        return
+    cert = world.certs.peer_b if listener == "inbound" else None
+    async with raw(world, listener, cert=cert) as smtp:
+        assert await smtp.send(b"STARTTLS") == (503, "5.5.1 TLS is already active")
+        assert (await smtp.send(b"NOOP"))[0] == 250
+
+
 def rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

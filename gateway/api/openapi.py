@@ -73,6 +73,8 @@ def document(max_message_size: int) -> dict[str, Any]:
                                     "at once; the connection is closed (451 4.4.2)"),
                     "409": _problem("A request with this Idempotency-Key is still running"),
                     "413": _problem("The request or the composed message is over the size limit (552 5.3.4)"),
+                    "415": _problem("The body's Content-Encoding is not gzip, deflate or none (554 5.6.1); "
+                                    "Accept-Encoding names the codings taken; the connection is closed"),
                     "422": _problem("Refused by policy: sender, every recipient (recipients[]), content or "
                                     "health document; or an Idempotency-Key reused with another body"),
                     **_ERRORS,

@@ -40,7 +40,7 @@ class Problem(Exception):
 
     def __init__(self, status: int, reply: R.Reply, rule: str, *, detail: str | None = None,
                  title: str | None = None, extra: Mapping[str, Any] | None = None,
-                 retry_after: int | None = None) -> None:  # fmt: skip
+                 retry_after: int | None = None, headers: Mapping[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(detail or reply.text)
         self.status = status
         self.reply = reply
@@ -50,6 +50,7 @@ class Problem(Exception):
         self.extra = dict(extra or {})
         self.retry_after = retry_after if retry_after is not None else (
             RETRY_AFTER_SECONDS if status in (429, 503) else None)
+        self.headers = dict(headers or {})  # header fields the answer carries besides Retry-After
 
     def body(self) -> dict[str, Any]:
         return {

@@ -71,6 +71,7 @@ from gateway.api.transport import (
     over_cap_problem,
     problem_response,
     read_body,
+    unsupported_coding,
 )
 from gateway.auth import certificate_fingerprint
 from gateway.core import replies as R
@@ -124,7 +125,7 @@ _GONE = (ConnectionResetError, ConnectionError)
 PUBLIC = frozenset({"/v1/openapi.json"})
 #: Refusals after which the connection is closed (``Connection: close``): it is over a cap, or too slow.
 CLOSE_AFTER = frozenset({"too-many-connections", "request-body-slow", "content-encoding", "http-malformed",
-                         "client-certificate"})
+                         "client-certificate", "content-encoding-unsupported"})
 #: The logged-in caller of the request being handled (set by the middleware, in the handler's task).
 CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("mssgw_api_caller")
 #: The caller as the ``Expect: 100-continue`` check logged it in (so the middleware does not again).
@@ -377,7 +378,7 @@ class ApiServer:
         """``Expect: 100-continue``: the checks of the request head first, then the invitation.
 
         aiohttp calls this before the middleware; a refusal (over a cap, over the rate, no valid
-        certificate, too large, not JSON) is the answer, with ``Connection: close`` since the body
+        certificate, too large, a content coding we do not decode) is the answer, with ``Connection: close`` since the body
         was never invited. The login is kept for the middleware (the bucket is taken once)."""
         if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
             problem = Problem(417, S501_5_5_4_BAD_FIELD, "expectation", title="Expectation failed",
@@ -391,6 +392,8 @@ class ApiServer:
                 request[CALLER_KEY] = await self._admit(request)
                 if request.content_length is not None and request.content_length > self.limit:
                     raise self._too_big()
+                if (unsupported := unsupported_coding(request)) is not None:
+                    raise unsupported
             except Problem as refused:
                 problem = refused
         if problem is None:

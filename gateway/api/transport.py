@@ -83,14 +83,20 @@ S421_4_7_0_CONNECTIONS = R.Reply(421, "4.7.0", "Too many connections, try again 
 S451_4_4_2_SLOW_BODY = R.Reply(451, "4.4.2", "The request body came too slowly")
 S500_5_5_2_MALFORMED = R.Reply(500, "5.5.2", "The HTTP request could not be parsed")
 S501_5_6_1_BAD_ENCODING = R.Reply(501, "5.6.1", "The request body does not decode as its Content-Encoding says")
+S554_5_6_1_CODING = R.Reply(554, "5.6.1", "The request body's Content-Encoding is not supported")
+#: Content codings of a request body that aiohttp decodes and we accept (RFC 9110 8.4.1). br is
+#: not one: aiohttp decodes it only with a brotli module, which the gateway does not install.
+BODY_CODINGS = ("gzip", "deflate")
+#: How aiohttp's parser begins the error of a coding it has no module for (br, zstd), raised on the head.
+_NO_DECODER = "Can not decode content-encoding"
 #: What a client that went away (or sent an undecodable body) raises inside aiohttp: not our fault.
 CLIENT_FAULTS = (ConnectionError, RequestPayloadError, PayloadEncodingError)
 
 
 def bad_encoding_problem() -> Problem:
-    """400 for a body its ``Content-Encoding`` (gzip, deflate, br) does not decode; the connection closes."""
+    """400 for a body its ``Content-Encoding`` (gzip or deflate) does not decode; the connection closes."""
     return Problem(400, S501_5_6_1_BAD_ENCODING, "content-encoding",
-                   detail="The request body does not decode as its Content-Encoding says (gzip, deflate or br)")
+                   detail="The request body does not decode as its Content-Encoding says (gzip or deflate)")
 
 
 class ClientGone(Exception):
@@ -278,6 +284,8 @@ class GuardedHandler(web.RequestHandler):
         request._version = HttpVersion11
         if status >= 500:
             problem = Problem(503, R.S451_4_3_0_LOCAL_ERROR, "internal-error")
+        elif isinstance(exc, ContentEncodingError) and str(exc.message).startswith(_NO_DECODER):
+            problem = unsupported_coding_problem()  # br or zstd: aiohttp has no module to decode them
         else:
             detail = _malformed_detail(exc)
             problem = Problem(status, S500_5_5_2_MALFORMED, "http-malformed", detail=detail)
@@ -338,7 +346,7 @@ def _malformed_detail(exc: BaseException | None) -> str:
 
 def problem_response(problem: Problem) -> web.Response:
     """``problem`` as an ``application/problem+json`` response (with ``Retry-After`` when it has one)."""
-    headers: dict[str, str] = {hdrs.SERVER: SERVER_NAME}
+    headers: dict[str, str] = {**problem.headers, hdrs.SERVER: SERVER_NAME}
     if problem.retry_after is not None:
         headers["Retry-After"] = str(problem.retry_after)
     return web.Response(status=problem.status, body=problem.encode(), content_type=PROBLEM_TYPE, charset="utf-8",
@@ -357,13 +365,35 @@ def slow_body_problem(deadlines: Deadlines) -> Problem:
                           f"(after {deadlines.body_grace:g} s): send it at once")  # fmt: skip
 
 
+def unsupported_coding(request: web.Request) -> Problem | None:
+    """415 for a body in a content coding aiohttp would not decode (RFC 9110 15.5.16), else None.
+
+    aiohttp decodes only one coding named alone; anything else (``compress``, ``gzip, gzip``, the
+    field twice) would reach the JSON parser still encoded.  ``br`` and ``zstd`` (no module to
+    decode them) are refused by aiohttp's parser on the head: ``handle_error`` answers them the same.
+    """
+    fields = request.headers.getall(hdrs.CONTENT_ENCODING, [])
+    if not fields or (len(fields) == 1 and fields[0].lower() in (*BODY_CODINGS, "identity")):
+        return None
+    return unsupported_coding_problem()
+
+
+def unsupported_coding_problem() -> Problem:
+    return Problem(415, S554_5_6_1_CODING, "content-encoding-unsupported", title="Unsupported content coding",
+                   headers={hdrs.ACCEPT_ENCODING: ", ".join(BODY_CODINGS)},
+                   detail=f"Send the request body as is, or with one Content-Encoding: {' or '.join(BODY_CODINGS)}")
+
+
 async def read_body(request: web.Request, limit: int, deadlines: Deadlines,
                     too_big: Callable[[], Problem]) -> bytearray:  # fmt: skip
     """The whole request body, read as long as it keeps ``body_min_rate`` on average.
 
     By ``grace + n / rate`` seconds after the first read, more than ``n`` octets must have come,
-    whether the length was declared or the body is chunked; a body over ``limit`` is ``too_big``.
+    whether the length was declared or the body is chunked; a body over ``limit`` is ``too_big``;
+    a content coding we do not decode is refused before any of it is read (``unsupported_coding``).
     """
+    if (unsupported := unsupported_coding(request)) is not None:
+        raise unsupported
     loop = asyncio.get_running_loop()
     start = loop.time()
     body = bytearray()

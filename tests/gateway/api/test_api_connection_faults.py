@@ -219,6 +219,27 @@ async def test_an_undecodable_body_is_a_400_and_the_connection_closes(api: ApiWo
     assert good.status_code == 202
 
 
+@pytest.mark.parametrize(("codings", "expect"), [([b"br"], False), ([b"compress"], False), ([b"gzip, gzip"], False),
+                                                 ([b"gzip", b"gzip"], False), ([b"br"], True), ([b"x-foo"], True)])
+async def test_a_coding_we_do_not_decode_is_a_415_before_the_body_is_read(api: ApiWorld, codings: list[bytes],
+                                                                          expect: bool) -> None:
+    """A coding aiohttp would not decode used to reach the JSON parser still encoded (read as plain)."""
+    body = gzip.compress(json.dumps(new_message()).encode())
+    reader, writer = await _connect(api, api.certs.app)
+    fields = b"".join(b"Content-Encoding: %s\r\n" % coding for coding in codings)
+    head = (b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n%s"
+            b"Content-Length: %d\r\n%s\r\n" % (fields, len(body), b"Expect: 100-continue\r\n" if expect else b""))
+    writer.write(head if expect else head + body)
+    status, answer_fields, answer = await _response(reader)
+    problem = json.loads(answer)
+    assert status.startswith("HTTP/1.1 415"), status  # never the 100 Continue
+    assert answer_fields["accept-encoding"] == "gzip, deflate"
+    assert problem["rule"] == "content-encoding-unsupported" and problem["enhanced_status"] == "5.6.1"
+    assert await _eof(reader) == b""
+    writer.close()
+    assert api.gateway.store.list() == []
+
+
 # --- 5. a client hanging up mid-body -----------------------------------------------------------
 
 

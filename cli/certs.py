@@ -4,7 +4,8 @@ Private keys are never printed: ``show --pem`` prints the public certificate,
 ``export --pkcs12`` writes the key and certificate to a file protected by a
 passphrase read from standard input.  They are sealed in the database under the
 key-encryption key (``seal-keys`` moves the key files of an older home in,
-``rotate-kek`` re-seals everything under a new KEK in one transaction).
+``rotate-kek`` re-seals everything under a new KEK in one transaction, ``secrets`` lists the
+sealed rows and ``drop-secret`` deletes one that this node's KEK cannot open).
 """
 
 from __future__ import annotations
@@ -139,6 +140,42 @@ def seal_keys(app: AppContext) -> None:
     click.echo(f"sealed {len(report.sealed)} private key(s) in the database; {len(report.files)} key file(s) removed")
     if report.problems:
         raise certs.CertError(f"these key files cannot be read and stay as they are: {', '.join(report.problems)}")
+
+
+@certs_group.command("secrets")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def sealed_secrets(app: AppContext, as_json: bool) -> None:
+    """List the sealed secrets (names and KEK ids only), each tried with this node's KEK.
+
+    ``opens``: fine.  ``other-kek``: sealed under a key-encryption key this node was not given
+    (every new seal and every rotation is refused until it is re-sealed or dropped).  ``altered``:
+    the row does not open under its own KEK."""
+    from directory import secrets
+
+    kek = secrets.load_kek(app.settings)
+    with app.sessions() as session:
+        entries = secrets.inventory(session, kek)
+    emit([{"name": e.name, "kek_id": e.kek_id, "state": e.state} for e in entries], ("name", "kek_id", "state"),
+         as_json)
+
+
+@certs_group.command("drop-secret")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Confirm: the row's value is lost for good.")
+@pass_app
+def drop_secret(app: AppContext, name: str, yes: bool) -> None:
+    """Delete one sealed secret that this node's KEK cannot open (``other-kek`` or ``altered``).
+
+    A secret that opens is a key in use and is refused: revoke its certificate or key instead."""
+    from directory import secrets
+
+    if not yes:
+        raise click.UsageError("dropping a sealed secret loses its value for good: add --yes")
+    kek = secrets.load_kek(app.settings)
+    with app.transaction() as session:
+        entry = secrets.drop_unopenable(session, kek, name)
+    click.echo(f"dropped sealed secret {entry.name} ({entry.state}, key-encryption key {entry.kek_id})")
 
 
 @certs_group.command("rotate-kek")

@@ -50,9 +50,12 @@ __all__ = [
     "SEALED_PREFIX",
     "Kek",
     "KekError",
+    "SealedEntry",
     "SealedSecretError",
     "create_kek_file",
+    "drop_unopenable",
     "exists",
+    "inventory",
     "kek_path",
     "key_name",
     "load_kek",
@@ -248,6 +251,48 @@ def names(session: Session, prefix: str = "") -> list[str]:
     if prefix:
         stmt = stmt.where(SealedSecret.name.startswith(prefix, autoescape=True))
     return list(session.scalars(stmt))
+
+
+@dataclass(frozen=True)
+class SealedEntry:
+    """One sealed row as an administrator sees it: its name, its KEK and whether it opens here."""
+
+    name: str
+    kek_id: str
+    state: str  # "opens", "other-kek" (sealed under a KEK this node lacks) or "altered"
+
+
+def inventory(session: Session, kek: Kek) -> list[SealedEntry]:
+    """Every sealed row, each tried with ``kek`` (values are opened and dropped, never returned)."""
+    entries = []
+    for row in session.scalars(select(SealedSecret).order_by(SealedSecret.name)):
+        if row.kek_id != kek.id:
+            state = "other-kek"
+        else:
+            try:
+                open_sealed(kek, row.name, row.kek_id, bytes(row.nonce), bytes(row.ciphertext))
+                state = "opens"
+            except SealedSecretError:
+                state = "altered"
+        entries.append(SealedEntry(row.name, row.kek_id, state))
+    return entries
+
+
+def drop_unopenable(session: Session, kek: Kek, name: str) -> SealedEntry:
+    """Delete ``name`` if ``kek`` cannot open it (sealed under another KEK, or altered); returns it.
+
+    Why: one row under a KEK no node has blocks every new seal and every rotation (``check_kek``),
+    and its value is lost anyway.  A row that opens is refused: it is a key in use."""
+    entry = next((e for e in inventory(session, kek) if e.name == name), None)
+    if entry is None:
+        raise SealedSecretError(f"no sealed secret {name} in the database")
+    if entry.state == "opens":
+        raise SealedSecretError(f"sealed secret {name} opens with this node's key-encryption key: it is in use "
+                                "and is not dropped (revoke its certificate or key instead)")
+    row = session.get(SealedSecret, name)
+    session.delete(row)
+    session.flush()
+    return entry
 
 
 def rotate(session: Session, old: Kek, new: Kek) -> int:

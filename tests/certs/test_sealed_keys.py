@@ -11,6 +11,7 @@ what to do, and ``mssgw certs rotate-kek`` re-seals everything.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -146,6 +147,31 @@ async def test_a_gateway_given_another_kek_stops_with_the_reason(sqlite_home: Pa
     code, out = run(sqlite_home, *export, input="passphrase-1\n")
     assert code == 0 and (tmp_path / "x.p12").stat().st_size > 0, out
     assert run(sqlite_home, "certs", "rotate-kek", "--new", str(new))[0] != 0  # the same key: refused
+    # A row sealed under a KEK no node has (a node once initialised alone): listed, and droppable.
+    from directory.models import SealedSecret
+    from directory.secrets import Kek
+
+    engine = make_engine(load_settings(sqlite_home).database_url)
+    try:
+        with transaction(session_factory(engine)) as s:
+            s.add(SealedSecret(name="key:stray", kek_id=Kek(os.urandom(32), "lost").id, nonce=b"n" * 12,
+                               ciphertext=b"c" * 40))  # fmt: skip
+    finally:
+        engine.dispose()
+    code, out = run(sqlite_home, "certs", "secrets")
+    assert code == 0 and "key:stray" in out and "other-kek" in out, out
+    assert "PRIVATE" not in out and base64.b64encode(new.read_bytes()).decode() not in out
+    assert run(sqlite_home, "certs", "issue", BOX)[0] != 0  # every new seal is refused meanwhile
+    code, out = run(sqlite_home, "certs", "drop-secret", "key:stray")
+    assert code != 0 and "--yes" in out and "Traceback" not in out, out
+    code, out = run(sqlite_home, "certs", "drop-secret", "key:stray", "--yes")
+    assert code == 0 and "dropped sealed secret key:stray (other-kek" in out, out
+    code, out = run(sqlite_home, "certs", "secrets", "--json")
+    assert code == 0 and "key:stray" not in out and '"state": "opens"' in out, out
+    opening = json.loads(out)[0]["name"]
+    code, out = run(sqlite_home, "certs", "drop-secret", opening, "--yes")
+    assert code != 0 and "in use" in out and "Traceback" not in out, out
+    assert run(sqlite_home, "certs", "issue", BOX)[0] == 0  # sealing works again
 
 
 def _clear_gnupg_keys(gnupg: Path) -> list[str]:

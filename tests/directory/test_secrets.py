@@ -161,3 +161,32 @@ def test_a_missing_pseudonym_salt_is_remade_with_a_warning(factory, tmp_path: Pa
         s.execute(SealedSecret.__table__.delete().where(SealedSecret.name == "pseudonym-salt"))
     assert secrets.pseudonym_salt(factory, settings, tmp_path / "none.salt") != first
     assert "restore the old row from a backup" in caplog.text
+
+
+def test_a_row_no_node_can_open_is_listed_and_dropped_and_sealing_works_again(factory) -> None:  # type: ignore[no-untyped-def]
+    """One row under a KEK no node has refused every new seal and every rotation, and no command
+    could show or remove it."""
+    ours, lost = _kek(), _kek()
+    with transaction(factory) as s:
+        secrets.put(s, ours, "key:ours", b"in use")
+        secrets.put(s, ours, "key:altered", b"x")
+        s.add(SealedSecret(name="key:stray", kek_id=lost.id, nonce=b"n" * 12, ciphertext=b"c" * 32))
+    with transaction(factory) as s:
+        s.execute(update(SealedSecret).where(SealedSecret.name == "key:altered").values(ciphertext=b"y" * 17))
+    with factory() as s:
+        assert [(e.name, e.state) for e in secrets.inventory(s, ours)] == [
+            ("key:altered", "altered"), ("key:ours", "opens"), ("key:stray", "other-kek")]
+    with pytest.raises(secrets.KekError), transaction(factory) as s:
+        secrets.put(s, ours, "key:new", b"blocked")
+    with pytest.raises(secrets.SealedSecretError, match="in use"), transaction(factory) as s:
+        secrets.drop_unopenable(s, ours, "key:ours")
+    with pytest.raises(secrets.SealedSecretError, match="no sealed secret"), transaction(factory) as s:
+        secrets.drop_unopenable(s, ours, "key:absent")
+    with transaction(factory) as s:
+        assert secrets.drop_unopenable(s, ours, "key:stray").state == "other-kek"
+        assert secrets.drop_unopenable(s, ours, "key:altered").state == "altered"
+    with transaction(factory) as s:
+        secrets.put(s, ours, "key:new", b"sealed again")
+    with factory() as s:
+        assert secrets.names(s) == ["key:new", "key:ours"]
+        assert secrets.read(s, ours, "key:ours") == b"in use"

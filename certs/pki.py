@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.core.errors import ConfigurationError
+from gateway.core.keys import private_key_from_pem
 
 __all__ = [
     "CertKind",
@@ -158,7 +159,7 @@ def load_certificate(path: Path) -> x509.Certificate:
 
 def load_private_key(path: Path) -> rsa.RSAPrivateKey:
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = private_key_from_pem(Path(path).read_bytes())
     except (OSError, ValueError, TypeError) as exc:
         # The message deliberately omits the exception text: it could quote key material.
         raise PkiError(f"cannot read private key {path}: {exc.__class__.__name__}") from exc

@@ -40,6 +40,7 @@ from directory.certificates import register_certificate
 from directory.models import Certificate, MailboxType, PgpKey
 from gateway.config import Settings
 from gateway.core.errors import DirectoryError
+from gateway.core.keys import private_key_from_pem
 from gateway.crypto.cms_keys import encryption_problem, signing_problem
 
 
@@ -104,7 +105,7 @@ def seal_key_files(session: Session, settings: Settings, *, pki_files: bool = Tr
             continue
         path = Path(row.key_path or "")
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            key = private_key_from_pem(path.read_bytes())
         except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only
             problems.append(f"{row.fingerprint[:16]}... ({path.name}: {exc.__class__.__name__})")
             continue

@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from directory.models import SealedSecret
 from gateway.config import Settings
 from gateway.core.errors import ConfigurationError, DirectoryError
+from gateway.core.keys import private_key_from_der, private_key_from_pem
 
 __all__ = [
     "KEK_ENV",
@@ -333,13 +334,13 @@ def load_private_key(session: Session, kek: Kek | None, key_path: str) -> Privat
     name = sealed_name(key_path)
     try:
         if name is None:
-            return serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+            return private_key_from_pem(Path(key_path).read_bytes())
         if kek is None:
             raise KekError(f"no key-encryption key to open {name}")
         der = read(session, kek, name)
         if der is None:
             raise SealedSecretError(f"no sealed secret {name} in the database")
-        return serialization.load_der_private_key(der, password=None)
+        return private_key_from_der(der)
     except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only
         raise SealedSecretError(f"cannot read private key {name or key_path}: {exc.__class__.__name__}") from None
 
@@ -361,7 +362,7 @@ def operator_key(session: Session, settings: Settings, kek: Kek | None = None) -
         return None
     der = open_sealed(kek or load_kek(settings), name, *found)
     try:
-        return serialization.load_der_private_key(der, password=None)
+        return private_key_from_der(der)
     except (ValueError, TypeError) as exc:
         raise SealedSecretError(f"cannot read private key {name}: {exc.__class__.__name__}") from None
 

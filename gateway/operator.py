@@ -45,6 +45,7 @@ from directory.identifiers import normalise_domain
 from directory.models import Certificate
 from gateway.config import CONFIG_NAME, Settings, load_settings, render_toml, validate
 from gateway.core.errors import ConfigurationError
+from gateway.core.keys import private_key_from_pem
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _chains_to(cert_path: Path, key_path: Path, ca: x509.Certificate) -> bool:
     """Whether the listener certificate file was issued by ``ca`` and its key file matches."""
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key = private_key_from_pem(key_path.read_bytes())
         cert.verify_directly_issued_by(ca)
     except (OSError, ValueError, TypeError, InvalidSignature):  # missing, unreadable, another CA: issue anew
         return False

@@ -65,6 +65,7 @@ from gateway.audit.trail import check_chain, read_only
 from gateway.audit.watch import watch_for
 from gateway.core.durable import fsync_dir, write_durably
 from gateway.core.errors import MssgwError
+from gateway.core.keys import private_key_from_pem
 
 log = logging.getLogger("mssgw.audit")
 
@@ -245,7 +246,7 @@ class Sealer:
                                     "database), or an older home's key is still a file ('mssgw certs seal-keys')")
             else:
                 try:
-                    key = serialization.load_pem_private_key(self._key_path.read_bytes(), password=None)
+                    key = private_key_from_pem(self._key_path.read_bytes())
                 except (OSError, ValueError, TypeError) as exc:  # the text could quote key material: class only
                     raise SealError(f"cannot read the operator key {self._key_path}: {type(exc).__name__}") from None
             self._signer = (key, cert, fingerprint(cert))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,6 +53,7 @@ from directory.secrets import (
 )
 from gateway.config import Settings
 from gateway.core.errors import CryptoError
+from gateway.core.keys import private_key_from_der, private_key_from_pem
 from gateway.crypto.cms_keys import PrivateKey
 from gateway.crypto.keyring import KeyringSync
 from gateway.crypto.openpgp import keep_in_step
@@ -108,7 +109,7 @@ def _load_key(path: str, _mtime: float) -> PrivateKey:
     """A mailbox's or operator's S/MIME private key: RSA, or EC for ECDSA signatures and ECDH key
     agreement (RFC 5753).  Other key types are refused here, as ``certs import`` refuses them."""
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = private_key_from_pem(Path(path).read_bytes())
     except (OSError, ValueError, TypeError) as exc:
         # The message deliberately omits the exception text: it could quote key material.
         raise KeyStoreError(f"cannot read private key {path}: {exc.__class__.__name__}") from None
@@ -126,7 +127,7 @@ def _open_key(name: str, sealed: tuple[str, bytes, bytes], kek_file: str) -> Pri
     """A sealed private key, opened with this process's KEK (errors are not cached: a fixed KEK works)."""
     try:
         der = open_sealed(load_kek(path=kek_file or None), name, *sealed)
-        key = serialization.load_der_private_key(der, password=None)
+        key = private_key_from_der(der)
     except (KekError, SealedSecretError) as exc:
         raise KeyStoreError(str(exc)) from None
     except (ValueError, TypeError) as exc:  # the text could quote key material: class only

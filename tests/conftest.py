@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +18,14 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 
+from tests.ports import free_port
+
 PG_URL_ENV = "MSSGW_TEST_PG_URL"
 
 # Property tests judge answers, never speed: Hypothesis's per-example deadline is a wall-clock
 # assertion that fails at random on a loaded 2-core runner, so it is off for the whole suite.
 hypothesis_settings.register_profile("mssgw", deadline=None)
 hypothesis_settings.load_profile("mssgw")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import hashes
 
 from cli.main import cli
 from gateway.config import DEFAULTS, validate
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -71,12 +71,6 @@ class Service:
 
     def names(self) -> set[str]:
         return {self.name, *self.aliases}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _compose(text: str | None = None) -> dict[str, Any]:

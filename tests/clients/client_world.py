@@ -10,7 +10,6 @@ that local delivery sends (``gateway.delivery.maildir.mailbox_events``): no slee
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,12 +31,6 @@ BOB = f"bob.durand@{DOMAIN}"
 PASSWORD = "correct horse battery staple"
 ALICE_RPPS = "10000000009"
 BOB_RPPS = "10000000017"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -19,6 +19,7 @@ from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.config import CONFIG_NAME, Settings, load_settings, render_toml
 from gateway.operator import init_operator
+from tests.ports import free_port
 
 A_DOMAIN = "a.mssante.test"
 B_DOMAIN = "b.mssante.test"
@@ -41,14 +42,6 @@ def _add(s, addr: str, **kw: object) -> None:  # type: ignore[no-untyped-def]
 
 def users_of() -> dict[str, list[str]]:
     return {"a": [CLINICIAN, COLLEAGUE], "b": [PRACTITIONER, GHOST]}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 from fuzz_harness import Target
 from fuzz_inputs import Credentials
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = "a.mssante.test"
 PASSWORD = "fuzz account passphrase"
@@ -40,12 +41,6 @@ LEGIT = f"sec@{DOMAIN}"
 LEGIT_PASSWORD = "legitimate client passphrase"
 CREDS = Credentials(user=f"fuzz@{DOMAIN}", password=PASSWORD, local_rcpts=(f"bob@{DOMAIN}", f"fuzz@{DOMAIN}"),
                     peer_sender="doc@b.mssante.test", imap_user=f"fuzz@{DOMAIN}", imap_password=PASSWORD)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email.policy
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from gateway.auth import Authenticator
 from gateway.config import Settings, load_settings
 from gateway.delivery.maildir import MaildirDelivery
 from gateway.imap.server import ImapService, start_imap
+from tests.ports import free_port as _free_port
 
 DOMAIN = "a.mssante.test"
 ALICE = f"alice.martin@{DOMAIN}"  # PER (practitioner)
@@ -36,12 +36,6 @@ def rpps(seed: int) -> str:
     """A Luhn-valid 11-digit RPPS number built from ``seed``."""
     body = f"1{seed:09d}"
     return next(body + str(d) for d in range(10) if luhn_valid(body + str(d)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

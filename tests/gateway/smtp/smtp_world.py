@@ -10,7 +10,6 @@ from a CA we do not trust (trustme).
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,15 +24,10 @@ from directory.certificates import register_certificate
 from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
 from gateway.config import Settings, load_settings
+from tests.ports import free_port
 
 PASSWORD = "correct horse battery staple"
 DOMAIN = "a.mssante.test"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from client_world import World, free_port, populate
+from client_world import World, populate
 
 from gateway.app import Gateway
 from gateway.config import load_settings, render_toml
+from tests.ports import free_port
 
 
 @pytest.fixture

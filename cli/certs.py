@@ -150,7 +150,8 @@ def sealed_secrets(app: AppContext, as_json: bool) -> None:
 
     ``opens``: fine.  ``other-kek``: sealed under a key-encryption key this node was not given
     (every new seal and every rotation is refused until it is re-sealed or dropped).  ``altered``:
-    the row does not open under its own KEK."""
+    the row does not open under its own KEK.  When no row opens, this node's KEK is not the
+    database's: the list is printed, then that error (exit status 2)."""
     from directory import secrets
 
     kek = secrets.load_kek(app.settings)
@@ -158,6 +159,9 @@ def sealed_secrets(app: AppContext, as_json: bool) -> None:
         entries = secrets.inventory(session, kek)
     emit([{"name": e.name, "kek_id": e.kek_id, "state": e.state} for e in entries], ("name", "kek_id", "state"),
          as_json)
+    if entries and not any(e.state == "opens" for e in entries):
+        raise secrets.KekError(f"this node's key-encryption key (id {kek.id}) opens none of the sealed secrets: "
+                               "give every node the same kek (keys.kek_file or MSSGW_KEK)")
 
 
 @certs_group.command("drop-secret")
@@ -167,7 +171,8 @@ def sealed_secrets(app: AppContext, as_json: bool) -> None:
 def drop_secret(app: AppContext, name: str, yes: bool) -> None:
     """Delete one sealed secret that this node's KEK cannot open (``other-kek`` or ``altered``).
 
-    A secret that opens is a key in use and is refused: revoke its certificate or key instead."""
+    A secret that opens is a key in use and is refused: revoke its certificate or key instead.
+    Refused too when this node's KEK opens no row at all: it is not the database's KEK."""
     from directory import secrets
 
     if not yes:

@@ -53,6 +53,7 @@ __all__ = [
     "KekError",
     "SealedEntry",
     "SealedSecretError",
+    "SecretNotDropped",
     "create_kek_file",
     "drop_unopenable",
     "exists",
@@ -279,17 +280,29 @@ def inventory(session: Session, kek: Kek) -> list[SealedEntry]:
     return entries
 
 
+class SecretNotDropped(SealedSecretError):
+    """``drop_unopenable`` refused: no such row, or a row in use (exit status 1: refused)."""
+
+    exit_code = 1
+
+
 def drop_unopenable(session: Session, kek: Kek, name: str) -> SealedEntry:
     """Delete ``name`` if ``kek`` cannot open it (sealed under another KEK, or altered); returns it.
 
     Why: one row under a KEK no node has blocks every new seal and every rotation (``check_kek``),
-    and its value is lost anyway.  A row that opens is refused: it is a key in use."""
-    entry = next((e for e in inventory(session, kek) if e.name == name), None)
+    and its value is lost anyway.  A row that opens is refused: it is a key in use.  And ``kek``
+    must be the database's own, proven by opening at least one other row: a node given a wrong
+    KEK (a typo, another operator's) sees every row as ``other-kek`` and would drop keys in use."""
+    entries = inventory(session, kek)
+    entry = next((e for e in entries if e.name == name), None)
     if entry is None:
-        raise SealedSecretError(f"no sealed secret {name} in the database")
+        raise SecretNotDropped(f"no sealed secret {name} in the database")
     if entry.state == "opens":
-        raise SealedSecretError(f"sealed secret {name} opens with this node's key-encryption key: it is in use "
-                                "and is not dropped (revoke its certificate or key instead)")
+        raise SecretNotDropped(f"sealed secret {name} opens with this node's key-encryption key: it is in use "
+                               "and is not dropped (revoke its certificate or key instead)")
+    if not any(e.state == "opens" for e in entries):
+        raise KekError(f"this node's key-encryption key (id {kek.id}) opens none of the sealed secrets, so it is "
+                       f"not this database's: nothing is dropped; {_GIVE_SAME}")
     row = session.get(SealedSecret, name)
     session.delete(row)
     session.flush()

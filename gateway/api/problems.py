@@ -51,6 +51,9 @@ class Problem(Exception):
         self.retry_after = retry_after if retry_after is not None else (
             RETRY_AFTER_SECONDS if status in (429, 503) else None)
         self.headers = dict(headers or {})  # header fields the answer carries besides Retry-After
+        #: The connection ends with this answer (``Connection: close``): set where the rest of the
+        #: request would otherwise be read and thrown away, or expanded from its content coding.
+        self.close = False
 
     def body(self) -> dict[str, Any]:
         return {

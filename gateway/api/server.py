@@ -205,7 +205,7 @@ def quiet_aiohttp_loggers() -> None:
 
 def _problem_response(problem: Problem) -> web.Response:
     response = problem_response(problem)
-    if problem.rule in CLOSE_AFTER or (problem.status == 403 and problem.rule.startswith("certificate-")):
+    if problem.close or problem.rule in CLOSE_AFTER or (problem.status == 403 and problem.rule.startswith("certificate-")):
         response.force_close()  # a slow body or a connection over a cap: this connection is over
     return response
 
@@ -424,7 +424,9 @@ class ApiServer:
             raise Problem(415, S501_5_5_2_BAD_JSON, "media-type",
                           detail="Send the message as application/json (see /v1/openapi.json)")
         if request.content_length is not None and request.content_length > self.limit:
-            raise self._too_big()
+            refused = self._too_big()
+            refused.close = True  # its body is not read and thrown away (nor expanded, if encoded)
+            raise refused
         keys = request.headers.getall("Idempotency-Key", [])
         if len(keys) > 1:  # RFC 9110 5.3: a singleton field sent twice has no defined meaning
             raise Problem(400, S501_5_5_4_BAD_FIELD, "idempotency-key-malformed",
@@ -433,7 +435,9 @@ class ApiServer:
         if key is not None and (not key or len(key) > 255 or not key.isprintable() or not key.isascii()):
             raise Problem(400, S501_5_5_4_BAD_FIELD, "idempotency-key-malformed",
                           detail="Idempotency-Key: 1 to 255 printable ASCII characters")
-        need = request.content_length if request.content_length is not None else self.limit
+        # An encoded body is held expanded, up to the limit: what it declares says nothing of that.
+        encoded = request.headers.get(hdrs.CONTENT_ENCODING, "identity").lower() != "identity"
+        need = request.content_length if request.content_length is not None and not encoded else self.limit
         if not self.body_budget.take(need):
             self.edge.metrics.inc("mssgw_api_body_budget_refused_total")
             raise Problem(503, R.S452_4_3_1_STORAGE, "memory-budget", retry_after=BUDGET_RETRY_AFTER,

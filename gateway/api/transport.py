@@ -416,7 +416,9 @@ async def read_body(request: web.Request, limit: int, deadlines: Deadlines,
             return body
         body += chunk
         if len(body) > limit:
-            raise too_big()
+            refused = too_big()
+            refused.close = True  # the rest is not read: not even expanded, for a gzip bomb
+            raise refused
 
 
 class Listener:

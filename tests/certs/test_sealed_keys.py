@@ -164,13 +164,22 @@ async def test_a_gateway_given_another_kek_stops_with_the_reason(sqlite_home: Pa
     assert run(sqlite_home, "certs", "issue", BOX)[0] != 0  # every new seal is refused meanwhile
     code, out = run(sqlite_home, "certs", "drop-secret", "key:stray")
     assert code != 0 and "--yes" in out and "Traceback" not in out, out
+    # Given a wrong KEK, the list says so and nothing in use can be dropped (found by an outside test).
+    monkeypatch.setenv("MSSGW_KEK", base64.b64encode(os.urandom(32)).decode())
+    code, out = run(sqlite_home, "certs", "secrets")
+    assert code == 2 and "opens none of the sealed secrets" in out and "Traceback" not in out, out
+    code, out = run(sqlite_home, "certs", "drop-secret", "pseudonym-salt", "--yes")
+    assert code == 2 and "nothing is dropped" in out, out
+    monkeypatch.delenv("MSSGW_KEK")
+    code, out = run(sqlite_home, "certs", "drop-secret", "key:absent", "--yes")
+    assert code == 1 and "no sealed secret key:absent" in out, out
     code, out = run(sqlite_home, "certs", "drop-secret", "key:stray", "--yes")
     assert code == 0 and "dropped sealed secret key:stray (other-kek" in out, out
     code, out = run(sqlite_home, "certs", "secrets", "--json")
     assert code == 0 and "key:stray" not in out and '"state": "opens"' in out, out
     opening = json.loads(out)[0]["name"]
     code, out = run(sqlite_home, "certs", "drop-secret", opening, "--yes")
-    assert code != 0 and "in use" in out and "Traceback" not in out, out
+    assert code == 1 and "in use" in out and "Traceback" not in out, out
     assert run(sqlite_home, "certs", "issue", BOX)[0] == 0  # sealing works again
 
 

@@ -240,6 +240,24 @@ async def test_a_coding_we_do_not_decode_is_a_415_before_the_body_is_read(api: A
     assert api.gateway.store.list() == []
 
 
+async def test_a_decompression_bomb_is_a_413_and_the_rest_is_never_expanded(api: ApiWorld) -> None:
+    """Found by an outside test: after the 413, the server read and expanded the rest of a 1 GiB
+    gzip body to throw it away, and a few such requests stalled every listener for seconds."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join(squeeze.compress(b" " * (1 << 20)) for _ in range(64)) + squeeze.flush()
+    reader, writer = await _connect(api, api.certs.app)
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb))
+    status, fields, answer = await _response(reader)
+    assert status.startswith("HTTP/1.1 413") and json.loads(answer)["enhanced_status"] == "5.3.4"
+    assert fields["connection"].lower() == "close"
+    assert await _eof(reader) == b""
+    writer.close()
+    server = api.gateway.api
+    assert isinstance(server, ApiServer)
+    await _until(lambda: server.body_budget.held == 0, "the body budget is given back")
+
+
 # --- 5. a client hanging up mid-body -----------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ SMTP_SESSIONS = 3_000
 IMAP_SESSIONS = 2_000
 CONCURRENCY = 40
 #: A guard against a wedged gateway, not a speed target: every session must run (sessions not
-#: started by then count as missing). On a quiet 2-core machine the run takes about 3 minutes.
+#: started by then count as missing). On CI's 2 cores the run takes 5 to 6 minutes.
 FUZZ_BUDGET = 780.0
 RSS_GROWTH_KIB = 300 * 1024
 #: A reply owed longer than this is a hang. Every IMAP fuzz session logs in to the same account,

@@ -240,6 +240,22 @@ async def test_a_coding_we_do_not_decode_is_a_415_before_the_body_is_read(api: A
     assert api.gateway.store.list() == []
 
 
+@pytest.mark.parametrize("cut", ["no trailer", "cut inside", "bytes after"])
+async def test_a_gzip_body_cut_short_or_followed_by_bytes_does_not_decode(api: ApiWorld, cut: str) -> None:
+    """Found by an outside test: a gzip body without its CRC trailer was queued (202), one cut inside
+    its data was read as malformed JSON."""
+    whole = gzip.compress(json.dumps(new_message()).encode())
+    body = {"no trailer": whole[:-8], "cut inside": whole[: len(whole) // 2], "bytes after": whole + b"{}"}[cut]
+    reader, writer = await _connect(api, api.certs.app)
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    status, fields, answer = await _response(reader)
+    assert status.startswith("HTTP/1.1 400") and json.loads(answer)["rule"] == "content-encoding", answer
+    assert fields["connection"].lower() == "close"
+    writer.close()
+    assert api.gateway.store.list() == []
+
+
 async def test_a_decompression_bomb_is_a_413_and_the_rest_is_never_expanded(api: ApiWorld) -> None:
     """Found by an outside test: after the 413, the server read and expanded the rest of a 1 GiB
     gzip body to throw it away, and a few such requests stalled every listener for seconds."""

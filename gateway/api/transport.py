@@ -392,7 +392,8 @@ class _Expander:
     a 1 MB gzip of 1 GiB of spaces cost seconds of every listener's time even though the answer
     was a 413 at the first 200 kB.  Here each step yields at most what the limit still allows
     (``zlib``'s ``max_length``), and the stream must end where the coding says it ends: a body cut
-    short (no gzip trailer) or followed by other bytes does not decode.
+    short (no gzip trailer) or followed by other bytes does not decode; gzip members may follow
+    each other (RFC 1952 2.2).
     """
 
     def __init__(self, coding: str) -> None:
@@ -409,11 +410,18 @@ class _Expander:
             data, self._head = self._head, b""
             wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
             self._zlib = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        out = b""
         try:
-            out = self._zlib.decompress(data, room + 1)
+            while True:
+                out += self._zlib.decompress(data, room + 1 - len(out))
+                if self._zlib.unconsumed_tail or len(out) > room:
+                    return None
+                if not (self.coding == "gzip" and self._zlib.eof and self._zlib.unused_data):
+                    return out
+                # RFC 1952 2.2: a gzip file is one or more members, one after the other.
+                data, self._zlib = self._zlib.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
         except zlib.error:
             raise bad_encoding_problem() from None
-        return None if len(out) > room or self._zlib.unconsumed_tail else out
 
     def finish(self) -> None:
         """The body is over: the compressed stream must be complete, with nothing after it."""

@@ -85,8 +85,8 @@ S451_4_4_2_SLOW_BODY = R.Reply(451, "4.4.2", "The request body came too slowly")
 S500_5_5_2_MALFORMED = R.Reply(500, "5.5.2", "The HTTP request could not be parsed")
 S501_5_6_1_BAD_ENCODING = R.Reply(501, "5.6.1", "The request body does not decode as its Content-Encoding says")
 S554_5_6_1_CODING = R.Reply(554, "5.6.1", "The request body's Content-Encoding is not supported")
-#: Content codings of a request body that aiohttp decodes and we accept (RFC 9110 8.4.1). br is
-#: not one: aiohttp decodes it only with a brotli module, which the gateway does not install.
+#: Content codings of a request body we expand (``_Expander``, RFC 9110 8.4.1). br and zstd are not
+#: among them: aiohttp's parser refuses them on the head, having no module to decode them.
 BODY_CODINGS = ("gzip", "deflate")
 #: How aiohttp's parser begins the error of a coding it has no module for (br, zstd), raised on the head.
 _NO_DECODER = "Can not decode content-encoding"
@@ -367,11 +367,12 @@ def slow_body_problem(deadlines: Deadlines) -> Problem:
 
 
 def unsupported_coding(request: web.Request) -> Problem | None:
-    """415 for a body in a content coding aiohttp would not decode (RFC 9110 15.5.16), else None.
+    """415 for a body in a content coding we do not expand (RFC 9110 15.5.16), else None.
 
-    aiohttp decodes only one coding named alone; anything else (``compress``, ``gzip, gzip``, the
-    field twice) would reach the JSON parser still encoded.  ``br`` and ``zstd`` (no module to
-    decode them) are refused by aiohttp's parser on the head: ``handle_error`` answers them the same.
+    One coding named alone, gzip or deflate, is expanded (``identity`` is none); anything else
+    (``compress``, ``gzip, gzip``, the field twice) would reach the JSON parser still encoded.
+    ``br`` and ``zstd`` are refused by aiohttp's parser on the head: ``handle_error`` answers them
+    the same.
     """
     fields = request.headers.getall(hdrs.CONTENT_ENCODING, [])
     if not fields or (len(fields) == 1 and fields[0].lower() in (*BODY_CODINGS, "identity")):

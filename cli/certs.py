@@ -159,9 +159,7 @@ def sealed_secrets(app: AppContext, as_json: bool) -> None:
         entries = secrets.inventory(session, kek)
     emit([{"name": e.name, "kek_id": e.kek_id, "state": e.state} for e in entries], ("name", "kek_id", "state"),
          as_json)
-    if entries and not any(e.state == "opens" for e in entries):
-        raise secrets.KekError(f"this node's key-encryption key (id {kek.id}) opens none of the sealed secrets: "
-                               "give every node the same kek (keys.kek_file or MSSGW_KEK)")
+    secrets.check_some_open(entries, kek)
 
 
 @certs_group.command("drop-secret")

@@ -54,6 +54,7 @@ __all__ = [
     "SealedEntry",
     "SealedSecretError",
     "SecretNotDropped",
+    "check_some_open",
     "create_kek_file",
     "drop_unopenable",
     "exists",
@@ -280,6 +281,13 @@ def inventory(session: Session, kek: Kek) -> list[SealedEntry]:
     return entries
 
 
+def check_some_open(entries: list[SealedEntry], kek: Kek, consequence: str = "") -> None:
+    """Refuse a KEK that opens none of ``entries`` (when there are some): it is not the database's."""
+    if entries and not any(e.state == "opens" for e in entries):
+        raise KekError(f"this node's key-encryption key (id {kek.id}) opens none of the sealed secrets, so it is "
+                       f"not this database's{consequence}; {_GIVE_SAME}")
+
+
 class SecretNotDropped(SealedSecretError):
     """``drop_unopenable`` refused: no such row, or a row in use (exit status 1: refused)."""
 
@@ -300,9 +308,7 @@ def drop_unopenable(session: Session, kek: Kek, name: str) -> SealedEntry:
     if entry.state == "opens":
         raise SecretNotDropped(f"sealed secret {name} opens with this node's key-encryption key: it is in use "
                                "and is not dropped (revoke its certificate or key instead)")
-    if not any(e.state == "opens" for e in entries):
-        raise KekError(f"this node's key-encryption key (id {kek.id}) opens none of the sealed secrets, so it is "
-                       f"not this database's: nothing is dropped; {_GIVE_SAME}")
+    check_some_open(entries, kek, ": nothing is dropped")
     row = session.get(SealedSecret, name)
     session.delete(row)
     session.flush()

@@ -58,8 +58,14 @@ def show(app: AppContext, queue_id: str, as_json: bool) -> None:
 @pass_app
 def retry(app: AppContext, queue_id: str) -> None:
     """Make the message's waiting recipients due now."""
-    n = open_store(app).retry(queue_id)
-    click.echo(f"{queue_id}: {n} recipient(s) due now")
+    store = open_store(app)
+    n = store.retry(queue_id)
+    held = store.get(queue_id)
+    if held.get("claimed_by") and held.get("lease_until"):  # an attempt is under way: its lease is kept
+        click.echo(f"{queue_id}: {n} recipient(s) due when the attempt under way by {held['claimed_by']} ends "
+                   f"(at the latest when its lease runs out, {held['lease_until']})")
+    else:
+        click.echo(f"{queue_id}: {n} recipient(s) due now")
 
 
 @queue.command("delete")

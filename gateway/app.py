@@ -106,6 +106,9 @@ class Gateway:
         self.api: Any = None  # gateway.api.server.ApiServer when listen.api is set
         self._trust_seen: tuple[tuple[object, ...], tuple[float, ...]] | None = None  # (counter, file stamps)
         self._trust_digest: dict[str, str] = {}
+        # One reload at a time: two interleaved (the watcher and a caller) could each retry the
+        # deferred mail, and the slower could put back the older view of the trust list.
+        self._trust_lock = asyncio.Lock()
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -334,6 +337,10 @@ class Gateway:
 
     async def reload_trust(self, *, force: bool = False) -> bool:
         """Apply what admins changed since the last look; returns whether anything changed."""
+        async with self._trust_lock:
+            return await self._reload_trust(force)
+
+    async def _reload_trust(self, force: bool) -> bool:
         seen = await asyncio.to_thread(self._trust_state)
         before = self._trust_seen
         if before == seen and not force:

@@ -376,8 +376,15 @@ class QueueStore:
                 )
             return [message_dict(m) for m in session.scalars(stmt)]
 
-    def retry(self, queue_id: str) -> int:
-        """Make deferred (or quarantined-then-released) recipients due now; returns how many."""
+    def retry(self, queue_id: str, *, now: datetime | None = None) -> int:
+        """Make deferred (or quarantined-then-released) recipients due now; returns how many.
+
+        A message that a worker is attempting right now keeps that worker's lease: breaking it
+        would let a second worker (another node, or the next poll) claim the message and relay
+        it while the first is still relaying it, and the peer would get it twice.  It is due as
+        soon as the attempt under way ends (the holder's outcome then sets the next attempt), or
+        when the lease runs out if the holder died (``claimed_by`` and ``lease_until`` in ``get``)."""
+        now = now or now_utc()
         with self._factory() as session, session.begin():
             msg = session.get(QueuedMessage, queue_id)
             if msg is None:
@@ -385,9 +392,10 @@ class QueueStore:
             due = [r for r in msg.recipients if r.state in (RecipientState.DEFERRED, RecipientState.QUEUED)]
             if not due:
                 raise QueueError(f"message {queue_id} has no recipient waiting for delivery")
-            msg.next_attempt_at = now_utc()
-            msg.lease_until = None
-            msg.claimed_by = None
+            msg.next_attempt_at = now
+            if not _leased(msg, now):
+                msg.lease_until = None
+                msg.claimed_by = None
             append(session, [AuditEvent("queue-retry", "info", queue_id=queue_id, actor="admin")])
             return len(due)
 
@@ -444,6 +452,11 @@ class QueueStore:
             return released
 
 
+def _leased(msg: QueuedMessage, now: datetime) -> bool:
+    """Whether a worker holds ``msg`` at ``now`` (its lease has not run out)."""
+    return msg.lease_until is not None and as_utc(msg.lease_until) > now
+
+
 def message_dict(msg: QueuedMessage, *, detail: bool = False, receipts: Sequence[QueuedMessage] = ()) -> dict[str, Any]:
     states = sorted({r.state.value for r in msg.recipients})
     data: dict[str, Any] = {
@@ -468,6 +481,7 @@ def message_dict(msg: QueuedMessage, *, detail: bool = False, receipts: Sequence
                 "expires_at": as_utc(msg.expires_at).isoformat(timespec="seconds"),
                 "next_attempt_at": as_utc(msg.next_attempt_at).isoformat(timespec="seconds"),
                 "claimed_by": msg.claimed_by,
+                "lease_until": as_utc(msg.lease_until).isoformat(timespec="seconds") if msg.lease_until else None,
                 "parked": msg.parked,
                 "bytes_removed_at": as_utc(msg.purged_at).isoformat(timespec="seconds") if msg.purged_at else None,
                 "related_id": msg.related_id,

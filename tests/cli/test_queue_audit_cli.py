@@ -62,6 +62,20 @@ def test_queue_commands(operator_home: Path) -> None:
     assert {m["id"]: m["state"] for m in json.loads(out)}[waiting] == "done"
 
 
+def test_retry_of_a_message_being_attempted_says_so_and_keeps_the_lease(operator_home: Path) -> None:
+    waiting, _ = seed(operator_home)
+    settings = load_settings(operator_home)
+    engine = make_engine(settings.database_url)
+    try:
+        store = QueueStore(session_factory(engine), settings.spool_dir)
+        assert store.claim("node-1", now=datetime.now(UTC)) == [waiting]
+        code, out = run(operator_home, "queue", "retry", waiting)
+        assert code == 0 and "due when the attempt under way by node-1 ends" in out and "lease runs out" in out
+        assert store.claim("node-2") == []  # still node-1's
+    finally:
+        engine.dispose()
+
+
 def test_audit_commands(operator_home: Path) -> None:
     seed(operator_home)
     code, out = run(operator_home, "audit", "list", "--since", "2h", "--address", "b@a.mssante.test", "--json")

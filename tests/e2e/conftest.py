@@ -88,8 +88,8 @@ async def pair(templates: dict[str, Template], tmp_path: Path, monkeypatch: pyte
     b = await _start("b", templates["b"], tmp_path, b_settings, database_url=backend["b"])
     proxy = WireProxy(b.inbound_port)
     await proxy.start()
-    a.set_relay(B_DOMAIN, proxy.port, templates["b"].operator_dn)
-    b.set_relay(A_DOMAIN, a.inbound_port, templates["a"].operator_dn)
+    await a.set_relay(B_DOMAIN, proxy.port, templates["b"].operator_dn)
+    await b.set_relay(A_DOMAIN, a.inbound_port, templates["a"].operator_dn)
     try:
         yield Pair(a, b, proxy)
     finally:

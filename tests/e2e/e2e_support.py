@@ -194,9 +194,13 @@ class Operator:
     def inbound_port(self) -> int:
         return int(self.gateway.addresses["inbound"][1])  # type: ignore[attr-defined]
 
-    def set_relay(self, peer_domain: str, port: int, operator_dn: str | None = None) -> None:
+    async def set_relay(self, peer_domain: str, port: int, operator_dn: str | None = None) -> None:
+        """Point the peer's route at ``port`` and apply it now, as the gateway's trust watcher would
+        within seconds: the watcher then finds nothing new, and never retries deferred mail
+        behind a test's back (its retry is due at the wall clock's now, the tests' clock is theirs)."""
         with transaction(self.sessions) as s:
             admin.trust_domain(s, peer_domain, relay=f"127.0.0.1:{port}", operator_dn=operator_dn)
+        await self.gateway.reload_trust()  # type: ignore[attr-defined]
 
     def mailbox(self, address: str, folder: str = "INBOX") -> list[bytes]:
         from gateway.delivery.maildir import MaildirDelivery

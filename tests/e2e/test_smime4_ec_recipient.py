@@ -122,8 +122,8 @@ async def test_smime4_configured_algorithms_reach_the_wire(templates: dict, tmp_
     crypto = {"crypto": {"content_encryption": "aes-256-cbc", "rsa_key_transport": "oaep", "rsa_signature": "pss"}}
     a = await _start("a", templates["a"], tmp_path, crypto)
     b = await _start("b", templates["b"], tmp_path)
-    a.set_relay(B_DOMAIN, b.inbound_port, templates["b"].operator_dn)
-    b.set_relay(A_DOMAIN, a.inbound_port, templates["a"].operator_dn)
+    await a.set_relay(B_DOMAIN, b.inbound_port, templates["b"].operator_dn)
+    await b.set_relay(A_DOMAIN, a.inbound_port, templates["a"].operator_dn)
     try:
         qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
         await a.workers.run_once()  # type: ignore[attr-defined]

@@ -149,7 +149,7 @@ async def test_local_to_local_is_verified_delivered_like_peer_mail_and_never_rel
 async def test_peer_down_defers_then_delivers_after_backoff(pair: Pair) -> None:
     a, b = pair.a, pair.b
     dead_port = free_port()
-    a.set_relay(B_DOMAIN, dead_port)
+    await a.set_relay(B_DOMAIN, dead_port)
     qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
     t0 = _now()
     assert await a.workers.run_once(now=t0) == 1
@@ -161,9 +161,10 @@ async def test_peer_down_defers_then_delivers_after_backoff(pair: Pair) -> None:
     assert t0 + dt.timedelta(seconds=base * 0.7) <= next_at <= t0 + dt.timedelta(seconds=base * 1.3)
     assert await a.workers.run_once(now=t0 + dt.timedelta(seconds=1)) == 0  # not due yet
 
-    a.set_relay(B_DOMAIN, pair.proxy.port, b.operator_dn)  # B is back
+    await a.set_relay(B_DOMAIN, pair.proxy.port, b.operator_dn)  # B is back
     await pair.flow(now=t0 + HOUR)
-    assert _states(a.queue(qid)) == {PRACTITIONER: "delivered"}
+    info = a.queue(qid)
+    assert _states(info) == {PRACTITIONER: "delivered"}, info
     assert len(b.mailbox(PRACTITIONER)) == 1
 
 
@@ -195,7 +196,7 @@ def _check_dsn(dsn, recipient: str, *, action: str, status_prefix: str) -> None:
 
 async def test_delay_warning_once_then_expiry_bounce(pair: Pair) -> None:
     a = pair.a
-    a.set_relay(B_DOMAIN, free_port())  # nobody listens
+    await a.set_relay(B_DOMAIN, free_port())  # nobody listens
     qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
     t0 = _now()
     await a.workers.run_once(now=t0)
@@ -219,7 +220,7 @@ async def test_delay_warning_once_then_expiry_bounce(pair: Pair) -> None:
 async def test_untrusted_or_mismatching_peer_certificate_is_never_given_the_message(pair: Pair) -> None:
     a, b = pair.a, pair.b
     # 1. B's certificate does not carry the DN our trust list pins.
-    a.set_relay(B_DOMAIN, pair.proxy.port, "CN=mx.evil.test,O=Operateur evil,C=FR")
+    await a.set_relay(B_DOMAIN, pair.proxy.port, "CN=mx.evil.test,O=Operateur evil,C=FR")
     qid = a.enqueue(prescription(mdn=False), CLINICIAN, [PRACTITIONER])
     await a.workers.run_once()
     info = a.queue(qid)
@@ -233,7 +234,7 @@ async def test_untrusted_or_mismatching_peer_certificate_is_never_given_the_mess
     received: list[bytes] = []
     server, port = await _sink(ctx, received)
     try:
-        a.set_relay(B_DOMAIN, port, b.operator_dn)
+        await a.set_relay(B_DOMAIN, port, b.operator_dn)
         await a.workers.run_once(now=_now() + HOUR)
         info = a.queue(qid)
         assert _states(info) == {PRACTITIONER: "deferred"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from directory.db import make_engine, session_factory
 from gateway.audit.trail import AuditEvent, query, verify
 from gateway.config import load_settings
 from gateway.queue.models import RecipientState
-from gateway.queue.store import QueueError, QueueStore, new_queue_id
+from gateway.queue.store import QueueError, QueueStore, new_queue_id, now_utc
 
 DATA = b"From: a@a.mssante.test\r\nSubject: x\r\n\r\nbody\r\n"
 
@@ -82,6 +83,25 @@ def test_admin_actions(store: QueueStore) -> None:
     assert not store.spool_path(q2).exists()
     assert store.list() == []
     assert {m["id"] for m in store.list(include_done=True)} == {q, q2}
+
+
+def test_retry_keeps_the_lease_of_an_attempt_under_way(store: QueueStore) -> None:
+    """A retry (``mssgw queue retry``, or the trust watcher when a peer's entry changes) while a
+    worker relays the message must not let a second worker take it: the peer would get it twice."""
+    q = store.enqueue(DATA, sender="a@a.mssante.test", recipients=["b@b.mssante.test"], origin="submission").queue_id
+    t0 = now_utc()
+    assert store.claim("w1", now=t0) == [q]
+    assert store.retry(q, now=t0 + timedelta(seconds=1)) == 1
+    assert store.claim("w2", now=t0 + timedelta(seconds=2)) == []  # another node, or the next poll
+    held = store.get(q)
+    assert held["claimed_by"] == "w1" and held["lease_until"] == (t0 + store.lease).isoformat(timespec="seconds")
+    # w1 died: the message is due the moment its lease runs out (the retry made it due)
+    assert store.claim("w2", now=t0 + store.lease + timedelta(seconds=1)) == [q]
+    # a retry after a holder's lease ran out frees the message at once
+    late = t0 + 3 * store.lease
+    assert store.retry(q, now=late) == 1
+    assert store.get(q)["claimed_by"] is None
+    assert store.claim("w3", now=late) == [q]
 
 
 def test_group_commit_of_concurrent_messages_each_with_its_own_outcome(store: QueueStore,

@@ -92,6 +92,9 @@ def muttrc(world: World, smtp_url: str) -> Path:
     imaps = f"imaps://{user}@localhost:{world.port('imaps')}"
     return private(world.tmp / "muttrc", f"""
 set from="Anne Martin <{ALICE}>"
+# the Message-ID's domain: without it neomutt asks DNS for this machine's name (10 s per run
+# where the name resolves nowhere and DNS does not answer)
+set hostname="a.mssante.test"
 set use_from=yes
 set smtp_url="{smtp_url}"
 set smtp_pass="{PASSWORD}"

@@ -17,7 +17,7 @@ import asyncio
 import datetime as _dt
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -64,6 +64,8 @@ class Context:
     relay: RelayTransport
     local: LocalDelivery
     executor: Executor | None = None  # CPU-bound crypto; None runs it inline (tests)
+    # Replaces a broken ``executor`` (a crypto process died) and returns the new one; None: cannot.
+    renew_executor: Callable[[Executor], Executor | None] | None = None
     openpgp: Any = None  # gateway.crypto.openpgp.OpenPgp, created on first use
     actor: str = "worker"
     now: Callable[[], _dt.datetime] = field(default=lambda: _dt.datetime.now(_dt.UTC))
@@ -75,10 +77,24 @@ class Context:
         return self.readers()
 
     async def crypto(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the crypto executor (processes or threads), or inline."""
-        if self.executor is None:
+        """Run ``fn(*args)`` in the crypto executor (processes or threads), or inline.
+
+        A process pool whose worker died (killed by an admin or the out-of-memory killer,
+        crashed on some input) is broken for good: every later call would fail and every
+        message be deferred until a restart.  It is replaced, and the call (pure: sign,
+        encrypt, verify) made once more in the new pool; a second break is the message's
+        error (deferred, retried later), and the next call replaces the pool again."""
+        executor = self.executor
+        if executor is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(executor, partial(fn, *args))
+        except BrokenExecutor:
+            fresh = self.renew_executor(executor) if self.renew_executor is not None else None
+            if fresh is None:
+                raise
+            return await loop.run_in_executor(fresh, partial(fn, *args))
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking I/O (database, Maildir fsync) in a thread."""

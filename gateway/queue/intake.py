@@ -94,25 +94,43 @@ class Intake:
         workers = self.handoff() if self.handoff is not None else None
         owner = workers.reserve() if workers is not None else None
         riders = self.audit.take_pending() if self.audit is not None else []
-        result: Enqueued | None = None
+        job = functools.partial(
+            self.store.enqueue, arrival.data, sender=arrival.sender, recipients=list(arrival.recipients),
+            origin=arrival.origin, client_address=arrival.client_address, auth_identity=arrival.auth_identity,
+            peer_operator=arrival.peer_operator, message_id=arrival.message_id, dedupe_key=arrival.dedupe_key,
+            queue_id=arrival.queue_id, protections=dict(arrival.protections), audit_events=arrival.events,
+            riders=riders, claimed_by=owner, dsn_envid=arrival.dsn_envid, dsn_ret=arrival.dsn_ret,
+            dsn_notify=dict(arrival.dsn_notify), dsn_orcpt=dict(arrival.dsn_orcpt),
+        )  # fmt: skip
+        stored = asyncio.get_running_loop().run_in_executor(self.writer, job)
+        settle = functools.partial(self._settle, workers, owner, riders, arrival.data)
         try:
-            job = functools.partial(
-                self.store.enqueue, arrival.data, sender=arrival.sender, recipients=list(arrival.recipients),
-                origin=arrival.origin, client_address=arrival.client_address, auth_identity=arrival.auth_identity,
-                peer_operator=arrival.peer_operator, message_id=arrival.message_id, dedupe_key=arrival.dedupe_key,
-                queue_id=arrival.queue_id, protections=dict(arrival.protections), audit_events=arrival.events,
-                riders=riders, claimed_by=owner, dsn_envid=arrival.dsn_envid, dsn_ret=arrival.dsn_ret,
-                dsn_notify=dict(arrival.dsn_notify), dsn_orcpt=dict(arrival.dsn_orcpt),
-            )  # fmt: skip
-            result = await asyncio.get_running_loop().run_in_executor(self.writer, job)
-        finally:
-            if riders and self.audit is not None and (result is None or result.duplicate):
-                self.audit.submit(*riders)
-            if workers is not None and owner is not None:
-                if result is not None and not result.duplicate and result.row is not None:
-                    workers.take(result.row, arrival.data)  # processed from memory, no claim needed
-                else:  # not stored, a duplicate, or the wait was cancelled: the slot goes back
-                    workers.cancel()
-        if self.on_queued is not None and not result.duplicate and owner is None:
-            self.on_queued(result.queue_id)
+            # Shielded: when the wait is cancelled (the client hung up before its 250, the
+            # gateway stops) the write still finishes in its thread.  What it stored is then
+            # handed over (or its slot given back) when it does, never left leased to a worker
+            # that was not told: that message would wait for its lease to run out.
+            result = await asyncio.shield(stored)
+        except asyncio.CancelledError:
+            stored.add_done_callback(lambda done: settle(None if done.cancelled() or done.exception() else done.result()))
+            raise
+        except BaseException:
+            settle(None)
+            raise
+        settle(result)
         return result
+
+    def _settle(self, workers: Handoff | None, owner: str | None, riders: list[AuditEvent], data: bytes,
+                result: Enqueued | None) -> None:  # fmt: skip
+        """After the write: the audit records that did not ride go back to the audit writer; the
+        reserved slot is used (the message, from memory) or given back; a message stored for
+        no slot wakes whoever claims."""
+        if riders and self.audit is not None and (result is None or result.duplicate):
+            self.audit.submit(*riders)
+        stored = result is not None and not result.duplicate
+        if workers is not None and owner is not None:
+            if stored and result is not None and result.row is not None:
+                workers.take(result.row, data)  # processed from memory, no claim needed
+            else:  # not stored or a duplicate: the slot goes back
+                workers.cancel()
+        elif stored and result is not None and self.on_queued is not None:
+            self.on_queued(result.queue_id)

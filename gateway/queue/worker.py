@@ -157,6 +157,7 @@ class Workers:
         self._now_override: _dt.datetime | None = None
         self.ctx = Context(settings=settings, readers=self.readers, keys=self.keys, relay=relay, local=local,
                            actor=self.worker_id, now=self.now)  # fmt: skip
+        self.ctx.renew_executor = self._renew_executor
         self._executor_owned = False
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -182,6 +183,19 @@ class Workers:
     def _ensure_executor(self) -> None:
         if self.ctx.executor is None and self._executor_kind not in (None, "inline"):
             self.ctx.executor, self._executor_owned = _make_executor(self._executor_kind, self._crypto_workers)
+
+    def _renew_executor(self, broken: Executor) -> Executor | None:
+        """A new crypto pool in place of ``broken`` (``Context.crypto``); the calls that saw the
+        same break share the one replacement.  None for a pool we did not make (given by the caller)."""
+        current = self.ctx.executor
+        if current is not None and current is not broken:
+            return current  # already replaced by a call that saw the same break
+        if not self._executor_owned or self._stopping:
+            return None
+        log.warning("a crypto worker process died: its pool is replaced")
+        broken.shutdown(wait=False, cancel_futures=True)
+        self.ctx.executor, self._executor_owned = _make_executor(self._executor_kind, self._crypto_workers)
+        return self.ctx.executor
 
     async def start(self) -> None:
         self._ensure_executor()

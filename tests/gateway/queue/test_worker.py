@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import multiprocessing
+import os
 import random
+import signal
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -147,6 +150,30 @@ async def test_crypto_in_worker_processes(operator) -> None:  # type: ignore[no-
         await workers.stop()
     assert store.get(qid)["recipient_states"][0]["state"] == "delivered"
     assert b"smime=pass" in local.delivered[0][2]  # signed and verified in the worker process
+
+
+async def test_a_crypto_process_killed_is_replaced_and_mail_still_flows(operator) -> None:  # type: ignore[no-untyped-def]
+    """A dead crypto process (SIGKILL, the out-of-memory killer) breaks its pool for good: without
+    a new pool every later message would be deferred until the gateway restarts."""
+    settings, factory, store = operator
+    local = Recorder(asyncio.get_running_loop(), expect=2)
+    workers = Workers(settings, factory, store, local=local, crypto_executor="process", crypto_workers=1)
+    try:
+        first = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
+        assert await workers.run_once() == 1  # the pool's process is started and used
+        children = multiprocessing.active_children()
+        assert children
+        for child in children:
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            child.join()
+        second = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
+        assert await workers.run_once() == 1
+    finally:
+        await workers.stop()
+    for qid in (first, second):
+        info = store.get(qid)
+        assert info["recipient_states"][0]["state"] == "delivered", info
+    assert b"smime=pass" in local.delivered[1][2]  # signed and verified by the new pool
 
 
 async def test_unexpected_error_defers_and_is_audited(operator) -> None:  # type: ignore[no-untyped-def]

@@ -444,9 +444,11 @@ class QueueStore:
             if not released:
                 raise QueueError(f"message {queue_id} is not in quarantine")
             self._fold(msg)
-            msg.next_attempt_at = now_utc()
-            msg.claimed_by = None
-            msg.lease_until = None
+            now = now_utc()
+            msg.next_attempt_at = now
+            if not _leased(msg, now):  # a worker delivering its other recipients keeps its lease (``retry``)
+                msg.claimed_by = None
+                msg.lease_until = None
             append(session, [AuditEvent("quarantine-release", "info", queue_id=queue_id, actor=actor,
                                         detail={"recipients": released})])  # fmt: skip
             return released

@@ -104,6 +104,19 @@ def test_retry_keeps_the_lease_of_an_attempt_under_way(store: QueueStore) -> Non
     assert store.claim("w3", now=late) == [q]
 
 
+def test_releasing_a_quarantined_recipient_keeps_the_lease_of_an_attempt_under_way(store: QueueStore) -> None:
+    """One recipient held in quarantine, another being relayed: the release must not let a second
+    worker take the message while the first still relays it to the other recipient."""
+    q = store.enqueue(DATA, sender="d@b.mssante.test", recipients=["x@a.mssante.test", "y@c.mssante.test"],
+                      origin="inbound").queue_id  # fmt: skip
+    store.set_recipient_state(q, "x@a.mssante.test", RecipientState.QUARANTINED)
+    t0 = now_utc()
+    assert store.claim("w1", now=t0) == [q]  # for y
+    assert store.release_quarantine(q) == 1
+    assert store.claim("w2", now=t0 + timedelta(seconds=2)) == []
+    assert store.get(q)["claimed_by"] == "w1"
+
+
 def test_group_commit_of_concurrent_messages_each_with_its_own_outcome(store: QueueStore,
                                                                        factory: sessionmaker[Session]) -> None:
     import threading

@@ -12,7 +12,9 @@ too). A database that cannot be reached exits 2 as well.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -37,6 +39,7 @@ COMMAND_MODULES = (
 
 #: Exit status of usage and configuration errors; "refused / not found" errors carry ``exit_code = 1``.
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 
 
 class ExpectedError(MssgwError):
@@ -77,6 +80,10 @@ class SafeGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # the reader went away (``mssgw queue list | head``): quietly, as Unix tools do
+            with contextlib.suppress(OSError):  # nothing more reaches it, the final flush included
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(EXIT_BROKEN_PIPE)
         except MssgwError as exc:  # the one tree of errors we explain (gateway.core.errors)
             click.echo(f"error: {exc}", err=True)
             ctx.exit(int(getattr(exc, "exit_code", EXIT_ERROR)))

@@ -55,15 +55,20 @@ def show(app: AppContext, queue_id: str, as_json: bool) -> None:
 
 @queue.command("retry")
 @click.argument("queue_id")
+@click.option("--force", is_flag=True,
+              help="Take back the lease of a worker whose process is known to be dead (a node killed and "
+                   "restarted), instead of waiting for it to run out. If that worker is alive, the peer may "
+                   "get the message twice.")  # fmt: skip
 @pass_app
-def retry(app: AppContext, queue_id: str) -> None:
+def retry(app: AppContext, queue_id: str, force: bool) -> None:
     """Make the message's waiting recipients due now."""
     store = open_store(app)
-    n = store.retry(queue_id)
+    n = store.retry(queue_id, force=force)
     held = store.get(queue_id)
     if held.get("claimed_by") and held.get("lease_until"):  # an attempt is under way: its lease is kept
         click.echo(f"{queue_id}: {n} recipient(s) due when the attempt under way by {held['claimed_by']} ends "
-                   f"(at the latest when its lease runs out, {held['lease_until']})")
+                   f"(at the latest when its lease runs out, {held['lease_until']}; if that worker's process "
+                   "is dead, `queue retry --force` takes the message back now)")
     else:
         click.echo(f"{queue_id}: {n} recipient(s) due now")
 

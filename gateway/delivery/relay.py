@@ -65,6 +65,10 @@ __all__ = ["Attempt", "DsnRequest", "Relay", "RelayConfigError", "Route", "dn_eq
 
 CONNECT_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 120.0  # RFC 5321 §4.5.3.2 suggests minutes; a peer doing crypto may be slow
+# DATA, the content and the reply to its final ".": RFC 5321 §4.5.3.2.6 asks 10 minutes, the peer
+# may be storing and checking the message meanwhile.  Given up sooner, a message the peer then
+# accepts is sent again, and a peer without duplicate detection delivers it twice.
+DATA_TIMEOUT = 600.0
 RSET_TIMEOUT = 10.0
 POOL_SIZE = 16  # connections (and so concurrent transactions) per route
 IDLE_SECONDS = 30.0  # an unused pooled connection is closed after this
@@ -209,11 +213,12 @@ class Relay:
 
     def __init__(self, settings: Settings, *, anchors_pem: Sequence[bytes] = (),
                  trust: TrustStore | None = None, timeout: float = COMMAND_TIMEOUT, pool_size: int = POOL_SIZE,
-                 idle_seconds: float = IDLE_SECONDS) -> None:  # fmt: skip
+                 idle_seconds: float = IDLE_SECONDS, data_timeout: float = DATA_TIMEOUT) -> None:  # fmt: skip
         self.settings = settings
         self.anchors_pem = b"\n".join(p.strip() for p in anchors_pem).decode("ascii")
         self.trust = trust
         self.timeout = timeout
+        self.data_timeout = max(timeout, data_timeout)
         self._contexts: dict[bool, ssl.SSLContext] = {}
         self.pool_size = pool_size
         self.idle_seconds = idle_seconds
@@ -450,7 +455,7 @@ class Relay:
                 healthy = False
         if accepted:
             try:
-                response = await client.data(data)
+                response = await client.data(data, timeout=self.data_timeout)
                 enh, text = _split_reply(response.message, response.code)
                 for rcpt in accepted:
                     results[rcpt] = Attempt(rcpt, response.code, enh, text, remote, dsn_passed=passed)

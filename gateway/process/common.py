@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit.trail import AuditEvent
 from gateway.config import Settings
-from gateway.core.errors import QueueError
+from gateway.core.errors import OutageError, QueueError
 from gateway.core.ttlcache import TtlCache
 from gateway.crypto.keystore import KeyStore
 from gateway.delivery.receipts import DsnRecipient, build_dsn
@@ -38,11 +38,23 @@ T = TypeVar("T")
 
 PLAN_TTL = 5.0  # seconds a domain's route, recipients' protections and signer names are reused
 
-__all__ = ["Context", "Job", "LocalDelivery", "PipelineError", "Recipient", "RelayTransport"]
+__all__ = ["Context", "CryptoWorkersLost", "Job", "LocalDelivery", "PipelineError", "Recipient", "RelayTransport"]
 
 
 class PipelineError(QueueError):
     """The message cannot be processed at all; the run defers it and audits the reason."""
+
+
+class CryptoWorkersLost(OutageError):
+    """The crypto processes kept dying under a call, pool after pool: the message waits for its
+    next attempt (a temporary local problem, never the message's fault)."""
+
+    def __init__(self) -> None:
+        super().__init__("a crypto worker process stopped; will retry")
+
+
+#: New pools a call may get before its message is deferred (``Context.crypto``).
+POOL_RENEWALS = 3
 
 
 class LocalDelivery(Protocol):
@@ -82,19 +94,24 @@ class Context:
         A process pool whose worker died (killed by an admin or the out-of-memory killer,
         crashed on some input) is broken for good: every later call would fail and every
         message be deferred until a restart.  It is replaced, and the call (pure: sign,
-        encrypt, verify) made once more in the new pool; a second break is the message's
-        error (deferred, retried later), and the next call replaces the pool again."""
+        encrypt, verify) made again in the new pool, up to ``POOL_RENEWALS`` times; then the
+        message is deferred with ``CryptoWorkersLost`` (one log line, no traceback)."""
         executor = self.executor
         if executor is None:
             return fn(*args)
         loop = asyncio.get_running_loop()
+        for _ in range(POOL_RENEWALS):
+            try:
+                return await loop.run_in_executor(executor, partial(fn, *args))
+            except BrokenExecutor:
+                fresh = self.renew_executor(executor) if self.renew_executor is not None else None
+                if fresh is None:
+                    break
+                executor = fresh
         try:
             return await loop.run_in_executor(executor, partial(fn, *args))
         except BrokenExecutor:
-            fresh = self.renew_executor(executor) if self.renew_executor is not None else None
-            if fresh is None:
-                raise
-            return await loop.run_in_executor(fresh, partial(fn, *args))
+            raise CryptoWorkersLost() from None
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking I/O (database, Maildir fsync) in a thread."""

@@ -43,7 +43,7 @@ from gateway.delivery.receipts import DsnRecipient, receipt_author
 from gateway.delivery.relay import Attempt, DsnRequest, Route
 from gateway.delivery.trace import with_trace
 from gateway.policy.recipients import protection_for
-from gateway.process.common import Context, Job, route_for
+from gateway.process.common import Context, CryptoWorkersLost, Job, route_for
 from gateway.process.verdict import RecipientState
 
 __all__ = ["local_job", "process_outbound", "protect_job", "sign_job"]
@@ -265,6 +265,10 @@ async def _relay_domain(ctx: Context, job: Job, data: bytes, signer: KeyRef, dom
             wire = await _protect(ctx, job, data, signer, kind, addrs)
         except KeyStoreError as exc:
             await defer_or_bounce(ctx, job, data, [Attempt(a, 451, "4.7.0", str(exc)) for a in addrs], kind)
+            continue
+        except CryptoWorkersLost as exc:  # a local outage, not the message's fault: one line, no traceback
+            log.warning("protecting %s deferred: %s", job.id, exc)
+            await defer_or_bounce(ctx, job, data, [Attempt(a, 451, "4.3.0", str(exc)) for a in addrs], kind)
             continue
         except Exception as exc:
             log.exception("protecting %s failed", job.id)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit.trail import AuditEvent
+from gateway.core.errors import OutageError
 from gateway.core.states import PENDING, RELEASED, RecipientState
 
 __all__ = ["RELEASED", "Job", "Outcome", "Receipt", "Recipient", "RecipientState", "Verdict", "as_utc"]
@@ -146,6 +147,8 @@ class Verdict:
         bounce for it); the audit trail names the error's type, not its text."""
         kind = error if isinstance(error, str) else type(error).__name__
         reason = f"451 4.3.0 internal error ({kind}); will retry"
+        if isinstance(error, OutageError):  # a known local outage: its own sentence says it
+            reason = f"451 4.3.0 {error}"
         decided = {o.address for o in self.outcomes}
         for r in job.pending:
             if r.address not in decided:

@@ -376,14 +376,16 @@ class QueueStore:
                 )
             return [message_dict(m) for m in session.scalars(stmt)]
 
-    def retry(self, queue_id: str, *, now: datetime | None = None) -> int:
+    def retry(self, queue_id: str, *, now: datetime | None = None, force: bool = False) -> int:
         """Make deferred (or quarantined-then-released) recipients due now; returns how many.
 
         A message that a worker is attempting right now keeps that worker's lease: breaking it
         would let a second worker (another node, or the next poll) claim the message and relay
         it while the first is still relaying it, and the peer would get it twice.  It is due as
         soon as the attempt under way ends (the holder's outcome then sets the next attempt), or
-        when the lease runs out if the holder died (``claimed_by`` and ``lease_until`` in ``get``)."""
+        when the lease runs out if the holder died (``claimed_by`` and ``lease_until`` in ``get``).
+        ``force`` takes the lease back anyway: for an admin who knows the holder's process is dead
+        (a node killed and restarted), so that its message need not wait for the lease."""
         now = now or now_utc()
         with self._factory() as session, session.begin():
             msg = session.get(QueuedMessage, queue_id)
@@ -393,7 +395,7 @@ class QueueStore:
             if not due:
                 raise QueueError(f"message {queue_id} has no recipient waiting for delivery")
             msg.next_attempt_at = now
-            if not _leased(msg, now):
+            if force or not _leased(msg, now):
                 msg.lease_until = None
                 msg.claimed_by = None
             append(session, [AuditEvent("queue-retry", "info", queue_id=queue_id, actor="admin")])

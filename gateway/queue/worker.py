@@ -68,6 +68,10 @@ JITTER = 0.25
 Claimed = tuple[Job, bytes | QueueError]  # a claimed message and its bytes (or why they cannot be read)
 
 
+#: Seconds ``stop`` waits for the attempts under way (below the usual 90 s a service manager allows).
+STOP_GRACE = 60.0
+
+
 def backoff_delay(attempts: int, base: float, maximum: float, rng: random.Random | None = None) -> float:
     """Seconds before the next try after ``attempts`` failed tries: base * 2**(attempts-1), capped, jittered."""
     attempts = max(1, attempts)
@@ -210,13 +214,22 @@ class Workers:
                 log.info("spool sweep removed %d file(s) of finished or never-accepted messages", removed)
         self._task = asyncio.create_task(self._loop(), name=f"mssgw-workers-{self.worker_id}")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Claim nothing more; let the attempts under way finish for ``grace`` seconds, then cut
+        them (a peer may take 10 minutes to answer a final "."): a cut attempt keeps its lease
+        and is redone by the next start or another node once the lease runs out, like a kill."""
         self._stopping = True
         self._kick.set()
         if self._task is not None:
             await self._task
             self._task = None
         if self._inflight:
+            _, late = await asyncio.wait(set(self._inflight), timeout=grace)
+            if late:
+                log.warning("shutdown: %d attempt(s) still running after %.0fs are cut; each is redone "
+                            "when its lease runs out", len(late), grace)  # fmt: skip
+                for task in late:
+                    task.cancel()
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -72,8 +75,25 @@ def test_retry_of_a_message_being_attempted_says_so_and_keeps_the_lease(operator
         code, out = run(operator_home, "queue", "retry", waiting)
         assert code == 0 and "due when the attempt under way by node-1 ends" in out and "lease runs out" in out
         assert store.claim("node-2") == []  # still node-1's
+        # node-1 was killed: the admin takes its message back instead of waiting for the lease
+        code, out = run(operator_home, "queue", "retry", waiting, "--force")
+        assert (code, out) == (0, f"{waiting}: 1 recipient(s) due now\n")
+        assert store.claim("node-2") == [waiting]
     finally:
         engine.dispose()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(operator_home: Path) -> None:
+    """``mssgw queue list | head``: no "unexpected BrokenPipeError", no traceback at exit."""
+    seed(operator_home)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "cli.main", "--data-dir", str(operator_home), "queue", "list"],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=120, check=False)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, b"")
 
 
 def test_audit_commands(operator_home: Path) -> None:

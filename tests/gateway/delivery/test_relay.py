@@ -93,6 +93,36 @@ async def test_per_recipient_replies_and_mutual_tls(sqlite_home: Path) -> None:
     assert x509.load_der_x509_certificate(sink.client_certs[0]) == operator  # our client certificate
 
 
+class SlowToAccept(Sink):
+    """A peer that takes its time to answer the final "." (storing, checking, scanning)."""
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(2.5)  # the peer's own work: this slowness is what is under test
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.mark.parametrize(("data_timeout", "delivered"), [(30.0, True), (1.5, False)])
+async def test_the_reply_to_the_final_dot_is_awaited_longer_than_a_command(
+    sqlite_home: Path, data_timeout: float, delivered: bool
+) -> None:
+    """RFC 5321 §4.5.3.2.6: 10 minutes for the reply to the final "." (``DATA_TIMEOUT``), more than
+    any other command; giving up sooner resends a message the peer then accepted."""
+    sink = SlowToAccept()
+    server, port = await _serve(sink, _server_tls(sqlite_home))
+    try:
+        relay = Relay(load_settings(sqlite_home), anchors_pem=[(sqlite_home / "pki" / "ca.pem").read_bytes()],
+                      timeout=1.5, data_timeout=data_timeout)  # fmt: skip
+        (attempt,) = await relay.send(Route("b.test", "127.0.0.1", port, _server_dn(sqlite_home)),
+                                      "a@a.mssante.test", ["ok@b.test"], MESSAGE)  # fmt: skip
+        await relay.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert attempt.ok is delivered, attempt
+    if not delivered:  # a command's time is not enough
+        assert attempt.code == 451 and attempt.enhanced == "4.4.2"
+
+
 async def test_no_starttls_means_nothing_is_sent(sqlite_home: Path) -> None:
     sink = Sink()
     server, port = await _serve(sink, None)

@@ -10,11 +10,14 @@ import random
 import signal
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
 
 from directory import admin
 from directory.db import transaction
 from gateway.delivery.relay import Attempt, DsnRequest, Route
+from gateway.process.common import POOL_RENEWALS
 from gateway.queue.worker import Workers, backoff_delay
 
 SENDER = "dr.martin@a.mssante.test"
@@ -174,6 +177,62 @@ async def test_a_crypto_process_killed_is_replaced_and_mail_still_flows(operator
         info = store.get(qid)
         assert info["recipient_states"][0]["state"] == "delivered", info
     assert b"smime=pass" in local.delivered[1][2]  # signed and verified by the new pool
+
+
+class AlwaysBroken(Executor):
+    """A pool whose processes keep dying: every call breaks."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.calls += 1
+        raise BrokenProcessPool("a child process terminated abruptly")
+
+
+async def test_a_pool_that_keeps_breaking_defers_with_a_sentence_and_no_traceback(operator, caplog) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    pools = [AlwaysBroken() for _ in range(POOL_RENEWALS + 1)]
+    workers = Workers(settings, factory, store, local=Recorder(asyncio.get_running_loop()), crypto_executor=pools[0])
+    fresh = iter(pools[1:])
+    workers.ctx.renew_executor = lambda broken: next(fresh)  # each renewal dies too
+    try:
+        qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[LOCAL], origin="submission").queue_id
+        assert await workers.run_once() == 1
+    finally:
+        await workers.stop()
+    (state,) = store.get(qid)["recipient_states"]
+    assert state["state"] == "deferred"
+    assert state["last_reply"] == "451 4.3.0 a crypto worker process stopped; will retry"  # no class name
+    assert [p.calls for p in pools] == [1] * (POOL_RENEWALS + 1)
+    assert not [r for r in caplog.records if r.exc_info]  # one line, no traceback
+
+
+class StalledPeer:
+    """A peer that never answers the final "." (within the 10 minutes RFC 5321 allows it)."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def send(self, route: Route, sender: str, recipients: Sequence[str], data: bytes,
+                   dsn: DsnRequest | None = None) -> list[Attempt]:  # fmt: skip
+        self.entered.set()
+        await asyncio.Event().wait()  # no answer
+        raise AssertionError("unreachable")
+
+
+async def test_stop_cuts_an_attempt_that_outlives_its_grace_and_the_message_keeps_its_lease(operator) -> None:  # type: ignore[no-untyped-def]
+    settings, factory, store = operator
+    peer = StalledPeer()
+    workers = Workers(settings, factory, store, relay=peer, crypto_executor="thread", poll_interval=30)
+    await workers.start()
+    qid = store.enqueue(MESSAGE, sender=SENDER, recipients=[REMOTE], origin="submission").queue_id
+    workers.wake()
+    await asyncio.wait_for(peer.entered.wait(), 20)
+    await asyncio.wait_for(workers.stop(grace=0.2), 10)  # bounded, not the peer's 10 minutes
+    info = store.get(qid)
+    # not lost, not marked: redone when the lease runs out (the peer may still have taken it)
+    assert info["recipient_states"][0]["state"] == "queued" and info["claimed_by"] == workers.worker_id
 
 
 async def test_unexpected_error_defers_and_is_audited(operator) -> None:  # type: ignore[no-untyped-def]

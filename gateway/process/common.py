@@ -100,18 +100,15 @@ class Context:
         if executor is None:
             return fn(*args)
         loop = asyncio.get_running_loop()
-        for _ in range(POOL_RENEWALS):
+        renewals = POOL_RENEWALS
+        while True:
             try:
                 return await loop.run_in_executor(executor, partial(fn, *args))
             except BrokenExecutor:
-                fresh = self.renew_executor(executor) if self.renew_executor is not None else None
+                fresh = self.renew_executor(executor) if renewals and self.renew_executor is not None else None
                 if fresh is None:
-                    break
-                executor = fresh
-        try:
-            return await loop.run_in_executor(executor, partial(fn, *args))
-        except BrokenExecutor:
-            raise CryptoWorkersLost() from None
+                    raise CryptoWorkersLost() from None
+                executor, renewals = fresh, renewals - 1
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking I/O (database, Maildir fsync) in a thread."""

@@ -395,9 +395,7 @@ class QueueStore:
             if not due:
                 raise QueueError(f"message {queue_id} has no recipient waiting for delivery")
             msg.next_attempt_at = now
-            if force or not _leased(msg, now):
-                msg.lease_until = None
-                msg.claimed_by = None
+            _free_unless_held(msg, now, force=force)
             append(session, [AuditEvent("queue-retry", "info", queue_id=queue_id, actor="admin")])
             return len(due)
 
@@ -448,17 +446,19 @@ class QueueStore:
             self._fold(msg)
             now = now_utc()
             msg.next_attempt_at = now
-            if not _leased(msg, now):  # a worker delivering its other recipients keeps its lease (``retry``)
-                msg.claimed_by = None
-                msg.lease_until = None
+            _free_unless_held(msg, now)  # a worker delivering its other recipients keeps its lease
             append(session, [AuditEvent("quarantine-release", "info", queue_id=queue_id, actor=actor,
                                         detail={"recipients": released})])  # fmt: skip
             return released
 
 
-def _leased(msg: QueuedMessage, now: datetime) -> bool:
-    """Whether a worker holds ``msg`` at ``now`` (its lease has not run out)."""
-    return msg.lease_until is not None and as_utc(msg.lease_until) > now
+def _free_unless_held(msg: QueuedMessage, now: datetime, *, force: bool = False) -> None:
+    """Clear ``msg``'s claim unless a worker still holds it at ``now`` (its lease has not run out):
+    taken from a live worker, the message could be relayed by two (``QueueStore.retry``).
+    ``force``: the admin knows the holder is dead."""
+    if force or msg.lease_until is None or as_utc(msg.lease_until) <= now:
+        msg.lease_until = None
+        msg.claimed_by = None
 
 
 def message_dict(msg: QueuedMessage, *, detail: bool = False, receipts: Sequence[QueuedMessage] = ()) -> dict[str, Any]:

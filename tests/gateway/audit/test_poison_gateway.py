@@ -11,7 +11,6 @@ writer must not be wedged by them, whoever submits them.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import tomllib
 from pathlib import Path
@@ -25,6 +24,7 @@ from directory.db import make_engine, session_factory, transaction
 from gateway.app import Gateway
 from gateway.audit.trail import AuditEvent, query
 from gateway.config import load_settings, render_toml
+from tests.ports import free_port
 
 PASSWORD = "correct horse battery staple"
 BAD_PATH = b"\xff@x.example".decode("utf-8", "surrogateescape")
@@ -32,15 +32,9 @@ MESSAGE = (b"From: sec@a.mssante.test\r\nTo: bob@a.mssante.test\r\nSubject: x\r\
            b"Message-ID: <p1@a.mssante.test>\r\n\r\nBonjour.\r\n")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _prepare(home: Path) -> None:
     raw = tomllib.loads((home / "mssgw.toml").read_text())
-    raw["listen"].update({"submission": f"127.0.0.1:{_port()}", "submissions": "", "inbound": f"127.0.0.1:{_port()}",
+    raw["listen"].update({"submission": f"127.0.0.1:{free_port()}", "submissions": "", "inbound": f"127.0.0.1:{free_port()}",
                           "imap": "", "imaps": "", "metrics": "", "api": ""})
     (home / "mssgw.toml").write_text(render_toml(raw))
     engine = make_engine(load_settings(home).database_url)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from pathlib import Path
 
@@ -14,14 +13,9 @@ from cryptography import x509
 from gateway.config import load_settings
 from gateway.delivery.relay import DsnRequest, Relay, Route, dn_equal, xtext
 from gateway.smtp.dsn import xtext_decode
+from tests.ports import free_port
 
 MESSAGE = b"From: a@a.mssante.test\r\nTo: b@b.test\r\nSubject: x\r\n\r\nciphertext stands here\r\n"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Sink:
@@ -44,7 +38,7 @@ class Sink:
 
 
 async def _serve(sink: Sink, tls: ssl.SSLContext | None) -> tuple[asyncio.Server, int]:
-    port = _port()
+    port = free_port()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: AioSMTP(sink, tls_context=tls, require_starttls=tls is not None, hostname="peer.test"),
@@ -179,7 +173,7 @@ async def test_operator_dn_is_pinned(sqlite_home: Path) -> None:
 
 
 async def test_connection_refused_is_temporary(sqlite_home: Path) -> None:
-    attempts = await _relay(sqlite_home).send(Route("b.test", "127.0.0.1", _port()), "a@a.mssante.test",
+    attempts = await _relay(sqlite_home).send(Route("b.test", "127.0.0.1", free_port()), "a@a.mssante.test",
                                               ["x@b.test"], MESSAGE)  # fmt: skip
     assert attempts[0].code == 451 and attempts[0].enhanced == "4.4.1" and not attempts[0].permanent
 
@@ -187,7 +181,7 @@ async def test_connection_refused_is_temporary(sqlite_home: Path) -> None:
 async def test_connections_are_reused_one_transaction_at_a_time(sqlite_home: Path) -> None:
     sink = Sink()
     opened: list[AioSMTP] = []
-    port = _port()
+    port = free_port()
     tls = _server_tls(sqlite_home)
 
     def factory() -> AioSMTP:

@@ -60,7 +60,14 @@ class World:
         """Wait (on delivery notices) until ``folder`` of ``address`` holds ``count`` messages."""
         with mailbox_events.listen(self.maildir.mailbox_path(address)) as changed:
             while len(self.folder(address, folder)) < count:
-                await asyncio.wait_for(changed.wait(), 60)  # bounded: a lost message fails the test
+                try:
+                    await asyncio.wait_for(changed.wait(), 60)  # bounded: a lost message fails the test
+                except TimeoutError:
+                    store = self.gateway.store
+                    queued = [store.get(m["id"]) for m in store.list(include_done=True)] if store else []
+                    states = [(q["id"], q["recipient_states"]) for q in queued]
+                    raise AssertionError(f"{address} got {len(self.folder(address, folder))} of {count}; "
+                                         f"queue: {states}") from None  # fmt: skip
                 changed.clear()
         return self.folder(address, folder)
 

@@ -20,6 +20,10 @@ async def world(sqlite_home: Path, tmp_path: Path) -> AsyncIterator[World]:
     raw["listen"].update({name: f"127.0.0.1:{free_port()}" for name in ("submission", "submissions", "imap", "imaps")})
     raw["listen"].update({"inbound": "", "api": "", "metrics": ""})
     raw["auth"].update({"base_delay": 0.01, "max_delay": 0.02})
+    # A first attempt deferred for a passing local reason is retried within seconds, not after the
+    # default minute: these tests are about what clients send and see, and ``delivered`` says why
+    # a message did not arrive.
+    raw.setdefault("queue", {}).update({"retry_base_seconds": 2.0})
     (sqlite_home / "mssgw.toml").write_text(render_toml(raw))
     settings = load_settings(sqlite_home)
     populate(settings)
